@@ -1,0 +1,98 @@
+"""Grading metrics: confusion matrix, quadratic weighted kappa, precision/recall, calibration error.
+
+numpy only, so scikit-learn is not needed. Everything returned by `classification_report`
+is a plain Python type, ready to be stored as JSON.
+"""
+
+import numpy as np
+
+
+def _as_labels(y: np.ndarray | list[int], num_classes: int) -> np.ndarray:
+    labels = np.asarray(y, dtype=np.int64).ravel()
+    # Out-of-range grades would silently land in the wrong cell of the flattened bincount.
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    return labels
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int = 4) -> np.ndarray:
+    """Counts of (true, predicted) pairs: rows are true grades, columns predicted grades."""
+    true = _as_labels(y_true, num_classes)
+    pred = _as_labels(y_pred, num_classes)
+    if true.shape != pred.shape:
+        raise ValueError(f"y_true has {true.size} labels, y_pred has {pred.size}")
+    flat = np.bincount(true * num_classes + pred, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def quadratic_weighted_kappa(y_true, y_pred, num_classes: int = 4) -> float:
+    """Cohen's kappa with quadratic weights (the Kaggle APTOS 2019 metric).
+
+    kappa = 1 - sum(W * O) / sum(W * E), with O the confusion matrix, E the outer product of
+    the true and predicted label histograms divided by n, and W[i, j] = (i - j)^2 / (K - 1)^2.
+
+    When sum(W * E) is 0 (no samples, or true and predicted labels all one and the same
+    class) kappa is undefined; we return 0.0 rather than NaN so that it can be logged,
+    averaged and stored as JSON. This is a convention: scikit-learn returns NaN there.
+    """
+    observed = confusion_matrix(y_true, y_pred, num_classes).astype(np.float64)
+    n = observed.sum()
+    if n == 0:
+        return 0.0
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / n
+    grades = np.arange(num_classes)
+    weights = (grades[:, None] - grades[None, :]) ** 2 / max(num_classes - 1, 1) ** 2
+    denominator = float((weights * expected).sum())
+    if denominator == 0.0:
+        return 0.0
+    return 1.0 - float((weights * observed).sum()) / denominator
+
+
+def _safe_ratio(numerators: np.ndarray, denominators: np.ndarray) -> list[float]:
+    ratios = np.divide(numerators, denominators, out=np.zeros(len(numerators)), where=denominators > 0)
+    return [float(r) for r in ratios]
+
+
+def per_class_precision_recall(cm: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-class precision (over columns) and recall (over rows); 0.0 where a class is never
+    predicted, respectively never present."""
+    cm = np.asarray(cm, dtype=np.float64)
+    hits = np.diag(cm)
+    return _safe_ratio(hits, cm.sum(axis=0)), _safe_ratio(hits, cm.sum(axis=1))
+
+
+def classification_report(y_true, y_pred, num_classes: int = 4) -> dict:
+    """Accuracy, QWK, per-class precision and recall and the confusion matrix, as JSON-ready types."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    total = int(cm.sum())
+    precision, recall = per_class_precision_recall(cm)
+    return {
+        "accuracy": float(np.trace(cm)) / total if total else 0.0,
+        "qwk": quadratic_weighted_kappa(y_true, y_pred, num_classes),
+        "precision": precision,
+        "recall": recall,
+        "confusion": cm.tolist(),
+    }
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE over equal-width confidence bins (Guo et al. 2017).
+
+    probs is (n, num_classes) with rows summing to 1. Each bin is (lo, hi]; a confidence of
+    exactly 0 goes to the first bin. Returns 0.0 for no samples.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).ravel()
+    if probs.ndim != 2 or probs.shape[0] != labels.size:
+        raise ValueError(f"probs must be (n, classes) matching {labels.size} labels, got {probs.shape}")
+    if labels.size == 0:
+        return 0.0
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    # Per bin, |accuracy - mean confidence| * count / n is |sum(correct) - sum(confidence)| / n.
+    gap = np.abs(
+        np.bincount(bins, weights=correct, minlength=n_bins)
+        - np.bincount(bins, weights=confidence, minlength=n_bins)
+    )
+    return float(gap.sum() / labels.size)

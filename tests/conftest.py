@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from db.session import migrate  # noqa: E402
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'test.sqlite'}"
+    migrate(url)
+    return url
+
+
+def write_image(path: Path, size: tuple[int, int] = (64, 48), value: int = 120) -> Path:
+    """A small valid image; the format follows the suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((size[1], size[0], 3), value, np.uint8)
+    pixels[::7] = 30  # some structure, so that compressed files have real content
+    PILImage.fromarray(pixels).save(path)
+    return path

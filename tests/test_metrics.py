@@ -1,0 +1,173 @@
+"""Metrics against hand-computed values, and temperature scaling on synthetic logits."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.calibration import apply_temperature, calibration_summary, fit_temperature
+from engine.metrics import (
+    classification_report,
+    confusion_matrix,
+    expected_calibration_error,
+    per_class_precision_recall,
+    quadratic_weighted_kappa,
+)
+
+
+# --- quadratic weighted kappa ---------------------------------------------------------------
+
+
+def test_qwk_perfect_agreement_is_one():
+    y = [0, 1, 2, 3, 3, 1, 0]
+    assert quadratic_weighted_kappa(y, y) == pytest.approx(1.0)
+
+
+def test_qwk_hand_computed_example():
+    # y_true = [0, 1, 2, 3], y_pred = [0, 2, 2, 3]; K = 4, W[i, j] = (i - j)^2 / 9.
+    # Only mistake is (1 -> 2): sum(W * O) = 1/9.
+    # Histograms: true [1, 1, 1, 1], pred [1, 0, 2, 1], n = 4, E[i, j] = true_i * pred_j / 4.
+    # sum(W * E) = 1/36 * sum_i [(i-0)^2 + 2 (i-2)^2 + (i-3)^2] = (17 + 7 + 5 + 11) / 36 = 40/36.
+    # kappa = 1 - (1/9) / (40/36) = 1 - 4/40 = 0.9.
+    assert quadratic_weighted_kappa([0, 1, 2, 3], [0, 2, 2, 3]) == pytest.approx(0.9)
+
+
+def test_qwk_is_symmetric():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 4, 50), rng.integers(0, 4, 50)
+    assert quadratic_weighted_kappa(a, b) == pytest.approx(quadratic_weighted_kappa(b, a))
+
+
+def test_qwk_reversed_prediction_is_negative():
+    # sum(W * O) = (9 + 1 + 1 + 9) / 9 = 80/36 and sum(W * E) = 40/36, so kappa = -1 exactly.
+    assert quadratic_weighted_kappa([0, 1, 2, 3], [3, 2, 1, 0]) == pytest.approx(-1.0)
+
+
+def test_qwk_penalises_far_errors_more_than_near_ones():
+    y_true = [0, 1, 2, 3] * 5
+    near = quadratic_weighted_kappa(y_true, [0, 1, 2, 2] * 5)
+    far = quadratic_weighted_kappa(y_true, [0, 1, 2, 0] * 5)
+    assert near > far
+
+
+def test_qwk_single_class_is_zero_not_nan():
+    assert quadratic_weighted_kappa([2, 2, 2], [2, 2, 2]) == 0.0
+    assert quadratic_weighted_kappa([], []) == 0.0
+    # Constant truth with varied predictions: O equals E, so kappa is 0 by the formula itself.
+    assert quadratic_weighted_kappa([0, 0, 0, 0], [0, 1, 2, 3]) == pytest.approx(0.0)
+
+
+def test_labels_out_of_range_or_mismatched_raise():
+    with pytest.raises(ValueError):
+        confusion_matrix([0, 4], [0, 1])
+    with pytest.raises(ValueError):
+        confusion_matrix([0, 1, 2], [0, 1])
+
+
+# --- confusion, precision, recall -----------------------------------------------------------
+
+Y_TRUE = [0, 0, 1, 1, 2, 3]
+Y_PRED = [0, 1, 1, 1, 3, 3]
+
+
+def test_confusion_matrix_hand_example():
+    expected = [
+        [1, 1, 0, 0],
+        [0, 2, 0, 0],
+        [0, 0, 0, 1],
+        [0, 0, 0, 1],
+    ]
+    np.testing.assert_array_equal(confusion_matrix(Y_TRUE, Y_PRED), expected)
+
+
+def test_precision_recall_hand_example():
+    precision, recall = per_class_precision_recall(confusion_matrix(Y_TRUE, Y_PRED))
+    # Grade 2 is never predicted, so its precision is undefined and reported as 0.
+    assert precision == pytest.approx([1.0, 2 / 3, 0.0, 0.5])
+    assert recall == pytest.approx([0.5, 1.0, 0.0, 1.0])
+
+
+def test_classification_report_is_json_ready():
+    report = classification_report(Y_TRUE, Y_PRED)
+    assert json.loads(json.dumps(report)) == report
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    assert report["confusion"][0] == [1, 1, 0, 0]
+    assert set(report) == {"accuracy", "qwk", "precision", "recall", "confusion"}
+
+
+def test_classification_report_degenerate_has_no_nan():
+    for y_true, y_pred in [([1, 1, 1], [1, 1, 1]), ([], [])]:
+        report = classification_report(y_true, y_pred)
+        values = [report["accuracy"], report["qwk"], *report["precision"], *report["recall"]]
+        assert all(math.isfinite(v) for v in values)
+
+
+# --- expected calibration error -------------------------------------------------------------
+
+
+def test_ece_of_calibrated_data_is_near_zero():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.full(4, 0.5), size=20_000)
+    # Labels drawn from the predicted distribution make the probabilities calibrated by construction.
+    labels = (probs.cumsum(axis=1) < rng.random((len(probs), 1))).sum(axis=1)
+    assert expected_calibration_error(probs, labels) < 0.02
+
+
+def test_ece_of_overconfident_data_is_high():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 4, 1000)
+    probs = np.full((1000, 4), 0.01 / 3)
+    probs[:, 0] = 0.99  # Always 99 % sure of grade 0, right about a quarter of the time.
+    assert expected_calibration_error(probs, labels) > 0.6
+
+
+def test_ece_hand_example():
+    # Both samples fall in the top bin (0.9, 1.0]: mean confidence 0.95, accuracy 0.5.
+    probs = np.array([[0.9500001, 0.05, 0, 0], [0.05, 0.9499999, 0, 0]])
+    assert expected_calibration_error(probs, np.array([0, 0]), n_bins=10) == pytest.approx(0.45)
+    assert expected_calibration_error(np.zeros((0, 4)), np.zeros(0)) == 0.0
+
+
+# --- temperature scaling --------------------------------------------------------------------
+
+
+def _calibrated_logits(n: int = 4000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a reasonable classifier whose labels are drawn from its own softmax."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(n, 4, generator=generator)
+    labels = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
+    return logits, labels
+
+
+def test_temperature_scaling_fixes_overconfidence():
+    logits, labels = _calibrated_logits()
+    summary = calibration_summary(5.0 * logits, labels)
+    assert summary["temperature"] > 1.0
+    assert summary["temperature"] == pytest.approx(5.0, rel=0.15)
+    assert summary["ece_after"] < summary["ece_before"]
+    assert summary["nll_after"] < summary["nll_before"]
+
+
+def test_temperature_of_calibrated_model_is_near_one():
+    logits, labels = _calibrated_logits(seed=1)
+    assert fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.1)
+
+
+def test_apply_temperature_keeps_argmax_and_softens():
+    logits, _ = _calibrated_logits(n=100)
+    probs = apply_temperature(logits, 2.0)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(100))
+    assert torch.equal(probs.argmax(dim=1), logits.argmax(dim=1))
+    assert probs.max(dim=1).values.mean() < torch.softmax(logits, dim=1).max(dim=1).values.mean()
+    with pytest.raises(ValueError):
+        apply_temperature(logits, 0.0)
+
+
+def test_calibration_single_class_has_no_nan():
+    logits = torch.tensor([[3.0, 0.0, 0.0, 0.0]] * 10)
+    summary = calibration_summary(logits, torch.zeros(10, dtype=torch.long))
+    assert all(math.isfinite(v) for v in summary.values())
+    assert 0.05 <= summary["temperature"] <= 20.0
+    assert fit_temperature(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)) == 1.0
