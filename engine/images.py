@@ -54,3 +54,10 @@ def load_rgb(path: Path) -> np.ndarray:
     if bgr is None:
         raise ImageError(f"{path}: unreadable or truncated image")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def thumbnail(path: Path, width: int) -> np.ndarray:
+    """A small RGB copy for galleries, so the browser is not sent megapixels."""
+    img = load_rgb(path)
+    height = max(1, round(img.shape[0] * width / img.shape[1]))
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)

@@ -5,11 +5,13 @@ square of `size` pixels. The eye is cropped and scaled down first, so the blur r
 output size and its cost does not grow with the photograph's megapixels.
 
 Command line, for a whole folder tree:
-    python -m engine.preprocess --in DIR --out DIR [--size PX] [--no-crop] [--no-enhance] [--no-mask]
+    python -m engine.preprocess --in DIR --out DIR [--size PX]
+                                [--no-crop] [--no-enhance] [--no-mask]
 """
 
 import argparse
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -31,8 +33,8 @@ PIPELINE_VERSION = 1
 FIELD_THRESHOLD = 15
 # A "field" smaller than this share of the image is a label or a speck, not the eye.
 MIN_FIELD_FRACTION = 0.01
-# The field is located on a copy this size at most: 1 px there is < 0.3% of a 2-9 Mpx
-# photograph's radius, and the cost stays flat in the photograph's megapixels.
+# The field is located on a copy about this size: 1 px there is < 0.3% of a 2-9 Mpx
+# photograph's radius, and the cost barely grows with the photograph's megapixels.
 DETECT_SIDE = 1024
 MASK_FRACTION = 0.9
 
@@ -78,21 +80,25 @@ def find_field(img: np.ndarray) -> tuple[float, float, float]:
     circle around the whole image is returned.
     """
     height, width = img.shape[:2]
-    scale = min(1.0, DETECT_SIDE / max(height, width))
+    # An integer factor keeps INTER_AREA on its fast path and maps pixels back exactly.
+    factor = max(1, math.ceil(max(height, width) / DETECT_SIDE))
     small = img
-    if scale < 1.0:
-        small = _resize(img, max(1, round(width * scale)), max(1, round(height * scale)))
+    if factor > 1:
+        trimmed = img[: height // factor * factor, : width // factor * factor]
+        small_size = (width // factor, height // factor)
+        small = cv2.resize(trimmed, small_size, interpolation=cv2.INTER_AREA)
     # The red channel is the brightest in a fundus; the maximum also copes with colour casts.
-    bright = (small.max(axis=2) > FIELD_THRESHOLD).astype(np.uint8)
-    count, _, stats, _ = cv2.connectedComponentsWithStats(bright, connectivity=8)
+    # (cv2.max: numpy's max over the channel axis is twenty times slower.)
+    brightest = cv2.max(cv2.max(small[..., 0], small[..., 1]), small[..., 2])
+    inside = (brightest > FIELD_THRESHOLD).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(inside, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
-    if count < 2 or areas.max() < MIN_FIELD_FRACTION * bright.size:
+    if count < 2 or areas.max() < MIN_FIELD_FRACTION * inside.size:
         return (width - 1) / 2, (height - 1) / 2, max(width, height) / 2
     left, top, box_w, box_h = stats[1 + int(np.argmax(areas)), :4]
-    sx, sy = width / small.shape[1], height / small.shape[0]
-    cx = (left + box_w / 2) * sx - 0.5
-    cy = (top + box_h / 2) * sy - 0.5
-    radius = max(box_w * sx, box_h * sy) / 2
+    cx = (left + box_w / 2) * factor - 0.5
+    cy = (top + box_h / 2) * factor - 0.5
+    radius = max(box_w, box_h) * factor / 2
     return float(cx), float(cy), float(radius)
 
 
@@ -245,7 +251,9 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _process_tree(sources: list[Path], src_root: Path, dst_root: Path, cfg: PreprocessConfig) -> int:
+def _process_tree(
+    sources: list[Path], src_root: Path, dst_root: Path, cfg: PreprocessConfig
+) -> int:
     started = time.perf_counter()
     targets = [dst_root / src.relative_to(src_root) for src in sources]
     workers = min(os.cpu_count() or 1, len(sources))
@@ -279,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m engine.preprocess",
         description="Preprocess every fundus photograph under a folder (Ben Graham).",
     )
-    parser.add_argument("--in", dest="src", type=Path, required=True, help="source folder")
-    parser.add_argument("--out", dest="dst", type=Path, required=True, help="output folder")
-    parser.add_argument("--size", type=int, default=PreprocessConfig.size, help="output side, px")
+    parser.add_argument("--in", dest="src", metavar="DIR", type=Path, required=True)
+    parser.add_argument("--out", dest="dst", metavar="DIR", type=Path, required=True)
+    parser.add_argument("--size", metavar="PX", type=int, default=PreprocessConfig.size)
     parser.add_argument("--no-crop", action="store_true", help="squeeze the whole image instead")
     parser.add_argument("--no-enhance", action="store_true", help="skip Ben Graham's contrast")
     parser.add_argument("--no-mask", action="store_true", help="keep the field's rim")

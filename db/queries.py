@@ -1,0 +1,45 @@
+"""Read queries the pages share; each opens its own short session."""
+
+import pandas as pd
+from sqlalchemy import func, select
+
+from db.schema import Image, Source
+from db.session import session_scope
+
+
+def sources_frame(db_url: str) -> pd.DataFrame:
+    """One row per source with its image count and last import report."""
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(Source.id, Source.name, Source.kind, Source.role, Source.root,
+                   Source.created_at, Source.report, func.count(Image.id).label("images"))
+            .outerjoin(Image).group_by(Source.id).order_by(Source.id)
+        ).all()
+    return pd.DataFrame(rows, columns=["id", "name", "kind", "role", "root", "imported",
+                                       "report", "images"])
+
+
+def class_counts(db_url: str) -> pd.DataFrame:
+    """Labelled images per source, role and grade."""
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(Source.name, Source.role, Image.grade, func.count(Image.id))
+            .join(Image).where(Image.grade.is_not(None))
+            .group_by(Source.id, Image.grade).order_by(Source.id, Image.grade)
+        ).all()
+    return pd.DataFrame(rows, columns=["source", "role", "grade", "count"])
+
+
+def image_page(db_url: str, source_id: int, grade: int | None, limit: int, offset: int
+               ) -> tuple[list[tuple[str, str, int | None, str]], int]:
+    """(absolute path, name, grade, original label) for one page of a source, and the total."""
+    where = [Image.source_id == source_id]
+    if grade is not None:
+        where.append(Image.grade == grade)
+    with session_scope(db_url) as session:
+        total = session.scalar(select(func.count(Image.id)).where(*where))
+        rows = session.execute(
+            select(Source.root, Image.path, Image.name, Image.grade, Image.original_label)
+            .join(Source).where(*where).order_by(Image.id).limit(limit).offset(offset)
+        ).all()
+    return [(f"{root}/{path}", name, g, label) for root, path, name, g, label in rows], total

@@ -1,0 +1,68 @@
+"""The demo workspace: synthetic APTOS-style data, generated and imported on first start.
+
+    python -m engine.demo [--train N --test N --val N --size PX]
+"""
+
+import argparse
+import sys
+
+from sqlalchemy import func, select
+
+from db.schema import Source
+from db.session import migrate, session_scope
+from engine import synth
+from engine.jobs import JobReporter
+from engine.sources import import_source
+from engine.workspace import Workspace
+
+# (folder inside the generated data, kind, role, name shown in the app)
+DEMO_SOURCES = (
+    ("aptos", "aptos", "train", "demo APTOS train"),
+    ("aptos", "aptos", "unlabelled", "demo APTOS test"),
+    ("validation", "folders", "validation", "demo high-quality validation"),
+)
+
+
+def is_empty(db_url: str) -> bool:
+    with session_scope(db_url) as session:
+        return session.scalar(select(func.count()).select_from(Source)) == 0
+
+
+def build_demo(workspace: Workspace, job: JobReporter, **sizes: int) -> None:
+    """Generate the synthetic datasets (70% of the progress bar), then import them."""
+    out = workspace.datasets / "demo"
+
+    def generated(done: int, total: int) -> None:
+        job.progress(0.7 * done / total, f"drawing synthetic photographs: {done}/{total}")
+
+    synth.write_dataset(out, progress=generated, **sizes)
+    for step, (folder, kind, role, name) in enumerate(DEMO_SOURCES):
+        start = 0.7 + 0.1 * step
+
+        def imported(done: int, total: int) -> None:
+            job.progress(start + 0.1 * done / total, f"importing {name}: {done}/{total}")
+
+        print(import_source(workspace.db_url, kind, out / folder, role, name, imported))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, dest="n_train")
+    parser.add_argument("--test", type=int, dest="n_test")
+    parser.add_argument("--val", type=int, dest="n_val")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
+    args = vars(parser.parse_args(argv))
+    job_id = args.pop("job_id")
+    sizes = {key: value for key, value in args.items() if value is not None}
+
+    workspace = Workspace.from_env()
+    migrate(workspace.db_url)
+    with JobReporter(workspace.db_url, job_id) as job:
+        build_demo(workspace, job, **sizes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Background jobs: separate processes that report progress, heartbeat and outcome to the db.
+
+The app starts a job with `start_job`; the job process wraps its work in `JobReporter`.
+A click in the browser can interrupt a Streamlit script run, never a job.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+
+from sqlalchemy import select
+
+from db.schema import Job, utcnow
+from db.session import session_scope
+from engine.workspace import Workspace
+
+PROJECT = Path(__file__).resolve().parents[1]
+HEARTBEAT_S = 5.0
+STALE_AFTER = timedelta(seconds=30)
+ACTIVE = ("queued", "running")
+_children: dict[int, subprocess.Popen] = {}  # jobs this process started, reaped on poll
+
+
+class JobRefused(Exception):
+    """A job of the same kind is already running."""
+
+
+class JobCancelled(Exception):
+    """Raised inside a job between steps once SIGTERM has arrived."""
+
+
+def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | None = None,
+              params: dict | None = None) -> int:
+    """Launch `python -m module ... --job-id N` in its own session; return the job id."""
+    mark_dead_jobs(workspace.db_url)
+    workspace.logs.mkdir(parents=True, exist_ok=True)
+    with session_scope(workspace.db_url) as session:
+        running = session.scalar(select(Job).where(Job.kind == kind, Job.status.in_(ACTIVE)))
+        if running is not None:
+            raise JobRefused(f"a {kind} job (#{running.id}) is already running; "
+                             "wait for it or cancel it first")
+        job = Job(kind=kind, params=params or {})
+        session.add(job)
+        session.flush()
+        job.log_path = str(workspace.logs / f"{kind}-{job.id}.log")
+        job_id, log_path = job.id, job.log_path
+    command = [sys.executable, "-m", module, *(args or []), "--job-id", str(job_id)]
+    env = {**os.environ, "DR_WORKSPACE": str(workspace.root), "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    _children[job_id] = process
+    with session_scope(workspace.db_url) as session:
+        session.get(Job, job_id).pid = process.pid
+    return job_id
+
+
+def cancel_job(db_url: str, job_id: int) -> None:
+    """Ask the job to stop; it finishes the current step and records 'cancelled'."""
+    with session_scope(db_url) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status not in ACTIVE or job.pid is None:
+            return
+        pid = job.pid
+    try:
+        os.killpg(pid, signal.SIGTERM)  # the whole session: torchrun workers too
+    except ProcessLookupError:
+        pass
+
+
+def log_tail(path: str | None, lines: int = 20) -> str:
+    if not path or not Path(path).is_file():
+        return ""
+    with open(path, "rb") as log:
+        log.seek(0, os.SEEK_END)
+        log.seek(max(0, log.tell() - 20_000))
+        return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
+
+
+def mark_dead_jobs(db_url: str, now: datetime | None = None) -> list[int]:
+    """Mark failed every active job whose process is gone or whose heartbeat went stale."""
+    now = now or utcnow()
+    dead = []
+    with session_scope(db_url) as session:
+        for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE))):
+            child = _children.get(job.id)
+            exited = child is not None and child.poll() is not None
+            last_sign = job.heartbeat_at or job.created_at
+            if exited or now - last_sign > STALE_AFTER:
+                job.status, job.finished_at = "failed", now
+                job.error = "the job's process stopped without reporting an outcome"
+                dead.append(job.id)
+    return dead
+
+
+def active_jobs(db_url: str) -> list[Job]:
+    mark_dead_jobs(db_url)
+    with session_scope(db_url) as session:
+        return list(session.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.id)))
+
+
+def latest_job(db_url: str, kind: str) -> Job | None:
+    with session_scope(db_url) as session:
+        return session.scalar(select(Job).where(Job.kind == kind).order_by(Job.id.desc()))
+
+
+class JobReporter:
+    """Inside a job process: progress, heartbeat, cancellation and the final status.
+
+    with JobReporter(db_url, job_id) as job:
+        for step in work:
+            job.check_cancel()
+            job.progress(done / total, "message")
+    """
+
+    def __init__(self, db_url: str, job_id: int | None):
+        self.db_url, self.job_id = db_url, job_id
+        self.cancelled = False
+        self._stop = threading.Event()
+        self._last_write = 0.0
+
+    def __enter__(self) -> "JobReporter":
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.job_id is not None:
+            self._update(status="running", pid=os.getpid(), heartbeat_at=utcnow())
+            threading.Thread(target=self._beat, daemon=True).start()
+        return self
+
+    def __exit__(self, kind: type | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        self._stop.set()
+        if self.job_id is None:
+            return False
+        if exc is None:
+            self._update(status="done", progress=1.0, finished_at=utcnow())
+        elif isinstance(exc, JobCancelled):
+            self._update(status="cancelled", message="cancelled", finished_at=utcnow())
+            return True
+        else:
+            traceback.print_exception(kind, exc, tb)  # into the job's log
+            self._update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                         finished_at=utcnow())
+        return False
+
+    def _on_sigterm(self, _signum, _frame) -> None:
+        self.cancelled = True
+
+    def check_cancel(self) -> None:
+        if self.cancelled:
+            raise JobCancelled()
+
+    def progress(self, fraction: float, message: str = "", force: bool = False) -> None:
+        """Record progress (at most twice a second unless forced) and honour a cancel."""
+        self.check_cancel()
+        if self.job_id is None or (not force and time.monotonic() - self._last_write < 0.5):
+            return
+        self._last_write = time.monotonic()
+        self._update(progress=min(max(fraction, 0.0), 1.0), message=message[:500],
+                     heartbeat_at=utcnow())
+
+    def attach_run(self, run_id: int) -> None:
+        if self.job_id is not None:
+            self._update(run_id=run_id)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self._update(heartbeat_at=utcnow())
+
+    def _update(self, **values) -> None:
+        with session_scope(self.db_url) as session:
+            job = session.get(Job, self.job_id)
+            for key, value in values.items():
+                setattr(job, key, value)

@@ -1,0 +1,70 @@
+"""What every page shares: the workspace, job progress widgets, thumbnails."""
+
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from db.session import migrate
+from engine import jobs
+from engine.images import ImageError, thumbnail
+from engine.preprocess import PreprocessCache, PreprocessConfig
+from engine.workspace import Workspace
+
+
+@st.cache_resource
+def _opened(workspace: Workspace) -> Workspace:
+    workspace.root.mkdir(parents=True, exist_ok=True)
+    migrate(workspace.db_url)
+    return workspace
+
+
+def get_workspace() -> Workspace:
+    """The workspace of this server, its database brought up to date once per process."""
+    return _opened(Workspace.from_env())
+
+
+@st.cache_resource
+def device_label() -> str:
+    import torch  # slow to import: only once per server
+
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)}"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def job_status_ui(job) -> None:
+    """One job's progress bar with its message, or its outcome."""
+    if job.status in jobs.ACTIVE:
+        st.progress(job.progress, text=f"{job.kind} #{job.id}: {job.message or job.status}")
+    elif job.status == "failed":
+        st.error(f"{job.kind} job #{job.id} failed: {job.error}")
+        tail = jobs.log_tail(job.log_path)
+        if tail:
+            st.code(tail, language=None)
+    elif job.status == "cancelled":
+        st.warning(f"{job.kind} job #{job.id} was cancelled.")
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _thumbnail(path: str, mtime: float, width: int) -> np.ndarray:
+    return thumbnail(Path(path), width)
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _preprocessed(path: str, mtime: float, cache_root: str) -> np.ndarray:
+    return PreprocessCache(Path(cache_root)).load(Path(path), PreprocessConfig())
+
+
+def image_pair_ui(path: str, caption: str, width: int = 240) -> None:
+    """The photograph beside its preprocessed view, or a sentence if the file is gone."""
+    try:
+        mtime = Path(path).stat().st_mtime
+        original = _thumbnail(path, mtime, width)
+        processed = _preprocessed(path, mtime, str(get_workspace().cache))
+    except (OSError, ImageError) as exc:
+        st.warning(f"{caption}: cannot show this image ({exc}).")
+        return
+    left, right = st.columns(2)
+    left.image(original, caption=caption, width=width)
+    right.image(processed, caption="preprocessed", width=width)
