@@ -3,7 +3,7 @@
 import pandas as pd
 from sqlalchemy import func, select
 
-from db.schema import Image, Source
+from db.schema import Image, Review, Source
 from db.session import session_scope
 
 
@@ -43,3 +43,34 @@ def image_page(db_url: str, source_id: int, grade: int | None, limit: int, offse
             .join(Source).where(*where).order_by(Image.id).limit(limit).offset(offset)
         ).all()
     return [(f"{root}/{path}", name, g, label) for root, path, name, g, label in rows], total
+
+
+def _latest_reviews():
+    """The current decision of every reviewed image: its newest review row."""
+    newest = select(func.max(Review.id)).group_by(Review.image_id)
+    return select(Review.image_id, Review.decision, Review.grade).where(Review.id.in_(newest))
+
+
+def labelled_images(db_url: str, role: str) -> list[tuple[int, str, str, int]]:
+    """(image id, absolute path, name, grade) of the expert-labelled images of a role."""
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(Image.id, Source.root, Image.path, Image.name, Image.grade).join(Source)
+            .where(Source.role == role, Image.grade.is_not(None)).order_by(Image.id)
+        ).all()
+    return [(i, f"{root}/{path}", name, grade) for i, root, path, name, grade in rows]
+
+
+def accepted_pseudo_labels(db_url: str) -> list[tuple[int, str, str, int]]:
+    """(image id, absolute path, name, grade) of images whose current decision is an accept or a
+    correction; validation images never count, so the yardstick stays clean."""
+    latest = _latest_reviews().subquery()
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(Image.id, Source.root, Image.path, Image.name, latest.c.grade)
+            .join(latest, latest.c.image_id == Image.id).join(Source)
+            .where(latest.c.decision.in_(("accept", "relabel")), latest.c.grade.is_not(None),
+                   Source.role != "validation")
+            .order_by(Image.id)
+        ).all()
+    return [(i, f"{root}/{path}", name, grade) for i, root, path, name, grade in rows]

@@ -27,3 +27,13 @@ def write_image(path: Path, size: tuple[int, int] = (64, 48), value: int = 120) 
     pixels[::7] = 30  # some structure, so that compressed files have real content
     PILImage.fromarray(pixels).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic dataset in every layout, generated once per test session."""
+    from engine.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_dataset(out, seed=3, n_train=24, n_test=8, n_val=16, n_messidor=4, size=128)
+    return out

@@ -1,0 +1,153 @@
+"""Samples, datasets and loaders: what training and inference read, with augmentation.
+
+Images come through the preprocessing cache, so the second epoch or a second inference
+decodes nothing; a file that cannot be read is reported and skipped, never fatal.
+"""
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from engine.grades import GRADES
+from engine.images import IMAGE_SUFFIXES, ImageError
+from engine.preprocess import PreprocessCache, PreprocessConfig, load_preprocessed
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # absolute
+    grade: int | None = None
+    name: str = ""
+    image_id: int | None = None  # the database row, when the sample came from there
+
+
+def folder_samples(root: Path) -> list[Sample]:
+    """Class folders 0/ 1/ 2/ 3/ (the seed's --data-path layout)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: folder not found")
+    samples = [
+        Sample(str(file), grade, file.stem)
+        for grade in GRADES
+        for file in sorted((root / str(grade)).glob("**/*"))
+        if file.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not samples:
+        raise FileNotFoundError(f"{root}: no images in class folders 0/ 1/ 2/ 3/")
+    return samples
+
+
+def image_samples(root: Path) -> list[Sample]:
+    """Every image under a folder, unlabelled."""
+    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [Sample(str(file), None, file.stem) for file in files]
+
+
+def stratified_split(samples: Sequence[Sample], val_fraction: float = 0.2, seed: int = 0
+                     ) -> tuple[list[Sample], list[Sample]]:
+    """The same fraction of every grade to validation, reproducibly for a seed."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for grade in GRADES:
+        members = [s for s in samples if s.grade == grade]
+        rng.shuffle(members)
+        cut = round(len(members) * val_fraction)
+        val += members[:cut]
+        train += members[cut:]
+    return train, val
+
+
+def class_counts(samples: Sequence[Sample]) -> list[int]:
+    counts = Counter(s.grade for s in samples)
+    return [counts.get(g, 0) for g in GRADES]
+
+
+def class_weights(samples: Sequence[Sample]) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over the classes present."""
+    counts = torch.tensor(class_counts(samples), dtype=torch.float)
+    weights = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros(()))
+    return weights / weights[counts > 0].mean()
+
+
+def augmentation(size: int, magnitude: int) -> T.Compose:
+    """Fundus photographs have no up or left: flips and any rotation are free; colour, blur
+    and scale vary only mildly, as between cameras. `magnitude` > 0 adds RandAugment."""
+    steps = [
+        T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.95, 1.05), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.RandomVerticalFlip(),
+        T.RandomRotation(180),
+        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02),
+        T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 1.0))], p=0.2),
+    ]
+    if magnitude > 0:
+        steps.append(T.RandAugment(num_ops=2, magnitude=magnitude))
+    return T.Compose(steps)
+
+
+class FundusDataset(Dataset):
+    """Preprocessed, optionally augmented images as normalised CHW float tensors.
+
+    An item is (image, label, index), with label -1 when unknown; an unreadable file gives
+    (None, message, index) and `collate` drops it, so a corrupt image never stops a run.
+    """
+
+    def __init__(self, samples: Sequence[Sample], prep: PreprocessConfig,
+                 mean: Sequence[float], std: Sequence[float], cache_root: Path | None = None,
+                 size: int | None = None, augment: bool = False, magnitude: int = 0):
+        self.samples = list(samples)
+        self.prep = prep
+        self.cache = PreprocessCache(cache_root) if cache_root else None
+        self.size = size or prep.size
+        self.mean = torch.tensor(mean).view(3, 1, 1) * 255
+        self.std = torch.tensor(std).view(3, 1, 1) * 255
+        self.transform = augmentation(self.size, magnitude) if augment else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        try:
+            pixels = load_preprocessed(Path(sample.path), self.prep, self.cache)
+        except ImageError as exc:
+            return None, str(exc), index
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+        if self.transform is not None:
+            image = self.transform(image)
+        elif image.shape[-1] != self.size:
+            image = T.functional.resize(image, [self.size, self.size], antialias=True)
+        image = (image.float() - self.mean) / self.std
+        return image, -1 if sample.grade is None else sample.grade, index
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """Stack the readable items; return the unreadable ones as (index, reason)."""
+    good = [item for item in batch if item[0] is not None]
+    failed = [(index, reason) for image, reason, index in batch if image is None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), failed
+    images, labels, indices = zip(*good)
+    return torch.stack(images), torch.tensor(labels), torch.tensor(indices), failed
+
+
+def create_loader(dataset: FundusDataset, batch_size: int, workers: int, device: torch.device,
+                  shuffle: bool = False, balanced: bool = False, seed: int = 0) -> DataLoader:
+    """A DataLoader with pinned memory on CUDA; `balanced` samples every grade equally often."""
+    sampler = None
+    generator = torch.Generator().manual_seed(seed)
+    if balanced:
+        weights = class_weights(dataset.samples)[[s.grade for s in dataset.samples]]
+        sampler = WeightedRandomSampler(weights, len(dataset), generator=generator)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, generator=generator,
+    )
