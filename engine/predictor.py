@@ -1,0 +1,67 @@
+"""Batched inference with a checkpoint's own preprocessing, temperature and optional flip TTA.
+Knows nothing of the database: samples in, probabilities out."""
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.data import FundusDataset, Sample, create_loader
+from engine.preprocess import PreprocessConfig
+
+# (images done, images in all, images per second)
+OnBatch = Callable[[int, int, float], None]
+
+
+@dataclass
+class Predictions:
+    indices: list[int] = field(default_factory=list)  # into the samples given
+    probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
+
+    @property
+    def grades(self) -> np.ndarray:
+        return self.probs.argmax(1)
+
+
+def dataset_for(meta: dict, samples: Sequence[Sample], cache_root: Path | None) -> FundusDataset:
+    """The evaluation dataset exactly as the checkpoint was validated."""
+    prep = PreprocessConfig.from_dict(meta["preprocess"])
+    return FundusDataset(samples, prep, meta["mean"], meta["std"], cache_root,
+                         size=meta["image_size"])
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, meta: dict, samples: Sequence[Sample],
+            device: torch.device, batch_size: int = 32, workers: int = 1, tta: bool = False,
+            cache_root: Path | None = None, on_batch: OnBatch | None = None) -> Predictions:
+    """Calibrated class probabilities of every readable sample."""
+    cuda = device.type == "cuda"
+    model = model.to(device).eval()
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    loader = create_loader(dataset_for(meta, samples, cache_root), batch_size, workers, device)
+    temperature = float(meta.get("temperature", 1.0))
+    out = Predictions()
+    chunks, done, started = [], 0, time.perf_counter()
+    for images, _, indices, failed in loader:
+        out.failures += failed
+        done += len(indices) + len(failed)
+        if len(indices):
+            images = images.to(device, non_blocking=True)
+            if cuda:
+                images = images.to(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(images).float()
+                if tta:  # a fundus has no left or right: average with the mirror image
+                    logits = (logits + model(images.flip(-1)).float()) / 2
+            chunks.append(torch.softmax(logits / temperature, dim=1).cpu())
+            out.indices += indices.tolist()
+        if on_batch:
+            on_batch(done, len(samples), done / (time.perf_counter() - started))
+    if chunks:
+        out.probs = torch.cat(chunks).numpy()
+    return out
