@@ -44,5 +44,8 @@ start_demo_if_empty()
 sidebar_ui()
 page = st.navigation([
     st.Page("pages/dataset.py", title="Dataset", icon="📊", default=True),
+    st.Page("pages/inference.py", title="Inference", icon="🔮"),
+    st.Page("pages/review.py", title="Review", icon="✅"),
+    st.Page("pages/retrain.py", title="Retrain", icon="📈"),
 ])
 page.run()

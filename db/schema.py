@@ -101,6 +101,7 @@ class Epoch(Base):
     precision: Mapped[list[Any]] = mapped_column(default=list)
     recall: Mapped[list[Any]] = mapped_column(default=list)
     confusion: Mapped[list[Any]] = mapped_column(default=list)
+    errors: Mapped[list[Any]] = mapped_column(default=list)  # [path, true, predicted] per image
 
     run: Mapped[Run] = relationship(back_populates="epochs")
 
@@ -139,6 +140,16 @@ class Review(Base):
     grade: Mapped[int | None]
     reviewer: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Claim(Base):
+    """Which reviewer has an image on screen, so that two reviewers get different images."""
+
+    __tablename__ = "claims"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    reviewer: Mapped[str] = mapped_column(String(100))
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Job(Base):

@@ -230,7 +230,7 @@ class Trainer:
             for epoch in range(self.start_epoch, self.config.epochs):
                 train = self._train_epoch(epoch)
                 val, errors = self._validate()
-                record = self._record(epoch, train, val)
+                record = self._record(epoch, train, val, errors)
                 self._write_report(epoch, train, val, errors)
                 self._write_scalars(writer, record)
                 self._save(epoch, record)
@@ -239,13 +239,14 @@ class Trainer:
             writer.close()
         return self._calibrate()
 
-    def _record(self, epoch: int, train: dict, val: dict) -> dict:
+    def _record(self, epoch: int, train: dict, val: dict,
+                errors: list[tuple[str, int, int]]) -> dict:
         record = {
             "epoch": epoch + 1, "lr": train["lr"], "img_size": train["size"],
             "train_loss": train["loss"], "train_acc": train["accuracy"],
             "val_loss": val["loss"], "val_acc": val["accuracy"], "qwk": val["qwk"],
             "precision": val["precision"], "recall": val["recall"],
-            "confusion": val["confusion"],
+            "confusion": val["confusion"], "errors": [list(e) for e in errors],
         }
         self.history.append(record)
         return record
