@@ -25,7 +25,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 5.0
 STALE_AFTER = timedelta(seconds=30)
 ACTIVE = ("queued", "running")
-_children: dict[int, subprocess.Popen] = {}  # jobs this process started, reaped on poll
+_children: dict[tuple[str, int], subprocess.Popen] = {}  # (db, job id) -> process we started
 
 
 class JobRefused(Exception):
@@ -57,7 +57,7 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
         process = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
-    _children[job_id] = process
+    _children[(workspace.db_url, job_id)] = process
     with session_scope(workspace.db_url) as session:
         session.get(Job, job_id).pid = process.pid
     return job_id
@@ -91,7 +91,7 @@ def mark_dead_jobs(db_url: str, now: datetime | None = None) -> list[int]:
     dead = []
     with session_scope(db_url) as session:
         for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE))):
-            child = _children.get(job.id)
+            child = _children.get((db_url, job.id))
             exited = child is not None and child.poll() is not None
             last_sign = job.heartbeat_at or job.created_at
             if exited or now - last_sign > STALE_AFTER:

@@ -12,11 +12,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT
 from db.schema import Epoch, Run
 from db.session import session_scope
-from engine.data import folder_samples, stratified_split
+from engine.data import Sample, folder_samples, stratified_split
 from engine.models import load_checkpoint
 from engine.sources import import_source
 from engine.train import boolean, make_config, parse_args
-from engine.trainer import RunPaths, Trainer
+from engine.trainer import Hooks, NonFiniteLoss, RunPaths, Trainer
 from engine.workspace import Workspace
 
 TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "false",
@@ -120,3 +120,34 @@ def test_database_mode_records_the_run_and_its_epochs(tiny_data, tmp_path):
         assert len(epochs[0].confusion) == 4 and len(epochs[0].recall) == 4
         assert sum(run.config["train_counts"]) == 24
     assert f"val QWK {run.best_qwk:.4f}" in done.stdout
+
+
+def tiny_config(**changes):
+    args = parse_args(["--data-path", "x", "--epochs", "1", *TINY])
+    config = make_config(args)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_a_non_finite_loss_stops_the_run(tiny_data, tmp_path):
+    train, val = stratified_split(folder_samples(tiny_data / "validation"))
+    trainer = Trainer(tiny_config(lr=1e30, warmup_epochs=0), train, val,
+                      RunPaths.under(tmp_path, "nan"), None)
+    with pytest.raises(NonFiniteLoss, match="lower the learning rate"):
+        trainer.fit()
+
+
+def test_an_unreadable_training_image_is_skipped(tiny_data, tmp_path):
+    train, val = stratified_split(folder_samples(tiny_data / "validation"))
+    broken = tmp_path / "broken.png"
+    broken.write_text("no pixels here")
+    skipped = []
+
+    class Record(Hooks):
+        def on_skipped(self, reasons):
+            skipped.extend(reasons)
+
+    train.append(Sample(str(broken), 1, "broken"))
+    result = Trainer(tiny_config(), train, val, RunPaths.under(tmp_path, "s"), None, Record()).fit()
+    assert len(result.epochs) == 1 and skipped and str(broken) in skipped[0]

@@ -1,0 +1,88 @@
+"""Jobs: separate processes with progress, cancel by SIGTERM, dead-job detection, one per kind."""
+
+import os
+import signal
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from db.schema import Job, Run, utcnow
+from db.session import migrate, session_scope
+from engine import jobs
+from engine.sources import import_source
+from engine.workspace import Workspace
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Workspace:
+    workspace = Workspace(tmp_path / "ws")
+    migrate(workspace.db_url)
+    return workspace
+
+
+def job_row(workspace: Workspace, job_id: int) -> Job:
+    with session_scope(workspace.db_url) as session:
+        return session.get(Job, job_id)
+
+
+def wait_for(workspace: Workspace, job_id: int, done, timeout: float = 120) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs.mark_dead_jobs(workspace.db_url)
+        job = job_row(workspace, job_id)
+        if done(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} stuck: {job.status} {job.message}\n{jobs.log_tail(job.log_path)}")
+
+
+def test_demo_job_runs_to_done_and_fills_the_workspace(workspace):
+    job_id = jobs.start_job(workspace, "demo", "engine.demo",
+                            ["--train", "8", "--test", "4", "--val", "8", "--size", "96"])
+    job = wait_for(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
+    assert job.status == "done" and job.progress == 1.0, jobs.log_tail(job.log_path)
+    assert "demo high-quality validation: 8 listed, 8 imported" in jobs.log_tail(job.log_path)
+
+
+def test_a_second_job_of_the_same_kind_is_refused(workspace):
+    args = ["--train", "400", "--size", "256"]
+    first = jobs.start_job(workspace, "demo", "engine.demo", args)
+    try:
+        with pytest.raises(jobs.JobRefused, match=f"#{first}"):
+            jobs.start_job(workspace, "demo", "engine.demo", args)
+    finally:
+        jobs.cancel_job(workspace.db_url, first)
+        wait_for(workspace, first, lambda j: j.status not in jobs.ACTIVE)
+
+
+def test_cancel_stops_training_between_batches(workspace, tiny_data):
+    import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train")
+    import_source(workspace.db_url, "folders", tiny_data / "validation", "validation")
+    job_id = jobs.start_job(workspace, "train", "engine.train", [
+        "--from-db", "--epochs", "200", "--model", "test_efficientnet", "--img-size", "64",
+        "--pretrained", "false", "--batch-size", "4", "--workers", "0", "--name", "c"])
+    wait_for(workspace, job_id, lambda j: j.progress > 0)
+    jobs.cancel_job(workspace.db_url, job_id)
+    job = wait_for(workspace, job_id, lambda j: j.status not in jobs.ACTIVE, timeout=60)
+    assert job.status == "cancelled" and job.error is None
+    with session_scope(workspace.db_url) as session:
+        assert session.scalar(select(Run.status).where(Run.name == "c")) == "cancelled"
+
+
+def test_a_killed_job_is_found_dead(workspace):
+    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"])
+    job = wait_for(workspace, job_id, lambda j: j.status == "running")
+    os.killpg(job.pid, signal.SIGKILL)  # no chance to say anything
+    job = wait_for(workspace, job_id, lambda j: j.status != "running", timeout=30)
+    assert job.status == "failed" and "without reporting" in job.error
+
+
+def test_a_stale_heartbeat_marks_a_foreign_job_failed(workspace):
+    with session_scope(workspace.db_url) as session:
+        fresh = Job(kind="train", status="running", heartbeat_at=utcnow())
+        stale = Job(kind="infer", status="running", heartbeat_at=utcnow() - timedelta(minutes=5))
+        session.add_all([fresh, stale])
+    assert jobs.mark_dead_jobs(workspace.db_url) == [stale.id]
+    assert job_row(workspace, fresh.id).status == "running"
