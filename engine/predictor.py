@@ -40,9 +40,8 @@ def predict(model: torch.nn.Module, meta: dict, samples: Sequence[Sample],
             cache_root: Path | None = None, on_batch: OnBatch | None = None) -> Predictions:
     """Calibrated class probabilities of every readable sample."""
     cuda = device.type == "cuda"
-    model = model.to(device).eval()
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last speeds up convolutions on CPUs (oneDNN) as well as on GPUs.
+    model = model.to(device, memory_format=torch.channels_last).eval()
     loader = create_loader(dataset_for(meta, samples, cache_root), batch_size, workers, device)
     temperature = float(meta.get("temperature", 1.0))
     out = Predictions()
@@ -51,9 +50,7 @@ def predict(model: torch.nn.Module, meta: dict, samples: Sequence[Sample],
         out.failures += failed
         done += len(indices) + len(failed)
         if len(indices):
-            images = images.to(device, non_blocking=True)
-            if cuda:
-                images = images.to(memory_format=torch.channels_last)
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = model(images).float()
                 if tta:  # a fundus has no left or right: average with the mirror image

@@ -135,9 +135,8 @@ class Trainer:
         self.model = create_model(config.model, config.pretrained, config.drop_rate)
         if config.freeze_layers:
             freeze_all_but_classifier(self.model)
-        self.model.to(self.device)
-        if self.amp:
-            self.model.to(memory_format=torch.channels_last)
+        # channels_last speeds up convolutions on CPUs (oneDNN) as well as on GPUs.
+        self.model.to(self.device, memory_format=torch.channels_last)
         self.optimizer = _optimizer(config, self.model)
         weights = class_weights(self.train_samples) if config.balance == "loss" else None
         self.loss_weights = weights.to(self.device) if weights is not None else None
@@ -155,13 +154,11 @@ class Trainer:
                              seed=self.config.seed)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        if self.amp:
-            images = images.to(memory_format=torch.channels_last)
+        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return self.model(images).float()
 
-    def _train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int) -> dict:
         size, magnitude, dropout = stage_of(self.config, epoch)
         loader = self._loader(self.train_samples, True, size, magnitude)
         self.model.train()
@@ -228,7 +225,7 @@ class Trainer:
         writer = SummaryWriter(str(self.paths.tensorboard))
         try:
             for epoch in range(self.start_epoch, self.config.epochs):
-                train = self._train_epoch(epoch)
+                train = self.train_epoch(epoch)
                 val, errors = self._validate()
                 record = self._record(epoch, train, val, errors)
                 self._write_report(epoch, train, val, errors)

@@ -1,0 +1,26 @@
+"""Shared set-up for the benchmarks: realistic-size synthetic photographs and timing."""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.data import Sample
+from engine.synth import write_dataset
+
+REPEATS = 3  # each figure is the best of these, so a busy moment elsewhere does not count
+
+
+def photographs(out: Path, count: int, size: int) -> list[Sample]:
+    """`count` synthetic APTOS-style photographs `size` pixels high (2-4 Mpx at 1536)."""
+    write_dataset(out, seed=1, n_train=0, n_test=count, n_val=0, n_messidor=0, size=size)
+    return [Sample(str(p), None, p.stem) for p in sorted((out / "aptos" / "test_images").iterdir())]
+
+
+def rate(count: int, work: Callable[[int], object]) -> float:
+    """Best items per second over REPEATS calls of `work(repeat)`, each handling `count` items."""
+    best = float("inf")
+    for repeat in range(REPEATS):
+        started = time.perf_counter()
+        work(repeat)
+        best = min(best, time.perf_counter() - started)
+    return count / best
