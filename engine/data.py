@@ -5,6 +5,7 @@ decodes nothing; a file that cannot be read is reported and skipped, never fatal
 """
 
 import random
+import signal
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,6 +139,12 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list
     return torch.stack(images), torch.tensor(labels), torch.tensor(indices), failed
 
 
+def _ignore_sigterm(_worker: int) -> None:
+    # Cancelling a job signals its whole process group; the workers must leave the stop to
+    # the main process, which finishes the batch and records "cancelled".
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def create_loader(dataset: FundusDataset, batch_size: int, workers: int, device: torch.device,
                   shuffle: bool = False, balanced: bool = False, seed: int = 0) -> DataLoader:
     """A DataLoader with pinned memory on CUDA; `balanced` samples every grade equally often."""
@@ -149,5 +156,5 @@ def create_loader(dataset: FundusDataset, batch_size: int, workers: int, device:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0, generator=generator,
+        persistent_workers=workers > 0, generator=generator, worker_init_fn=_ignore_sigterm,
     )

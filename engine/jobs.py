@@ -44,7 +44,7 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
     with session_scope(workspace.db_url) as session:
         running = session.scalar(select(Job).where(Job.kind == kind, Job.status.in_(ACTIVE)))
         if running is not None:
-            raise JobRefused(f"a {kind} job (#{running.id}) is already running; "
+            raise JobRefused(f"another {kind} job (#{running.id}) is already running; "
                              "wait for it or cancel it first")
         job = Job(kind=kind, params=params or {})
         session.add(job)

@@ -1,3 +1,150 @@
+"""Inference page: run a trained model over a pool of images as a background job, then look
+at its confidence, its predicted grades and the review candidates, and download the
+submission CSV."""
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
 import streamlit as st
 
+from db.predictions import (Model, Pool, confidence_histogram, grade_counts, models, pools,
+                            submission_frame)
+from db.runs import active_run_id
+from engine import jobs
+from engine.grades import GRADE_NAMES, GRADES
+from pages.common import get_workspace, job_status_ui
+
+DEFAULT_THRESHOLD = 0.70  # the Review page's default: candidates have confidence >= this
+workspace = get_workspace()
+
+
+def model_label(model: Model, active: int | None) -> str:
+    qwk = "no val QWK" if model.best_qwk is None else f"val QWK {model.best_qwk:.3f}"
+    mark = " · active" if model.id == active else ""
+    return f"{model.name} · {qwk} · {model.trained_at:%Y-%m-%d %H:%M}{mark}"
+
+
+def pool_label(pool: Pool) -> str:
+    return f"{pool.name} ({pool.role}, {pool.images} images)"
+
+
+def choice_ui(choices: list[Model], sources: list[Pool]) -> tuple[Model, Pool]:
+    active = active_run_id(workspace.db_url)
+    by_id, pool_by_id = {m.id: m for m in choices}, {p.id: p for p in sources}
+    left, right = st.columns(2)
+    model_id = left.selectbox("Model", list(by_id), key="infer_model",
+                              index=list(by_id).index(active) if active in by_id else 0,
+                              format_func=lambda i: model_label(by_id[i], active))
+    # Ids, not rows, as options: a row changes when its pool grows, and the choice must stay.
+    pool_id = right.selectbox("Pool", list(pool_by_id), key="infer_pool",
+                              format_func=lambda i: pool_label(pool_by_id[i]))
+    return by_id[model_id], pool_by_id[pool_id]
+
+
+def start(model: Model, pool: Pool, tta: bool, batch_size: int) -> None:
+    if not Path(model.checkpoint).is_file():
+        st.error(f"The checkpoint of {model.name} is gone: `{model.checkpoint}` does not exist.")
+        return
+    out = workspace.root / "submissions" / f"{model.name}-{pool.name}.csv"
+    args = ["--checkpoint", model.checkpoint, "--source", pool.name, "--out", str(out),
+            "--batch-size", str(batch_size), *(["--tta"] if tta else [])]
+    params = {"run_id": model.id, "source_id": pool.id, "source": pool.name, "out": str(out),
+              "tta": tta, "batch_size": batch_size}
+    try:
+        jobs.start_job(workspace, "infer", "engine.infer", args, params)
+    except jobs.JobRefused as exc:
+        st.warning(f"Inference not started: {exc}.")
+
+
+def start_ui(model: Model, pool: Pool) -> None:
+    left, right = st.columns(2)
+    tta = left.checkbox("Test-time augmentation (average with the mirrored image)",
+                        key="infer_tta", help="About twice as slow; often a little better.")
+    batch_size = right.number_input("Batch size", min_value=1, max_value=1024, value=32,
+                                    step=1, key="infer_batch_size")
+    if st.button("Start inference", key="start_inference", type="primary"):
+        start(model, pool, tta, int(batch_size))
+
+
+@st.fragment(run_every=1)
+def progress_ui() -> None:
+    jobs.mark_dead_jobs(workspace.db_url)
+    job = jobs.latest_job(workspace.db_url, "infer")
+    if job.status not in jobs.ACTIVE:
+        st.rerun()  # the whole page, so that the results show
+    job_status_ui(job)
+    st.button("Cancel", key="cancel_inference", on_click=jobs.cancel_job,
+              args=(workspace.db_url, job.id))
+
+
+def job_ui(model: Model, pool: Pool) -> None:
+    """The running job, whichever model it runs; the last outcome of this model on this pool."""
+    job = jobs.latest_job(workspace.db_url, "infer")
+    if job is None:
+        return
+    if job.status in jobs.ACTIVE:
+        progress_ui()
+    elif job.params.get("run_id") == model.id and job.params.get("source_id") == pool.id:
+        job_status_ui(job)
+
+
+def charts_ui(model: Model, pool: Pool, counts: dict[int, int]) -> None:
+    histogram = confidence_histogram(workspace.db_url, model.id, pool.id)
+    histogram["grade"] = histogram["grade"].map(GRADE_NAMES)
+    bars = pd.DataFrame({"grade": [GRADE_NAMES[g] for g in GRADES],
+                         "images": [counts.get(g, 0) for g in GRADES]})
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Confidence")
+        figure = px.bar(histogram, x="confidence", y="count", color="grade",
+                        labels={"confidence": "confidence (bin start)", "count": "images"},
+                        category_orders={"grade": list(GRADE_NAMES.values())})
+        st.plotly_chart(figure, key="infer_confidence")
+    with right:
+        st.subheader("Predicted grades")
+        st.plotly_chart(px.bar(bars, x="grade", y="images", text="images"), key="infer_grades")
+
+
+def candidates_ui(model: Model, pool: Pool) -> None:
+    st.subheader("Review candidates")
+    threshold = st.slider("Confidence threshold", 0.0, 1.0, DEFAULT_THRESHOLD, 0.01,
+                          key="infer_threshold")
+    counts = grade_counts(workspace.db_url, model.id, pool.id, threshold)
+    for column, grade in zip(st.columns(len(GRADES)), GRADES):
+        column.metric(GRADE_NAMES[grade], counts.get(grade, 0))
+    st.caption(f"{sum(counts.values())} predictions at or above {threshold:.2f} "
+               "would go to the Review page.")
+
+
+def download_ui(model: Model, pool: Pool) -> None:
+    # Built from the database when clicked, so it works even if the job's file is gone.
+    st.download_button(
+        "Download submission CSV", key="download_submission", mime="text/csv",
+        file_name=f"{model.name}-{pool.name}.csv", on_click="ignore",
+        data=lambda: submission_frame(workspace.db_url, model.id, pool.id).to_csv(index=False))
+
+
+def results_ui(model: Model, pool: Pool) -> None:
+    counts = grade_counts(workspace.db_url, model.id, pool.id)
+    if not counts:
+        st.info(f"No predictions yet of {model.name} for {pool.name}: start inference above.")
+        return
+    charts_ui(model, pool, counts)
+    candidates_ui(model, pool)
+    download_ui(model, pool)
+
+
 st.title("Inference")
+choices, sources = models(workspace.db_url), pools(workspace.db_url)
+if not choices:
+    st.info("No trained models yet: train one on the Retrain page or with "
+            "`python -m engine.train`.")
+if not sources:
+    st.info("No image sources yet: import a pool from a terminal, for example "
+            "`python -m engine.sources import --kind aptos --path /data/aptos --role unlabelled`.")
+if choices and sources:
+    chosen_model, chosen_pool = choice_ui(choices, sources)
+    start_ui(chosen_model, chosen_pool)
+    job_ui(chosen_model, chosen_pool)
+    results_ui(chosen_model, chosen_pool)

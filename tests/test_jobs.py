@@ -62,7 +62,7 @@ def test_cancel_stops_training_between_batches(workspace, tiny_data):
     import_source(workspace.db_url, "folders", tiny_data / "validation", "validation")
     job_id = jobs.start_job(workspace, "train", "engine.train", [
         "--from-db", "--epochs", "200", "--model", "test_efficientnet", "--img-size", "64",
-        "--pretrained", "false", "--batch-size", "4", "--workers", "0", "--name", "c"])
+        "--pretrained", "false", "--batch-size", "4", "--workers", "1", "--name", "c"])
     wait_for(workspace, job_id, lambda j: j.progress > 0)
     jobs.cancel_job(workspace.db_url, job_id)
     job = wait_for(workspace, job_id, lambda j: j.status not in jobs.ACTIVE, timeout=60)

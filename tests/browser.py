@@ -1,0 +1,98 @@
+"""A real Streamlit server and Debian's chromium for the browser tests.
+
+Without /usr/bin/chromium the browser tests skip, unless REQUIRE_BROWSER=1 (as in CI),
+where they fail.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = ROOT / "tests" / "screenshots"
+
+
+def require_chromium() -> None:
+    if shutil.which(CHROMIUM) is None:
+        message = f"{CHROMIUM} is missing (apt-get install -y chromium)"
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def streamlit_server(workspace: Path, log: Path, **env: str) -> Iterator[str]:
+    """`streamlit run app.py` on a free port; yields its URL and stops it afterwards."""
+    port = _free_port()
+    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+               "--server.port", str(port), "--server.fileWatcherType", "none",
+               "--browser.gatherUsageStats", "false"]
+    environment = {**os.environ, "DR_WORKSPACE": str(workspace), "DR_DEMO": "0", **env}
+    with open(log, "wb") as out:
+        server = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+                    if reply.read() == b"ok":
+                        break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise AssertionError(f"streamlit did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+@contextmanager
+def chromium_page():
+    """A Playwright page in headless Debian chromium (a fresh profile), 1400x1000."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_until_idle(page) -> None:
+    """Until the script run that the last action started has finished."""
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
+    page.wait_for_timeout(300)  # the rerun a widget triggers starts a moment later
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
+
+
+def screenshot(page, name: str) -> Path:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
