@@ -112,8 +112,9 @@ def stage_of(config: TrainConfig, epoch: int) -> tuple[int, int, float]:
         return config.img_size, 0, config.drop_rate
     stage = min(4 * epoch // max(config.epochs, 1), 3)
     share = stage / 3
-    size = int(round((128 + share * (config.img_size - 128)) / 32) * 32) or config.img_size
-    return min(size, config.img_size), round(5 + 5 * share), 0.1 + 0.2 * share
+    start = min(128, config.img_size // 2)  # the paper's 128 px, or half of a small size
+    size = round((start + share * (config.img_size - start)) / 32) * 32
+    return min(max(size, 32), config.img_size), round(5 + 5 * share), 0.1 + 0.2 * share
 
 
 def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -16,7 +16,7 @@ from engine.data import Sample, folder_samples, stratified_split
 from engine.models import load_checkpoint
 from engine.sources import import_source
 from engine.train import boolean, make_config, parse_args
-from engine.trainer import Hooks, NonFiniteLoss, RunPaths, Trainer
+from engine.trainer import Hooks, NonFiniteLoss, RunPaths, Trainer, lr_at, stage_of
 from engine.workspace import Workspace
 
 TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "false",
@@ -151,3 +151,26 @@ def test_an_unreadable_training_image_is_skipped(tiny_data, tmp_path):
     train.append(Sample(str(broken), 1, "broken"))
     result = Trainer(tiny_config(), train, val, RunPaths.under(tmp_path, "s"), None, Record()).fit()
     assert len(result.epochs) == 1 and skipped and str(broken) in skipped[0]
+
+
+def test_schedule_warms_up_then_follows_the_cosine_down_to_lr_times_lrf():
+    config = tiny_config(epochs=10, lr=0.1, lrf=0.01, warmup_epochs=1.0)
+    warm = [lr_at(config, p) for p in (0.0, 0.5, 0.99)]
+    assert warm == sorted(warm) and warm[-1] < 0.1
+    assert lr_at(config, 1.0) == pytest.approx(0.1)
+    after = [lr_at(config, e) for e in range(1, 11)]
+    assert after == sorted(after, reverse=True)
+    assert lr_at(config, 10) == pytest.approx(0.001)
+
+
+def test_progressive_learning_grows_size_and_regularisation(tiny_data, tmp_path):
+    config = tiny_config(epochs=8, img_size=256, eval_size=256, progressive=True)
+    stages = [stage_of(config, epoch) for epoch in range(8)]
+    sizes, magnitudes, dropouts = zip(*stages)
+    assert sizes[0] == 128 and sizes[-1] == 256 and list(sizes) == sorted(sizes)
+    assert magnitudes[0] == 5 and magnitudes[-1] == 10 and dropouts[0] < dropouts[-1]
+    assert stage_of(tiny_config(progressive=False), 0)[:2] == (64, 0)
+    train, val = stratified_split(folder_samples(tiny_data / "validation"))
+    trainer = Trainer(tiny_config(epochs=4, img_size=64, eval_size=64, progressive=True),
+                      train, val, RunPaths.under(tmp_path, "p"), None)
+    assert [record["img_size"] for record in trainer.fit().epochs] == [32, 32, 64, 64]
