@@ -1,9 +1,17 @@
-"""Model versions: which run is active (its predictions make the review queue)."""
+"""Model versions: which run is active (its predictions make the review queue), the runs and
+their epochs for comparison, and the curated set a new run would train on."""
 
+import pandas as pd
 from sqlalchemy import select, update
+from sqlalchemy.orm import load_only
 
-from db.schema import Run
+from db.queries import accepted_pseudo_labels, labelled_images
+from db.schema import Epoch, Image, Run, Source
 from db.session import session_scope
+
+EXPERT, PSEUDO = "expert label", "pseudo-label"
+CURVE_COLUMNS = ["run_id", "run", "epoch", "lr", "train_loss", "train_acc", "val_loss",
+                 "val_acc", "qwk"]
 
 
 def active_run_id(db_url: str) -> int | None:
@@ -24,3 +32,73 @@ def promote(db_url: str, run_id: int) -> None:
         if run is None or run.checkpoint is None:
             raise ValueError(f"run {run_id} has no checkpoint to promote")
         session.execute(update(Run).values(active=Run.id == run_id))
+
+
+def curated_images(db_url: str) -> pd.DataFrame:
+    """The training set a `--from-db` run reads, one row per image: image_id, source, grade
+    (what training uses), expert_grade (None where no expert graded it) and origin.
+
+    Built from the same queries as engine.train.db_samples, so that it cannot drift from what
+    training reads: a reviewer's current decision overrides the expert's grade."""
+    expert = {i: grade for i, _, _, grade in labelled_images(db_url, "train")}
+    reviewed = {i: grade for i, _, _, grade in accepted_pseudo_labels(db_url)}
+    with session_scope(db_url) as session:
+        sources = dict(session.execute(
+            select(Image.id, Source.name).join(Source).where(Source.role != "validation")).all())
+    rows = [(i, sources[i], reviewed.get(i, expert.get(i)), expert.get(i),
+             PSEUDO if i in reviewed else EXPERT) for i in sorted(expert.keys() | reviewed.keys())]
+    return pd.DataFrame(rows, columns=["image_id", "source", "grade", "expert_grade", "origin"])
+
+
+def validation_size(db_url: str) -> int:
+    """Labelled images of the validation sources, the yardstick every run is judged on."""
+    return len(labelled_images(db_url, "validation"))
+
+
+def _best(epochs: list[Epoch]) -> Epoch | None:
+    # The trainer keeps the first epoch of the highest QWK as best.pth; so does this.
+    return max(epochs, key=lambda e: e.qwk) if epochs else None
+
+
+def runs_frame(db_url: str) -> pd.DataFrame:
+    """One row per run, newest first, with its config and its best epoch (by val QWK)."""
+    with session_scope(db_url) as session:
+        scores: dict[int, list[Epoch]] = {}
+        # The per-image error lists can be long; the table needs only the scores.
+        for epoch in session.scalars(select(Epoch).order_by(Epoch.run_id, Epoch.epoch).options(
+                load_only(Epoch.run_id, Epoch.epoch, Epoch.qwk, Epoch.val_acc))):
+            scores.setdefault(epoch.run_id, []).append(epoch)
+        rows = []
+        for run in session.scalars(select(Run).order_by(Run.id.desc())):
+            best = _best(scores.get(run.id, []))
+            rows.append((run.id, run.name, run.model_name, run.img_size, run.config, run.status,
+                         run.checkpoint, run.created_at, len(scores.get(run.id, [])),
+                         best.qwk if best else run.best_qwk, best.val_acc if best else None,
+                         best.epoch if best else None))
+    return pd.DataFrame(rows, columns=["id", "name", "model", "img_size", "config", "status",
+                                       "checkpoint", "created_at", "epochs_done", "best_qwk",
+                                       "best_acc", "best_epoch"])
+
+
+def epochs_frame(db_url: str, run_ids: list[int]) -> pd.DataFrame:
+    """The per-epoch curves of the runs: lr, train/val loss and accuracy, val QWK."""
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(Epoch.run_id, Run.name, Epoch.epoch, Epoch.lr, Epoch.train_loss,
+                   Epoch.train_acc, Epoch.val_loss, Epoch.val_acc, Epoch.qwk)
+            .join(Run).where(Epoch.run_id.in_(run_ids)).order_by(Epoch.run_id, Epoch.epoch)
+        ).all()
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+def best_epoch(db_url: str, run_id: int) -> dict | None:
+    """The run's best epoch by val QWK: its scores, per-class precision and recall, confusion
+    matrix, and misclassified validation images ([path, true, predicted]); None if no epoch."""
+    with session_scope(db_url) as session:
+        best = _best(session.scalars(select(Epoch).where(Epoch.run_id == run_id)
+                                     .order_by(Epoch.epoch)).all())
+        if best is None:
+            return None
+        return {key: getattr(best, key) for key in
+                ("epoch", "qwk", "val_acc", "val_loss", "precision", "recall", "confusion",
+                 "errors")}

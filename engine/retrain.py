@@ -111,7 +111,7 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
             "run": run.name, "model": run.model, "image size": _size_text(config, run.img_size),
             "train per grade": " / ".join(map(str, counts)) if counts else None,
             "train images": sum(counts) if counts else None,
-            "epochs": f"{run.epochs_done}/{config.get('epochs', run.epochs_done)}",
+            "epochs": f"{run.epochs_done}/{config['epochs']}" if "epochs" in config else None,
             "batch size": config.get("batch_size"), "lr": config.get("lr"),
             "lrf": config.get("lrf"), "optimizer": config.get("optimizer"),
             "scheduler": _scheduler_text(config), "balance": config.get("balance"),

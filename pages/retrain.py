@@ -1,3 +1,211 @@
+"""Retrain page: the curated training set, a training run started from a form and followed
+live, the runs compared epoch by epoch, and the choice of the active model."""
+
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
 
+from db.runs import (PSEUDO, active_run_id, best_epoch, curated_images, epochs_frame, promote,
+                     runs_frame, validation_size)
+from engine import jobs
+from engine.curves import confusion_figure, curated_figure, curve_figures, per_class_figure
+from engine.grades import GRADE_NAMES
+from engine.models import pick_device
+from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,
+                            original_counts, run_name, runs_table, settings_problem,
+                            train_job_args)
+from pages.common import get_workspace, image_pair_ui, job_status_ui
+
+ERRORS_PER_PAGE = 4
+workspace = get_workspace()
+
+
+def curated_ui(curated: pd.DataFrame, validation: int) -> None:
+    st.subheader("Curated training set")
+    counts = curated_counts(curated)
+    st.plotly_chart(curated_figure(counts, original_counts(curated)), key="curated_chart")
+    st.dataframe(contribution_table(counts), hide_index=True)
+    st.caption(f"{len(curated)} training images, {(curated['origin'] == PSEUDO).sum()} of them "
+               f"pseudo-labels that reviewers accepted or corrected; {validation} validation "
+               "images judge every run.")
+
+
+def settings_form(defaults: dict) -> dict | None:
+    """The training settings, once the form is submitted."""
+    models = list(dict.fromkeys([defaults["model"], *MODELS]))
+    with st.form("train_settings"):
+        name = st.text_input("Run name", placeholder="empty: the date and time", key="train_name")
+        left, middle, right = st.columns(3)
+        model = left.selectbox("Model", models, accept_new_options=True, key="train_model",
+                               help="A timm model name; type another to use it.")
+        img_size = middle.number_input("Image size", 64, 1024, defaults["img_size"], step=32,
+                                       key="train_img_size")
+        epochs = right.number_input("Epochs", 1, 500, defaults["epochs"], key="train_epochs")
+        batch_size = left.number_input("Batch size", 1, 512, defaults["batch_size"],
+                                       key="train_batch_size")
+        lr = middle.number_input("Learning rate", 1e-6, 1.0, defaults["lr"], step=0.001,
+                                 format="%g", key="train_lr")
+        lrf = right.number_input("Final lr factor (lrf)", 0.0, 1.0, defaults["lrf"], step=0.01,
+                                 format="%g", key="train_lrf",
+                                 help="One epoch of warm-up, then a cosine from lr to lr × lrf.")
+        optimizer = left.radio("Optimizer", ["sgd", "adamw"], horizontal=True,
+                               key="train_optimizer")
+        balance = middle.radio("Class balancing", ["loss", "sampler", "none"], horizontal=True,
+                               key="train_balance", help="loss: class-weighted loss; sampler: "
+                               "every grade drawn equally often; none.")
+        progressive = right.toggle("Progressive learning", defaults["progressive"],
+                                   key="train_progressive", help="EfficientNetV2: image size "
+                                   "and regularisation grow over four stages.")
+        pretrained = st.checkbox("Start from pretrained weights", defaults["pretrained"],
+                                 key="train_pretrained")
+        weights = st.text_input("Pretrained weights file", key="train_weights",
+                                placeholder="empty: the model's ImageNet weights found offline",
+                                help="A local file; read only when starting from pretrained "
+                                "weights.")
+        submitted = st.form_submit_button("Start training", key="start_training", type="primary")
+    if not submitted:
+        return None
+    return {"name": name.strip() or run_name(), "model": model or "", "img_size": img_size,
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "lrf": lrf,
+            "optimizer": optimizer, "balance": balance, "progressive": progressive,
+            "pretrained": pretrained, "weights": weights}
+
+
+def start_ui(taken: set[str]) -> None:
+    st.subheader("Train a new model")
+    settings = settings_form(default_settings(pick_device()))
+    if settings is None:
+        return
+    problem = settings_problem(settings, taken)
+    if problem:
+        st.warning(problem)
+        return
+    try:
+        job_id = jobs.start_job(workspace, "train", "engine.train", train_job_args(settings),
+                                params=settings)
+    except jobs.JobRefused as exc:
+        st.warning(f"Training did not start: {exc}.")
+        return
+    st.success(f"Training job #{job_id} started: run {settings['name']}.")
+
+
+def curves_ui(epochs: pd.DataFrame, prefix: str) -> None:
+    columns = st.columns(2)
+    for n, figure in enumerate(curve_figures(epochs)):
+        columns[n % 2].plotly_chart(figure, key=f"{prefix}_curve_{n}")
+
+
+@st.fragment(run_every=2)
+def training_ui() -> None:
+    """The newest training job: progress, cancel, and its curves as epochs finish."""
+    jobs.mark_dead_jobs(workspace.db_url)
+    job = jobs.latest_job(workspace.db_url, "train")
+    if job is None:
+        return
+    if job.status not in jobs.ACTIVE:
+        if st.session_state.pop("watched_job", None) == job.id:
+            st.rerun()  # it just ended: the whole page, so that the runs table shows it
+        job_status_ui(job)  # a failed run's error and log tail stay until the next run
+        return
+    st.session_state["watched_job"] = job.id
+    st.subheader("Training now")
+    job_status_ui(job)
+    if st.button("Cancel training", key="cancel_training"):
+        jobs.cancel_job(workspace.db_url, job.id)
+        st.info("Cancelling: the run stops after the current batch.")
+    epochs = epochs_frame(workspace.db_url, [job.run_id]) if job.run_id else pd.DataFrame()
+    if epochs.empty:
+        st.caption("The curves appear when the first epoch ends.")
+    else:
+        curves_ui(epochs, "live")
+
+
+def promote_ui(runs: pd.DataFrame) -> None:
+    names = {int(i): name for i, name in zip(runs["id"], runs["name"])}
+    ready = [int(i) for i in runs.loc[(runs["status"] == "done") & runs["checkpoint"].notna(),
+                                      "id"]]
+    if not ready:
+        st.info("No finished run with a checkpoint yet: the active model is chosen among those.")
+        return
+    active = active_run_id(workspace.db_url)
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    run_id = left.selectbox("Run to make active", ready, format_func=names.get,
+                            index=ready.index(active) if active in ready else 0,
+                            key="promote_run")
+    if right.button("Promote", key="promote"):
+        try:
+            promote(workspace.db_url, run_id)
+            active = run_id
+        except ValueError as exc:
+            st.error(f"Cannot promote {names[run_id]}: {exc}.")
+    st.markdown(f"Active model: **{names[active]}**" if active in names
+                else "No active model yet.")
+
+
+def errors_ui(errors: list, run_id: int) -> None:
+    st.markdown(f"**Misclassified validation images** ({len(errors)})")
+    if not errors:
+        st.info("Every validation image was graded right at this epoch.")
+        return
+    page = st.number_input("Page", min_value=1, value=1, step=1, key=f"errors_page_{run_id}")
+    shown = errors[(page - 1) * ERRORS_PER_PAGE:page * ERRORS_PER_PAGE]
+    if not shown:
+        st.info(f"No images on this page: there are {-(-len(errors) // ERRORS_PER_PAGE)}.")
+    for path, true, predicted in shown:
+        image_pair_ui(path, f"{Path(path).name}: true {GRADE_NAMES[true]} → predicted "
+                            f"{GRADE_NAMES[predicted]}")
+
+
+def best_epoch_ui(run_id: int, name: str) -> None:
+    best = best_epoch(workspace.db_url, run_id)
+    st.markdown(f"**{name}**, best epoch {best['epoch']}: val QWK {best['qwk']:.3f}, "
+                f"accuracy {best['val_acc']:.1%}")
+    left, right = st.columns(2)
+    left.plotly_chart(per_class_figure(best["precision"], best["recall"]), key="per_class")
+    right.plotly_chart(confusion_figure(best["confusion"]), key="confusion")
+    errors_ui(best["errors"], run_id)
+
+
+def compare_ui(runs: pd.DataFrame) -> None:
+    trained = runs[runs["epochs_done"] > 0]
+    if trained.empty:
+        st.info("No run has finished an epoch yet: its curves appear here when one does.")
+        return
+    names = {int(i): name for i, name in zip(trained["id"], trained["name"])}
+    chosen = st.multiselect("Compare runs", list(names), default=list(names)[:3],
+                            format_func=names.get, key="compare_runs")
+    if not chosen:
+        st.info("Choose one or more runs to compare their curves.")
+        return
+    curves_ui(epochs_frame(workspace.db_url, chosen), "compare")
+    run_id = st.selectbox("Best epoch of", chosen, format_func=names.get, key="inspect_run")
+    best_epoch_ui(run_id, names[run_id])
+
+
+def runs_ui(runs: pd.DataFrame) -> None:
+    st.subheader("Runs")
+    promote_ui(runs)
+    st.dataframe(runs_table(runs), hide_index=True)
+    compare_ui(runs)
+
+
 st.title("Retrain")
+runs = runs_frame(workspace.db_url)
+curated = curated_images(workspace.db_url)
+validation = validation_size(workspace.db_url)
+if curated.empty:
+    st.info("No labelled data yet: import a labelled training source and a validation source "
+            "(the Dataset page shows how), then train here.")
+else:
+    curated_ui(curated, validation)
+    if validation:
+        start_ui(set(runs["name"]))
+    else:
+        st.warning("No validation source yet: every run is judged on one, so import a "
+                   "labelled validation source before training.")
+training_ui()
+if runs.empty:
+    st.info("No runs yet: start one above; its curves appear here epoch by epoch.")
+else:
+    runs_ui(runs)

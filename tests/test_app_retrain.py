@@ -1,0 +1,371 @@
+"""The Retrain page (AppTest), its queries (db/runs.py), the training arguments and tables
+(engine/retrain.py) and the figures (engine/curves.py)."""
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sqlalchemy import select
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT
+from db.runs import (EXPERT, PSEUDO, active_run_id, best_epoch, curated_images, epochs_frame,
+                     runs_frame, validation_size)
+from db.schema import Epoch, Image, Job, Review, Run, Source, utcnow
+from db.session import migrate, session_scope
+from engine import jobs
+from engine.curves import CURVES, confusion_figure, curated_figure, curve_figure, per_class_figure
+from engine.retrain import (contribution_table, curated_counts, default_settings,
+                            original_counts, runs_table, settings_problem, train_job_args)
+from engine.sources import import_source
+from engine.train import make_config, parse_args
+from engine.workspace import Workspace
+
+TINY = {"name": "tiny", "model": "test_efficientnet", "img_size": 64, "epochs": 1,
+        "batch_size": 8, "lr": 0.05, "lrf": 0.1, "optimizer": "adamw", "balance": "sampler",
+        "progressive": False, "pretrained": False, "weights": ""}
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch) -> Workspace:
+    monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("DR_DEMO", "0")
+    monkeypatch.delenv("DR_DATABASE_URL", raising=False)
+    workspace = Workspace.from_env()
+    workspace.root.mkdir(parents=True)
+    migrate(workspace.db_url)
+    return workspace
+
+
+@pytest.fixture
+def data(workspace: Workspace, tiny_data: Path) -> Workspace:
+    """24 expert-labelled training images, 8 unlabelled, 16 for validation."""
+    import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train", "aptos train")
+    import_source(workspace.db_url, "aptos", tiny_data / "aptos", "unlabelled", "aptos pool")
+    import_source(workspace.db_url, "folders", tiny_data / "validation", "validation", "hq val")
+    return workspace
+
+
+def images_of(db_url: str, source: str) -> list[tuple[int, int | None]]:
+    with session_scope(db_url) as session:
+        return session.execute(select(Image.id, Image.grade).join(Source)
+                               .where(Source.name == source).order_by(Image.id)).all()
+
+
+def review(db_url: str, image_id: int, decision: str, grade: int | None) -> None:
+    with session_scope(db_url) as session:
+        session.add(Review(image_id=image_id, decision=decision, grade=grade, reviewer="r"))
+
+
+def add_run(db_url: str, name: str, qwks: list[float], errors: list | None = None,
+            status: str = "done") -> int:
+    """A finished run as the training job records it, with one Epoch row per QWK."""
+    config = {"model": "test_efficientnet", "img_size": 64, "eval_size": 64, "epochs": len(qwks),
+              "batch_size": 8, "lr": 0.01, "lrf": 0.01, "optimizer": "sgd", "warmup_epochs": 1.0,
+              "balance": "loss", "pretrained": True, "train_counts": [10, 3, 6, 5]}
+    with session_scope(db_url) as session:
+        run = Run(name=name, model_name="test_efficientnet", img_size=64, config=config,
+                  status=status, checkpoint=f"/weights/{name}/best.pth", best_qwk=max(qwks),
+                  created_at=datetime(2026, 3, 1, 12, 30))
+        session.add(run)
+        session.flush()
+        for n, qwk in enumerate(qwks, start=1):
+            session.add(Epoch(run_id=run.id, epoch=n, lr=0.01 / n, train_loss=1.4 / n,
+                              train_acc=0.3 + 0.1 * n, val_loss=1.5 / n, val_acc=0.25 + 0.1 * n,
+                              qwk=qwk, precision=[0.5, 0.2, 0.4, 0.6 + n / 100],
+                              recall=[0.7, 0.1, 0.3, 0.5], confusion=[[3, 1, 0, 0], [1, 2, 1, 0],
+                                                                      [0, 1, 2, 1], [0, 0, 1, 3]],
+                              errors=errors or []))
+        return run.id
+
+
+def validation_errors(tiny_data: Path, count: int) -> list[list]:
+    """[path, true, predicted] of real validation images, each predicted one grade off."""
+    files = sorted((tiny_data / "validation").glob("*/*.png"))[:count]
+    return [[str(f), int(f.parent.name), (int(f.parent.name) + 1) % 4] for f in files]
+
+
+def retrain_page() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/retrain.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at: AppTest) -> str:
+    return " ".join(e.value for e in [*at.info, *at.markdown, *at.caption, *at.warning,
+                                      *at.success, *at.error, *at.code])
+
+
+def wait_until_stopped(db_url: str, job_id: int, timeout: float = 90) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs.mark_dead_jobs(db_url)
+        with session_scope(db_url) as session:
+            job = session.get(Job, job_id)
+        if job.status not in jobs.ACTIVE:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {job.status}: {jobs.log_tail(job.log_path)}")
+
+
+# -- the page ---------------------------------------------------------------------------------
+
+def test_empty_workspace_says_there_is_nothing_yet(workspace):
+    at = retrain_page()
+    assert at.title[0].value == "Retrain"
+    assert "No labelled data yet" in texts(at) and "No runs yet" in texts(at)
+    assert not at.get("plotly_chart")
+    assert "start_training" not in [b.key for b in at.button]
+
+
+def test_curated_set_without_validation_source_asks_for_one(workspace, tiny_data):
+    import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train", "aptos train")
+    at = retrain_page()
+    assert "No validation source yet" in texts(at)
+    assert len(at.get("plotly_chart")) == 1  # the curated set
+    assert "start_training" not in [b.key for b in at.button]
+
+
+def test_form_starts_a_training_job_and_cancel_stops_it(data):
+    at = retrain_page()
+    assert "24 training images, 0 of them pseudo-labels" in texts(at)
+    at.text_input(key="train_name").input("ui-run")
+    at.number_input(key="train_img_size").set_value(64)
+    at.number_input(key="train_epochs").set_value(2)
+    at.radio(key="train_optimizer").set_value("adamw")
+    at.checkbox(key="train_pretrained").uncheck()
+    at.button(key="start_training").click().run()
+    assert not at.exception, at.exception
+    job = jobs.latest_job(data.db_url, "train")
+    try:
+        assert job is not None and f"Training job #{job.id} started: run ui-run" in texts(at)
+        assert job.params["model"] == "tf_efficientnet_lite0"  # the CPU's default
+        assert job.params["img_size"] == 64 and job.params["epochs"] == 2
+        command = Path(f"/proc/{job.pid}/cmdline").read_bytes().split(b"\0")
+        expected = [*train_job_args(job.params), "--job-id", str(job.id)]
+        assert [c.decode() for c in command[3:-1]] == expected
+        assert expected[expected.index("--pretrained") + 1] == "false"
+
+        at.text_input(key="train_name").input("")
+        at.button(key="start_training").click().run()  # one training at a time
+        assert "Training did not start: another train job" in texts(at)
+        at.button(key="cancel_training").click().run()
+        assert "Cancelling" in texts(at)
+    finally:
+        if job is not None:
+            jobs.cancel_job(data.db_url, job.id)  # idempotent; no process left behind
+            stopped = wait_until_stopped(data.db_url, job.id)
+    assert stopped.status in ("cancelled", "failed")  # SIGTERM before or after its handler
+    at = retrain_page()
+    assert "cancel_training" not in [b.key for b in at.button]
+
+
+def test_a_name_in_use_is_refused_with_a_sentence(data):
+    add_run(data.db_url, "taken", [0.4])
+    at = retrain_page()
+    at.text_input(key="train_name").input("taken")
+    at.button(key="start_training").click().run()
+    assert "A run named 'taken' exists already" in texts(at)
+    assert jobs.latest_job(data.db_url, "train") is None
+
+
+def test_finished_run_shows_table_curves_metrics_and_error_gallery(data, tiny_data):
+    errors = validation_errors(tiny_data, 6)
+    add_run(data.db_url, "baseline", [0.31, 0.62, 0.55], errors)
+    at = retrain_page()
+    # the curated set, four curves, per-class precision/recall and the confusion matrix
+    assert len(at.get("plotly_chart")) == 1 + len(CURVES) + 2
+    table = at.dataframe[1].value
+    row = table.iloc[0]
+    assert (row["run"], row["model"], row["train per grade"], row["epochs"]) == \
+        ("baseline", "test_efficientnet", "10 / 3 / 6 / 5", "3/3")
+    assert row["best val QWK"] == pytest.approx(0.62) and row["best epoch"] == 2
+    assert row["scheduler"] == "warm-up 1 ep + cosine" and row["status"] == "done"
+    assert "best epoch 2: val QWK 0.620, accuracy 45.0%" in texts(at)
+    assert "Misclassified validation images** (6)" in texts(at)
+    assert len(at.image) == 2 * 4  # a page of four, each beside its preprocessed view
+    assert at.image[0].captions == [f"{Path(errors[0][0]).name}: true 0 · no DR → predicted "
+                                     "1 · mild"]
+    at.number_input(key=[w.key for w in at.number_input if w.key.startswith("errors_page")][0]
+                    ).set_value(2).run()
+    assert not at.exception and len(at.image) == 2 * 2
+
+
+def test_running_job_shows_progress_and_live_curves_then_the_finished_run(data):
+    run_id = add_run(data.db_url, "live", [0.3, 0.5], status="running")
+    with session_scope(data.db_url) as session:
+        job = Job(kind="train", status="running", progress=0.6, run_id=run_id,
+                  message="epoch 3/5, batch 2/4, 12.0 images/s", heartbeat_at=utcnow())
+        session.add(job)
+    at = retrain_page()
+    assert "Training now" in [h.value for h in at.subheader]
+    assert at.get("progress")[0].proto.text == "train #1: epoch 3/5, batch 2/4, 12.0 images/s"
+    live = [c for c in at.get("plotly_chart") if "live_curve" in c.proto.id]
+    assert len(live) == len(CURVES)
+
+    with session_scope(data.db_url) as session:  # the job ends while the page is open
+        session.get(Job, 1).status = "done"
+        session.get(Run, run_id).status = "done"
+    at.run()
+    assert not at.exception and "cancel_training" not in [b.key for b in at.button]
+    assert at.dataframe[1].value["status"].tolist() == ["done"]
+
+
+def test_failed_training_job_shows_its_error_and_log(data):
+    log = data.logs / "train-1.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("epoch 1: lr 1.00e-02\nRuntimeError: out of memory\n")
+    with session_scope(data.db_url) as session:
+        session.add(Job(kind="train", status="failed", error="RuntimeError: out of memory",
+                        log_path=str(log)))
+    at = retrain_page()
+    assert "train job #1 failed: RuntimeError: out of memory" in texts(at)
+    assert "epoch 1: lr 1.00e-02" in at.code[0].value
+
+
+def test_promote_changes_the_active_model(data):
+    old = add_run(data.db_url, "old", [0.5])
+    new = add_run(data.db_url, "new", [0.4])
+    add_run(data.db_url, "broken", [0.1], status="failed")
+    assert active_run_id(data.db_url) == new  # nothing promoted: the newest finished run
+    at = retrain_page()
+    assert "Active model: **new**" in texts(at)
+    assert at.selectbox(key="promote_run").options == ["new", "old"]  # finished runs only
+    at.selectbox(key="promote_run").set_value(old)
+    at.button(key="promote").click().run()
+    assert active_run_id(data.db_url) == old
+    assert "Active model: **old**" in texts(at)
+    assert at.selectbox(key="promote_run").value == old
+
+
+def test_page_args_train_one_real_epoch(data):
+    """The form's arguments are what the training CLI accepts: one epoch of the tiny model."""
+    job_id = jobs.start_job(data, "train", "engine.train", train_job_args(TINY), params=TINY)
+    job = wait_until_stopped(data.db_url, job_id, timeout=120)
+    assert job.status == "done", jobs.log_tail(job.log_path)
+    runs = runs_frame(data.db_url)
+    assert list(runs["name"]) == ["tiny"] and runs["status"][0] == "done"
+    assert runs["config"][0]["optimizer"] == "adamw" and runs["config"][0]["balance"] == "sampler"
+    assert runs["config"][0]["train_counts"] == original_counts(curated_images(data.db_url))
+    assert list(epochs_frame(data.db_url, [int(runs["id"][0])])["epoch"]) == [1]
+
+
+# -- db/runs.py ---------------------------------------------------------------------------------
+
+def test_curated_images_follow_the_reviews_like_training_does(data):
+    train, pool, val = (images_of(data.db_url, s) for s in ("aptos train", "aptos pool", "hq val"))
+    review(data.db_url, pool[0][0], "accept", 2)
+    review(data.db_url, pool[1][0], "relabel", 3)
+    review(data.db_url, pool[2][0], "accept", 1)
+    review(data.db_url, pool[2][0], "undo", None)  # the latest decision counts
+    review(data.db_url, pool[3][0], "reject", None)
+    review(data.db_url, val[0][0], "relabel", 0)  # the yardstick stays clean
+    changed = (train[0][1] + 1) % 4
+    review(data.db_url, train[0][0], "relabel", changed)  # a reviewer corrects an expert
+    curated = curated_images(data.db_url).set_index("image_id")
+    assert len(curated) == 24 + 2 and validation_size(data.db_url) == 16
+    accepted, corrected = curated.loc[pool[0][0]], curated.loc[pool[1][0]]
+    assert [accepted["source"], accepted["grade"], accepted["origin"]] == ["aptos pool", 2, PSEUDO]
+    assert corrected["grade"] == 3 and pd.isna(corrected["expert_grade"])
+    assert curated.loc[train[0][0], ["grade", "expert_grade", "origin"]].tolist() == \
+        [changed, train[0][1], PSEUDO]
+    assert (curated.loc[[i for i, _ in train[1:]], "origin"] == EXPERT).all()
+
+
+def test_runs_frame_picks_the_first_best_epoch_and_best_epoch_returns_its_details(db_url):
+    first = add_run(db_url, "a", [0.2, 0.7, 0.7, 0.5], errors=[["/x.png", 1, 2]])
+    with session_scope(db_url) as session:  # an imported checkpoint: no config, no epochs
+        session.add(Run(name="imported", model_name="m", img_size=224, status="done",
+                        checkpoint="/c.pth", best_qwk=0.66))
+    runs = runs_frame(db_url)
+    assert list(runs["name"]) == ["imported", "a"]
+    imported, a = runs.iloc[0], runs.iloc[1]
+    assert (a["best_qwk"], a["best_epoch"], a["epochs_done"]) == (0.7, 2, 4)
+    assert a["best_acc"] == pytest.approx(0.45)
+    assert imported["best_qwk"] == 0.66 and imported["epochs_done"] == 0
+    best = best_epoch(db_url, first)
+    assert best["epoch"] == 2 and best["errors"] == [["/x.png", 1, 2]]
+    assert len(best["confusion"]) == 4 and best["precision"][3] == pytest.approx(0.62)
+    assert best_epoch(db_url, first + 1) is None
+    curves = epochs_frame(db_url, [first])
+    assert list(curves["epoch"]) == [1, 2, 3, 4] and set(curves["run"]) == {"a"}
+    assert curves["train_loss"].tolist() == pytest.approx([1.4, 0.7, 1.4 / 3, 0.35])
+    table = runs_table(runs)
+    assert table["epochs"].isna().tolist() == [True, False] and table["epochs"][1] == "4/4"
+    assert table["pretrained"].isna()[0] and table["pretrained"][1] == "ImageNet (offline)"
+
+
+# -- engine/retrain.py --------------------------------------------------------------------------
+
+def test_train_job_args_are_what_the_training_cli_reads():
+    settings = {**TINY, "progressive": True, "pretrained": True, "weights": " /w/v2s.pth "}
+    config = make_config(parse_args(train_job_args(settings)))
+    assert (config.model, config.img_size, config.eval_size, config.epochs) == \
+        ("test_efficientnet", 64, 64, 1)
+    assert (config.batch_size, config.lr, config.lrf) == (8, 0.05, 0.1)
+    assert (config.optimizer, config.balance, config.progressive) == ("adamw", "sampler", True)
+    assert config.pretrained == "/w/v2s.pth"
+    assert make_config(parse_args(train_job_args({**settings, "pretrained": False}))
+                       ).pretrained is False
+    args = parse_args(train_job_args(TINY))
+    assert args.from_db and args.name == "tiny"
+
+
+def test_cpu_defaults_train_the_small_model_briefly():
+    cpu = default_settings("cpu")
+    assert (cpu["model"], cpu["img_size"], cpu["epochs"], cpu["batch_size"]) == \
+        ("tf_efficientnet_lite0", 224, 5, 16)
+    assert settings_problem({**cpu, "name": "x"}, set()) is None
+
+
+def test_settings_problems_are_sentences(tmp_path):
+    assert "exists already" in settings_problem({**TINY, "name": "a"}, {"a"})
+    missing = {**TINY, "pretrained": True, "weights": str(tmp_path / "none.pth")}
+    assert "does not exist" in settings_problem(missing, set())
+    assert settings_problem({**missing, "pretrained": False}, set()) is None
+    assert settings_problem({**TINY, "model": " "}, set()) == "Choose a model."
+
+
+def test_counts_and_contribution_table():
+    curated = pd.DataFrame({
+        "image_id": [1, 2, 3, 4, 5], "source": ["t", "t", "t", "pool", "pool"],
+        "grade": [0, 0, 2, 3, 0], "expert_grade": [0, 1, 2, None, None],
+        "origin": [EXPERT, PSEUDO, EXPERT, PSEUDO, PSEUDO]})
+    assert original_counts(curated) == [1, 1, 1, 0]
+    counts = curated_counts(curated)
+    assert len(counts) == 3 * 4  # every grade of every (source, origin)
+    table = contribution_table(counts).set_index(["source", "origin"])
+    assert table.loc[("pool", PSEUDO)].tolist() == [1, 0, 0, 1, 2]
+    assert table.loc[("t", EXPERT)].tolist() == [1, 0, 1, 0, 2]
+    assert table.loc[("t", PSEUDO), "total"] == 1
+
+
+# -- engine/curves.py ---------------------------------------------------------------------------
+
+def test_curve_figures_hold_every_run_and_split():
+    epochs = pd.DataFrame({"run": ["a", "a", "b"], "epoch": [1, 2, 1], "lr": [0.01, 0.005, 0.02],
+                           "train_loss": [1.2, 0.9, 1.1], "val_loss": [1.3, 1.0, 1.2],
+                           "train_acc": [0.4, 0.5, 0.45], "val_acc": [0.35, 0.5, 0.4],
+                           "qwk": [0.2, 0.6, 0.3]})
+    loss = curve_figure(epochs, "Loss")
+    assert [t.name for t in loss.data] == ["a · train", "a · val", "b · train", "b · val"]
+    assert list(loss.data[1].y) == [1.3, 1.0] and loss.data[1].line.dash == "dash"
+    assert loss.data[0].line.color == loss.data[1].line.color != loss.data[2].line.color
+    single = curve_figure(epochs[epochs["run"] == "a"], "Validation QWK")
+    assert [t.name for t in single.data] == ["val"] and list(single.data[0].y) == [0.2, 0.6]
+
+
+def test_metric_figures_hold_the_numbers():
+    confusion = [[5, 1, 0, 0], [2, 3, 0, 0], [0, 1, 4, 1], [0, 0, 2, 6]]
+    heatmap = confusion_figure(confusion).data[0]
+    assert [list(row) for row in heatmap.z] == confusion and heatmap.x[3].startswith("3")
+    bars = per_class_figure([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]).data
+    assert [b.name for b in bars] == ["precision", "recall"] and list(bars[1].y)[3] == 0.8
+    counts = pd.DataFrame({"source": ["t"] * 4, "origin": [EXPERT] * 4, "grade": [0, 1, 2, 3],
+                           "count": [4, 3, 2, 1]})
+    curated = curated_figure(counts, [5, 3, 2, 1]).data
+    assert curated[0].name == "t · expert label" and list(curated[0].y) == [4, 3, 2, 1]
+    assert curated[-1].name == "original labelled set" and list(curated[-1].y) == [5, 3, 2, 1]
