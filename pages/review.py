@@ -1,3 +1,262 @@
+"""Review page: reviewers accept, reject or correct the active model's confident predictions,
+one image at a time, by button or key; progress, their last decisions, and the export of
+the curated labels.
+
+The queue lives in the database (db.reviews); the session keeps only the reviewer's name,
+the image on screen and the images skipped, so a reload or a second browser carries on."""
+
+import secrets
+from pathlib import Path
+
+import plotly.express as px
 import streamlit as st
+from streamlit_shortcuts import add_shortcuts
+
+from db.reviews import (ORDERS, Candidate, QueueFilter, RecentDecision, claim_next, curated_csv,
+                        curated_set, decide, has_predictions, progress, recent_decisions,
+                        undo_last)
+from db.runs import active_run_id
+from engine.export import ExportRefused, export_class_folders
+from engine.grades import GRADE_NAMES, GRADES
+from pages.common import get_workspace, image_pair_ui
+
+IMAGE_WIDTH = 480
+# Button key -> KeyboardEvent.key values (lower case) that press it.
+SHORTCUTS = {"accept": "a", "reject": "x", **{f"grade_{g}": str(g) for g in GRADES},
+             "skip": " ", "undo": "backspace", "keys_help": ["?", "shift+?"]}
+KEYS_HELP = """
+| key | does |
+|---|---|
+| `a` | accept the predicted grade |
+| `x` | reject the prediction |
+| `0` `1` `2` `3` | correct the grade |
+| `space` | skip (the image comes back at the end) |
+| `backspace` | undo your last decision |
+| `?` | show or hide this list |
+"""
+# streamlit-shortcuts listens on the whole document, so typing a folder name would press
+# buttons. This listener, placed before the shortcuts' one, stops keys typed into fields.
+KEY_GUARD = """<script>
+const doc = window.parent.document, win = window.parent.window;
+if (!win.__reviewKeyGuard) {
+  win.__reviewKeyGuard = (e) => {
+    if (e.target.closest && e.target.closest('input, textarea, select, [contenteditable="true"]'))
+      e.stopImmediatePropagation();
+  };
+  doc.addEventListener('keydown', win.__reviewKeyGuard);
+  if (win.__streamlitShortcutsListener) {
+    doc.removeEventListener('keydown', win.__streamlitShortcutsListener);
+    doc.addEventListener('keydown', win.__streamlitShortcutsListener);
+  }
+}
+</script>"""
+CHANGES = ("accept", "reject", *GRADES)  # what a past decision can be changed to
+workspace = get_workspace()
+
+
+def describe(decision: str, grade: int | None) -> str:
+    return {"accept": f"accepted grade {grade}", "relabel": f"corrected to grade {grade}",
+            "reject": "rejected", "undo": "undone"}[decision]
+
+
+# Callbacks run before the rerun that follows a click, so the next image is claimed after.
+
+def _set_reviewer() -> None:
+    st.session_state.reviewer = st.session_state.reviewer_name.strip()
+
+
+def _decide(image_id: int, run_id: int, decision: str, grade: int | None = None) -> None:
+    decide(workspace.db_url, st.session_state.reviewer, image_id, run_id, decision, grade)
+    st.session_state.current = None
+
+
+def _skip(image_id: int) -> None:
+    st.session_state.skipped = [i for i in st.session_state.skipped if i != image_id] + [image_id]
+    st.session_state.current = None
+
+
+def _undo() -> None:
+    image_id = undo_last(workspace.db_url, st.session_state.reviewer)
+    if image_id is None:
+        st.toast("Nothing of yours to undo.")
+        return
+    st.session_state.current = image_id  # back on screen, to decide again
+    st.session_state.skipped = [i for i in st.session_state.skipped if i != image_id]
+
+
+def _toggle_keys() -> None:
+    st.session_state.show_keys = not st.session_state.get("show_keys", False)
+
+
+def _change(recent: RecentDecision) -> None:
+    key = f"change_{recent.image_id}"
+    choice = st.session_state[key]
+    st.session_state[key] = None  # the row shows the new decision; the picker starts blank
+    if choice is not None:  # a new row; the image on screen stays
+        decision, grade = ("relabel", choice) if choice in GRADES else (choice, None)
+        decide(workspace.db_url, st.session_state.reviewer, recent.image_id, recent.run_id,
+               decision, grade)
+
+
+def reviewer_ui() -> str | None:
+    if st.session_state.get("reviewer"):
+        st.caption(f"Reviewing as **{st.session_state.reviewer}**.")
+        return st.session_state.reviewer
+    st.text_input("Your name, stored with every decision", key="reviewer_name",
+                  on_change=_set_reviewer)
+    st.info("Enter your name to start reviewing.")
+    return None
+
+
+def controls_ui(run_id: int) -> QueueFilter:
+    threshold, grades, band, order = st.columns(4)
+    return QueueFilter(
+        run_id,
+        threshold.slider("Confidence threshold", 0.0, 1.0, 0.70, 0.01, key="threshold"),
+        tuple(grades.multiselect("Predicted grade", GRADES, default=list(GRADES), key="grades",
+                                 format_func=GRADE_NAMES.get)),
+        band.slider("Confidence band", 0.0, 1.0, (0.0, 1.0), 0.01, key="band"),
+        order.selectbox("Order", ORDERS, key="order"),
+        st.session_state.setdefault("review_seed", secrets.randbelow(2**31)),
+    )
+
+
+def progress_ui(queue: QueueFilter) -> bool:
+    """Reviewed of total candidates, overall and per grade; False when there are none."""
+    table = progress(workspace.db_url, queue.run_id, queue.threshold)
+    candidates, reviewed = int(table.candidates.sum()), int(table.reviewed.sum())
+    if candidates == 0:
+        st.info(f"No prediction of the active model reaches the confidence threshold "
+                f"{queue.threshold:.2f}: lower the threshold to get candidates.")
+        return False
+    st.progress(reviewed / candidates, text=f"{reviewed} of {candidates} candidates reviewed")
+    for column, (grade, row) in zip(st.columns(len(GRADES)), table.iterrows()):
+        column.metric(GRADE_NAMES[grade], f"{row.reviewed} / {row.candidates}")
+    return True
+
+
+def card_ui(candidate: Candidate) -> None:
+    st.subheader(candidate.name)
+    st.caption(f"Source {candidate.source} · predicted {GRADE_NAMES[candidate.grade]} · "
+               f"confidence {candidate.confidence:.2f}")
+    image_pair_ui(candidate.path, candidate.name, width=IMAGE_WIDTH)
+    figure = px.bar(x=[GRADE_NAMES[g] for g in GRADES], y=candidate.probs, range_y=[0, 1],
+                    text_auto=".2f", labels={"x": "grade", "y": "probability"}, height=280)
+    st.plotly_chart(figure, key="probabilities")
+
+
+def decision_buttons_ui(candidate: Candidate) -> None:
+    ids = (candidate.image_id, candidate.run_id)
+    accept, reject, skip = st.columns(3)
+    accept.button(f"Accept grade {candidate.grade} `a`", key="accept", type="primary",
+                  on_click=_decide, args=(*ids, "accept"), width="stretch")
+    reject.button("Reject `x`", key="reject", on_click=_decide, args=(*ids, "reject"),
+                  width="stretch")
+    skip.button("Skip `space`", key="skip", on_click=_skip, args=(candidate.image_id,),
+                width="stretch")
+    for column, grade in zip(st.columns(len(GRADES)), GRADES):
+        column.button(f"Grade {grade} `{grade}`", key=f"grade_{grade}", on_click=_decide,
+                      args=(*ids, "relabel", grade), width="stretch")
+
+
+def keys_ui() -> None:
+    undo, keys = st.columns(2)
+    undo.button("Undo my last decision `backspace`", key="undo", on_click=_undo)
+    keys.button("Keys `?`", key="keys_help", on_click=_toggle_keys)
+    if st.session_state.get("show_keys"):
+        st.markdown(KEYS_HELP)
+    st.iframe(KEY_GUARD, height="content")  # the script draws nothing
+    add_shortcuts(**SHORTCUTS)
+
+
+def queue_ui(reviewer: str) -> None:
+    run_id = active_run_id(workspace.db_url)
+    if run_id is None:
+        st.info("No model yet: train one on the Retrain page, then run inference on the "
+                "Inference page first.")
+        return
+    if not has_predictions(workspace.db_url, run_id):
+        st.info("The active model has no predictions yet: run inference on the Inference "
+                "page first.")
+        return
+    queue = controls_ui(run_id)
+    if not queue.grades:
+        st.info("Choose at least one predicted grade to review.")
+        return
+    if not progress_ui(queue):
+        return
+    candidate = claim_next(workspace.db_url, reviewer, queue,
+                           st.session_state.setdefault("skipped", []),
+                           st.session_state.get("current"))
+    st.session_state.current = None if candidate is None else candidate.image_id
+    if candidate is None:
+        st.success("Queue finished: every candidate with these filters has a decision.")
+    else:
+        card_ui(candidate)
+        decision_buttons_ui(candidate)
+    keys_ui()
+
+
+def recent_ui(reviewer: str) -> None:
+    st.subheader("Your last decisions")
+    recent = recent_decisions(workspace.db_url, reviewer)
+    if not recent:
+        st.caption("None yet.")
+    for item in recent:
+        since = "" if item.is_current else (
+            " (since undone)" if item.current_decision == "undo" else
+            f" (since {describe(item.current_decision, item.current_grade)} by "
+            f"{item.current_reviewer})")
+        text, change = st.columns([3, 1])
+        text.write(f"{item.time:%Y-%m-%d %H:%M} UTC · **{item.name}** · "
+                   f"{describe(item.decision, item.grade)}{since}")
+        change.selectbox("Change to", CHANGES, index=None, key=f"change_{item.image_id}",
+                         placeholder="change to…", label_visibility="collapsed",
+                         format_func=lambda c: f"grade {c}" if c in GRADES else c,
+                         on_change=_change, args=(item,))
+
+
+def export_ui() -> None:
+    st.subheader("Export the curated labels")
+    st.caption("Expert labels of the training sources, and the pseudo-labels whose current "
+               "decision is an accept or a correction (which override an expert's grade, "
+               "as in training).")
+    st.download_button("Download as CSV", lambda: curated_csv(workspace.db_url),
+                       file_name="curated_labels.csv", mime="text/csv", key="export_csv")
+    target = st.text_input("Class folders 0-3 into", key="export_folder",
+                           value=str(workspace.root / "export" / "curated"))
+    replace = st.checkbox("Replace an earlier export in this folder", key="export_replace")
+    if st.button("Write class folders", key="export_folders"):
+        write_folders_ui(target.strip(), replace)
+
+
+def write_folders_ui(target: str, replace: bool) -> None:
+    if not target:
+        st.error("Enter the folder to write the class folders into.")
+        return
+    curated = curated_set(workspace.db_url)
+    if curated.empty:
+        st.info("Nothing curated yet: import labelled data or accept some predictions.")
+        return
+    out = Path(target).expanduser()
+    try:
+        result = export_class_folders(zip(curated.path.tolist(), curated.grade.tolist()),
+                                      out, replace)
+    except ExportRefused as exc:
+        st.error(f"{exc}: tick “Replace an earlier export” or choose another folder.")
+        return
+    except OSError as exc:
+        st.error(f"Cannot write into {out}: {exc.strerror or exc}.")
+        return
+    st.success(f"Wrote {result.written} files into {out}/0-3.")
+    if result.missing:
+        st.warning(f"{len(result.missing)} files could not be read and were left out: "
+                   + ", ".join(result.missing[:5]) + ("…" if len(result.missing) > 5 else ""))
+
 
 st.title("Review")
+reviewer = reviewer_ui()
+if reviewer:
+    queue_ui(reviewer)
+    recent_ui(reviewer)
+    export_ui()

@@ -1,0 +1,278 @@
+"""The review queue: the active model's confident predictions that have no decision yet,
+claims that keep two reviewers on different images, append-only decisions, progress, and
+the curated set for export.
+
+An image's current decision is its newest review row; a newest row 'undo' means undecided.
+Every write runs in one session_scope, which is BEGIN IMMEDIATE on SQLite: writers are
+serialised, so a claim and the check that precedes it cannot interleave with another's.
+"""
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import pandas as pd
+from sqlalchemy import BigInteger, case, cast, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, aliased
+
+from db.queries import _latest_reviews, accepted_pseudo_labels, labelled_images
+from db.schema import Claim, Image, Prediction, Review, Source, utcnow
+from db.session import session_scope
+from engine.grades import GRADES
+
+CLAIM_TTL = timedelta(minutes=5)  # a claim older than this is a closed tab, not a reviewer
+DECISIONS = ("accept", "reject", "relabel")
+PRIME = 4294967291  # the largest below 2**32: image id × factor stays within 64 bits
+ORDERS = ("least confident first", "most confident first", "by grade", "random")
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    """Which candidates of a model the queue holds, and in which order."""
+
+    run_id: int
+    threshold: float = 0.70
+    grades: tuple[int, ...] = GRADES
+    band: tuple[float, float] = (0.0, 1.0)  # confidence range, on top of the threshold
+    order: str = ORDERS[0]
+    seed: int = 0  # the order 'random' is a fixed shuffle per seed
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One prediction on the reviewer's screen."""
+
+    image_id: int
+    run_id: int
+    name: str
+    source: str
+    path: str
+    probs: tuple[float, float, float, float]
+    grade: int
+    confidence: float
+
+
+@dataclass(frozen=True)
+class RecentDecision:
+    """A reviewer's newest decision on an image, beside the image's current decision."""
+
+    image_id: int
+    run_id: int | None
+    name: str
+    decision: str
+    grade: int | None
+    time: datetime
+    is_current: bool
+    current_decision: str
+    current_grade: int | None
+    current_reviewer: str
+
+
+def _decided_images():
+    """Ids of images whose current decision is not 'undo'."""
+    latest = _latest_reviews().subquery()
+    return select(latest.c.image_id).where(latest.c.decision != "undo")
+
+
+def _current_id(image_id):
+    """The id of the newest review row of `image_id` (a column of the outer query)."""
+    newest = aliased(Review)
+    return select(func.max(newest.id)).where(newest.image_id == image_id).scalar_subquery()
+
+
+def _validation_images():
+    return select(Image.id).join(Source).where(Source.role == "validation")
+
+
+def _candidates(run_id: int, threshold: float) -> list:
+    # NOT IN over small materialised sets keeps the scan on ix_predictions_run_confidence.
+    return [Prediction.run_id == run_id, Prediction.confidence >= threshold,
+            Prediction.image_id.not_in(_validation_images())]
+
+
+def _queue(queue: QueueFilter) -> list:
+    low, high = queue.band
+    # One lower bound: given two, SQLite may start the index range at the looser one.
+    return [*_candidates(queue.run_id, max(queue.threshold, low)), Prediction.confidence <= high,
+            Prediction.grade.in_(queue.grades), Prediction.image_id.not_in(_decided_images())]
+
+
+def _order(queue: QueueFilter) -> tuple:
+    if queue.order == "most confident first":
+        return Prediction.confidence.desc(), Prediction.id.desc()
+    if queue.order == "by grade":
+        return Prediction.grade, Prediction.confidence, Prediction.id
+    if queue.order == "random":  # a hash whose factors come from the seed: a fixed shuffle
+        draw = random.Random(queue.seed)
+        factor, offset = draw.randrange(1, PRIME), draw.randrange(PRIME)
+        return (cast(Prediction.image_id, BigInteger) * factor + offset) % PRIME, Prediction.id
+    return Prediction.confidence, Prediction.id
+
+
+def _claimed_by_others(reviewer: str):
+    return select(Claim.image_id).where(Claim.reviewer != reviewer,
+                                        Claim.claimed_at >= utcnow() - CLAIM_TTL)
+
+
+def _pick(session: Session, reviewer: str, queue: QueueFilter, skip: Sequence[int],
+          keep: int | None) -> int | None:
+    """The image to show: `keep` while it is still queued and nobody else holds it; else the
+    first free image not skipped; else the longest-skipped free one; else a held one."""
+    free = [*_queue(queue), Prediction.image_id.not_in(_claimed_by_others(reviewer))]
+    if keep is not None and session.scalar(
+            select(Prediction.image_id).where(*free, Prediction.image_id == keep)) is not None:
+        return keep
+    first = select(Prediction.image_id).order_by(*_order(queue)).limit(1)
+    image_id = session.scalar(first.where(*free, Prediction.image_id.not_in(skip)))
+    if image_id is None and skip:
+        skipped = set(session.scalars(select(Prediction.image_id)
+                                      .where(*free, Prediction.image_id.in_(skip))))
+        image_id = next((i for i in skip if i in skipped), None)
+    if image_id is None:
+        image_id = session.scalar(first.where(*_queue(queue)))
+    return image_id
+
+
+def _candidate(session: Session, run_id: int, image_id: int) -> Candidate:
+    row = session.execute(
+        select(Image.name, Source.name, Source.root, Image.path, Prediction.p0, Prediction.p1,
+               Prediction.p2, Prediction.p3, Prediction.grade, Prediction.confidence)
+        .join(Image, Image.id == Prediction.image_id).join(Source)
+        .where(Prediction.run_id == run_id, Prediction.image_id == image_id)
+    ).one()
+    name, source, root, path, p0, p1, p2, p3, grade, confidence = row
+    return Candidate(image_id, run_id, name, source, f"{root}/{path}", (p0, p1, p2, p3),
+                     grade, confidence)
+
+
+def _insert(session: Session):
+    return {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[session.bind.dialect.name]
+
+
+def claim_next(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int] = (),
+               keep: int | None = None) -> Candidate | None:
+    """Claim the next image for `reviewer` and return it; None when the queue is empty.
+
+    `skip` lists the images this reviewer skipped, oldest first: they come back only when
+    nothing else is left. An image another reviewer claimed within CLAIM_TTL is given out
+    only when it is the last one. The reviewer's other claims are released."""
+    with session_scope(db_url) as session:
+        image_id = _pick(session, reviewer, queue, list(skip), keep)
+        session.execute(delete(Claim).where(Claim.reviewer == reviewer))
+        if image_id is None:
+            return None
+        insert = _insert(session)(Claim).values(image_id=image_id, reviewer=reviewer,
+                                                claimed_at=utcnow())
+        session.execute(insert.on_conflict_do_update(
+            index_elements=["image_id"],
+            set_={"reviewer": insert.excluded.reviewer, "claimed_at": insert.excluded.claimed_at}))
+        return _candidate(session, queue.run_id, image_id)
+
+
+def decide(db_url: str, reviewer: str, image_id: int, run_id: int, decision: str,
+           grade: int | None = None) -> int:
+    """Append a decision on the prediction of `run_id` for an image, release its claim and
+    return the review id. 'accept' stores the predicted grade, 'relabel' the given one."""
+    if not reviewer.strip():
+        raise ValueError("a decision needs the reviewer's name")
+    if decision not in DECISIONS:
+        raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
+    if decision == "relabel" and grade not in GRADES:
+        raise ValueError(f"a correction needs a grade 0-3, not {grade!r}")
+    with session_scope(db_url) as session:
+        predicted = session.scalar(select(Prediction.grade).where(
+            Prediction.run_id == run_id, Prediction.image_id == image_id))
+        if predicted is None:
+            raise ValueError(f"run {run_id} has no prediction for image {image_id}")
+        stored = {"accept": predicted, "relabel": grade, "reject": None}[decision]
+        review = Review(image_id=image_id, run_id=run_id, decision=decision, grade=stored,
+                        reviewer=reviewer)
+        session.add(review)
+        session.execute(delete(Claim).where(Claim.image_id == image_id))
+        session.flush()
+        return review.id
+
+
+def undo_last(db_url: str, reviewer: str) -> int | None:
+    """Undo this reviewer's newest decision that is still its image's current one: append an
+    'undo' row and return the image id; None when there is nothing to undo."""
+    with session_scope(db_url) as session:
+        row = session.execute(
+            select(Review.image_id, Review.run_id).where(
+                Review.reviewer == reviewer, Review.decision != "undo",
+                Review.id == _current_id(Review.image_id))
+            .order_by(Review.id.desc()).limit(1)
+        ).first()
+        if row is None:
+            return None
+        session.add(Review(image_id=row.image_id, run_id=row.run_id, decision="undo",
+                           grade=None, reviewer=reviewer))
+        return row.image_id
+
+
+def recent_decisions(db_url: str, reviewer: str, limit: int = 10) -> list[RecentDecision]:
+    """The reviewer's newest decision on each of the last `limit` images they decided,
+    newest first, with each image's current decision (it may be an undo or someone else's)."""
+    mine = aliased(Review)
+    newest_mine = select(func.max(mine.id)).where(
+        mine.image_id == Review.image_id, mine.reviewer == reviewer, mine.decision != "undo"
+    ).scalar_subquery()
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(Review.id, Review.image_id, Review.run_id, Image.name, Review.decision,
+                   Review.grade, Review.created_at).join(Image, Image.id == Review.image_id)
+            .where(Review.reviewer == reviewer, Review.decision != "undo",
+                   Review.id == newest_mine)
+            .order_by(Review.id.desc()).limit(limit)
+        ).all()
+        current = {row.image_id: row for row in session.execute(
+            select(Review.id, Review.image_id, Review.decision, Review.grade, Review.reviewer)
+            .where(Review.image_id.in_([r.image_id for r in rows]),
+                   Review.id == _current_id(Review.image_id)))}
+    return [RecentDecision(image_id, run_id, name, decision, grade, time,
+                           current[image_id].id == review_id, current[image_id].decision,
+                           current[image_id].grade, current[image_id].reviewer)
+            for review_id, image_id, run_id, name, decision, grade, time in rows]
+
+
+def has_predictions(db_url: str, run_id: int) -> bool:
+    """Whether inference has run with this model at all."""
+    with session_scope(db_url) as session:
+        return session.scalar(select(Prediction.id).where(Prediction.run_id == run_id)
+                              .limit(1)) is not None
+
+
+def progress(db_url: str, run_id: int, threshold: float) -> pd.DataFrame:
+    """Per predicted grade (index 0-3): candidates at or above the threshold, and how many of
+    them have a current decision (by anyone, whichever model was active then)."""
+    reviewed = case((Prediction.image_id.in_(_decided_images()), 1), else_=0)
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(Prediction.grade, func.count(Prediction.id), func.sum(reviewed))
+            .where(*_candidates(run_id, threshold)).group_by(Prediction.grade)
+        ).all()
+    frame = pd.DataFrame(rows, columns=["grade", "candidates", "reviewed"]).set_index("grade")
+    return frame.reindex(list(GRADES), fill_value=0).astype(int)
+
+
+def curated_set(db_url: str) -> pd.DataFrame:
+    """The labels a new run trains on, one row per image: image (its name), grade, origin
+    (expert or pseudo), reviewer and time (of the decision, for pseudo-labels) and path.
+    As in training, a reviewer's current accept or correction overrides an expert's grade."""
+    rows = {i: (name, grade, "expert", None, None, path)
+            for i, path, name, grade in labelled_images(db_url, "train")}
+    pseudo = accepted_pseudo_labels(db_url)
+    # Read after the labels: rows are never deleted, so every accepted image has an author.
+    latest = _latest_reviews().add_columns(Review.reviewer, Review.created_at)
+    with session_scope(db_url) as session:
+        authors = {i: (who, when) for i, _, _, who, when in session.execute(latest)}
+    rows |= {i: (name, grade, "pseudo", *authors[i], path) for i, path, name, grade in pseudo}
+    return pd.DataFrame([rows[i] for i in sorted(rows)],
+                        columns=["image", "grade", "origin", "reviewer", "time", "path"])
+
+
+def curated_csv(db_url: str) -> str:
+    """The curated labels as CSV text: image, grade, origin, reviewer, time."""
+    return curated_set(db_url).drop(columns="path").to_csv(index=False)

@@ -1,0 +1,382 @@
+"""The review queue, decisions, claims and export (db.reviews, engine.export), and the Review
+page run headless with AppTest on a small workspace whose predictions are set by hand."""
+
+import io
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from sqlalchemy import select, update
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT, write_image
+from db.reviews import (QueueFilter, claim_next, curated_csv, curated_set, decide, progress,
+                        recent_decisions, undo_last)
+from db.schema import Claim, Image, Prediction, Review, Source, utcnow
+from db.session import migrate, session_scope
+from engine.export import ExportRefused, export_class_folders
+from engine.infer import register_model
+from engine.models import create_model, save_checkpoint
+from engine.sources import import_source
+from engine.workspace import Workspace
+
+# The pool's eight images get these (confidence, predicted grade), in import order: six reach
+# the default threshold 0.70; least confident first they come as pool images 5, 4, 3, 2, 1, 0.
+POOL = [(0.95, 0), (0.90, 1), (0.85, 2), (0.80, 3), (0.75, 0), (0.72, 1), (0.60, 2), (0.50, 3)]
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch) -> Workspace:
+    monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("DR_DEMO", "0")
+    monkeypatch.delenv("DR_DATABASE_URL", raising=False)
+    workspace = Workspace.from_env()
+    migrate(workspace.db_url)
+    return workspace
+
+
+def register_run(workspace: Workspace) -> int:
+    torch.manual_seed(0)
+    checkpoint = workspace.weights / "tiny.pth"
+    save_checkpoint(checkpoint, create_model("test_efficientnet"),
+                    {"model_name": "test_efficientnet", "image_size": 64, "run": "tiny"})
+    return register_model(workspace.db_url, checkpoint, {"model_name": "test_efficientnet",
+                                                         "image_size": 64, "run": "tiny"})
+
+
+def add_predictions(db_url: str, run_id: int, image_ids: list[int],
+                    scores: list[tuple[float, int]]) -> None:
+    with session_scope(db_url) as session:
+        for image_id, (confidence, grade) in zip(image_ids, scores):
+            probs = [(1 - confidence) / 3] * 4
+            probs[grade] = confidence
+            session.add(Prediction(run_id=run_id, image_id=image_id, p0=probs[0], p1=probs[1],
+                                   p2=probs[2], p3=probs[3], grade=grade, confidence=confidence))
+
+
+def image_ids(db_url: str, source: str) -> list[int]:
+    with session_scope(db_url) as session:
+        return list(session.scalars(select(Image.id).join(Source).where(Source.name == source)
+                                    .order_by(Image.id)))
+
+
+@pytest.fixture
+def predicted(workspace: Workspace, tiny_data: Path) -> tuple[Workspace, int, list[int]]:
+    """Pool, validation and train sources; a run whose predictions are POOL on the pool and a
+    very confident one on two validation images, which must never be reviewed."""
+    db = workspace.db_url
+    import_source(db, "aptos", tiny_data / "aptos", "unlabelled", "pool")
+    import_source(db, "folders", tiny_data / "validation", "validation", "validation")
+    import_source(db, "aptos", tiny_data / "aptos", "train", "train")
+    run_id = register_run(workspace)
+    pool = image_ids(db, "pool")
+    add_predictions(db, run_id, pool, POOL)
+    add_predictions(db, run_id, image_ids(db, "validation")[:2], [(0.99, 0), (0.98, 3)])
+    return workspace, run_id, pool
+
+
+def order(db_url: str, queue: QueueFilter, reviewer: str = "ana") -> list[int]:
+    """The queue as one reviewer walks it by skipping every image."""
+    seen: list[int] = []
+    while (candidate := claim_next(db_url, reviewer, queue, skip=seen)) and \
+            candidate.image_id not in seen:
+        seen.append(candidate.image_id)
+    return seen
+
+
+def reviews(db_url: str) -> list[tuple]:
+    with session_scope(db_url) as session:
+        return [tuple(row) for row in session.execute(
+            select(Review.image_id, Review.decision, Review.grade, Review.reviewer,
+                   Review.run_id).order_by(Review.id))]
+
+
+# The queue and its filters
+
+
+def test_threshold_filters_and_orders_shape_the_queue(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    queue = QueueFilter(run_id)
+    # Not the validation images, however confident.
+    assert order(db, queue) == [pool[5], pool[4], pool[3], pool[2], pool[1], pool[0]]
+    assert order(db, QueueFilter(run_id, threshold=0.8)) == [pool[3], pool[2], pool[1], pool[0]]
+    assert order(db, QueueFilter(run_id, threshold=0.5)) == pool[::-1]
+    assert order(db, QueueFilter(run_id, grades=(0, 3))) == [pool[4], pool[3], pool[0]]
+    assert order(db, QueueFilter(run_id, band=(0.74, 0.86))) == [pool[4], pool[3], pool[2]]
+    assert order(db, QueueFilter(run_id, order="most confident first")) == pool[:6]
+    assert order(db, QueueFilter(run_id, order="by grade")) == \
+        [pool[4], pool[0], pool[5], pool[1], pool[2], pool[3]]
+    shuffled = [order(db, QueueFilter(run_id, order="random", seed=s)) for s in range(4)]
+    assert all(sorted(s) == sorted(pool[:6]) for s in shuffled)
+    assert order(db, QueueFilter(run_id, order="random", seed=2)) == shuffled[2]  # stable
+    assert len({tuple(s) for s in shuffled}) > 1
+
+
+def test_decisions_are_appended_and_leave_the_queue(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    decide(db, "ana", pool[5], run_id, "accept")
+    decide(db, "ana", pool[4], run_id, "relabel", 2)
+    decide(db, "ana", pool[3], run_id, "reject")
+    assert reviews(db) == [(pool[5], "accept", 1, "ana", run_id),
+                           (pool[4], "relabel", 2, "ana", run_id),
+                           (pool[3], "reject", None, "ana", run_id)]
+    queue = QueueFilter(run_id)
+    assert order(db, queue) == [pool[2], pool[1], pool[0]]
+    table = progress(db, run_id, 0.70)
+    assert table.to_dict("index") == {0: {"candidates": 2, "reviewed": 1},
+                                      1: {"candidates": 2, "reviewed": 1},
+                                      2: {"candidates": 1, "reviewed": 0},
+                                      3: {"candidates": 1, "reviewed": 1}}
+    with pytest.raises(ValueError, match="grade 0-3"):
+        decide(db, "ana", pool[2], run_id, "relabel", 4)
+    with pytest.raises(ValueError, match="no prediction"):
+        decide(db, "ana", pool[7] + 1000, run_id, "accept")
+
+
+def test_undo_takes_back_only_the_reviewers_own_current_decisions(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    decide(db, "ana", pool[5], run_id, "accept")
+    decide(db, "ana", pool[4], run_id, "reject")
+    decide(db, "ben", pool[4], run_id, "relabel", 3)  # ben changed ana's last decision
+    decide(db, "ben", pool[3], run_id, "accept")
+    assert undo_last(db, "ana") == pool[5]
+    assert reviews(db)[-1] == (pool[5], "undo", None, "ana", run_id)
+    assert order(db, QueueFilter(run_id))[0] == pool[5]  # back in the queue
+    assert undo_last(db, "ana") is None  # ben's decisions are not ana's to undo
+    assert undo_last(db, "ben") == pool[3]
+    assert undo_last(db, "ben") == pool[4]
+    assert reviews(db)[-2:] == [(pool[3], "undo", None, "ben", run_id),
+                                (pool[4], "undo", None, "ben", run_id)]
+    assert undo_last(db, "nobody") is None
+
+
+def test_claims_keep_two_reviewers_apart_until_one_image_is_left(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    queue = QueueFilter(run_id)
+    assert claim_next(db, "ana", queue).image_id == pool[5]
+    assert claim_next(db, "ben", queue).image_id == pool[4]
+    assert claim_next(db, "ana", queue, keep=pool[5]).image_id == pool[5]  # a rerun keeps it
+    assert claim_next(db, "ben", queue, keep=pool[5]).image_id == pool[4]  # not ana's
+    with session_scope(db) as session:  # ana's tab was closed long ago
+        session.execute(update(Claim).where(Claim.reviewer == "ana")
+                        .values(claimed_at=utcnow() - timedelta(minutes=6)))
+    assert claim_next(db, "ben", queue, skip=[pool[4]]).image_id == pool[5]
+    for image_id in pool[:5]:
+        decide(db, "cid", image_id, run_id, "accept")
+    with session_scope(db) as session:
+        assert session.scalar(select(Claim.reviewer).where(Claim.image_id == pool[4])) is None
+    assert claim_next(db, "ana", queue).image_id == pool[5]
+    assert claim_next(db, "ben", queue).image_id == pool[5]  # the last one is shared
+    decide(db, "ben", pool[5], run_id, "reject")
+    assert claim_next(db, "ana", queue, keep=pool[5]) is None
+    with session_scope(db) as session:
+        assert session.scalars(select(Claim)).all() == []
+
+
+def test_skipped_images_come_back_oldest_first(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    queue = QueueFilter(run_id, threshold=0.8)  # pool 3, 2, 1, 0
+    assert claim_next(db, "ana", queue, skip=[pool[3]]).image_id == pool[2]
+    everything = [pool[2], pool[0], pool[3], pool[1]]
+    assert claim_next(db, "ana", queue, skip=everything).image_id == pool[2]
+    assert claim_next(db, "ana", queue, skip=everything[1:] + everything[:1]).image_id == pool[0]
+
+
+def test_recent_decisions_show_the_current_state_and_can_be_changed(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    for image_id in pool[:6]:
+        decide(db, "ana", image_id, run_id, "accept")
+    decide(db, "ana", pool[5], run_id, "reject")  # a change: pool 5 once in the list
+    decide(db, "ben", pool[4], run_id, "relabel", 3)
+    undo_last(db, "ana")
+    recent = recent_decisions(db, "ana", limit=4)
+    assert [r.image_id for r in recent] == [pool[5], pool[4], pool[3], pool[2]]
+    first = recent[0]
+    assert (first.decision, first.is_current, first.current_decision) == ("reject", False, "undo")
+    assert len(recent_decisions(db, "ana")) == 6
+    changed = {r.image_id: r for r in recent_decisions(db, "ana")}[pool[4]]
+    assert not changed.is_current
+    assert (changed.current_reviewer, changed.current_grade) == ("ben", 3)
+
+
+def test_curated_set_and_csv(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    decide(db, "ana", pool[5], run_id, "accept")
+    decide(db, "ana", pool[4], run_id, "relabel", 2)
+    decide(db, "ana", pool[3], run_id, "reject")
+    decide(db, "ana", pool[2], run_id, "accept")
+    undo_last(db, "ana")
+    train = image_ids(db, "train")[0]  # as in training, a correction overrides the expert
+    add_predictions(db, run_id, [train], [(0.9, 3)])
+    decide(db, "ben", train, run_id, "relabel", 1)
+    csv = pd.read_csv(io.StringIO(curated_csv(db)))
+    assert list(csv.columns) == ["image", "grade", "origin", "reviewer", "time"]
+    expert = csv[csv.origin == "expert"]
+    assert len(expert) == 23 and expert.reviewer.isna().all()
+    with session_scope(db) as session:
+        names = dict(session.execute(select(Image.id, Image.name)).all())
+    pseudo = csv[csv.origin == "pseudo"]
+    assert dict(zip(pseudo.image, zip(pseudo.grade, pseudo.reviewer))) == {
+        names[pool[5]]: (1, "ana"), names[pool[4]]: (2, "ana"), names[train]: (1, "ben")}
+    assert pseudo.time.notna().all()
+    curated = curated_set(db)
+    assert len(curated) == 26 and curated.path.map(lambda p: Path(p).is_file()).all()
+
+
+# Export as class folders
+
+
+def test_export_class_folders_writes_grade_folders(tmp_path):
+    a = write_image(tmp_path / "src" / "x" / "a.png")
+    b = write_image(tmp_path / "src" / "y" / "a.png")  # the same name from another source
+    c = write_image(tmp_path / "src" / "c.png")
+    out = tmp_path / "out"
+    result = export_class_folders([(str(a), 0), (str(b), 0), (str(c), 3),
+                                   (str(tmp_path / "gone.png"), 1)], out)
+    assert result.written == 3 and result.missing == [str(tmp_path / "gone.png")]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == \
+        ["0/a.png", "0/a_2.png", "3/c.png"]
+    assert (out / "3" / "c.png").read_bytes() == c.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["0", "1", "2", "3"]
+    with pytest.raises(ExportRefused):
+        export_class_folders([(str(c), 2)], out)
+    assert export_class_folders([(str(c), 2)], out, replace=True).written == 1
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*.png")] == ["2/c.png"]
+    with pytest.raises(ValueError, match="0-3"):
+        export_class_folders([(str(c), 4)], tmp_path / "other")
+
+
+# The page
+
+
+def run_page() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/review.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at: AppTest) -> str:
+    return " ".join(e.value for e in [*at.info, *at.markdown, *at.caption, *at.warning,
+                                      *at.success, *at.error])
+
+
+def sign_in(at: AppTest, name: str = "Ana") -> AppTest:
+    at.text_input(key="reviewer_name").input(name).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def click(at: AppTest, key: str) -> AppTest:
+    at.button(key=key).click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def on_screen(at: AppTest) -> str:
+    return at.subheader[0].value
+
+
+def progress_text(at: AppTest) -> str:
+    return at.get("progress")[0].proto.text
+
+
+def bound_keys(at: AppTest) -> dict[str, list[str]]:
+    """The button keys that streamlit-shortcuts binds, and their keyboard keys."""
+    for frame in at.get("iframe"):
+        script = frame.proto.srcdoc
+        if "const shortcuts = " in script:
+            return json.loads(script.split("const shortcuts = ", 1)[1].split(";\n", 1)[0])
+    return {}
+
+
+def test_empty_workspace_asks_for_a_name_then_says_there_is_no_model(workspace):
+    at = run_page()
+    assert "Enter your name" in texts(at)
+    assert not at.button  # nothing works before the name
+    sign_in(at)
+    assert "Reviewing as Ana" in texts(at).replace("**", "")
+    assert "No model yet" in texts(at)
+
+
+def test_a_model_without_predictions_says_to_run_inference(workspace, tiny_data):
+    import_source(workspace.db_url, "aptos", tiny_data / "aptos", "unlabelled", "pool")
+    register_run(workspace)
+    at = sign_in(run_page())
+    assert "run inference on the Inference page first" in texts(at)
+
+
+def test_reviewing_by_buttons(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    with session_scope(db) as session:
+        names = dict(session.execute(select(Image.id, Image.name)).all())
+    at = sign_in(run_page())
+    assert on_screen(at) == names[pool[5]]
+    assert progress_text(at) == "0 of 6 candidates reviewed"
+    assert len(at.get("plotly_chart")) == 1 and len(at.image) == 2
+    assert "pool" in texts(at)  # the source's name
+    assert bound_keys(at) == {"accept": ["a"], "reject": ["x"], "grade_0": ["0"],
+                              "grade_1": ["1"], "grade_2": ["2"], "grade_3": ["3"],
+                              "skip": [" "], "undo": ["backspace"], "keys_help": ["?", "shift+?"]}
+    assert all(at.button(key=key) for key in bound_keys(at))  # each bound to a real button
+    click(at, "keys_help")
+    assert "undo your last decision" in texts(at)
+
+    click(at, "accept")
+    assert reviews(db) == [(pool[5], "accept", 1, "Ana", run_id)]
+    assert on_screen(at) == names[pool[4]]
+    click(at, "grade_2")
+    assert reviews(db)[-1] == (pool[4], "relabel", 2, "Ana", run_id)
+    click(at, "undo")
+    assert reviews(db)[-1] == (pool[4], "undo", None, "Ana", run_id)
+    assert on_screen(at) == names[pool[4]]  # back on screen to decide again
+    click(at, "skip")
+    assert on_screen(at) == names[pool[3]]
+    click(at, "reject")
+    assert reviews(db)[-1] == (pool[3], "reject", None, "Ana", run_id)
+    assert on_screen(at) == names[pool[2]]  # the skipped pool 4 waits for the end
+
+    again = sign_in(run_page())  # a reload: a new session carries on from the database
+    assert on_screen(again) == names[pool[4]]
+
+    at.selectbox(key=f"change_{pool[5]}").select("reject").run()  # the last-10 list
+    assert not at.exception and reviews(db)[-1] == (pool[5], "reject", None, "Ana", run_id)
+    at.selectbox(key=f"change_{pool[3]}").select(0).run()
+    assert reviews(db)[-1] == (pool[3], "relabel", 0, "Ana", run_id)
+    assert on_screen(at) == names[pool[2]]  # changing a past decision keeps the image
+
+    assert progress_text(at) == "2 of 6 candidates reviewed"  # pool 5 and 3; 4 was undone
+    at.slider(key="threshold").set_value(0.9).run()
+    assert progress_text(at) == "0 of 2 candidates reviewed"
+    assert on_screen(at) == names[pool[1]]
+    at.multiselect(key="grades").set_value([0]).run()
+    assert on_screen(at) == names[pool[0]]
+    at.slider(key="threshold").set_value(0.99).run()
+    assert "reaches the confidence threshold 0.99" in texts(at)
+
+
+def test_the_queue_finishes_and_the_export_writes_folders(predicted):
+    workspace, run_id, pool = predicted
+    for image_id in pool[1:6]:
+        decide(workspace.db_url, "ben", image_id, run_id, "accept")
+    at = sign_in(run_page())
+    click(at, "grade_3")
+    assert "Queue finished" in texts(at)
+    assert len(at.get("download_button")) == 1
+    click(at, "export_folders")
+    out = workspace.root / "export" / "curated"
+    assert "Wrote 30 files" in texts(at)  # 24 expert labels and 6 accepted
+    assert sum(1 for _ in out.rglob("*.png")) == 30
+    click(at, "export_folders")
+    assert "already holds grade folders" in texts(at)

@@ -1,0 +1,71 @@
+"""Two reviewers in two processes claim and decide at once on one SQLite database: no decision
+is lost, and the claims give them different images."""
+
+import subprocess
+import sys
+import time
+
+from sqlalchemy import select
+
+from conftest import ROOT
+from db.schema import Claim, Image, Prediction, Review, Run, Source
+from db.session import session_scope
+
+CANDIDATES = 60
+# One reviewer's loop, as the page runs it: claim the next image, look, decide, repeat.
+REVIEWER = """
+import sys, time
+from db.reviews import QueueFilter, claim_next, decide
+db_url, reviewer, run_id, start, count = sys.argv[1:6]
+time.sleep(max(0.0, float(start) - time.time()))  # both begin at the same moment
+decided = []
+for _ in range(int(count)):
+    candidate = claim_next(db_url, reviewer, QueueFilter(int(run_id)))
+    time.sleep(0.005)  # looking at the image, while the other reviewer claims
+    decide(db_url, reviewer, candidate.image_id, int(run_id), "accept")
+    decided.append(candidate.image_id)
+print(" ".join(map(str, decided)))
+"""
+
+
+def make_candidates(db_url: str) -> tuple[int, list[int]]:
+    with session_scope(db_url) as session:
+        source = Source(name="pool", kind="unlabelled", root="/nowhere", role="unlabelled")
+        run = Run(name="tiny", model_name="test_efficientnet", img_size=64, status="done",
+                  checkpoint="/nowhere/tiny.pth")
+        images = [Image(source=source, path=f"{i}.png", name=f"img{i}", width=8, height=8)
+                  for i in range(CANDIDATES)]
+        session.add_all([run, *images])
+        session.flush()
+        for i, image in enumerate(images):
+            confidence = 0.7 + 0.29 * i / CANDIDATES
+            session.add(Prediction(run_id=run.id, image_id=image.id, p0=confidence,
+                                   p1=1 - confidence, p2=0.0, p3=0.0, grade=0,
+                                   confidence=confidence))
+        return run.id, [image.id for image in images]
+
+
+def test_two_reviewers_at_once_lose_nothing_and_share_no_image(db_url):
+    run_id, image_ids = make_candidates(db_url)
+    start = time.time() + 3  # past both interpreters' start-up
+    workers = {name: subprocess.Popen(
+        [sys.executable, "-c", REVIEWER, db_url, name, str(run_id), str(start),
+         str(CANDIDATES // 2)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for name in ("ana", "ben")}
+    decided = {}
+    for name, worker in workers.items():
+        out, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err
+        decided[name] = [int(i) for i in out.split()]
+        assert len(decided[name]) == CANDIDATES // 2
+
+    with session_scope(db_url) as session:
+        rows = session.execute(select(Review.image_id, Review.reviewer, Review.decision,
+                                      Review.run_id).order_by(Review.id)).all()
+        claims = session.scalars(select(Claim)).all()
+    for name, images in decided.items():  # every decision is in the database, in order
+        assert [i for i, who, _, _ in rows if who == name] == images
+    assert {(decision, run) for _, _, decision, run in rows} == {("accept", run_id)}
+    # 60 decisions over 60 candidates: an image decided twice would leave another undecided.
+    assert sorted(i for i, *_ in rows) == image_ids
+    assert claims == []  # every decision released its claim
