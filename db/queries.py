@@ -45,7 +45,7 @@ def image_page(db_url: str, source_id: int, grade: int | None, limit: int, offse
     return [(f"{root}/{path}", name, g, label) for root, path, name, g, label in rows], total
 
 
-def _latest_reviews():
+def latest_reviews():
     """The current decision of every reviewed image: its newest review row."""
     newest = select(func.max(Review.id)).group_by(Review.image_id)
     return select(Review.image_id, Review.decision, Review.grade).where(Review.id.in_(newest))
@@ -61,16 +61,29 @@ def labelled_images(db_url: str, role: str) -> list[tuple[int, str, str, int]]:
     return [(i, f"{root}/{path}", name, grade) for i, root, path, name, grade in rows]
 
 
-def accepted_pseudo_labels(db_url: str) -> list[tuple[int, str, str, int]]:
-    """(image id, absolute path, name, grade) of images whose current decision is an accept or a
-    correction; validation images never count, so the yardstick stays clean."""
-    latest = _latest_reviews().subquery()
+CURATED_COLUMNS = ["image_id", "image", "source", "path", "grade", "expert_grade", "origin",
+                   "reviewer", "time"]
+
+
+def curated_set(db_url: str) -> pd.DataFrame:
+    """What a `--from-db` run trains on, one row per image: expert labels of the train sources
+    plus images whose current decision is an accept or a correction. A reviewer's decision
+    overrides an expert's grade (origin "pseudo"); validation images never count, so the
+    yardstick stays clean."""
+    image = select(Image.id, Image.name, Source.name, Source.root, Image.path).join(Source)
+    latest = latest_reviews().add_columns(Review.reviewer, Review.created_at).subquery()
     with session_scope(db_url) as session:
-        rows = session.execute(
-            select(Image.id, Source.root, Image.path, Image.name, latest.c.grade)
-            .join(latest, latest.c.image_id == Image.id).join(Source)
+        expert = session.execute(image.add_columns(Image.grade, Image.grade)
+                                 .where(Source.role == "train", Image.grade.is_not(None))).all()
+        pseudo = session.execute(
+            image.add_columns(latest.c.grade, Image.grade, latest.c.reviewer, latest.c.created_at)
+            .join(latest, latest.c.image_id == Image.id)
             .where(latest.c.decision.in_(("accept", "relabel")), latest.c.grade.is_not(None),
-                   Source.role != "validation")
-            .order_by(Image.id)
-        ).all()
-    return [(i, f"{root}/{path}", name, grade) for i, root, path, name, grade in rows]
+                   Source.role != "validation")).all()
+    rows = {row[0]: (*row, "expert", None, None) for row in expert}
+    rows |= {row[0]: (*row[:7], "pseudo", *row[7:]) for row in pseudo}
+    table = pd.DataFrame([rows[i] for i in sorted(rows)],
+                         columns=["image_id", "image", "source", "root", "rel", "grade",
+                                  "expert_grade", "origin", "reviewer", "time"])
+    table.insert(3, "path", table.pop("root") + "/" + table.pop("rel"))
+    return table.astype({"expert_grade": "Int64"})[CURATED_COLUMNS]

@@ -17,7 +17,7 @@ from sqlalchemy import BigInteger, case, cast, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
-from db.queries import _latest_reviews, accepted_pseudo_labels, labelled_images
+from db.queries import curated_set, latest_reviews
 from db.schema import Claim, Image, Prediction, Review, Source, utcnow
 from db.session import session_scope
 from engine.grades import GRADES
@@ -72,7 +72,7 @@ class RecentDecision:
 
 def _decided_images():
     """Ids of images whose current decision is not 'undo'."""
-    latest = _latest_reviews().subquery()
+    latest = latest_reviews().subquery()
     return select(latest.c.image_id).where(latest.c.decision != "undo")
 
 
@@ -257,22 +257,6 @@ def progress(db_url: str, run_id: int, threshold: float) -> pd.DataFrame:
     return frame.reindex(list(GRADES), fill_value=0).astype(int)
 
 
-def curated_set(db_url: str) -> pd.DataFrame:
-    """The labels a new run trains on, one row per image: image (its name), grade, origin
-    (expert or pseudo), reviewer and time (of the decision, for pseudo-labels) and path.
-    As in training, a reviewer's current accept or correction overrides an expert's grade."""
-    rows = {i: (name, grade, "expert", None, None, path)
-            for i, path, name, grade in labelled_images(db_url, "train")}
-    pseudo = accepted_pseudo_labels(db_url)
-    # Read after the labels: rows are never deleted, so every accepted image has an author.
-    latest = _latest_reviews().add_columns(Review.reviewer, Review.created_at)
-    with session_scope(db_url) as session:
-        authors = {i: (who, when) for i, _, _, who, when in session.execute(latest)}
-    rows |= {i: (name, grade, "pseudo", *authors[i], path) for i, path, name, grade in pseudo}
-    return pd.DataFrame([rows[i] for i in sorted(rows)],
-                        columns=["image", "grade", "origin", "reviewer", "time", "path"])
-
-
 def curated_csv(db_url: str) -> str:
     """The curated labels as CSV text: image, grade, origin, reviewer, time."""
-    return curated_set(db_url).drop(columns="path").to_csv(index=False)
+    return curated_set(db_url)[["image", "grade", "origin", "reviewer", "time"]].to_csv(index=False)

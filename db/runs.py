@@ -1,15 +1,14 @@
 """Model versions: which run is active (its predictions make the review queue), the runs and
-their epochs for comparison, and the curated set a new run would train on."""
+their epochs for comparison."""
 
 import pandas as pd
 from sqlalchemy import select, update
 from sqlalchemy.orm import load_only
 
-from db.queries import accepted_pseudo_labels, labelled_images
-from db.schema import Epoch, Image, Run, Source
+from db.queries import labelled_images
+from db.schema import Epoch, Run
 from db.session import session_scope
 
-EXPERT, PSEUDO = "expert label", "pseudo-label"
 CURVE_COLUMNS = ["run_id", "run", "epoch", "lr", "train_loss", "train_acc", "val_loss",
                  "val_acc", "qwk"]
 
@@ -32,22 +31,6 @@ def promote(db_url: str, run_id: int) -> None:
         if run is None or run.checkpoint is None:
             raise ValueError(f"run {run_id} has no checkpoint to promote")
         session.execute(update(Run).values(active=Run.id == run_id))
-
-
-def curated_images(db_url: str) -> pd.DataFrame:
-    """The training set a `--from-db` run reads, one row per image: image_id, source, grade
-    (what training uses), expert_grade (None where no expert graded it) and origin.
-
-    Built from the same queries as engine.train.db_samples, so that it cannot drift from what
-    training reads: a reviewer's current decision overrides the expert's grade."""
-    expert = {i: grade for i, _, _, grade in labelled_images(db_url, "train")}
-    reviewed = {i: grade for i, _, _, grade in accepted_pseudo_labels(db_url)}
-    with session_scope(db_url) as session:
-        sources = dict(session.execute(
-            select(Image.id, Source.name).join(Source).where(Source.role != "validation")).all())
-    rows = [(i, sources[i], reviewed.get(i, expert.get(i)), expert.get(i),
-             PSEUDO if i in reviewed else EXPERT) for i in sorted(expert.keys() | reviewed.keys())]
-    return pd.DataFrame(rows, columns=["image_id", "source", "grade", "expert_grade", "origin"])
 
 
 def validation_size(db_url: str) -> int:

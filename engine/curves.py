@@ -63,13 +63,16 @@ def per_class_figure(precision: list[float], recall: list[float]) -> go.Figure:
     return figure
 
 
+ORIGIN_NAMES = {"expert": "expert label", "pseudo": "pseudo-label"}
+
+
 def curated_figure(counts: pd.DataFrame, original: list[int]) -> go.Figure:
     """The curated set per grade, stacked by source and origin (curated_counts rows), beside
     the original labelled set as markers."""
     figure = go.Figure()
     for (source, origin), part in counts.groupby(["source", "origin"], sort=False):
         figure.add_trace(go.Bar(x=[GRADE_NAMES[g] for g in part["grade"]], y=part["count"],
-                                name=f"{source} · {origin}"))
+                                name=f"{source} · {ORIGIN_NAMES[origin]}"))
     figure.add_trace(go.Scatter(x=[GRADE_NAMES[g] for g in GRADES], y=original,
                                 mode="markers", marker={"symbol": "line-ew-open", "size": 40,
                                                         "line": {"width": 3}, "color": "black"},

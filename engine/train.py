@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from db.queries import accepted_pseudo_labels, labelled_images
+from db.queries import curated_set, labelled_images
 from db.schema import Epoch, Run, utcnow
 from db.session import migrate, session_scope
 from engine.data import Sample, class_counts, folder_samples, stratified_split
@@ -89,10 +89,11 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
 def db_samples(db_url: str) -> tuple[list[Sample], list[Sample]]:
     """Training: expert labels, where a reviewer's current decision overrides; validation:
     the validation sources, untouched."""
-    train = {i: Sample(path, grade, name, i) for i, path, name, grade in labelled_images(db_url, "train")}
-    train |= {i: Sample(path, grade, name, i) for i, path, name, grade in accepted_pseudo_labels(db_url)}
-    val = [Sample(path, grade, name, i) for i, path, name, grade in labelled_images(db_url, "validation")]
-    return list(train.values()), val
+    train = [Sample(row.path, int(row.grade), row.image, int(row.image_id))
+             for row in curated_set(db_url).itertuples()]
+    val = [Sample(path, grade, name, i)
+           for i, path, name, grade in labelled_images(db_url, "validation")]
+    return train, val
 
 
 class LogHooks(Hooks):

@@ -6,7 +6,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from db.runs import (PSEUDO, active_run_id, best_epoch, curated_images, epochs_frame, promote,
+from db.queries import curated_set
+from db.runs import (active_run_id, best_epoch, epochs_frame, promote,
                      runs_frame, validation_size)
 from engine import jobs
 from engine.curves import confusion_figure, curated_figure, curve_figures, per_class_figure
@@ -26,7 +27,7 @@ def curated_ui(curated: pd.DataFrame, validation: int) -> None:
     counts = curated_counts(curated)
     st.plotly_chart(curated_figure(counts, original_counts(curated)), key="curated_chart")
     st.dataframe(contribution_table(counts), hide_index=True)
-    st.caption(f"{len(curated)} training images, {(curated['origin'] == PSEUDO).sum()} of them "
+    st.caption(f"{len(curated)} training images, {(curated['origin'] == 'pseudo').sum()} of them "
                f"pseudo-labels that reviewers accepted or corrected; {validation} validation "
                "images judge every run.")
 
@@ -192,7 +193,7 @@ def runs_ui(runs: pd.DataFrame) -> None:
 
 st.title("Retrain")
 runs = runs_frame(workspace.db_url)
-curated = curated_images(workspace.db_url)
+curated = curated_set(workspace.db_url)
 validation = validation_size(workspace.db_url)
 if curated.empty:
     st.info("No labelled data yet: import a labelled training source and a validation source "

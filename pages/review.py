@@ -12,8 +12,9 @@ import plotly.express as px
 import streamlit as st
 from streamlit_shortcuts import add_shortcuts
 
+from db.queries import curated_set
 from db.reviews import (ORDERS, Candidate, QueueFilter, RecentDecision, claim_next, curated_csv,
-                        curated_set, decide, has_predictions, progress, recent_decisions,
+                        decide, has_predictions, progress, recent_decisions,
                         undo_last)
 from db.runs import active_run_id
 from engine.export import ExportRefused, export_class_folders

@@ -11,7 +11,8 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT
-from db.runs import (EXPERT, PSEUDO, active_run_id, best_epoch, curated_images, epochs_frame,
+from db.queries import curated_set
+from db.runs import (active_run_id, best_epoch, epochs_frame,
                      runs_frame, validation_size)
 from db.schema import Epoch, Image, Job, Review, Run, Source, utcnow
 from db.session import migrate, session_scope
@@ -249,7 +250,7 @@ def test_page_args_train_one_real_epoch(data):
     runs = runs_frame(data.db_url)
     assert list(runs["name"]) == ["tiny"] and runs["status"][0] == "done"
     assert runs["config"][0]["optimizer"] == "adamw" and runs["config"][0]["balance"] == "sampler"
-    assert runs["config"][0]["train_counts"] == original_counts(curated_images(data.db_url))
+    assert runs["config"][0]["train_counts"] == original_counts(curated_set(data.db_url))
     assert list(epochs_frame(data.db_url, [int(runs["id"][0])])["epoch"]) == [1]
 
 
@@ -265,14 +266,14 @@ def test_curated_images_follow_the_reviews_like_training_does(data):
     review(data.db_url, val[0][0], "relabel", 0)  # the yardstick stays clean
     changed = (train[0][1] + 1) % 4
     review(data.db_url, train[0][0], "relabel", changed)  # a reviewer corrects an expert
-    curated = curated_images(data.db_url).set_index("image_id")
+    curated = curated_set(data.db_url).set_index("image_id")
     assert len(curated) == 24 + 2 and validation_size(data.db_url) == 16
     accepted, corrected = curated.loc[pool[0][0]], curated.loc[pool[1][0]]
-    assert [accepted["source"], accepted["grade"], accepted["origin"]] == ["aptos pool", 2, PSEUDO]
+    assert [accepted["source"], accepted["grade"], accepted["origin"]] == ["aptos pool", 2, "pseudo"]
     assert corrected["grade"] == 3 and pd.isna(corrected["expert_grade"])
     assert curated.loc[train[0][0], ["grade", "expert_grade", "origin"]].tolist() == \
-        [changed, train[0][1], PSEUDO]
-    assert (curated.loc[[i for i, _ in train[1:]], "origin"] == EXPERT).all()
+        [changed, train[0][1], "pseudo"]
+    assert (curated.loc[[i for i, _ in train[1:]], "origin"] == "expert").all()
 
 
 def test_runs_frame_picks_the_first_best_epoch_and_best_epoch_returns_its_details(db_url):
@@ -333,14 +334,14 @@ def test_counts_and_contribution_table():
     curated = pd.DataFrame({
         "image_id": [1, 2, 3, 4, 5], "source": ["t", "t", "t", "pool", "pool"],
         "grade": [0, 0, 2, 3, 0], "expert_grade": [0, 1, 2, None, None],
-        "origin": [EXPERT, PSEUDO, EXPERT, PSEUDO, PSEUDO]})
+        "origin": ["expert", "pseudo", "expert", "pseudo", "pseudo"]})
     assert original_counts(curated) == [1, 1, 1, 0]
     counts = curated_counts(curated)
     assert len(counts) == 3 * 4  # every grade of every (source, origin)
     table = contribution_table(counts).set_index(["source", "origin"])
-    assert table.loc[("pool", PSEUDO)].tolist() == [1, 0, 0, 1, 2]
-    assert table.loc[("t", EXPERT)].tolist() == [1, 0, 1, 0, 2]
-    assert table.loc[("t", PSEUDO), "total"] == 1
+    assert table.loc[("pool", "pseudo")].tolist() == [1, 0, 0, 1, 2]
+    assert table.loc[("t", "expert")].tolist() == [1, 0, 1, 0, 2]
+    assert table.loc[("t", "pseudo"), "total"] == 1
 
 
 # -- engine/curves.py ---------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def test_metric_figures_hold_the_numbers():
     assert [list(row) for row in heatmap.z] == confusion and heatmap.x[3].startswith("3")
     bars = per_class_figure([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]).data
     assert [b.name for b in bars] == ["precision", "recall"] and list(bars[1].y)[3] == 0.8
-    counts = pd.DataFrame({"source": ["t"] * 4, "origin": [EXPERT] * 4, "grade": [0, 1, 2, 3],
+    counts = pd.DataFrame({"source": ["t"] * 4, "origin": ["expert"] * 4, "grade": [0, 1, 2, 3],
                            "count": [4, 3, 2, 1]})
     curated = curated_figure(counts, [5, 3, 2, 1]).data
     assert curated[0].name == "t · expert label" and list(curated[0].y) == [4, 3, 2, 1]

@@ -13,7 +13,8 @@ from sqlalchemy import select, update
 from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT, write_image
-from db.reviews import (QueueFilter, claim_next, curated_csv, curated_set, decide, progress,
+from db.queries import curated_set
+from db.reviews import (QueueFilter, claim_next, curated_csv, decide, progress,
                         recent_decisions, undo_last)
 from db.schema import Claim, Image, Prediction, Review, Source, utcnow
 from db.session import migrate, session_scope
