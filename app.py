@@ -4,8 +4,11 @@ import os
 
 import streamlit as st
 
+from db.reviews import loop_overview
+from db.runs import active_run_id
 from engine import jobs
 from engine.demo import is_empty
+from engine.grades import REVIEW_THRESHOLD
 from pages.common import device_label, get_workspace, job_status_ui
 
 st.set_page_config(page_title="DR grading", page_icon="👁️", layout="wide")
@@ -32,10 +35,24 @@ def jobs_ui() -> None:
         job_status_ui(job)
 
 
+@st.fragment(run_every=5)
+def overview_ui() -> None:
+    """Where the loop stands: label, train, predict, review, retrain."""
+    counts = loop_overview(workspace.db_url, active_run_id(workspace.db_url), REVIEW_THRESHOLD)
+    top, bottom = st.columns(2), st.columns(3)
+    top[0].metric("Labelled", counts["labelled"], help="expert-labelled training images")
+    top[1].metric("Runs", counts["runs"], help="training runs")
+    bottom[0].metric("Predicted", counts["predicted"], help="images the active model graded")
+    bottom[1].metric("Candidates", counts["candidates"],
+                     help=f"predictions at or above {REVIEW_THRESHOLD:.2f} confidence")
+    bottom[2].metric("Reviewed", counts["reviewed"], help="candidates with a decision")
+
+
 def sidebar_ui() -> None:
     with st.sidebar:
         st.caption(f"Workspace: `{workspace.root}`")
         st.caption(f"Device: {device_label()}")
+        overview_ui()
         st.subheader("Jobs")
         jobs_ui()
 

@@ -18,9 +18,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from db.queries import curated_set, latest_reviews
-from db.schema import Claim, Image, Prediction, Review, Source, utcnow
+from db.schema import Claim, Image, Prediction, Review, Run, Source, utcnow
 from db.session import session_scope
-from engine.grades import GRADES
+from engine.grades import GRADES, REVIEW_THRESHOLD
 
 CLAIM_TTL = timedelta(minutes=5)  # a claim older than this is a closed tab, not a reviewer
 DECISIONS = ("accept", "reject", "relabel")
@@ -33,7 +33,7 @@ class QueueFilter:
     """Which candidates of a model the queue holds, and in which order."""
 
     run_id: int
-    threshold: float = 0.70
+    threshold: float = REVIEW_THRESHOLD
     grades: tuple[int, ...] = GRADES
     band: tuple[float, float] = (0.0, 1.0)  # confidence range, on top of the threshold
     order: str = ORDERS[0]
@@ -260,3 +260,17 @@ def progress(db_url: str, run_id: int, threshold: float) -> pd.DataFrame:
 def curated_csv(db_url: str) -> str:
     """The curated labels as CSV text: image, grade, origin, reviewer, time."""
     return curated_set(db_url)[["image", "grade", "origin", "reviewer", "time"]].to_csv(index=False)
+
+
+def loop_overview(db_url: str, run_id: int | None, threshold: float) -> dict[str, int]:
+    """Where the curation loop stands: expert-labelled images, predictions of the active
+    model, its review candidates and how many of them are decided, training runs."""
+    with session_scope(db_url) as session:
+        labelled = session.scalar(select(func.count(Image.id)).join(Source).where(
+            Source.role == "train", Image.grade.is_not(None)))
+        runs = session.scalar(select(func.count(Run.id)))
+        predicted = session.scalar(select(func.count(Prediction.id))
+                                   .where(Prediction.run_id == run_id)) if run_id else 0
+    counts = progress(db_url, run_id, threshold).sum() if run_id else {}
+    return {"labelled": labelled, "predicted": predicted, "candidates": int(counts.get("candidates", 0)),
+            "reviewed": int(counts.get("reviewed", 0)), "runs": runs}

@@ -14,3 +14,6 @@ def from_aptos(diagnosis: int) -> int:
     if diagnosis not in (0, 1, 2, 3, 4):
         raise ValueError(f"APTOS diagnosis must be 0-4, got {diagnosis}")
     return min(diagnosis, 3)
+
+# Predictions at or above this calibrated confidence become review candidates.
+REVIEW_THRESHOLD = 0.70

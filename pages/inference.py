@@ -12,10 +12,9 @@ from db.predictions import (Model, Pool, confidence_histogram, grade_counts, mod
                             submission_frame)
 from db.runs import active_run_id
 from engine import jobs
-from engine.grades import GRADE_NAMES, GRADES
+from engine.grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from pages.common import get_workspace, job_status_ui
 
-DEFAULT_THRESHOLD = 0.70  # the Review page's default: candidates have confidence >= this
 workspace = get_workspace()
 
 
@@ -108,7 +107,7 @@ def charts_ui(model: Model, pool: Pool, counts: dict[int, int]) -> None:
 
 def candidates_ui(model: Model, pool: Pool) -> None:
     st.subheader("Review candidates")
-    threshold = st.slider("Confidence threshold", 0.0, 1.0, DEFAULT_THRESHOLD, 0.01,
+    threshold = st.slider("Confidence threshold", 0.0, 1.0, REVIEW_THRESHOLD, 0.01,
                           key="infer_threshold")
     counts = grade_counts(workspace.db_url, model.id, pool.id, threshold)
     for column, grade in zip(st.columns(len(GRADES)), GRADES):

@@ -18,7 +18,7 @@ from db.reviews import (ORDERS, Candidate, QueueFilter, RecentDecision, claim_ne
                         undo_last)
 from db.runs import active_run_id
 from engine.export import ExportRefused, export_class_folders
-from engine.grades import GRADE_NAMES, GRADES
+from engine.grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from pages.common import get_workspace, image_pair_ui
 
 IMAGE_WIDTH = 480
@@ -113,7 +113,7 @@ def controls_ui(run_id: int) -> QueueFilter:
     threshold, grades, band, order = st.columns(4)
     return QueueFilter(
         run_id,
-        threshold.slider("Confidence threshold", 0.0, 1.0, 0.70, 0.01, key="threshold"),
+        threshold.slider("Confidence threshold", 0.0, 1.0, REVIEW_THRESHOLD, 0.01, key="threshold"),
         tuple(grades.multiselect("Predicted grade", GRADES, default=list(GRADES), key="grades",
                                  format_func=GRADE_NAMES.get)),
         band.slider("Confidence band", 0.0, 1.0, (0.0, 1.0), 0.01, key="band"),

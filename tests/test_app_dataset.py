@@ -67,7 +67,10 @@ def test_dataset_page_shows_balance_reports_and_gallery(workspace, tmp_path):
 
     at = run_app()
     assert len(at.get("plotly_chart")) == 1  # one role with labels: train
-    assert [m.value for m in at.metric] == ["3.0×"]  # 3 images of grade 0 over 1 of grade 1
+    assert [m.value for m in at.main.metric] == ["3.0×"]  # 3 images of grade 0 over 1 of grade 1
+    overview = {m.label: m.value for m in at.sidebar.metric}
+    assert overview == {"Labelled": "7", "Runs": "0", "Predicted": "0", "Candidates": "0",
+                        "Reviewed": "0"}
     reports = [e.label for e in at.expander]
     assert any("curated: 7 imported" in r and "1 skipped" in r for r in reports)
     assert "unreadable or not an image" in texts(at)

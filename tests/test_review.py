@@ -14,11 +14,12 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT, write_image
 from db.queries import curated_set
-from db.reviews import (QueueFilter, claim_next, curated_csv, decide, progress,
-                        recent_decisions, undo_last)
+from db.reviews import (QueueFilter, claim_next, curated_csv, decide, loop_overview,
+                        progress, recent_decisions, undo_last)
 from db.schema import Claim, Image, Prediction, Review, Source, utcnow
 from db.session import migrate, session_scope
 from engine.export import ExportRefused, export_class_folders
+from engine.grades import REVIEW_THRESHOLD
 from engine.infer import register_model
 from engine.models import create_model, save_checkpoint
 from engine.sources import import_source
@@ -381,3 +382,16 @@ def test_the_queue_finishes_and_the_export_writes_folders(predicted):
     assert sum(1 for _ in out.rglob("*.png")) == 30
     click(at, "export_folders")
     assert "already holds grade folders" in texts(at)
+
+
+def test_loop_overview_counts_each_stage(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    candidates = sum(confidence >= REVIEW_THRESHOLD for confidence, _ in POOL)
+    assert loop_overview(db, None, REVIEW_THRESHOLD) == {
+        "labelled": 24, "predicted": 0, "candidates": 0, "reviewed": 0, "runs": 1}
+    first = claim_next(db, "ana", QueueFilter(run_id))
+    decide(db, "ana", first.image_id, run_id, "accept")
+    assert loop_overview(db, run_id, REVIEW_THRESHOLD) == {
+        "labelled": 24, "predicted": len(pool) + 2, "candidates": candidates, "reviewed": 1,
+        "runs": 1}
