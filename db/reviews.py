@@ -87,7 +87,7 @@ def _validation_images():
 
 
 def _candidates(run_id: int, threshold: float) -> list:
-    # NOT IN over small materialised sets keeps the scan on ix_predictions_run_confidence.
+    # NOT IN over small materialised sets keeps the scan on ix_predictions_run_confidence_grade.
     return [Prediction.run_id == run_id, Prediction.confidence >= threshold,
             Prediction.image_id.not_in(_validation_images())]
 

@@ -112,7 +112,8 @@ class Prediction(Base):
     __tablename__ = "predictions"
     __table_args__ = (
         UniqueConstraint("run_id", "image_id", name="uq_predictions_run_image"),
-        Index("ix_predictions_run_confidence", "run_id", "confidence"),
+        # Covers the review queue and its progress: no table lookups per candidate.
+        Index("ix_predictions_run_confidence_grade", "run_id", "confidence", "grade", "image_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
