@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,27 @@ def screenshot(page, name: str) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    """Poll `check` (a database query, say) until it returns something truthy; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+    return value
+
+
+def wait_for_shortcuts(page, *keys: str) -> None:
+    """Until streamlit-shortcuts' listener (installed from an iframe after the script run)
+    knows the buttons `keys`."""
+    page.wait_for_function("keys => keys.every(k => (window.__streamlitShortcutsMap || {})[k])",
+                           arg=list(keys))
+
+
+def press_on_body(page, key: str) -> None:
+    """Press a key with the focus on the page itself, as a reviewer does after a click: keys
+    typed into a text field are not shortcuts."""
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    page.keyboard.press(key)

@@ -37,3 +37,34 @@ def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     write_dataset(out, seed=3, n_train=24, n_test=8, n_val=16, n_messidor=4, size=128)
     return out
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch):
+    """A migrated workspace of the test's own, which the app (AppTest) opens too."""
+    from engine.workspace import Workspace
+
+    monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("DR_DEMO", "0")
+    monkeypatch.delenv("DR_DATABASE_URL", raising=False)
+    workspace = Workspace.from_env()
+    workspace.root.mkdir(parents=True)
+    migrate(workspace.db_url)
+    return workspace
+
+
+def open_page(page: str | None = None):
+    """The app run headless, switched to pages/<page>.py; it must not raise."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def page_text(at) -> str:
+    """Every sentence the page shows, for `in` checks."""
+    return " ".join(e.value for e in [*at.info, *at.markdown, *at.caption, *at.warning,
+                                      *at.success, *at.error, *at.code])

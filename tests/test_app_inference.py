@@ -6,28 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 from sqlalchemy import select, text
-from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, write_image
+from conftest import open_page, page_text, write_image
 from db.predictions import confidence_histogram, grade_counts, models, pools, submission_frame
 from db.schema import Image, Job, Prediction, Run, Source
-from db.session import migrate, session_scope
+from db.session import session_scope
 from engine import jobs
 from engine.infer import register_model
 from engine.models import create_model, model_mean_std, save_checkpoint
 from engine.preprocess import PreprocessConfig
 from engine.sources import import_source
 from engine.workspace import Workspace
-
-
-@pytest.fixture
-def workspace(tmp_path: Path, monkeypatch) -> Workspace:
-    monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
-    monkeypatch.setenv("DR_DEMO", "0")
-    monkeypatch.delenv("DR_DATABASE_URL", raising=False)
-    workspace = Workspace.from_env()
-    migrate(workspace.db_url)
-    return workspace
 
 
 def tiny_model(workspace: Workspace, name: str = "tiny") -> int:
@@ -51,19 +40,6 @@ def source_id(db_url: str, name: str) -> int:
         return session.scalar(select(Source.id).where(Source.name == name))
 
 
-def inference_page() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
-    at.switch_page("pages/inference.py").run()
-    assert not at.exception, at.exception
-    assert at.title[0].value == "Inference"
-    return at
-
-
-def texts(at: AppTest) -> str:
-    return " ".join(e.value for e in [*at.info, *at.markdown, *at.caption, *at.warning,
-                                      *at.error])
-
-
 def wait_for(db_url: str, job_id: int, statuses: tuple[str, ...], timeout: float = 60) -> Job:
     deadline = time.monotonic() + timeout
     while True:
@@ -84,9 +60,9 @@ def infer_job(db_url: str) -> Job:
 
 
 def test_empty_workspace_shows_sentences(workspace):
-    at = inference_page()
-    assert "No trained models yet: train one on the Retrain page" in texts(at)
-    assert "No image sources yet" in texts(at)
+    at = open_page("inference")
+    assert "No trained models yet: train one on the Retrain page" in page_text(at)
+    assert "No image sources yet" in page_text(at)
     assert not at.button  # nothing to start
 
 
@@ -96,10 +72,10 @@ def test_inference_job_runs_and_the_results_show(workspace, tiny_data):
     run_id = tiny_model(workspace)
     pool_id = source_id(workspace.db_url, "demo APTOS test")
 
-    at = inference_page()
+    at = open_page("inference")
     assert at.selectbox(key="infer_model").value == run_id
     assert at.selectbox(key="infer_pool").value == pool_id  # the unlabelled pool, though newer
-    assert "No predictions yet of tiny for demo APTOS test" in texts(at)
+    assert "No predictions yet of tiny for demo APTOS test" in page_text(at)
 
     at.button(key="start_inference").click().run()
     assert not at.exception, at.exception
@@ -113,7 +89,7 @@ def test_inference_job_runs_and_the_results_show(workspace, tiny_data):
     at.run()
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == 2 and len(at.get("download_button")) == 1
-    assert "No predictions yet" not in texts(at)
+    assert "No predictions yet" not in page_text(at)
 
     counted = {}
     for value in (0.70, 0.5, 0.0):
@@ -136,7 +112,7 @@ def test_second_start_is_refused_and_cancel_stops_the_job(workspace, tiny_data, 
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "unlabelled", "demo APTOS test")
     tiny_model(workspace)
 
-    at = inference_page()
+    at = open_page("inference")
     assert at.selectbox(key="infer_pool").value == source_id(workspace.db_url, "big pool")
     at.number_input(key="infer_batch_size").set_value(1)
     at.button(key="start_inference").click().run()
@@ -146,8 +122,8 @@ def test_second_start_is_refused_and_cancel_stops_the_job(workspace, tiny_data, 
     at.selectbox(key="infer_pool").select(source_id(workspace.db_url, "demo APTOS test"))
     at.button(key="start_inference").click().run()
     assert not at.exception, at.exception
-    assert "Inference not started:" in texts(at)
-    assert f"(#{job.id}) is already running" in texts(at)
+    assert "Inference not started:" in page_text(at)
+    assert f"(#{job.id}) is already running" in page_text(at)
     assert infer_job(workspace.db_url).id == job.id  # still the only one
 
     wait_for(workspace.db_url, job.id, ("running",))  # its SIGTERM handler is in place
@@ -155,7 +131,7 @@ def test_second_start_is_refused_and_cancel_stops_the_job(workspace, tiny_data, 
     job = wait_for(workspace.db_url, job.id, ("cancelled",), timeout=30)
     assert job.progress < 1
     at.selectbox(key="infer_pool").select(source_id(workspace.db_url, "big pool")).run()
-    assert f"infer job #{job.id} was cancelled" in texts(at)
+    assert f"infer job #{job.id} was cancelled" in page_text(at)
 
 
 def test_a_failed_job_shows_its_error_and_log(workspace, tiny_data):
@@ -168,8 +144,8 @@ def test_a_failed_job_shows_its_error_and_log(workspace, tiny_data):
         session.add(Job(kind="infer", status="failed", error="RuntimeError: out of memory",
                         log_path=str(log), params={"run_id": run_id, "source_id": source_id(
                             workspace.db_url, "demo APTOS test")}))
-    at = inference_page()
-    assert "infer job #1 failed: RuntimeError: out of memory" in texts(at)
+    at = open_page("inference")
+    assert "infer job #1 failed: RuntimeError: out of memory" in page_text(at)
     assert "RuntimeError: out of memory" in at.code[0].value
 
 

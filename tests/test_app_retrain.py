@@ -8,14 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from sqlalchemy import select
-from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT
+from conftest import open_page, page_text
 from db.queries import curated_set
 from db.runs import (active_run_id, best_epoch, epochs_frame,
                      runs_frame, validation_size)
 from db.schema import Epoch, Image, Job, Review, Run, Source, utcnow
-from db.session import migrate, session_scope
+from db.session import session_scope
 from engine import jobs
 from engine.curves import CURVES, confusion_figure, curated_figure, curve_figure, per_class_figure
 from engine.retrain import (contribution_table, curated_counts, default_settings,
@@ -27,17 +26,6 @@ from engine.workspace import Workspace
 TINY = {"name": "tiny", "model": "test_efficientnet", "img_size": 64, "epochs": 1,
         "batch_size": 8, "lr": 0.05, "lrf": 0.1, "optimizer": "adamw", "balance": "sampler",
         "progressive": False, "pretrained": False, "weights": ""}
-
-
-@pytest.fixture
-def workspace(tmp_path: Path, monkeypatch) -> Workspace:
-    monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
-    monkeypatch.setenv("DR_DEMO", "0")
-    monkeypatch.delenv("DR_DATABASE_URL", raising=False)
-    workspace = Workspace.from_env()
-    workspace.root.mkdir(parents=True)
-    migrate(workspace.db_url)
-    return workspace
 
 
 @pytest.fixture
@@ -88,18 +76,6 @@ def validation_errors(tiny_data: Path, count: int) -> list[list]:
     return [[str(f), int(f.parent.name), (int(f.parent.name) + 1) % 4] for f in files]
 
 
-def retrain_page() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
-    at.switch_page("pages/retrain.py").run()
-    assert not at.exception, at.exception
-    return at
-
-
-def texts(at: AppTest) -> str:
-    return " ".join(e.value for e in [*at.info, *at.markdown, *at.caption, *at.warning,
-                                      *at.success, *at.error, *at.code])
-
-
 def wait_until_stopped(db_url: str, job_id: int, timeout: float = 90) -> Job:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,24 +91,24 @@ def wait_until_stopped(db_url: str, job_id: int, timeout: float = 90) -> Job:
 # -- the page ---------------------------------------------------------------------------------
 
 def test_empty_workspace_says_there_is_nothing_yet(workspace):
-    at = retrain_page()
+    at = open_page("retrain")
     assert at.title[0].value == "Retrain"
-    assert "No labelled data yet" in texts(at) and "No runs yet" in texts(at)
+    assert "No labelled data yet" in page_text(at) and "No runs yet" in page_text(at)
     assert not at.get("plotly_chart")
     assert "start_training" not in [b.key for b in at.button]
 
 
 def test_curated_set_without_validation_source_asks_for_one(workspace, tiny_data):
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train", "aptos train")
-    at = retrain_page()
-    assert "No validation source yet" in texts(at)
+    at = open_page("retrain")
+    assert "No validation source yet" in page_text(at)
     assert len(at.get("plotly_chart")) == 1  # the curated set
     assert "start_training" not in [b.key for b in at.button]
 
 
 def test_form_starts_a_training_job_and_cancel_stops_it(data):
-    at = retrain_page()
-    assert "24 training images, 0 of them pseudo-labels" in texts(at)
+    at = open_page("retrain")
+    assert "24 training images, 0 of them pseudo-labels" in page_text(at)
     at.text_input(key="train_name").input("ui-run")
     at.number_input(key="train_img_size").set_value(64)
     at.number_input(key="train_epochs").set_value(2)
@@ -142,7 +118,7 @@ def test_form_starts_a_training_job_and_cancel_stops_it(data):
     assert not at.exception, at.exception
     job = jobs.latest_job(data.db_url, "train")
     try:
-        assert job is not None and f"Training job #{job.id} started: run ui-run" in texts(at)
+        assert job is not None and f"Training job #{job.id} started: run ui-run" in page_text(at)
         assert job.params["model"] == "tf_efficientnet_lite0"  # the CPU's default
         assert job.params["img_size"] == 64 and job.params["epochs"] == 2
         command = Path(f"/proc/{job.pid}/cmdline").read_bytes().split(b"\0")
@@ -152,31 +128,31 @@ def test_form_starts_a_training_job_and_cancel_stops_it(data):
 
         at.text_input(key="train_name").input("")
         at.button(key="start_training").click().run()  # one training at a time
-        assert "Training did not start: another train job" in texts(at)
+        assert "Training did not start: another train job" in page_text(at)
         at.button(key="cancel_training").click().run()
-        assert "Cancelling" in texts(at)
+        assert "Cancelling" in page_text(at)
     finally:
         if job is not None:
             jobs.cancel_job(data.db_url, job.id)  # idempotent; no process left behind
             stopped = wait_until_stopped(data.db_url, job.id)
     assert stopped.status in ("cancelled", "failed")  # SIGTERM before or after its handler
-    at = retrain_page()
+    at = open_page("retrain")
     assert "cancel_training" not in [b.key for b in at.button]
 
 
 def test_a_name_in_use_is_refused_with_a_sentence(data):
     add_run(data.db_url, "taken", [0.4])
-    at = retrain_page()
+    at = open_page("retrain")
     at.text_input(key="train_name").input("taken")
     at.button(key="start_training").click().run()
-    assert "A run named 'taken' exists already" in texts(at)
+    assert "A run named 'taken' exists already" in page_text(at)
     assert jobs.latest_job(data.db_url, "train") is None
 
 
 def test_finished_run_shows_table_curves_metrics_and_error_gallery(data, tiny_data):
     errors = validation_errors(tiny_data, 6)
     add_run(data.db_url, "baseline", [0.31, 0.62, 0.55], errors)
-    at = retrain_page()
+    at = open_page("retrain")
     # the curated set, four curves, per-class precision/recall and the confusion matrix
     assert len(at.get("plotly_chart")) == 1 + len(CURVES) + 2
     table = at.dataframe[1].value
@@ -185,8 +161,8 @@ def test_finished_run_shows_table_curves_metrics_and_error_gallery(data, tiny_da
         ("baseline", "test_efficientnet", "10 / 3 / 6 / 5", "3/3")
     assert row["best val QWK"] == pytest.approx(0.62) and row["best epoch"] == 2
     assert row["scheduler"] == "warm-up 1 ep + cosine" and row["status"] == "done"
-    assert "best epoch 2: val QWK 0.620, accuracy 45.0%" in texts(at)
-    assert "Misclassified validation images** (6)" in texts(at)
+    assert "best epoch 2: val QWK 0.620, accuracy 45.0%" in page_text(at)
+    assert "Misclassified validation images** (6)" in page_text(at)
     assert len(at.image) == 2 * 4  # a page of four, each beside its preprocessed view
     assert at.image[0].captions == [f"{Path(errors[0][0]).name}: true 0 · no DR → predicted "
                                      "1 · mild"]
@@ -201,7 +177,7 @@ def test_running_job_shows_progress_and_live_curves_then_the_finished_run(data):
         job = Job(kind="train", status="running", progress=0.6, run_id=run_id,
                   message="epoch 3/5, batch 2/4, 12.0 images/s", heartbeat_at=utcnow())
         session.add(job)
-    at = retrain_page()
+    at = open_page("retrain")
     assert "Training now" in [h.value for h in at.subheader]
     assert at.get("progress")[0].proto.text == "train #1: epoch 3/5, batch 2/4, 12.0 images/s"
     live = [c for c in at.get("plotly_chart") if "live_curve" in c.proto.id]
@@ -222,8 +198,8 @@ def test_failed_training_job_shows_its_error_and_log(data):
     with session_scope(data.db_url) as session:
         session.add(Job(kind="train", status="failed", error="RuntimeError: out of memory",
                         log_path=str(log)))
-    at = retrain_page()
-    assert "train job #1 failed: RuntimeError: out of memory" in texts(at)
+    at = open_page("retrain")
+    assert "train job #1 failed: RuntimeError: out of memory" in page_text(at)
     assert "epoch 1: lr 1.00e-02" in at.code[0].value
 
 
@@ -232,13 +208,13 @@ def test_promote_changes_the_active_model(data):
     new = add_run(data.db_url, "new", [0.4])
     add_run(data.db_url, "broken", [0.1], status="failed")
     assert active_run_id(data.db_url) == new  # nothing promoted: the newest finished run
-    at = retrain_page()
-    assert "Active model: **new**" in texts(at)
+    at = open_page("retrain")
+    assert "Active model: **new**" in page_text(at)
     assert at.selectbox(key="promote_run").options == ["new", "old"]  # finished runs only
     at.selectbox(key="promote_run").set_value(old)
     at.button(key="promote").click().run()
     assert active_run_id(data.db_url) == old
-    assert "Active model: **old**" in texts(at)
+    assert "Active model: **old**" in page_text(at)
     assert at.selectbox(key="promote_run").value == old
 
 

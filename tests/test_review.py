@@ -12,12 +12,12 @@ import torch
 from sqlalchemy import select, update
 from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, write_image
+from conftest import open_page, page_text, write_image
 from db.queries import curated_set
 from db.reviews import (QueueFilter, claim_next, curated_csv, decide, loop_overview,
                         progress, recent_decisions, undo_last)
 from db.schema import Claim, Image, Prediction, Review, Source, utcnow
-from db.session import migrate, session_scope
+from db.session import session_scope
 from engine.export import ExportRefused, export_class_folders
 from engine.grades import REVIEW_THRESHOLD
 from engine.infer import register_model
@@ -28,16 +28,6 @@ from engine.workspace import Workspace
 # The pool's eight images get these (confidence, predicted grade), in import order: six reach
 # the default threshold 0.70; least confident first they come as pool images 5, 4, 3, 2, 1, 0.
 POOL = [(0.95, 0), (0.90, 1), (0.85, 2), (0.80, 3), (0.75, 0), (0.72, 1), (0.60, 2), (0.50, 3)]
-
-
-@pytest.fixture
-def workspace(tmp_path: Path, monkeypatch) -> Workspace:
-    monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
-    monkeypatch.setenv("DR_DEMO", "0")
-    monkeypatch.delenv("DR_DATABASE_URL", raising=False)
-    workspace = Workspace.from_env()
-    migrate(workspace.db_url)
-    return workspace
 
 
 def register_run(workspace: Workspace) -> int:
@@ -261,18 +251,6 @@ def test_export_class_folders_writes_grade_folders(tmp_path):
 # The page
 
 
-def run_page() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
-    at.switch_page("pages/review.py").run()
-    assert not at.exception, at.exception
-    return at
-
-
-def texts(at: AppTest) -> str:
-    return " ".join(e.value for e in [*at.info, *at.markdown, *at.caption, *at.warning,
-                                      *at.success, *at.error])
-
-
 def sign_in(at: AppTest, name: str = "Ana") -> AppTest:
     at.text_input(key="reviewer_name").input(name).run()
     assert not at.exception, at.exception
@@ -303,19 +281,19 @@ def bound_keys(at: AppTest) -> dict[str, list[str]]:
 
 
 def test_empty_workspace_asks_for_a_name_then_says_there_is_no_model(workspace):
-    at = run_page()
-    assert "Enter your name" in texts(at)
+    at = open_page("review")
+    assert "Enter your name" in page_text(at)
     assert not at.button  # nothing works before the name
     sign_in(at)
-    assert "Reviewing as Ana" in texts(at).replace("**", "")
-    assert "No model yet" in texts(at)
+    assert "Reviewing as Ana" in page_text(at).replace("**", "")
+    assert "No model yet" in page_text(at)
 
 
 def test_a_model_without_predictions_says_to_run_inference(workspace, tiny_data):
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "unlabelled", "pool")
     register_run(workspace)
-    at = sign_in(run_page())
-    assert "run inference on the Inference page first" in texts(at)
+    at = sign_in(open_page("review"))
+    assert "run inference on the Inference page first" in page_text(at)
 
 
 def test_reviewing_by_buttons(predicted):
@@ -323,17 +301,17 @@ def test_reviewing_by_buttons(predicted):
     db = workspace.db_url
     with session_scope(db) as session:
         names = dict(session.execute(select(Image.id, Image.name)).all())
-    at = sign_in(run_page())
+    at = sign_in(open_page("review"))
     assert on_screen(at) == names[pool[5]]
     assert progress_text(at) == "0 of 6 candidates reviewed"
     assert len(at.get("plotly_chart")) == 1 and len(at.image) == 2
-    assert "pool" in texts(at)  # the source's name
+    assert "pool" in page_text(at)  # the source's name
     assert bound_keys(at) == {"accept": ["a"], "reject": ["x"], "grade_0": ["0"],
                               "grade_1": ["1"], "grade_2": ["2"], "grade_3": ["3"],
                               "skip": [" "], "undo": ["backspace"], "keys_help": ["?", "shift+?"]}
     assert all(at.button(key=key) for key in bound_keys(at))  # each bound to a real button
     click(at, "keys_help")
-    assert "undo your last decision" in texts(at)
+    assert "undo your last decision" in page_text(at)
 
     click(at, "accept")
     assert reviews(db) == [(pool[5], "accept", 1, "Ana", run_id)]
@@ -349,7 +327,7 @@ def test_reviewing_by_buttons(predicted):
     assert reviews(db)[-1] == (pool[3], "reject", None, "Ana", run_id)
     assert on_screen(at) == names[pool[2]]  # the skipped pool 4 waits for the end
 
-    again = sign_in(run_page())  # a reload: a new session carries on from the database
+    again = sign_in(open_page("review"))  # a reload: a new session carries on from the database
     assert on_screen(again) == names[pool[4]]
 
     at.selectbox(key=f"change_{pool[5]}").select("reject").run()  # the last-10 list
@@ -365,23 +343,23 @@ def test_reviewing_by_buttons(predicted):
     at.multiselect(key="grades").set_value([0]).run()
     assert on_screen(at) == names[pool[0]]
     at.slider(key="threshold").set_value(0.99).run()
-    assert "reaches the confidence threshold 0.99" in texts(at)
+    assert "reaches the confidence threshold 0.99" in page_text(at)
 
 
 def test_the_queue_finishes_and_the_export_writes_folders(predicted):
     workspace, run_id, pool = predicted
     for image_id in pool[1:6]:
         decide(workspace.db_url, "ben", image_id, run_id, "accept")
-    at = sign_in(run_page())
+    at = sign_in(open_page("review"))
     click(at, "grade_3")
-    assert "Queue finished" in texts(at)
+    assert "Queue finished" in page_text(at)
     assert len(at.get("download_button")) == 1
     click(at, "export_folders")
     out = workspace.root / "export" / "curated"
-    assert "Wrote 30 files" in texts(at)  # 24 expert labels and 6 accepted
+    assert "Wrote 30 files" in page_text(at)  # 24 expert labels and 6 accepted
     assert sum(1 for _ in out.rglob("*.png")) == 30
     click(at, "export_folders")
-    assert "already holds grade folders" in texts(at)
+    assert "already holds grade folders" in page_text(at)
 
 
 def test_loop_overview_counts_each_stage(predicted):

@@ -1,0 +1,92 @@
+"""Review in a real browser: Debian's chromium against `streamlit run app.py`; a reviewer
+decides three candidates with the keyboard only, undoes the last one, and the database holds
+one appended row per key."""
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from browser import (chromium_page, press_on_body, require_chromium, screenshot,
+                     streamlit_server, wait_for, wait_for_shortcuts, wait_until_idle)
+from db.schema import Image, Review
+from db.session import migrate, session_scope
+from engine.sources import import_source
+from engine.workspace import Workspace
+from test_review import POOL, add_predictions, image_ids, register_run
+
+KEYS = ("accept", "reject", "grade_2", "undo", "keys_help")
+
+
+def reviews(db_url: str) -> list[tuple]:
+    with session_scope(db_url) as session:
+        return [tuple(row) for row in session.execute(
+            select(Review.image_id, Review.decision, Review.grade, Review.reviewer)
+            .order_by(Review.id))]
+
+
+def image_name(db_url: str, image_id: int) -> str:
+    with session_scope(db_url) as session:
+        return session.get(Image, image_id).name
+
+
+def on_screen(page) -> str:
+    """The name of the candidate on screen (the card's subheader)."""
+    return page.locator("[data-testid='stHeading'] h3").first.inner_text().strip()
+
+
+def decide_by_key(page, db_url: str, key: str, rows: int) -> None:
+    """Press `key`, then wait for the database's `rows`-th review and the page's next image."""
+    before = on_screen(page)
+    press_on_body(page, key)
+    wait_for(lambda: len(reviews(db_url)) >= rows, 30, f"review row {rows} after {key!r}")
+    wait_until_idle(page)
+    wait_for(lambda: on_screen(page) != before, 30, f"the next image after {key!r}")
+    wait_for_shortcuts(page, *KEYS)
+
+
+def test_keyboard_decisions_and_undo_reach_the_database(tmp_path: Path, tiny_data: Path):
+    require_chromium()
+    workspace = Workspace(tmp_path / "ws")
+    db = workspace.db_url
+    migrate(db)
+    import_source(db, "aptos", tiny_data / "aptos", "unlabelled", "pool")
+    import_source(db, "folders", tiny_data / "validation", "validation", "validation")
+    run_id = register_run(workspace)
+    pool = image_ids(db, "pool")
+    add_predictions(db, run_id, pool, POOL)  # six candidates at 0.70, least confident first
+
+    with streamlit_server(workspace.root, tmp_path / "server.log") as url, \
+            chromium_page() as page:
+        page.goto(f"{url}/review")
+        wait_until_idle(page)
+        page.get_by_label("Your name, stored with every decision").fill("ana")
+        page.keyboard.press("Enter")
+        page.get_by_text("Reviewing as").wait_for()
+        wait_until_idle(page)
+        wait_for_shortcuts(page, *KEYS)
+        assert page.get_by_text("0 of 6 candidates reviewed").is_visible()
+        assert on_screen(page) == image_name(db, pool[5])
+        screenshot(page, "review-before")
+
+        press_on_body(page, "?")
+        page.get_by_text("undo your last decision").wait_for()
+        wait_until_idle(page)
+        wait_for_shortcuts(page, *KEYS)
+        assert reviews(db) == []  # the help key decides nothing
+
+        decide_by_key(page, db, "a", 1)
+        decide_by_key(page, db, "x", 2)
+        decide_by_key(page, db, "2", 3)
+        # Predicted grades of pool 5, 4, 3 are 1, 0, 3 (POOL).
+        assert reviews(db) == [(pool[5], "accept", 1, "ana"), (pool[4], "reject", None, "ana"),
+                               (pool[3], "relabel", 2, "ana")]
+        page.get_by_text("3 of 6 candidates reviewed").wait_for()
+        screenshot(page, "review-after")
+
+        decide_by_key(page, db, "Backspace", 4)
+        assert reviews(db)[3] == (pool[3], "undo", None, "ana")
+        assert on_screen(page) == image_name(db, pool[3])  # back on screen to decide again
+        page.get_by_text("2 of 6 candidates reviewed").wait_for()
+        screenshot(page, "review-undone")
+    assert len(reviews(db)) == 4
+
