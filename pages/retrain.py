@@ -130,9 +130,12 @@ def promote_ui(runs: pd.DataFrame) -> None:
         st.info("No finished run with a checkpoint yet: the active model is chosen among those.")
         return
     active = active_run_id(workspace.db_url)
+    # The picker starts at the active run, and again when a run has finished.
+    if "promote_run" not in st.session_state or st.session_state.get("promote_choices") != ready:
+        st.session_state.promote_choices = ready
+        st.session_state.promote_run = active if active in ready else ready[0]
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     run_id = left.selectbox("Run to make active", ready, format_func=names.get,
-                            index=ready.index(active) if active in ready else 0,
                             key="promote_run")
     if right.button("Promote", key="promote"):
         try:

@@ -35,21 +35,22 @@ KEYS_HELP = """
 | `backspace` | undo your last decision |
 | `?` | show or hide this list |
 """
-# streamlit-shortcuts listens on the whole document, so typing a folder name would press
-# buttons. This listener, placed before the shortcuts' one, stops keys typed into fields.
+# streamlit-shortcuts adds its listener from the iframe that add_shortcuts draws, once: the
+# browser stops calling it when Streamlit replaces that iframe (a rerun that shifts it, as the
+# keys help does; a page switch), and it listens on the whole document, so typing a folder
+# name would press buttons. This listener is made in the app's own window, which outlives
+# every iframe; it takes the shortcuts' listener over and passes it no key typed into a field.
 KEY_GUARD = """<script>
-const doc = window.parent.document, win = window.parent.window;
-if (!win.__reviewKeyGuard) {
-  win.__reviewKeyGuard = (e) => {
-    if (e.target.closest && e.target.closest('input, textarea, select, [contenteditable="true"]'))
-      e.stopImmediatePropagation();
+window.parent.eval(`if (!window.__reviewKeys) {
+  window.__reviewKeys = (e) => {
+    const listener = window.__streamlitShortcutsListener;
+    if (!listener) return;
+    document.removeEventListener('keydown', listener);  // capture runs first: never twice
+    if (!e.target.closest || !e.target.closest('input, textarea, select, [contenteditable="true"]'))
+      listener(e);
   };
-  doc.addEventListener('keydown', win.__reviewKeyGuard);
-  if (win.__streamlitShortcutsListener) {
-    doc.removeEventListener('keydown', win.__streamlitShortcutsListener);
-    doc.addEventListener('keydown', win.__streamlitShortcutsListener);
-  }
-}
+  document.addEventListener('keydown', window.__reviewKeys, true);
+}`);
 </script>"""
 CHANGES = ("accept", "reject", *GRADES)  # what a past decision can be changed to
 workspace = get_workspace()
@@ -166,7 +167,8 @@ def keys_ui() -> None:
     keys.button("Keys `?`", key="keys_help", on_click=_toggle_keys)
     if st.session_state.get("show_keys"):
         st.markdown(KEYS_HELP)
-    st.iframe(KEY_GUARD, height="content")  # the script draws nothing
+    # The script draws nothing: "content" would measure 0 px and fall back to a blank 150 px.
+    st.iframe(KEY_GUARD, height=1)
     add_shortcuts(**SHORTCUTS)
 
 

@@ -93,9 +93,20 @@ def wait_until_idle(page) -> None:
 
 
 def screenshot(page, name: str) -> Path:
+    """The whole page into tests/screenshots/<name>.png. Streamlit scrolls its main area inside
+    the window, which a full-page shot does not unroll: the window grows for the shot."""
     SCREENSHOTS.mkdir(exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    hidden = page.evaluate("""() => Math.max(0, ...Array.from(document.querySelectorAll('*'))
+        .filter(e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowY))
+        .map(e => e.scrollHeight - e.clientHeight))""")
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": min(size["height"] + hidden, 6000)})
+    try:
+        page.wait_for_timeout(500)  # charts redraw at the new size
+        page.screenshot(path=str(path), full_page=True)
+    finally:
+        page.set_viewport_size(size)
     return path
 
 
@@ -107,6 +118,15 @@ def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "conditi
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.2)
     return value
+
+
+def go_to(page, title: str) -> None:
+    """Open a page by its link in the sidebar's navigation, as a user does, and wait for it.
+    (Open the app's root URL first: a fresh server that first serves a page's own URL runs
+    that page without app.py, because of the pages/ folder.)"""
+    page.locator("[data-testid='stSidebar']").get_by_role("link", name=title).click()
+    page.get_by_role("heading", name=title, level=1).wait_for()
+    wait_until_idle(page)
 
 
 def wait_for_shortcuts(page, *keys: str) -> None:

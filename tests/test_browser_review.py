@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from browser import (chromium_page, press_on_body, require_chromium, screenshot,
+from browser import (chromium_page, go_to, press_on_body, require_chromium, screenshot,
                      streamlit_server, wait_for, wait_for_shortcuts, wait_until_idle)
 from db.schema import Image, Review
 from db.session import migrate, session_scope
@@ -31,7 +31,13 @@ def image_name(db_url: str, image_id: int) -> str:
 
 def on_screen(page) -> str:
     """The name of the candidate on screen (the card's subheader)."""
-    return page.locator("[data-testid='stHeading'] h3").first.inner_text().strip()
+    return page.locator("[data-testid='stMain'] h3").first.inner_text().strip()
+
+
+def keys_ready(page) -> None:
+    """Until the shortcuts know the page's buttons and the page's key guard is in place."""
+    wait_for_shortcuts(page, *KEYS)
+    page.wait_for_function("() => !!window.__reviewKeys")
 
 
 def decide_by_key(page, db_url: str, key: str, rows: int) -> None:
@@ -41,7 +47,7 @@ def decide_by_key(page, db_url: str, key: str, rows: int) -> None:
     wait_for(lambda: len(reviews(db_url)) >= rows, 30, f"review row {rows} after {key!r}")
     wait_until_idle(page)
     wait_for(lambda: on_screen(page) != before, 30, f"the next image after {key!r}")
-    wait_for_shortcuts(page, *KEYS)
+    keys_ready(page)
 
 
 def test_keyboard_decisions_and_undo_reach_the_database(tmp_path: Path, tiny_data: Path):
@@ -57,13 +63,14 @@ def test_keyboard_decisions_and_undo_reach_the_database(tmp_path: Path, tiny_dat
 
     with streamlit_server(workspace.root, tmp_path / "server.log") as url, \
             chromium_page() as page:
-        page.goto(f"{url}/review")
+        page.goto(url)
         wait_until_idle(page)
+        go_to(page, "Review")
         page.get_by_label("Your name, stored with every decision").fill("ana")
         page.keyboard.press("Enter")
         page.get_by_text("Reviewing as").wait_for()
         wait_until_idle(page)
-        wait_for_shortcuts(page, *KEYS)
+        keys_ready(page)
         assert page.get_by_text("0 of 6 candidates reviewed").is_visible()
         assert on_screen(page) == image_name(db, pool[5])
         screenshot(page, "review-before")
@@ -71,7 +78,7 @@ def test_keyboard_decisions_and_undo_reach_the_database(tmp_path: Path, tiny_dat
         press_on_body(page, "?")
         page.get_by_text("undo your last decision").wait_for()
         wait_until_idle(page)
-        wait_for_shortcuts(page, *KEYS)
+        keys_ready(page)
         assert reviews(db) == []  # the help key decides nothing
 
         decide_by_key(page, db, "a", 1)
@@ -88,5 +95,12 @@ def test_keyboard_decisions_and_undo_reach_the_database(tmp_path: Path, tiny_dat
         assert on_screen(page) == image_name(db, pool[3])  # back on screen to decide again
         page.get_by_text("2 of 6 candidates reviewed").wait_for()
         screenshot(page, "review-undone")
+
+        folder = page.get_by_label("Class folders 0-3 into")
+        typed = folder.input_value() + "x2"
+        folder.press("End")
+        page.keyboard.type("x2")  # typed into a field: no shortcut
+        page.wait_for_timeout(1000)
+        assert folder.input_value() == typed
     assert len(reviews(db)) == 4
 
