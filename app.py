@@ -9,7 +9,7 @@ from db.runs import active_run_id
 from engine import jobs
 from engine.demo import is_empty
 from engine.grades import REVIEW_THRESHOLD
-from pages.common import device_label, get_workspace, job_status_ui
+from views.common import device_label, get_workspace, job_status_ui
 
 st.set_page_config(page_title="DR grading", page_icon="👁️", layout="wide")
 workspace = get_workspace()
@@ -60,9 +60,9 @@ def sidebar_ui() -> None:
 start_demo_if_empty()
 sidebar_ui()
 page = st.navigation([
-    st.Page("pages/dataset.py", title="Dataset", icon="📊", default=True),
-    st.Page("pages/inference.py", title="Inference", icon="🔮"),
-    st.Page("pages/review.py", title="Review", icon="✅"),
-    st.Page("pages/retrain.py", title="Retrain", icon="📈"),
+    st.Page("views/dataset.py", title="Dataset", icon="📊", default=True),
+    st.Page("views/inference.py", title="Inference", icon="🔮"),
+    st.Page("views/review.py", title="Review", icon="✅"),
+    st.Page("views/retrain.py", title="Retrain", icon="📈"),
 ])
 page.run()

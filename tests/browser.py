@@ -121,9 +121,7 @@ def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "conditi
 
 
 def go_to(page, title: str) -> None:
-    """Open a page by its link in the sidebar's navigation, as a user does, and wait for it.
-    (Open the app's root URL first: a fresh server that first serves a page's own URL runs
-    that page without app.py, because of the pages/ folder.)"""
+    """Open a page by its link in the sidebar's navigation, as a user does, and wait for it."""
     page.locator("[data-testid='stSidebar']").get_by_role("link", name=title).click()
     page.get_by_role("heading", name=title, level=1).wait_for()
     wait_until_idle(page)

@@ -54,12 +54,12 @@ def workspace(tmp_path: Path, monkeypatch):
 
 
 def open_page(page: str | None = None):
-    """The app run headless, switched to pages/<page>.py; it must not raise."""
+    """The app run headless, switched to views/<page>.py; it must not raise."""
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     if page:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
     assert not at.exception, at.exception
     return at
 

@@ -81,7 +81,7 @@ def test_inference_job_runs_and_the_results_show(workspace, tiny_data):
     assert not at.exception, at.exception
     job = infer_job(workspace.db_url)
     assert job.params["run_id"] == run_id and job.params["source"] == "demo APTOS test"
-    assert len(at.get("progress")) == 1 and at.button(key="cancel_inference")
+    assert len(at.main.get("progress")) == 1 and at.button(key="cancel_inference")
 
     job = wait_for(workspace.db_url, job.id, ("done",))
     assert job.run_id == run_id  # the predictions went under the chosen run
@@ -99,7 +99,7 @@ def test_inference_job_runs_and_the_results_show(workspace, tiny_data):
                 "SELECT p.grade, count(*) FROM predictions p JOIN images i ON i.id = p.image_id "
                 "WHERE p.run_id = :run AND i.source_id = :pool AND p.confidence >= :t "
                 "GROUP BY p.grade"), {"run": run_id, "pool": pool_id, "t": value}).all())
-        shown = [int(m.value) for m in at.metric]
+        shown = [int(m.value) for m in at.main.metric]
         assert shown == [expected.get(g, 0) for g in range(4)], value
         counted[value] = sum(shown)
     assert 0 < counted[0.70] < 8 and counted[0.0] == 8  # the threshold really splits the pool

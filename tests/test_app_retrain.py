@@ -179,7 +179,7 @@ def test_running_job_shows_progress_and_live_curves_then_the_finished_run(data):
         session.add(job)
     at = open_page("retrain")
     assert "Training now" in [h.value for h in at.subheader]
-    assert at.get("progress")[0].proto.text == "train #1: epoch 3/5, batch 2/4, 12.0 images/s"
+    assert at.main.get("progress")[0].proto.text == "train #1: epoch 3/5, batch 2/4, 12.0 images/s"
     live = [c for c in at.get("plotly_chart") if "live_curve" in c.proto.id]
     assert len(live) == len(CURVES)
 

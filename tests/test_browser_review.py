@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from browser import (chromium_page, go_to, press_on_body, require_chromium, screenshot,
+from browser import (chromium_page, press_on_body, require_chromium, screenshot,
                      streamlit_server, wait_for, wait_for_shortcuts, wait_until_idle)
 from db.schema import Image, Review
 from db.session import migrate, session_scope
@@ -63,9 +63,12 @@ def test_keyboard_decisions_and_undo_reach_the_database(tmp_path: Path, tiny_dat
 
     with streamlit_server(workspace.root, tmp_path / "server.log") as url, \
             chromium_page() as page:
-        page.goto(url)
+        page.goto(f"{url}/review")  # a bookmark, on a fresh server: app.py still runs
+        page.get_by_role("heading", name="Review", level=1).wait_for()
         wait_until_idle(page)
-        go_to(page, "Review")
+        sidebar = page.locator("[data-testid='stSidebar']")
+        assert sidebar.get_by_role("link", name="Dataset").is_visible()
+        assert sidebar.get_by_text("Candidates").is_visible()  # the loop overview
         page.get_by_label("Your name, stored with every decision").fill("ana")
         page.keyboard.press("Enter")
         page.get_by_text("Reviewing as").wait_for()

@@ -268,7 +268,7 @@ def on_screen(at: AppTest) -> str:
 
 
 def progress_text(at: AppTest) -> str:
-    return at.get("progress")[0].proto.text
+    return at.main.get("progress")[0].proto.text
 
 
 def bound_keys(at: AppTest) -> dict[str, list[str]]:

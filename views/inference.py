@@ -13,7 +13,7 @@ from db.predictions import (Model, Pool, confidence_histogram, grade_counts, mod
 from db.runs import active_run_id
 from engine import jobs
 from engine.grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from pages.common import get_workspace, job_status_ui
+from views.common import get_workspace, job_status_ui
 
 workspace = get_workspace()
 

@@ -19,7 +19,7 @@ from db.reviews import (ORDERS, Candidate, QueueFilter, RecentDecision, claim_ne
 from db.runs import active_run_id
 from engine.export import ExportRefused, export_class_folders
 from engine.grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from pages.common import get_workspace, image_pair_ui
+from views.common import get_workspace, image_pair_ui
 
 IMAGE_WIDTH = 480
 # Button key -> KeyboardEvent.key values (lower case) that press it.

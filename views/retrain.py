@@ -16,7 +16,7 @@ from engine.models import pick_device
 from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,
                             original_counts, run_name, runs_table, settings_problem,
                             train_job_args)
-from pages.common import get_workspace, image_pair_ui, job_status_ui
+from views.common import get_workspace, image_pair_ui, job_status_ui
 
 ERRORS_PER_PAGE = 4
 workspace = get_workspace()

@@ -8,7 +8,7 @@ from db.queries import class_counts, image_page, sources_frame
 from engine import jobs
 from engine.balance import balance_table, imbalance_ratios
 from engine.grades import GRADE_NAMES
-from pages.common import get_workspace, image_pair_ui, job_status_ui
+from views.common import get_workspace, image_pair_ui, job_status_ui
 
 PAGE_SIZE = 4
 workspace = get_workspace()
