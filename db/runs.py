@@ -3,7 +3,7 @@ their epochs for comparison."""
 
 import pandas as pd
 from sqlalchemy import select, update
-from sqlalchemy.orm import load_only
+from sqlalchemy.orm import Session, load_only
 
 from db.queries import labelled_images
 from db.schema import Epoch, Run
@@ -14,14 +14,16 @@ CURVE_COLUMNS = ["run_id", "run", "epoch", "lr", "train_loss", "train_acc", "val
 
 
 def active_run_id(db_url: str) -> int | None:
-    """The promoted run, else the newest finished run that has a checkpoint."""
+    """The promoted run: its predictions make the review queue."""
     with session_scope(db_url) as session:
-        promoted = session.scalar(select(Run.id).where(Run.active))
-        if promoted is not None:
-            return promoted
-        return session.scalar(select(Run.id).where(Run.status == "done",
-                                                    Run.checkpoint.is_not(None))
-                              .order_by(Run.id.desc()))
+        return session.scalar(select(Run.id).where(Run.active))
+
+
+def activate_first(session: Session, run: Run) -> None:
+    """The first model with a checkpoint becomes active by itself; a later one waits for a
+    Promote, so that a finished retrain never swaps the review queue under the reviewers."""
+    if session.scalar(select(Run.id).where(Run.active)) is None:
+        run.active = True
 
 
 def promote(db_url: str, run_id: int) -> None:

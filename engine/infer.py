@@ -14,6 +14,7 @@ import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from db.runs import activate_first
 from db.schema import Image, Prediction, Run, Source, utcnow
 from db.session import migrate, session_scope
 from engine.data import Sample
@@ -40,6 +41,7 @@ def register_model(db_url: str, checkpoint: Path, meta: dict) -> int:
                       best_qwk=meta.get("metrics", {}).get("qwk"), finished_at=utcnow())
             session.add(run)
             session.flush()
+            activate_first(session, run)
         return run.id
 
 

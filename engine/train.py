@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from db.queries import curated_set, labelled_images
+from db.runs import activate_first
 from db.schema import Epoch, Run, utcnow
 from db.session import migrate, session_scope
 from engine.data import Sample, class_counts, folder_samples, stratified_split
@@ -147,6 +148,7 @@ def _finish_run(db_url: str, run_id: int, status: str, result=None) -> None:
         if result is not None:
             run.checkpoint, run.best_qwk = str(result.best_checkpoint), result.best_qwk
             run.temperature, run.calibration = result.calibration["temperature"], result.calibration
+            activate_first(session, run)
 
 
 def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter) -> Path:

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import ROOT
 from db.schema import Epoch, Run
-from db.session import session_scope
+from db.session import migrate, session_scope
 from engine.data import Sample, folder_samples, stratified_split
 from engine.models import load_checkpoint
 from engine.sources import import_source
@@ -106,7 +106,6 @@ def test_stratified_split_keeps_every_grade(tiny_data):
 
 def test_database_mode_records_the_run_and_its_epochs(tiny_data, tmp_path):
     workspace = Workspace(tmp_path)
-    from db.session import migrate
     migrate(workspace.db_url)
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train")
     import_source(workspace.db_url, "folders", tiny_data / "validation", "validation")
@@ -174,3 +173,18 @@ def test_progressive_learning_grows_size_and_regularisation(tiny_data, tmp_path)
     trainer = Trainer(tiny_config(epochs=4, img_size=64, eval_size=64, progressive=True),
                       train, val, RunPaths.under(tmp_path, "p"), None)
     assert [record["img_size"] for record in trainer.fit().epochs] == [32, 32, 64, 64]
+
+
+def test_the_first_finished_run_becomes_active_and_later_ones_wait(tiny_data, tmp_path):
+    from db.runs import active_run_id, promote
+    workspace = Workspace(tmp_path)
+    migrate(workspace.db_url)
+    import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train")
+    import_source(workspace.db_url, "folders", tiny_data / "validation", "validation")
+    train_cli(tmp_path, "--from-db", "--epochs", "1", "--name", "first")
+    train_cli(tmp_path, "--from-db", "--epochs", "1", "--name", "second")
+    with session_scope(workspace.db_url) as session:
+        ids = dict(session.execute(select(Run.name, Run.id)).all())
+    assert active_run_id(workspace.db_url) == ids["first"]
+    promote(workspace.db_url, ids["second"])
+    assert active_run_id(workspace.db_url) == ids["second"]

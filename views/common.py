@@ -56,8 +56,9 @@ def _preprocessed(path: str, mtime: float, cache_root: str) -> np.ndarray:
     return PreprocessCache(Path(cache_root)).load(Path(path), PreprocessConfig())
 
 
-def image_pair_ui(path: str, caption: str, width: int = 240) -> None:
-    """The photograph beside its preprocessed view, or a sentence if the file is gone."""
+def image_pair_ui(path: str, caption: str, width: int = 240, fill: bool = False) -> None:
+    """The photograph beside its preprocessed view, or a sentence if the file is gone.
+    `width` is the thumbnail's resolution; `fill` shows both as wide as their columns."""
     try:
         mtime = Path(path).stat().st_mtime
         original = _thumbnail(path, mtime, width)
@@ -66,5 +67,6 @@ def image_pair_ui(path: str, caption: str, width: int = 240) -> None:
         st.warning(f"{caption}: cannot show this image ({exc}).")
         return
     left, right = st.columns(2)
-    left.image(original, caption=caption, width=width)
-    right.image(processed, caption="preprocessed", width=width)
+    shown = "stretch" if fill else width
+    left.image(original, caption=caption, width=shown)
+    right.image(processed, caption="preprocessed", width=shown)

@@ -130,10 +130,11 @@ def promote_ui(runs: pd.DataFrame) -> None:
         st.info("No finished run with a checkpoint yet: the active model is chosen among those.")
         return
     active = active_run_id(workspace.db_url)
-    # The picker starts at the active run, and again when a run has finished.
-    if "promote_run" not in st.session_state or st.session_state.get("promote_choices") != ready:
+    # The picker starts at the newest run, and again when a run has finished: the one a user
+    # comes to promote.
+    if st.session_state.get("promote_choices") != ready:
         st.session_state.promote_choices = ready
-        st.session_state.promote_run = active if active in ready else ready[0]
+        st.session_state.promote_run = ready[0]
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     run_id = left.selectbox("Run to make active", ready, format_func=names.get,
                             key="promote_run")

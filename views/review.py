@@ -141,7 +141,7 @@ def card_ui(candidate: Candidate) -> None:
     st.subheader(candidate.name)
     st.caption(f"Source {candidate.source} · predicted {GRADE_NAMES[candidate.grade]} · "
                f"confidence {candidate.confidence:.2f}")
-    image_pair_ui(candidate.path, candidate.name, width=IMAGE_WIDTH)
+    image_pair_ui(candidate.path, candidate.name, width=IMAGE_WIDTH, fill=True)
     figure = px.bar(x=[GRADE_NAMES[g] for g in GRADES], y=candidate.probs, range_y=[0, 1],
                     text_auto=".2f", labels={"x": "grade", "y": "probability"}, height=280)
     st.plotly_chart(figure, key="probabilities")
