@@ -17,6 +17,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from bench.common import photographs, rate
+from engine.data import default_workers
 from engine.models import create_model, default_model, model_mean_std
 from engine.predictor import predict
 from engine.preprocess import PreprocessConfig
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--size", type=int, default=1536, help="photograph height in pixels")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=default_workers())
     args = parser.parse_args()
 
     device = torch.device("cpu")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import rate
-from engine.data import folder_samples
+from engine.data import default_workers, folder_samples
 from engine.models import create_model, default_model
 from engine.synth import write_dataset
 from engine.trainer import RunPaths, TrainConfig, Trainer
@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=default_workers())
     args = parser.parse_args()
 
     name, size, _ = default_model(torch.device("cpu"))

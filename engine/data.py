@@ -4,6 +4,7 @@ Images come through the preprocessing cache, so the second epoch or a second inf
 decodes nothing; a file that cannot be read is reported and skipped, never fatal.
 """
 
+import os
 import random
 import signal
 from collections import Counter
@@ -137,6 +138,12 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list
         return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), failed
     images, labels, indices = zip(*good)
     return torch.stack(images), torch.tensor(labels), torch.tensor(indices), failed
+
+
+def default_workers() -> int:
+    """Loader processes beside the compute: none on a 2-core machine, where the model's own
+    threads use both cores and a warm cache leaves little to load (bench/inference.py)."""
+    return max(0, min(4, (os.cpu_count() or 2) // 2 - 1))
 
 
 def _ignore_sigterm(_worker: int) -> None:

@@ -17,10 +17,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from db.runs import activate_first
 from db.schema import Image, Prediction, Run, Source, utcnow
 from db.session import migrate, session_scope
-from engine.data import Sample
+from engine.data import Sample, default_workers
 from engine.jobs import JobReporter
 from engine.models import load_checkpoint, pick_device
-from engine.predictor import Predictions, predict
+from engine.predictor import Predictions, default_batch_size, predict
 from engine.sources import ImportStopped, import_source
 from engine.workspace import Workspace
 
@@ -89,8 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pool.add_argument("--images", type=Path, help="a folder of images (imported as a pool)")
     parser.add_argument("--out", type=Path, help="submission CSV (default: in the workspace)")
     parser.add_argument("--tta", action="store_true", help="average with the mirrored image")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, help="default: 64 on a GPU, 8 on a CPU")
+    parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--device")
     parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
     return parser.parse_args(argv)
@@ -113,7 +113,8 @@ def infer(args: argparse.Namespace, workspace: Workspace, job: JobReporter) -> P
         job.progress(done / total, f"{done}/{total} images, {rate:.1f} images/s, "
                                    f"{left:.0f} s left")
 
-    result = predict(model, meta, samples, device, args.batch_size, args.workers, args.tta,
+    batch_size = args.batch_size or default_batch_size(device)
+    result = predict(model, meta, samples, device, batch_size, args.workers, args.tta,
                      workspace.cache, on_batch)
     for index, reason in result.failures:
         print(f"skipped {samples[index].name}: {reason}")

@@ -20,7 +20,7 @@ from db.queries import curated_set, labelled_images
 from db.runs import activate_first
 from db.schema import Epoch, Run, utcnow
 from db.session import migrate, session_scope
-from engine.data import Sample, class_counts, folder_samples, stratified_split
+from engine.data import Sample, class_counts, default_workers, folder_samples, stratified_split
 from engine.jobs import JobCancelled, JobReporter
 from engine.models import default_model, pick_device
 from engine.trainer import Hooks, NonFiniteLoss, RunPaths, TrainConfig, Trainer
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--balance", choices=("loss", "sampler", "none"), default="loss")
     parser.add_argument("--progressive", type=boolean, default=False)
     parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", help="run name (default: the date and time)")
     parser.add_argument("--resume", action="store_true", help="continue run --name from last.pth")

@@ -13,6 +13,8 @@ from db.predictions import (Model, Pool, confidence_histogram, grade_counts, mod
 from db.runs import active_run_id
 from engine import jobs
 from engine.grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
+from engine.models import pick_device
+from engine.predictor import default_batch_size
 from views.common import get_workspace, job_status_ui
 
 workspace = get_workspace()
@@ -60,7 +62,8 @@ def start_ui(model: Model, pool: Pool) -> None:
     left, right = st.columns(2)
     tta = left.checkbox("Test-time augmentation (average with the mirrored image)",
                         key="infer_tta", help="About twice as slow; often a little better.")
-    batch_size = right.number_input("Batch size", min_value=1, max_value=1024, value=32,
+    batch_size = right.number_input("Batch size", min_value=1, max_value=1024,
+                                    value=default_batch_size(pick_device()),
                                     step=1, key="infer_batch_size")
     if st.button("Start inference", key="start_inference", type="primary"):
         start(model, pool, tta, int(batch_size))
