@@ -348,3 +348,13 @@ def test_metric_figures_hold_the_numbers():
     curated = curated_figure(counts, [5, 3, 2, 1]).data
     assert curated[0].name == "t · expert label" and list(curated[0].y) == [4, 3, 2, 1]
     assert curated[-1].name == "original labelled set" and list(curated[-1].y) == [5, 3, 2, 1]
+
+
+def test_a_run_that_finishes_later_joins_the_comparison_and_the_promote_picker(data):
+    first = add_run(data.db_url, "first", [0.5])
+    at = open_page("retrain")
+    assert at.multiselect(key="compare_runs").value == [first]
+    second = add_run(data.db_url, "second", [0.6])  # finishes while the page is open
+    at.run()
+    assert at.multiselect(key="compare_runs").value == [second, first]
+    assert at.selectbox(key="promote_run").value == second

@@ -33,6 +33,14 @@ def device_label() -> str:
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
+def reset_on_new_options(key: str, options: list, default) -> None:
+    """Set widget `key` to `default` when its options change (a run finished), so that a
+    new run is offered at once instead of the choice made before it existed."""
+    if st.session_state.get(f"{key}_options") != options:
+        st.session_state[f"{key}_options"] = options
+        st.session_state[key] = default
+
+
 def job_status_ui(job) -> None:
     """One job's progress bar with its message, or its outcome."""
     if job.status in jobs.ACTIVE:

@@ -16,7 +16,7 @@ from engine.models import pick_device
 from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,
                             original_counts, run_name, runs_table, settings_problem,
                             train_job_args)
-from views.common import get_workspace, image_pair_ui, job_status_ui
+from views.common import get_workspace, image_pair_ui, job_status_ui, reset_on_new_options
 
 ERRORS_PER_PAGE = 4
 workspace = get_workspace()
@@ -130,11 +130,7 @@ def promote_ui(runs: pd.DataFrame) -> None:
         st.info("No finished run with a checkpoint yet: the active model is chosen among those.")
         return
     active = active_run_id(workspace.db_url)
-    # The picker starts at the newest run, and again when a run has finished: the one a user
-    # comes to promote.
-    if st.session_state.get("promote_choices") != ready:
-        st.session_state.promote_choices = ready
-        st.session_state.promote_run = ready[0]
+    reset_on_new_options("promote_run", ready, ready[0])  # the newest: the one to promote
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     run_id = left.selectbox("Run to make active", ready, format_func=names.get,
                             key="promote_run")
@@ -178,8 +174,9 @@ def compare_ui(runs: pd.DataFrame) -> None:
         st.info("No run has finished an epoch yet: its curves appear here when one does.")
         return
     names = {int(i): name for i, name in zip(trained["id"], trained["name"])}
-    chosen = st.multiselect("Compare runs", list(names), default=list(names)[:3],
-                            format_func=names.get, key="compare_runs")
+    reset_on_new_options("compare_runs", list(names), list(names)[:3])
+    chosen = st.multiselect("Compare runs", list(names), format_func=names.get,
+                            key="compare_runs")
     if not chosen:
         st.info("Choose one or more runs to compare their curves.")
         return
