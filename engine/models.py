@@ -55,6 +55,15 @@ def pick_device(name: str | None = None) -> torch.device:
     raise ValueError(f"Unsupported device {name!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
+def describe_device(device: torch.device) -> str:
+    """The device in words, for people: the GPU's name, or the CPU's threads."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    if device.type == "mps":
+        return "Apple GPU (mps)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
 def default_model(device: torch.device | str) -> tuple[str, int, int]:
     """(timm model name, train image size, eval image size) suited to the device."""
     if torch.device(device).type == "cuda":

@@ -15,6 +15,7 @@ def test_empty_workspace_shows_a_sentence(workspace):
     assert at.title[0].value == "Dataset"
     assert "No datasets yet" in page_text(at)
     assert str(workspace.root) in page_text(at)  # the sidebar names the workspace
+    assert "Device: CPU (" in page_text(at)  # and the device
 
 
 def test_first_start_launches_the_demo_job(workspace, monkeypatch):

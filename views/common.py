@@ -8,6 +8,7 @@ import streamlit as st
 from db.session import migrate
 from engine import jobs
 from engine.images import ImageError, thumbnail
+from engine.models import describe_device, pick_device
 from engine.preprocess import PreprocessCache, PreprocessConfig
 from engine.workspace import Workspace
 
@@ -26,11 +27,7 @@ def get_workspace() -> Workspace:
 
 @st.cache_resource
 def device_label() -> str:
-    import torch  # slow to import: only once per server
-
-    if torch.cuda.is_available():
-        return f"GPU: {torch.cuda.get_device_name(0)}"
-    return f"CPU ({torch.get_num_threads()} threads)"
+    return describe_device(pick_device())
 
 
 def reset_on_new_options(key: str, options: list, default) -> None:
