@@ -328,8 +328,13 @@ def main(argv: list[str] | None = None) -> int:
 
     workspace = Workspace.from_env()
     migrate(workspace.db_url)
+    def checked(done: int, total: int) -> None:
+        print(f"\rchecking images: {done}/{total}", end="\n" if done == total else "",
+              file=sys.stderr, flush=True)
+
     try:
-        report = import_source(workspace.db_url, args.kind, args.path, args.role, args.name)
+        report = import_source(workspace.db_url, args.kind, args.path, args.role, args.name,
+                               checked)
     except ImportStopped as exc:
         print(f"import stopped: {exc}", file=sys.stderr)
         return 2
