@@ -39,13 +39,15 @@ def jobs_ui() -> None:
 def overview_ui() -> None:
     """Where the loop stands: label, train, predict, review, retrain."""
     counts = loop_overview(workspace.db_url, active_run_id(workspace.db_url), REVIEW_THRESHOLD)
-    top, bottom = st.columns(2), st.columns(3)
-    top[0].metric("Labelled", counts["labelled"], help="expert-labelled training images")
-    top[1].metric("Runs", counts["runs"], help="training runs")
-    bottom[0].metric("Predicted", counts["predicted"], help="images the active model graded")
-    bottom[1].metric("Candidates", counts["candidates"],
-                     help=f"predictions at or above {REVIEW_THRESHOLD:.2f} confidence")
-    bottom[2].metric("Reviewed", counts["reviewed"], help="candidates with a decision")
+    stages = [("Labelled", "labelled", "expert-labelled training images"),
+              ("Runs", "runs", "training runs"),
+              ("Predicted", "predicted", "images the active model graded"),
+              ("Candidates", "candidates",
+               f"predictions at or above {REVIEW_THRESHOLD:.2f} confidence"),
+              ("Reviewed", "reviewed", "candidates with a decision")]
+    for column, (label, key, meaning) in zip(st.columns(2) + st.columns(2) + st.columns(2),
+                                             stages):
+        column.metric(label, counts[key], help=meaning)
 
 
 def sidebar_ui() -> None:
