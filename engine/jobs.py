@@ -5,6 +5,7 @@ A click in the browser can interrupt a Streamlit script run, never a job.
 """
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -54,6 +55,8 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
     command = [sys.executable, "-m", module, *(args or []), "--job-id", str(job_id)]
     env = {**os.environ, "DR_WORKSPACE": str(workspace.root), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log:
+        log.write(f"$ {shlex.join(command)}\n".encode())  # what ran, for whoever reads the log
+        log.flush()
         process = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
