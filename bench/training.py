@@ -19,6 +19,7 @@ from engine.data import default_workers, folder_samples
 from engine.models import create_model, default_model
 from engine.synth import write_dataset
 from engine.trainer import RunPaths, TrainConfig, Trainer
+from engine.workspace import Workspace
 
 
 def minimal(name: str, size: int, batch: int, steps: int) -> float:
@@ -49,7 +50,7 @@ def main() -> None:
         samples = folder_samples(Path(tmp) / "validation")
         config = TrainConfig(model=name, img_size=size, eval_size=size, epochs=4,
                              batch_size=args.batch_size, pretrained=False, workers=args.workers)
-        trainer = Trainer(config, samples, samples[:8], RunPaths.under(Path(tmp), "bench"),
+        trainer = Trainer(config, samples, samples[:8], RunPaths.under(Workspace(Path(tmp)), "bench"),
                           Path(tmp) / "cache")
         trainer.train_epoch(0)  # fills the cache
         real = rate(len(samples), lambda repeat: trainer.train_epoch(repeat + 1))

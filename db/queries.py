@@ -2,6 +2,7 @@
 
 import pandas as pd
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from db.schema import Image, Review, Source
 from db.session import session_scope
@@ -43,6 +44,16 @@ def image_page(db_url: str, source_id: int, grade: int | None, limit: int, offse
             .join(Source).where(*where).order_by(Image.id).limit(limit).offset(offset)
         ).all()
     return [(f"{root}/{path}", name, g, label) for root, path, name, g, label in rows], total
+
+
+def unused_name(session: Session, column, base: str) -> str:
+    """`base`, or `base-2`, `base-3`... whichever `column` (a unique name) does not hold yet."""
+    taken = set(session.scalars(select(column)))
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
 
 
 def latest_reviews():

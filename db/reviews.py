@@ -14,12 +14,11 @@ from datetime import datetime, timedelta
 
 import pandas as pd
 from sqlalchemy import BigInteger, case, cast, delete, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from db.queries import curated_set, latest_reviews
 from db.schema import Claim, Image, Prediction, Review, Run, Source, utcnow
-from db.session import session_scope
+from db.session import session_scope, upsert_insert
 from engine.grades import GRADES, REVIEW_THRESHOLD
 
 CLAIM_TTL = timedelta(minutes=5)  # a claim older than this is a closed tab, not a reviewer
@@ -147,10 +146,6 @@ def _candidate(session: Session, run_id: int, image_id: int) -> Candidate:
                      grade, confidence)
 
 
-def _insert(session: Session):
-    return {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[session.bind.dialect.name]
-
-
 def claim_next(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int] = (),
                keep: int | None = None) -> Candidate | None:
     """Claim the next image for `reviewer` and return it; None when the queue is empty.
@@ -163,7 +158,7 @@ def claim_next(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[in
         session.execute(delete(Claim).where(Claim.reviewer == reviewer))
         if image_id is None:
             return None
-        insert = _insert(session)(Claim).values(image_id=image_id, reviewer=reviewer,
+        insert = upsert_insert(session)(Claim).values(image_id=image_id, reviewer=reviewer,
                                                 claimed_at=utcnow())
         session.execute(insert.on_conflict_do_update(
             index_elements=["image_id"],

@@ -8,6 +8,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -49,6 +50,11 @@ def migrate(url: str) -> None:
     with get_engine(url).begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def upsert_insert(session: Session):
+    """The INSERT construct with ON CONFLICT of the session's database (SQLite, PostgreSQL)."""
+    return {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[session.bind.dialect.name]
 
 
 @cache

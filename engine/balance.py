@@ -5,12 +5,16 @@ import pandas as pd
 from engine.grades import GRADES
 
 
+def every_grade(counts: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Rows (*keys, grade, count), with a zero row for every grade a group lacks."""
+    full = counts[keys].drop_duplicates().merge(pd.DataFrame({"grade": GRADES}), how="cross")
+    table = full.merge(counts, on=[*keys, "grade"], how="left").fillna({"count": 0})
+    return table.astype({"count": int})
+
+
 def balance_table(counts: pd.DataFrame) -> pd.DataFrame:
     """Rows (source, role, grade, count) -> every grade of every source, with its percent."""
-    sources = counts[["source", "role"]].drop_duplicates()
-    full = sources.merge(pd.DataFrame({"grade": GRADES}), how="cross")
-    table = full.merge(counts, on=["source", "role", "grade"], how="left").fillna({"count": 0})
-    table["count"] = table["count"].astype(int)
+    table = every_grade(counts, ["source", "role"])
     totals = table.groupby("source")["count"].transform("sum")
     table["percent"] = (100 * table["count"] / totals).round(1)
     return table

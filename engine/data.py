@@ -46,12 +46,6 @@ def folder_samples(root: Path) -> list[Sample]:
     return samples
 
 
-def image_samples(root: Path) -> list[Sample]:
-    """Every image under a folder, unlabelled."""
-    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    return [Sample(str(file), None, file.stem) for file in files]
-
-
 def stratified_split(samples: Sequence[Sample], val_fraction: float = 0.2, seed: int = 0
                      ) -> tuple[list[Sample], list[Sample]]:
     """The same fraction of every grade to validation, reproducibly for a seed."""

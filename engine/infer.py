@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 
+from db.queries import unused_name
 from db.runs import activate_first
 from db.schema import Image, Prediction, Run, Source, utcnow
-from db.session import migrate, session_scope
+from db.session import migrate, session_scope, upsert_insert
 from engine.data import Sample, default_workers
 from engine.jobs import JobReporter
 from engine.models import load_checkpoint, pick_device
@@ -30,10 +30,7 @@ def register_model(db_url: str, checkpoint: Path, meta: dict) -> int:
     with session_scope(db_url) as session:
         run = session.scalar(select(Run).where(Run.checkpoint == str(checkpoint)))
         if run is None:
-            taken = set(session.scalars(select(Run.name)))
-            name, n = meta.get("run") or checkpoint.stem, 1
-            while name in taken:
-                n, name = n + 1, f"{meta.get('run') or checkpoint.stem}-{n + 1}"
+            name = unused_name(session, Run.name, meta.get("run") or checkpoint.stem)
             run = Run(name=name, model_name=meta["model_name"], img_size=meta["image_size"],
                       config=meta.get("train_config", {}), status="done",
                       checkpoint=str(checkpoint), temperature=meta.get("temperature", 1.0),
@@ -65,7 +62,7 @@ def store_predictions(db_url: str, run_id: int, samples: list[Sample], result: P
         for i, p in zip(result.indices, result.probs)
     ]
     with session_scope(db_url) as session:
-        insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[session.bind.dialect.name]
+        insert = upsert_insert(session)
         for start in range(0, len(rows), 500):
             statement = insert(Prediction).values(rows[start:start + 500])
             session.execute(statement.on_conflict_do_update(

@@ -1,13 +1,13 @@
 """What the Retrain page computes: the curated set's make-up, the training job's arguments
 from the form's settings, and the table that compares runs. Plain data in, plain data out."""
 
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from engine.balance import every_grade
 from engine.grades import GRADE_NAMES, GRADES
 from engine.models import LITE0, default_model
 
@@ -23,11 +23,6 @@ def default_settings(device: torch.device | str) -> dict[str, Any]:
     return {"name": "", "model": model, "img_size": img_size, "epochs": 30 if on_gpu else 5,
             "batch_size": 16, "lr": 0.01, "lrf": 0.01, "optimizer": "sgd", "balance": "loss",
             "progressive": False, "pretrained": True, "weights": ""}
-
-
-def run_name(now: datetime | None = None) -> str:
-    """A run name when the form leaves it empty (the training CLI's own default)."""
-    return (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
 
 
 def settings_problem(settings: dict[str, Any], taken: set[str]) -> str | None:
@@ -61,10 +56,7 @@ def train_job_args(settings: dict[str, Any]) -> list[str]:
 def curated_counts(curated: pd.DataFrame) -> pd.DataFrame:
     """(source, origin, grade, count) for every grade of every contributor of the curated set."""
     groups = curated.groupby(["source", "origin", "grade"]).size().rename("count").reset_index()
-    contributors = groups[["source", "origin"]].drop_duplicates()
-    full = contributors.merge(pd.DataFrame({"grade": GRADES}), how="cross")
-    counts = full.merge(groups, on=["source", "origin", "grade"], how="left")
-    return counts.fillna({"count": 0}).astype({"count": int})
+    return every_grade(groups, ["source", "origin"])
 
 
 def original_counts(curated: pd.DataFrame) -> list[int]:

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import select
 
+from db.queries import unused_name
 from db.schema import Image, Source
 from db.session import migrate, session_scope
 from engine.grades import from_aptos
@@ -277,12 +278,7 @@ def _probe_all(root: Path, entries: list[Entry], progress: Progress | None
 def _get_source(session, kind: str, root: Path, role: str, name: str | None) -> Source:
     source = session.scalar(select(Source).filter_by(kind=kind, root=str(root), role=role))
     if source is None:
-        name = name or f"{root.name}-{role}"
-        taken = set(session.scalars(select(Source.name)))
-        base, n = name, 1
-        while name in taken:
-            n += 1
-            name = f"{base}-{n}"
+        name = unused_name(session, Source.name, name or f"{root.name}-{role}")
         source = Source(kind=kind, root=str(root), role=role, name=name)
         session.add(source)
         session.flush()

@@ -11,7 +11,6 @@ estimate_info/<run>.txt. The last line printed names the best checkpoint and its
 import argparse
 import sys
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from db.session import migrate, session_scope
 from engine.data import Sample, class_counts, default_workers, folder_samples, stratified_split
 from engine.jobs import JobCancelled, JobReporter
 from engine.models import default_model, pick_device
-from engine.trainer import Hooks, NonFiniteLoss, RunPaths, TrainConfig, Trainer
+from engine.trainer import Hooks, NonFiniteLoss, RunPaths, TrainConfig, Trainer, run_name
 from engine.workspace import Workspace
 
 TRUE, FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
@@ -153,7 +152,7 @@ def _finish_run(db_url: str, run_id: int, status: str, result=None) -> None:
 
 def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter) -> Path:
     config = make_config(args)
-    name = args.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = args.name or run_name()
     if args.from_db:
         train_samples, val_samples = db_samples(workspace.db_url)
         if not train_samples or not val_samples:
@@ -167,7 +166,7 @@ def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter) -> P
     if run_id is not None:
         job.attach_run(run_id)
     hooks = LogHooks(job, workspace.db_url, run_id)
-    trainer = Trainer(config, train_samples, val_samples, RunPaths.under(workspace.root, name),
+    trainer = Trainer(config, train_samples, val_samples, RunPaths.under(workspace, name),
                       workspace.cache, hooks)
     if args.resume:
         trainer.resume()

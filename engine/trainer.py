@@ -8,6 +8,7 @@ object about every batch and epoch (the job glue turns those into database rows)
 import json
 import math
 import time
+from datetime import datetime
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,12 @@ from engine.metrics import classification_report
 from engine.models import (create_model, freeze_all_but_classifier, load_checkpoint,
                            model_mean_std, save_checkpoint)
 from engine.preprocess import PreprocessConfig
+from engine.workspace import Workspace
+
+
+def run_name(now: datetime | None = None) -> str:
+    """A run's name when none is given: the date and time, as the seed named its logs."""
+    return (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -62,9 +69,9 @@ class RunPaths:
     report: Path
 
     @classmethod
-    def under(cls, workspace_root: Path, name: str) -> "RunPaths":
-        return cls(name, workspace_root / "weights" / name, workspace_root / "runs" / name,
-                   workspace_root / "estimate_info" / f"{name}.txt")
+    def under(cls, workspace: Workspace, name: str) -> "RunPaths":
+        return cls(name, workspace.weights / name, workspace.runs / name,
+                   workspace.estimate_info / f"{name}.txt")
 
     @property
     def last(self) -> Path:

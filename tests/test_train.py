@@ -85,7 +85,7 @@ def test_freeze_layers_trains_only_the_classifier(tiny_data, tmp_path):
     config = make_config(args)
     assert config.freeze_layers is True
     train, val = stratified_split(folder_samples(tiny_data / "validation"))
-    trainer = Trainer(config, train, val, RunPaths.under(tmp_path, "f"), None)
+    trainer = Trainer(config, train, val, RunPaths.under(Workspace(tmp_path), "f"), None)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -132,7 +132,7 @@ def tiny_config(**changes):
 def test_a_non_finite_loss_stops_the_run(tiny_data, tmp_path):
     train, val = stratified_split(folder_samples(tiny_data / "validation"))
     trainer = Trainer(tiny_config(lr=1e30, warmup_epochs=0), train, val,
-                      RunPaths.under(tmp_path, "nan"), None)
+                      RunPaths.under(Workspace(tmp_path), "nan"), None)
     with pytest.raises(NonFiniteLoss, match="lower the learning rate"):
         trainer.fit()
 
@@ -148,7 +148,7 @@ def test_an_unreadable_training_image_is_skipped(tiny_data, tmp_path):
             skipped.extend(reasons)
 
     train.append(Sample(str(broken), 1, "broken"))
-    result = Trainer(tiny_config(), train, val, RunPaths.under(tmp_path, "s"), None, Record()).fit()
+    result = Trainer(tiny_config(), train, val, RunPaths.under(Workspace(tmp_path), "s"), None, Record()).fit()
     assert len(result.epochs) == 1 and skipped and str(broken) in skipped[0]
 
 
@@ -171,7 +171,7 @@ def test_progressive_learning_grows_size_and_regularisation(tiny_data, tmp_path)
     assert stage_of(tiny_config(progressive=False), 0)[:2] == (64, 0)
     train, val = stratified_split(folder_samples(tiny_data / "validation"))
     trainer = Trainer(tiny_config(epochs=4, img_size=64, eval_size=64, progressive=True),
-                      train, val, RunPaths.under(tmp_path, "p"), None)
+                      train, val, RunPaths.under(Workspace(tmp_path), "p"), None)
     assert [record["img_size"] for record in trainer.fit().epochs] == [32, 32, 64, 64]
 
 

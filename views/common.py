@@ -56,18 +56,13 @@ def _thumbnail(path: str, mtime: float, width: int) -> np.ndarray:
     return thumbnail(Path(path), width)
 
 
-@st.cache_data(max_entries=512, show_spinner=False)
-def _preprocessed(path: str, mtime: float, cache_root: str) -> np.ndarray:
-    return PreprocessCache(Path(cache_root)).load(Path(path), PreprocessConfig())
-
-
 def image_pair_ui(path: str, caption: str, width: int = 240, fill: bool = False) -> None:
     """The photograph beside its preprocessed view, or a sentence if the file is gone.
     `width` is the thumbnail's resolution; `fill` shows both as wide as their columns."""
     try:
         mtime = Path(path).stat().st_mtime
         original = _thumbnail(path, mtime, width)
-        processed = _preprocessed(path, mtime, str(get_workspace().cache))
+        processed = PreprocessCache(get_workspace().cache).load(Path(path), PreprocessConfig())
     except (OSError, ImageError) as exc:
         st.warning(f"{caption}: cannot show this image ({exc}).")
         return

@@ -16,13 +16,13 @@ workspace = get_workspace()
 
 @st.fragment(run_every=1)
 def demo_progress_ui() -> None:
+    jobs.mark_dead_jobs(workspace.db_url)
     job = jobs.latest_job(workspace.db_url, "demo")
     if job is None:
         st.info("No datasets yet. Import one from a terminal, for example "
                 "`python -m engine.sources import --kind aptos --path /data/aptos --role train` "
                 "(see the README).")
         return
-    jobs.mark_dead_jobs(workspace.db_url)
     if job.status == "done":
         st.rerun()  # the whole page, now that there is data
     if job.status in jobs.ACTIVE:

@@ -14,8 +14,8 @@ from engine.curves import confusion_figure, curated_figure, curve_figures, per_c
 from engine.grades import GRADE_NAMES
 from engine.models import pick_device
 from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,
-                            original_counts, run_name, runs_table, settings_problem,
-                            train_job_args)
+                            original_counts, runs_table, settings_problem, train_job_args)
+from engine.trainer import run_name
 from views.common import get_workspace, image_pair_ui, job_status_ui, reset_on_new_options
 
 ERRORS_PER_PAGE = 4
