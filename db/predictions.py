@@ -66,6 +66,15 @@ def grade_counts(db_url: str, run_id: int, source_id: int, min_confidence: float
     return {grade: count for grade, count in rows}
 
 
+def run_grade_counts(db_url: str, run_id: int) -> dict[int, int]:
+    """Every image the run predicted, whichever pool, per predicted grade."""
+    with session_scope(db_url) as session:
+        rows = session.execute(select(Prediction.grade, func.count(Prediction.id))
+                               .where(Prediction.run_id == run_id)
+                               .group_by(Prediction.grade)).all()
+    return {grade: count for grade, count in rows}
+
+
 def confidence_histogram(db_url: str, run_id: int, source_id: int, bins: int = 20
                          ) -> pd.DataFrame:
     """Predictions per confidence bin and predicted grade: columns grade, confidence (the

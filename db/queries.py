@@ -62,18 +62,25 @@ def latest_reviews():
     return select(Review.image_id, Review.decision, Review.grade).where(Review.id.in_(newest))
 
 
-def labelled_images(db_url: str, role: str) -> list[tuple[int, str, str, int]]:
-    """(image id, absolute path, name, grade) of the expert-labelled images of a role."""
+def _group(extra: dict | None) -> str | None:
+    """The person an image belongs to, as its importer recorded it."""
+    group = (extra or {}).get("group")
+    return None if group is None else str(group)
+
+
+def labelled_images(db_url: str, role: str) -> list[tuple[int, str, str, int, str | None]]:
+    """(image id, absolute path, name, grade, group) of the expert-labelled images of a role."""
     with session_scope(db_url) as session:
         rows = session.execute(
-            select(Image.id, Source.root, Image.path, Image.name, Image.grade).join(Source)
-            .where(Source.role == role, Image.grade.is_not(None)).order_by(Image.id)
+            select(Image.id, Source.root, Image.path, Image.name, Image.grade, Image.extra)
+            .join(Source).where(Source.role == role, Image.grade.is_not(None)).order_by(Image.id)
         ).all()
-    return [(i, f"{root}/{path}", name, grade) for i, root, path, name, grade in rows]
+    return [(i, f"{root}/{path}", name, grade, _group(extra))
+            for i, root, path, name, grade, extra in rows]
 
 
-CURATED_COLUMNS = ["image_id", "image", "source", "path", "grade", "expert_grade", "origin",
-                   "reviewer", "time"]
+CURATED_COLUMNS = ["image_id", "image", "source", "path", "group", "grade", "expert_grade",
+                   "origin", "reviewer", "time"]
 
 
 def curated_set(db_url: str) -> pd.DataFrame:
@@ -81,7 +88,8 @@ def curated_set(db_url: str) -> pd.DataFrame:
     plus images whose current decision is an accept or a correction. A reviewer's decision
     overrides an expert's grade (origin "pseudo"); validation images never count, so the
     yardstick stays clean."""
-    image = select(Image.id, Image.name, Source.name, Source.root, Image.path).join(Source)
+    image = select(Image.id, Image.name, Source.name, Source.root, Image.path,
+                   Image.extra).join(Source)
     latest = latest_reviews().add_columns(Review.reviewer, Review.created_at).subquery()
     with session_scope(db_url) as session:
         expert = session.execute(image.add_columns(Image.grade, Image.grade)
@@ -92,9 +100,10 @@ def curated_set(db_url: str) -> pd.DataFrame:
             .where(latest.c.decision.in_(("accept", "relabel")), latest.c.grade.is_not(None),
                    Source.role != "validation")).all()
     rows = {row[0]: (*row, "expert", None, None) for row in expert}
-    rows |= {row[0]: (*row[:7], "pseudo", *row[7:]) for row in pseudo}
+    rows |= {row[0]: (*row[:8], "pseudo", *row[8:]) for row in pseudo}
     table = pd.DataFrame([rows[i] for i in sorted(rows)],
-                         columns=["image_id", "image", "source", "root", "rel", "grade",
+                         columns=["image_id", "image", "source", "root", "rel", "extra", "grade",
                                   "expert_grade", "origin", "reviewer", "time"])
     table.insert(3, "path", table.pop("root") + "/" + table.pop("rel"))
+    table.insert(4, "group", table.pop("extra").map(_group))
     return table.astype({"expert_grade": "Int64"})[CURATED_COLUMNS]

@@ -19,6 +19,22 @@ def active_run_id(db_url: str) -> int | None:
         return session.scalar(select(Run.id).where(Run.active))
 
 
+def run_score(db_url: str, run_id: int) -> tuple[str, float | None]:
+    """The run's name and best validation QWK (None when it was never validated here)."""
+    with session_scope(db_url) as session:
+        return tuple(session.execute(select(Run.name, Run.best_qwk)
+                                     .where(Run.id == run_id)).one())
+
+
+def run_calibration(db_url: str, run_id: int) -> dict:
+    """The run's calibration summary as training stored it; empty for a run trained before
+    calibration was stored, or still training."""
+    with session_scope(db_url) as session:
+        calibration, temperature = session.execute(
+            select(Run.calibration, Run.temperature).where(Run.id == run_id)).one()
+    return {"temperature": temperature, **calibration} if calibration else {}
+
+
 def activate_first(session: Session, run: Run) -> None:
     """The first model with a checkpoint becomes active by itself; a later one waits for a
     Promote, so that a finished retrain never swaps the review queue under the reviewers."""
@@ -40,13 +56,18 @@ def validation_size(db_url: str) -> int:
     return len(labelled_images(db_url, "validation"))
 
 
-def _best(epochs: list[Epoch]) -> Epoch | None:
-    # The trainer keeps the first epoch of the highest QWK as best.pth; so does this.
-    return max(epochs, key=lambda e: e.qwk) if epochs else None
+def _best(epochs: list[Epoch], config: dict | None) -> Epoch | None:
+    """The epoch the trainer kept as best.pth: the last one, or (config select "best", and
+    runs from before that setting) the first of the highest val QWK."""
+    if not epochs:
+        return None
+    if (config or {}).get("select", "best") == "last":
+        return epochs[-1]
+    return max(epochs, key=lambda e: e.qwk)
 
 
 def runs_frame(db_url: str) -> pd.DataFrame:
-    """One row per run, newest first, with its config and its best epoch (by val QWK)."""
+    """One row per run, newest first, with its config and the epoch it kept (see _best)."""
     with session_scope(db_url) as session:
         scores: dict[int, list[Epoch]] = {}
         # The per-image error lists can be long; the table needs only the scores.
@@ -55,7 +76,7 @@ def runs_frame(db_url: str) -> pd.DataFrame:
             scores.setdefault(epoch.run_id, []).append(epoch)
         rows = []
         for run in session.scalars(select(Run).order_by(Run.id.desc())):
-            best = _best(scores.get(run.id, []))
+            best = _best(scores.get(run.id, []), run.config)
             rows.append((run.id, run.name, run.model_name, run.img_size, run.config, run.status,
                          run.checkpoint, run.created_at, len(scores.get(run.id, [])),
                          best.qwk if best else run.best_qwk, best.val_acc if best else None,
@@ -77,11 +98,12 @@ def epochs_frame(db_url: str, run_ids: list[int]) -> pd.DataFrame:
 
 
 def best_epoch(db_url: str, run_id: int) -> dict | None:
-    """The run's best epoch by val QWK: its scores, per-class precision and recall, confusion
+    """The epoch the run kept (see _best): its scores, per-class precision and recall, confusion
     matrix, and misclassified validation images ([path, true, predicted]); None if no epoch."""
     with session_scope(db_url) as session:
         best = _best(session.scalars(select(Epoch).where(Epoch.run_id == run_id)
-                                     .order_by(Epoch.epoch)).all())
+                                     .order_by(Epoch.epoch)).all(),
+                     session.scalar(select(Run.config).where(Run.id == run_id)))
         if best is None:
             return None
         return {key: getattr(best, key) for key in

@@ -6,12 +6,17 @@ minimising the negative log-likelihood; argmax, hence accuracy and QWK, do not c
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.metrics import expected_calibration_error
+from engine.grades import REVIEW_THRESHOLD
+from engine.metrics import confident_share, expected_calibration_error
 
-T_MIN, T_MAX = 0.05, 20.0
+# A well-trained network is rarely more than a few times over- or under-confident; a fit
+# beyond these says that the validation set is too small or the model has not learned.
+T_MIN, T_MAX = 0.25, 4.0
+RELIABILITY_BINS = 10
 
 
 def _prepare(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,18 +63,46 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> floa
     return F.cross_entropy(logits / temperature, labels).item() if labels.numel() else 0.0
 
 
-def _ece(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
-    return expected_calibration_error(apply_temperature(logits, temperature).numpy(), labels.numpy())
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = RELIABILITY_BINS) -> list[dict]:
+    """Per equal-width confidence bin (lo, hi]: images, mean confidence and accuracy; the
+    points of a reliability diagram (empty bins are left out)."""
+    probs, labels = np.asarray(probs), np.asarray(labels).ravel()
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    return [{"lo": b / bins, "hi": (b + 1) / bins, "count": int((which == b).sum()),
+             "confidence": float(confidence[which == b].mean()),
+             "accuracy": float(correct[which == b].mean())}
+            for b in range(bins) if (which == b).any()]
 
 
-def calibration_summary(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Fit T and report ECE and NLL before (T = 1) and after, as plain floats."""
+def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, folds: np.ndarray,
+                        threshold: float = REVIEW_THRESHOLD) -> dict:
+    """Fit T on all of the held-out logits, and judge it honestly by cross-fitting: each of
+    the two `folds` (0/1 per image, e.g. by person) is calibrated with the T fitted on the
+    other, so that no image is scored with a temperature it helped fit. Reports ECE, NLL and
+    the reliability diagram before (T = 1) and after, and how many images reach `threshold`
+    after calibration and how many of those are right."""
     logits, labels = _prepare(logits, labels)
+    folds = np.asarray(folds).ravel()
     temperature = fit_temperature(logits, labels)
+    crossed = torch.empty_like(logits)
+    for fold in (0, 1):
+        mine, other = torch.from_numpy(folds == fold), torch.from_numpy(folds != fold)
+        fold_t = fit_temperature(logits[other], labels[other]) if other.any() else temperature
+        crossed[mine] = logits[mine] / fold_t
+    before = apply_temperature(logits, 1.0).numpy()
+    after = apply_temperature(crossed, 1.0).numpy()
+    confident, right = confident_share(after, labels.numpy(), threshold)
     return {
         "temperature": temperature,
-        "ece_before": _ece(logits, labels, 1.0),
-        "ece_after": _ece(logits, labels, temperature),
+        "bounded": not T_MIN < temperature < T_MAX,
+        "images": int(labels.numel()),
+        "ece_before": expected_calibration_error(before, labels.numpy()),
+        "ece_after": expected_calibration_error(after, labels.numpy()),
         "nll_before": _nll(logits, labels, 1.0),
-        "nll_after": _nll(logits, labels, temperature),
+        "nll_after": _nll(crossed, labels, 1.0),
+        "reliability_before": reliability(before, labels.numpy()),
+        "reliability_after": reliability(after, labels.numpy()),
+        "threshold": threshold, "confident": confident, "confident_right": right,
     }

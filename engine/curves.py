@@ -1,5 +1,6 @@
 """Plotly figures of the Retrain page: training curves (one run or several overlaid), the
-confusion matrix, per-class precision and recall, and the curated set's make-up."""
+confusion matrix, per-class precision and recall, the reliability diagram, and the curated
+set's make-up."""
 
 import pandas as pd
 import plotly.express as px
@@ -79,4 +80,30 @@ def curated_figure(counts: pd.DataFrame, original: list[int]) -> go.Figure:
                                 name="original labelled set"))
     figure.update_layout(barmode="stack", xaxis_title="grade", yaxis_title="images",
                          margin={"t": 20, "b": 10}, height=360)
+    return figure
+
+
+def _reliability_trace(bins: list[dict], name: str, colour: str, largest: int) -> go.Scatter:
+    return go.Scatter(
+        x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], name=name,
+        mode="lines+markers", line={"color": colour},
+        marker={"size": [8 + 22 * (b["count"] / largest) ** 0.5 for b in bins]},
+        customdata=[[b["count"], b["lo"], b["hi"]] for b in bins],
+        hovertemplate="confidence %{customdata[1]:.1f}–%{customdata[2]:.1f}: "
+                      "%{customdata[0]} images<br>mean confidence %{x:.2f}<br>"
+                      "accuracy %{y:.2f}<extra>" + name + "</extra>")
+
+
+def reliability_figure(before: list[dict], after: list[dict]) -> go.Figure:
+    """Accuracy against mean confidence per confidence bin (engine.calibration.reliability),
+    before and after temperature scaling; a marker's area grows with its bin's images."""
+    largest = max((b["count"] for b in [*before, *after]), default=1) or 1
+    figure = go.Figure([
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
+                   line={"color": "grey", "dash": "dot"}, hoverinfo="skip"),
+        _reliability_trace(before, "before (T = 1)", COLOURS[0], largest),
+        _reliability_trace(after, "after temperature scaling", COLOURS[1], largest)])
+    figure.update_layout(title="Reliability on the validation set", xaxis_title="mean confidence",
+                         yaxis_title="accuracy", xaxis_range=[0, 1.02], yaxis_range=[0, 1.02],
+                         margin={"t": 40, "b": 10}, height=360)
     return figure

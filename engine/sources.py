@@ -21,6 +21,7 @@ from db.queries import unused_name
 from db.schema import Image, Source
 from db.session import migrate, session_scope
 from engine.grades import from_aptos
+from engine.groups import group_of
 from engine.images import IMAGE_SUFFIXES, ImageError, probe_image
 from engine.workspace import Workspace
 
@@ -109,6 +110,11 @@ def _parse_int(text: str, allowed: range, what: str) -> int:
     return value
 
 
+def _group_extra(name: str, row: dict | None = None) -> dict[str, str]:
+    group = group_of(name, row)
+    return {} if group is None else {"group": group}
+
+
 def _list_aptos(root: Path, role: str) -> tuple[list[Entry], list[Problem]]:
     split = "test" if role == "unlabelled" else "train"
     csv = root / f"{split}.csv"
@@ -123,7 +129,8 @@ def _list_aptos(root: Path, role: str) -> tuple[list[Entry], list[Problem]]:
         if not id_code:
             problems.append(Problem(where, "empty id_code"))
             continue
-        entry = Entry(f"{where} (id_code {id_code})", f"{split}_images/{id_code}.png", id_code)
+        entry = Entry(f"{where} (id_code {id_code})", f"{split}_images/{id_code}.png", id_code,
+                      extra=_group_extra(id_code, row))
         if split == "train":
             try:
                 diagnosis = _parse_int(row["diagnosis"], range(5), "diagnosis")
@@ -163,7 +170,8 @@ def _list_messidor_file(path: Path, root: Path) -> tuple[list[Entry], list[Probl
             problems.append(Problem(where, str(exc)))
             continue
         rel = (prefix / name).as_posix()
-        entries.append(Entry(where, rel, name, grade, str(grade), {"macular_edema": edema}))
+        entries.append(Entry(where, rel, name, grade, str(grade),
+                             {"macular_edema": edema, **_group_extra(Path(name).stem, row)}))
     return entries, problems
 
 
@@ -195,7 +203,8 @@ def _list_folders(root: Path) -> tuple[list[Entry], list[Problem]]:
             continue
         for file in _visible_files(folder):
             rel = file.relative_to(root).as_posix()
-            entries.append(Entry(rel, rel, file.stem, int(folder.name), folder.name))
+            entries.append(Entry(rel, rel, file.stem, int(folder.name), folder.name,
+                                 _group_extra(file.stem)))
     if not folders:
         raise ImportStopped(f"{root}: no class folders 0/ 1/ 2/ 3/ in this folder")
     return entries, problems
@@ -205,7 +214,7 @@ def _list_unlabelled(root: Path) -> tuple[list[Entry], list[Problem]]:
     entries = []
     for file in _visible_files(root):
         rel = file.relative_to(root).as_posix()
-        entries.append(Entry(rel, rel, file.stem))
+        entries.append(Entry(rel, rel, file.stem, extra=_group_extra(file.stem)))
     return entries, []
 
 
@@ -277,6 +286,12 @@ def _probe_all(root: Path, entries: list[Entry], progress: Progress | None
 
 def _get_source(session, kind: str, root: Path, role: str, name: str | None) -> Source:
     source = session.scalar(select(Source).filter_by(kind=kind, root=str(root), role=role))
+    other = session.scalar(select(Source).where(Source.root == str(root), Source.role != role,
+                                                Source.role != "unlabelled"))
+    if source is None and other is not None and role != "unlabelled":
+        raise ImportStopped(f"{root} is imported already as {other.name!r} with role "
+                            f"{other.role}: one folder cannot be both training and validation, "
+                            "or the validation figures would judge images the model learned")
     if source is None:
         name = unused_name(session, Source.name, name or f"{root.name}-{role}")
         source = Source(kind=kind, root=str(root), role=role, name=name)

@@ -4,11 +4,15 @@
         --freeze-layers false --lr 0.01 --lrf 0.01
     python -m engine.train --from-db            # expert labels + accepted pseudo-labels
 
-Outputs go to the workspace: weights/<run>/{best,last}.pth, runs/<run> (TensorBoard) and
-estimate_info/<run>.txt. The last line printed names the best checkpoint and its val QWK.
+The defaults are the recipe that learned real photographs best in `python -m bench.realdata`
+(see the README); on a CPU they fit the epochs into 20 minutes. Outputs go to the workspace:
+weights/<run>/{best,last}.pth with config.json and samples.csv (every image and label the run
+learned from or was judged on), runs/<run> (TensorBoard) and estimate_info/<run>.txt. The
+last line printed names the kept checkpoint and its val QWK.
 """
 
 import argparse
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -19,12 +23,17 @@ from db.queries import curated_set, labelled_images
 from db.runs import activate_first
 from db.schema import Epoch, Run, utcnow
 from db.session import migrate, session_scope
-from engine.data import Sample, class_counts, default_workers, folder_samples, stratified_split
+from engine.data import (AUGMENTATIONS, Sample, class_counts, default_workers, folder_samples, read_manifest,
+                         same_content, shared_groups, stratified_split)
 from engine.jobs import JobCancelled, JobReporter
-from engine.models import default_model, pick_device
-from engine.trainer import Hooks, NonFiniteLoss, RunPaths, TrainConfig, Trainer, run_name
+from engine.models import (WeightsMismatch, cpu_bf16_supported, default_model,
+                           model_for_weights, model_sizes, pick_device)
+from engine.preprocess import PreprocessConfig
+from engine.trainer import Hooks, RunPaths, TrainConfig, Trainer, TrainingStopped, run_name
 from engine.workspace import Workspace
 
+# Without --epochs: the seed's 30 epochs on a GPU; on a CPU, what fits into 20 minutes.
+GPU_EPOCHS, CPU_MINUTES = 30, 20.0
 TRUE, FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
 
 
@@ -43,11 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-path", type=Path, help="class folders 0/ 1/ 2/ 3/ (80/20 split)")
     data.add_argument("--from-db", action="store_true", help="the curated set in the workspace")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--epochs", type=int, help=f"default: {GPU_EPOCHS} on a GPU; on a CPU as "
+                        f"many as fit into {CPU_MINUTES:g} minutes")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lrf", type=float, default=0.01)
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
     parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--weights", default="", help="pretrained weight file (default: the "
                         "model's ImageNet weights found offline)")
@@ -55,7 +65,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--freeze-layers", type=boolean, default=False)
     parser.add_argument("--model", help="timm model name (default by device)")
     parser.add_argument("--img-size", type=int, help="training image size (default by model)")
-    parser.add_argument("--balance", choices=("loss", "sampler", "none"), default="loss")
+    parser.add_argument("--eval-size", type=int, help="validation and inference image size "
+                        "(default: the training size, times the model's eval/train ratio)")
+    parser.add_argument("--balance", choices=("loss", "sqrt", "sampler", "none"), default="sqrt",
+                        help="loss: inverse-frequency class weights; sqrt: their square root; "
+                        "sampler: every grade drawn equally often")
+    parser.add_argument("--loss", choices=("ce", "ordinal"), default="ordinal",
+                        help="ordinal: soft targets on the neighbouring grades")
+    parser.add_argument("--minutes", type=float, help="fit the epochs into this many minutes "
+                        "(measured on a few batches first)")
+    parser.add_argument("--augment", choices=AUGMENTATIONS, default="light",
+                        help="light: mirror and quarter turns; strong: also any angle, scale, "
+                        "colour and blur")
+    parser.add_argument("--freeze-stages", type=int, default=2,
+                        help="keep the stem and this many first stages as pretrained")
+    parser.add_argument("--bf16", type=boolean, default=cpu_bf16_supported(),
+                        help="bfloat16 autocast on a CPU too (always on a GPU; default: where "
+                        "the CPU computes it natively)")
+    parser.add_argument("--select", choices=("last", "best"), default="last",
+                        help="the epoch best.pth keeps: the last, or the highest val QWK")
+    parser.add_argument("--tta", type=boolean, default=True,
+                        help="validate on each image and its mirror")
+    parser.add_argument("--enhance", type=boolean, default=False,
+                        help="Ben Graham's local contrast enhancement")
     parser.add_argument("--progressive", type=boolean, default=False)
     parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
     parser.add_argument("--workers", type=int, default=default_workers())
@@ -70,30 +102,68 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's config from the options; a model given by name or by its weight file's name
+    gets that model's own sizes, the device's default model the sizes chosen for it."""
     device = pick_device(args.device)
     model, train_size, eval_size = default_model(device)
-    if args.model and args.model != model:
-        model, train_size, eval_size = args.model, 224, 224
-    if args.img_size:
-        train_size = eval_size = args.img_size
+    named = args.model or (model_for_weights(args.weights) if args.weights else None)
+    if named and named != model:
+        model, (train_size, eval_size) = named, model_sizes(named)
+    # A model evaluated larger than trained (EfficientNetV2: 300 -> 384) keeps the ratio.
+    scale = eval_size / train_size
+    train_size = args.img_size or train_size
+    eval_size = args.eval_size or round(train_size * scale)
     pretrained = args.weights or args.pretrained
     return TrainConfig(
-        model=model, img_size=train_size, eval_size=max(eval_size, train_size),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lrf=args.lrf,
+        model=model, img_size=train_size, eval_size=eval_size,
+        epochs=args.epochs or GPU_EPOCHS, batch_size=args.batch_size, lr=args.lr, lrf=args.lrf,
         optimizer=args.optimizer, warmup_epochs=args.warmup_epochs, balance=args.balance,
         progressive=args.progressive, freeze_layers=args.freeze_layers, pretrained=pretrained,
-        workers=args.workers, seed=args.seed, device=str(device),
+        workers=args.workers, seed=args.seed, device=str(device), loss=args.loss,
+        minutes=args.minutes or (CPU_MINUTES if device.type == "cpu" and not args.epochs else None),
+        tta=args.tta, select=args.select, augment=args.augment,
+        freeze_stages=args.freeze_stages, bf16=args.bf16,
+        preprocess=PreprocessConfig(enhance=args.enhance).to_dict(),
     )
 
 
 def db_samples(db_url: str) -> tuple[list[Sample], list[Sample]]:
     """Training: expert labels, where a reviewer's current decision overrides; validation:
     the validation sources, untouched."""
-    train = [Sample(row.path, int(row.grade), row.image, int(row.image_id))
+    train = [Sample(row.path, int(row.grade), row.image, int(row.image_id), row.group)
              for row in curated_set(db_url).itertuples()]
-    val = [Sample(path, grade, name, i)
-           for i, path, name, grade in labelled_images(db_url, "validation")]
+    val = [Sample(path, grade, name, i, group)
+           for i, path, name, grade, group in labelled_images(db_url, "validation")]
+    if not train or not val:
+        raise SystemExit("the workspace needs labelled training images and a validation "
+                         "source before a model can be trained")
     return train, val
+
+
+def folder_split(root: Path, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """The seed's 80/20 split of class folders, stratified by grade and kept whole by person."""
+    samples = folder_samples(root)
+    train, val = stratified_split(samples, 0.2, seed)
+    if not train or not val:
+        raise SystemExit(f"{root}: {len(samples)} images are too few to split 80/20 into "
+                         "training and validation; add images to the class folders")
+    return train, val
+
+
+def keep_validation_apart(train: list[Sample], val: list[Sample]) -> list[Sample]:
+    """The training samples less any person or image (by content) that validation holds, so
+    that the yardstick never sees what was learned; says in the log how the split was kept."""
+    groups = {s.group for s in train + val if s.group}
+    print(f"people kept apart: {len(groups)} groups known (patient ids or <patient>_left/right "
+          "names)" if groups else "no groups known (no patient ids or <patient>_left/right "
+          "names): training and validation are split by image", flush=True)
+    shared = shared_groups(train, val)
+    copies = same_content(train, val)
+    kept = [s for s in train if s.group not in shared and s.path not in copies]
+    if len(kept) < len(train):
+        print(f"left out of training: {len(train) - len(kept)} images of {len(shared)} people "
+              f"in validation and {len(copies)} copies of validation images", flush=True)
+    return kept
 
 
 class LogHooks(Hooks):
@@ -101,10 +171,19 @@ class LogHooks(Hooks):
 
     def __init__(self, job: JobReporter, db_url: str | None = None, run_id: int | None = None):
         self.job, self.db_url, self.run_id = job, db_url, run_id
-        self.epochs = 1
+        self.epochs, self.select = 1, "last"
+
+    def on_prepare(self, done: int, total: int) -> None:
+        self.job.progress(0.0, f"preparing images: {done}/{total}")
 
     def on_start(self, config: TrainConfig, total_epochs: int) -> None:
-        self.epochs = total_epochs
+        self.epochs, self.select = total_epochs, config.select
+        if config.minutes:
+            print(f"{total_epochs} epochs fit into {config.minutes:g} minutes", flush=True)
+        if self.run_id is not None:  # a budget of minutes has just fixed the epochs
+            with session_scope(self.db_url) as session:
+                run = session.get(Run, self.run_id)
+                run.config = {**run.config, "epochs": total_epochs}
 
     def on_batch(self, epoch: int, step: int, steps: int, images_per_s: float) -> None:
         self.job.progress((epoch + step / steps) / self.epochs,
@@ -122,7 +201,8 @@ class LogHooks(Hooks):
             fields = {k: v for k, v in record.items() if k != "img_size"}
             session.add(Epoch(run_id=self.run_id, **fields))
             run = session.get(Run, self.run_id)
-            run.best_qwk = max(run.best_qwk or -1.0, record["qwk"])
+            kept = record["qwk"] if self.select == "last" else max(run.best_qwk or -1.0, record["qwk"])
+            run.best_qwk = kept
 
     def on_skipped(self, reasons: list[str]) -> None:
         for reason in reasons:
@@ -150,24 +230,31 @@ def _finish_run(db_url: str, run_id: int, status: str, result=None) -> None:
             activate_first(session, run)
 
 
+def run_inputs(args: argparse.Namespace, paths: RunPaths, db_url: str
+               ) -> tuple[TrainConfig, list[Sample], list[Sample]]:
+    """Config and samples of the run: those it recorded when resumed, else from the options."""
+    if args.resume:
+        if not paths.config.is_file() or not paths.manifest.is_file():
+            raise SystemExit(f"run {paths.name} cannot be resumed: {paths.weights} holds no "
+                             "config.json and samples.csv")
+        config = TrainConfig(**json.loads(paths.config.read_text()))
+        config.epochs = args.epochs or config.epochs  # more epochs may be asked for
+        return config, *read_manifest(paths.manifest)
+    train, val = db_samples(db_url) if args.from_db else folder_split(args.data_path, args.seed)
+    return make_config(args), keep_validation_apart(train, val), val
+
+
 def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter) -> Path:
-    config = make_config(args)
     name = args.name or run_name()
-    if args.from_db:
-        train_samples, val_samples = db_samples(workspace.db_url)
-        if not train_samples or not val_samples:
-            raise SystemExit("the workspace needs labelled training images and a validation "
-                             "source before a model can be trained")
-    else:
-        train_samples, val_samples = stratified_split(folder_samples(args.data_path), 0.2, args.seed)
+    paths = RunPaths.under(workspace, name)
+    config, train_samples, val_samples = run_inputs(args, paths, workspace.db_url)
     print(f"{config.model} at {config.img_size}px on {config.device}; train per grade "
           f"{class_counts(train_samples)}, validation {class_counts(val_samples)}", flush=True)
     run_id = _start_run(workspace.db_url, config, name, train_samples) if args.from_db else None
     if run_id is not None:
         job.attach_run(run_id)
     hooks = LogHooks(job, workspace.db_url, run_id)
-    trainer = Trainer(config, train_samples, val_samples, RunPaths.under(workspace, name),
-                      workspace.cache, hooks)
+    trainer = Trainer(config, train_samples, val_samples, paths, workspace.cache, hooks)
     if args.resume:
         trainer.resume()
     try:
@@ -201,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:  # a missing data folder or weight file
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as exc:
+    except WeightsMismatch as exc:
+        print(f"error: {exc}; name the model the file was made for with --model", file=sys.stderr)
+        return 2
+    except TrainingStopped as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 1
     return 0

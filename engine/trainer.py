@@ -5,6 +5,7 @@ checkpoints, TensorBoard scalars and the seed's estimate_info report, and tells 
 object about every batch and epoch (the job glue turns those into database rows).
 """
 
+import copy
 import json
 import math
 import time
@@ -14,16 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
 from engine.calibration import calibration_summary
-from engine.data import FundusDataset, Sample, class_counts, class_weights, create_loader
+from engine.data import (FundusDataset, Sample, class_counts, class_weights, create_loader,
+                         stratified_split, write_manifest)
 from engine.metrics import classification_report
-from engine.models import (create_model, freeze_all_but_classifier, load_checkpoint,
+from engine.models import (create_model, freeze_all_but_classifier, freeze_stages, load_checkpoint,
                            model_mean_std, save_checkpoint)
-from engine.preprocess import PreprocessConfig
+from engine.preprocess import PreprocessCache, PreprocessConfig, fill_cache
 from engine.workspace import Workspace
 
 
@@ -32,8 +35,16 @@ def run_name(now: datetime | None = None) -> str:
     return (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
 
 
-class NonFiniteLoss(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """The run cannot go on; the message says why, in words."""
+
+
+class NonFiniteLoss(TrainingStopped):
     """The loss became NaN or infinite: the run stops instead of training on garbage."""
+
+
+class NoTrainingImages(TrainingStopped):
+    """Not one training image of an epoch could be read."""
 
 
 @dataclass
@@ -48,7 +59,15 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd (momentum 0.9, the seed's) or adamw
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
-    balance: str = "loss"  # loss (class-weighted), sampler (class-balanced) or none
+    balance: str = "loss"  # loss (inverse-frequency weights), sqrt (their square root),
+    # sampler (every grade drawn equally often) or none
+    loss: str = "ce"  # ce, or ordinal: soft targets that spread onto the neighbouring grades
+    minutes: float | None = None  # fit the epochs into this budget, measured before training
+    tta: bool = False  # validate on the image and its mirror, as inference with --tta does
+    select: str = "last"  # the epoch best.pth keeps: last, or best (highest val QWK)
+    augment: str = "strong"  # light: mirror and quarter turns; strong: also angle, scale, colour
+    freeze_stages: int = 0  # stem and this many first stages stay as pretrained
+    bf16: bool = False  # bfloat16 autocast on a CPU too (always on CUDA)
     progressive: bool = False  # EfficientNetV2: size and regularisation grow over 4 stages
     freeze_layers: bool = False
     pretrained: str | bool = True  # True: offline ImageNet weights; a path; False: random
@@ -85,10 +104,19 @@ class RunPaths:
     def state(self) -> Path:  # optimizer state and counters, for --resume
         return self.weights / "resume.pt"
 
+    @property
+    def config(self) -> Path:
+        return self.weights / "config.json"
+
+    @property
+    def manifest(self) -> Path:  # every training and validation image with its label
+        return self.weights / "samples.csv"
+
 
 class Hooks:
     """Callbacks from the loop; raising from one (e.g. on cancel) stops the run."""
 
+    def on_prepare(self, done: int, total: int) -> None: ...
     def on_start(self, config: TrainConfig, total_epochs: int) -> None: ...
     def on_batch(self, epoch: int, step: int, steps: int, images_per_s: float) -> None: ...
     def on_epoch(self, record: dict) -> None: ...
@@ -121,7 +149,27 @@ def stage_of(config: TrainConfig, epoch: int) -> tuple[int, int, float]:
     share = stage / 3
     start = min(128, config.img_size // 2)  # the paper's 128 px, or half of a small size
     size = round((start + share * (config.img_size - start)) / 32) * 32
+    if stage == 3:
+        size = config.img_size  # the last stage trains at the size the run is named for
     return min(max(size, 32), config.img_size), round(5 + 5 * share), 0.1 + 0.2 * share
+
+
+# Soft ordinal targets (SORD, Diaz & Marathe 2019): p(k) ~ exp(-ORDINAL_SPREAD * (k - y)^2),
+# so that calling a 2 a 1 costs less than calling it a 0; at 2.0 the true grade keeps 0.79-0.88.
+ORDINAL_SPREAD = 2.0
+BALANCE_POWER = {"loss": 1.0, "sqrt": 0.5}
+PROBE_BATCHES = 6  # timed to fit a run into a budget of minutes
+
+
+def soft_targets(labels: torch.Tensor, classes: int, spread: float = ORDINAL_SPREAD) -> torch.Tensor:
+    distance = torch.arange(classes, device=labels.device)[None, :] - labels[:, None]
+    return torch.softmax(-spread * distance.float() ** 2, dim=1)
+
+
+def epochs_for_budget(minutes: float, fixed_s: float, epoch_s: float) -> int:
+    """How many epochs of `epoch_s` seconds fit into `minutes` after `fixed_s` seconds of
+    one-off work (filling the preprocessing cache); at least one."""
+    return max(1, int((minutes * 60 - fixed_s) // max(epoch_s, 1e-9)))
 
 
 def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -137,38 +185,49 @@ class Trainer:
         self.config, self.train_samples, self.val_samples = config, list(train), list(val)
         self.paths, self.cache_root, self.hooks = paths, cache_root, hooks or Hooks()
         self.device = torch.device(config.device)
-        self.amp = self.device.type == "cuda"
+        self.amp = self.device.type == "cuda" or config.bf16
         self.prep = PreprocessConfig.from_dict({**config.preprocess, "size": config.eval_size})
         self.mean, self.std = model_mean_std(config.model)
+        torch.manual_seed(config.seed)  # the new head's initial weights too
         self.model = create_model(config.model, config.pretrained, config.drop_rate)
         if config.freeze_layers:
             freeze_all_but_classifier(self.model)
+        freeze_stages(self.model, config.freeze_stages)
         # channels_last speeds up convolutions on CPUs (oneDNN) as well as on GPUs.
         self.model.to(self.device, memory_format=torch.channels_last)
         self.optimizer = _optimizer(config, self.model)
-        weights = class_weights(self.train_samples) if config.balance == "loss" else None
-        self.loss_weights = weights.to(self.device) if weights is not None else None
+        power = BALANCE_POWER.get(config.balance)
+        self.loss_weights = (class_weights(self.train_samples, power).to(self.device)
+                             if power is not None else None)
         self.history: list[dict] = []
         self.start_epoch = 0
-        torch.manual_seed(config.seed)
 
     # -- one pass ---------------------------------------------------------------------------
 
-    def _loader(self, samples: list[Sample], train: bool, size: int, magnitude: int):
+    def _loader(self, samples: list[Sample], train: bool, size: int, magnitude: int,
+                epoch: int = 0):
         dataset = FundusDataset(samples, self.prep, self.mean, self.std, self.cache_root,
-                                size=size, augment=train, magnitude=magnitude)
+                                size=size, augment=self.config.augment if train else None,
+                                magnitude=magnitude)
+        # A new order (and new sampler draws) every epoch, the same for a seed.
         return create_loader(dataset, self.config.batch_size, self.config.workers, self.device,
                              shuffle=train, balanced=train and self.config.balance == "sampler",
-                             seed=self.config.seed)
+                             seed=self.config.seed * 100_003 + epoch)
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _forward(self, images: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.model(images).float()
+            return (model or self.model)(images).float()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels
+        if self.config.loss == "ordinal":
+            targets = soft_targets(labels, logits.shape[1])
+        return F.cross_entropy(logits, targets, weight=self.loss_weights)
 
     def train_epoch(self, epoch: int) -> dict:
         size, magnitude, dropout = stage_of(self.config, epoch)
-        loader = self._loader(self.train_samples, True, size, magnitude)
+        loader = self._loader(self.train_samples, True, size, magnitude, epoch)
         self.model.train()
         if hasattr(self.model, "drop_rate"):
             self.model.drop_rate = dropout
@@ -184,7 +243,7 @@ class Trainer:
                 group["lr"] = lr
             labels = labels.to(self.device, non_blocking=True)
             logits = self._forward(images)
-            loss = F.cross_entropy(logits, labels, weight=self.loss_weights)
+            loss = self._loss(logits, labels)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"the loss became {loss.item()} at epoch {epoch + 1}, "
                                     f"batch {step + 1}; lower the learning rate ({lr:.2g})")
@@ -192,10 +251,14 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             seen += len(labels)
-            total_loss += loss.item() * len(labels)
+            # Plain cross-entropy, whatever the objective, so that it compares with val loss.
+            total_loss += F.cross_entropy(logits.detach(), labels, reduction="sum").item()
             truth.append(labels.cpu())
             preds.append(logits.argmax(1).cpu())
             self.hooks.on_batch(epoch, step + 1, steps, seen / (time.perf_counter() - started))
+        if seen == 0:
+            raise NoTrainingImages(f"epoch {epoch + 1}: none of the {len(self.train_samples)} "
+                                   "training images could be read (the log names each)")
         y, p = torch.cat(truth).numpy(), torch.cat(preds).numpy()
         report = classification_report(y, p)
         return {"loss": total_loss / max(seen, 1), "lr": lr, "size": size, **report}
@@ -210,7 +273,10 @@ class Trainer:
             if failed:
                 self.hooks.on_skipped([reason for _, reason in failed])
             if len(batch_labels):
-                logits.append(self._forward(images).cpu())
+                batch_logits = self._forward(images)
+                if self.config.tta:  # a fundus has no left or right: average with the mirror
+                    batch_logits = (batch_logits + self._forward(images.flip(-1))) / 2
+                logits.append(batch_logits.cpu())
                 labels.append(batch_labels)
                 indices += batch_indices.tolist()
         return torch.cat(logits), torch.cat(labels), indices
@@ -225,10 +291,43 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------
 
+    def epochs_in_budget(self, minutes: float) -> int:
+        """The epochs that fit into `minutes`, counting the time already spent preparing the
+        images: a few training steps, and a validation batch, are timed on a copy of the model."""
+        started = time.perf_counter()
+        if self.cache_root:
+            fill_cache([Path(s.path) for s in self.train_samples + self.val_samples], self.prep,
+                       PreprocessCache(self.cache_root), self.hooks.on_prepare)
+        size, magnitude, _ = stage_of(self.config, self.config.epochs - 1)
+        probe = self.train_samples[:self.config.batch_size * PROBE_BATCHES]
+        model = copy.deepcopy(self.model).train()
+        optimizer = _optimizer(self.config, model)
+        timed, clock = 0, time.perf_counter()
+        for n, (images, labels, _, _) in enumerate(self._loader(probe, True, size, magnitude)):
+            if n == 1:  # the first step sets up kernels and caches
+                timed, clock = 0, time.perf_counter()
+            loss = F.cross_entropy(self._forward(images, model), labels.to(self.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            timed += len(labels)
+        train_s = (time.perf_counter() - clock) / max(timed, 1)
+        clock = time.perf_counter()
+        with torch.no_grad():
+            batch = next(iter(self._loader(probe, False, self.config.eval_size, 0)))[0]
+            for view in (batch, batch.flip(-1))[:2 if self.config.tta else 1]:
+                self._forward(view, model.eval())
+        val_s = (time.perf_counter() - clock) / len(batch)
+        epoch_s = len(self.train_samples) * train_s + len(self.val_samples) * val_s
+        return epochs_for_budget(minutes, time.perf_counter() - started, epoch_s)
+
     def fit(self) -> TrainResult:
+        if self.config.minutes and self.start_epoch == 0:
+            self.config.epochs = self.epochs_in_budget(self.config.minutes)
         self.paths.weights.mkdir(parents=True, exist_ok=True)
         self.paths.report.parent.mkdir(parents=True, exist_ok=True)
-        (self.paths.weights / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        self.paths.config.write_text(json.dumps(asdict(self.config), indent=2))
+        write_manifest(self.paths.manifest, self.train_samples, self.val_samples)
         self.hooks.on_start(self.config, self.config.epochs)
         writer = SummaryWriter(str(self.paths.tensorboard))
         try:
@@ -287,11 +386,17 @@ class Trainer:
                 "train_config": asdict(self.config), "metrics": record, "epoch": epoch + 1,
                 "run": self.paths.name, "train_counts": class_counts(self.train_samples)}
 
+    def _selected(self) -> dict:
+        """The epoch record that best.pth holds. "last" leaves the validation set unused by the
+        choice, so the temperature fitted on it afterwards is fitted on unseen data."""
+        if self.config.select == "last":
+            return self.history[-1]
+        return max(self.history, key=lambda r: r["qwk"])
+
     def _save(self, epoch: int, record: dict) -> None:
         meta = self._meta(epoch, record)
         save_checkpoint(self.paths.last, self.model, meta)
-        best = max(self.history, key=lambda r: r["qwk"])
-        if best is record:
+        if self._selected() is record:
             save_checkpoint(self.paths.best, self.model, meta)
         torch.save({"optimizer": self.optimizer.state_dict(), "epoch": epoch + 1,
                     "history": self.history}, self.paths.state)
@@ -308,10 +413,13 @@ class Trainer:
         """Fit a temperature on the validation logits of the best model; store it with it."""
         model, meta = load_checkpoint(self.paths.best, self.device)
         self.model.load_state_dict(model.state_dict())
-        logits, labels, _ = self.evaluate(self.val_samples)
-        summary = calibration_summary(logits, labels)
+        logits, labels, indices = self.evaluate(self.val_samples)
+        # Two folds that keep each person whole, for the cross-fitted calibration error.
+        _, second = stratified_split(self.val_samples, 0.5, self.config.seed)
+        second_paths = {s.path for s in second}
+        folds = np.array([self.val_samples[i].path in second_paths for i in indices], int)
+        summary = calibration_summary(logits, labels, folds)
         meta.update(temperature=summary["temperature"], calibration=summary)
         save_checkpoint(self.paths.best, self.model, meta)
-        best = max(self.history, key=lambda r: r["qwk"])
-        return TrainResult(self.paths.best, best["qwk"], self.history, summary)
+        return TrainResult(self.paths.best, self._selected()["qwk"], self.history, summary)
 

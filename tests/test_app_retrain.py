@@ -17,7 +17,8 @@ from db.runs import (active_run_id, best_epoch, epochs_frame,
 from db.schema import Epoch, Image, Job, Review, Run, Source, utcnow
 from db.session import session_scope
 from engine import jobs
-from engine.curves import CURVES, confusion_figure, curated_figure, curve_figure, per_class_figure
+from engine.curves import (CURVES, confusion_figure, curated_figure, curve_figure,
+                           per_class_figure, reliability_figure)
 from engine.retrain import (contribution_table, curated_counts, default_settings,
                             original_counts, runs_table, settings_problem, train_job_args)
 from engine.sources import import_source
@@ -26,6 +27,7 @@ from engine.workspace import Workspace
 
 TINY = {"name": "tiny", "model": "test_efficientnet", "img_size": 64, "epochs": 1,
         "batch_size": 8, "lr": 0.05, "lrf": 0.1, "optimizer": "adamw", "balance": "sampler",
+        "loss": "ordinal", "enhance": False, "tta": True, "select": "best", "augment": "light",
         "progressive": False, "pretrained": False, "weights": ""}
 
 
@@ -69,6 +71,32 @@ def add_run(db_url: str, name: str, qwks: list[float], errors: list | None = Non
                                                                       [0, 1, 2, 1], [0, 0, 1, 3]],
                               errors=errors or []))
         return run.id
+
+
+def set_calibration(db_url: str, run_id: int, calibration: dict) -> None:
+    with session_scope(db_url) as session:
+        run = session.get(Run, run_id)
+        run.calibration, run.temperature = calibration, calibration.get("temperature", 1.0)
+
+
+def reliability_charts(at) -> list:
+    return [c for c in at.get("plotly_chart") if "reliability" in c.proto.id]
+
+
+# What engine.calibration.calibration_summary stores: 120 of the 200 validation images reach
+# 0.70 after calibration, 102 of those (85 %) are right.
+CALIBRATION = {
+    "temperature": 1.8, "bounded": False, "images": 200, "ece_before": 0.12,
+    "ece_after": 0.034, "nll_before": 0.95, "nll_after": 0.81,
+    "reliability_before": [{"lo": 0.6, "hi": 0.7, "count": 50, "confidence": 0.65,
+                            "accuracy": 0.5},
+                           {"lo": 0.9, "hi": 1.0, "count": 150, "confidence": 0.96,
+                            "accuracy": 0.8}],
+    "reliability_after": [{"lo": 0.5, "hi": 0.6, "count": 80, "confidence": 0.56,
+                           "accuracy": 0.55},
+                          {"lo": 0.8, "hi": 0.9, "count": 120, "confidence": 0.84,
+                           "accuracy": 0.85}],
+    "threshold": 0.7, "confident": 120, "confident_right": 102}
 
 
 def validation_errors(tiny_data: Path, count: int) -> list[list]:
@@ -170,6 +198,41 @@ def test_finished_run_shows_table_curves_metrics_and_error_gallery(data, tiny_da
     at.number_input(key=[w.key for w in at.number_input if w.key.startswith("errors_page")][0]
                     ).set_value(2).run()
     assert not at.exception and len(at.image) == 2 * 2
+
+
+def test_inspected_run_shows_its_calibration(data):
+    set_calibration(data.db_url, add_run(data.db_url, "calibrated", [0.4, 0.7]), CALIBRATION)
+    at = open_page("retrain")
+    text = page_text(at)
+    assert "Temperature T = 1.80, fitted on 200 validation images." in text
+    assert "ECE 0.120 → 0.034, NLL 0.950 → 0.810 (before → after temperature scaling)." \
+        in text
+    assert "Of 120 validation images at ≥ 0.70 confidence, 85 % were right." in text
+    assert not at.warning and len(reliability_charts(at)) == 1
+    assert '"before (T = 1)"' in reliability_charts(at)[0].proto.spec
+
+
+def test_a_clipped_temperature_is_said_in_words(data):
+    set_calibration(data.db_url, add_run(data.db_url, "clipped", [0.1]),
+                    {**CALIBRATION, "temperature": 4.0, "bounded": True})
+    at = open_page("retrain")
+    assert not at.exception, at.exception
+    assert [w.value for w in at.warning] == [
+        "The temperature was clipped at its bound (T = 4.00): the validation set may be too "
+        "small, or the model has not learned; its confidences are not to be trusted."]
+
+
+def test_old_runs_show_what_their_calibration_has(data):
+    old = add_run(data.db_url, "old", [0.5])  # calibration {}: trained before it was stored
+    at = open_page("retrain")
+    assert not at.exception, at.exception
+    assert "No calibration recorded for this run" in page_text(at)
+    assert not reliability_charts(at)
+    set_calibration(data.db_url, old, {"temperature": 2.0, "ece_before": 0.1, "ece_after": 0.05})
+    at.run()
+    assert not at.exception, at.exception
+    assert "Temperature T = 2.00. ECE 0.100 → 0.050" in page_text(at)
+    assert "No reliability diagram" in page_text(at) and not reliability_charts(at)
 
 
 def test_running_job_shows_progress_and_live_curves_then_the_finished_run(data):
@@ -287,6 +350,9 @@ def test_train_job_args_are_what_the_training_cli_reads():
         ("test_efficientnet", 64, 64, 1)
     assert (config.batch_size, config.lr, config.lrf) == (8, 0.05, 0.1)
     assert (config.optimizer, config.balance, config.progressive) == ("adamw", "sampler", True)
+    assert (config.loss, config.tta, config.select, config.augment) == \
+        ("ordinal", True, "best", "light")
+    assert config.preprocess["enhance"] is False
     assert config.pretrained == "/w/v2s.pth"
     assert make_config(parse_args(train_job_args({**settings, "pretrained": False}))
                        ).pretrained is False
@@ -294,11 +360,19 @@ def test_train_job_args_are_what_the_training_cli_reads():
     assert args.from_db and args.name == "tiny"
 
 
-def test_cpu_defaults_train_the_small_model_briefly():
+def test_cpu_defaults_are_the_clis_with_few_epochs():
     cpu = default_settings("cpu")
-    assert (cpu["model"], cpu["img_size"], cpu["epochs"], cpu["batch_size"]) == \
-        ("tf_efficientnet_lite0", 224, 5, 16)
+    config = make_config(parse_args(["--from-db", "--device", "cpu"]))
+    assert (cpu["model"], cpu["img_size"], cpu["lr"], cpu["loss"], cpu["select"]) == \
+        (config.model, config.img_size, config.lr, config.loss, config.select)
+    assert cpu["epochs"] == 5 and config.minutes == 20
     assert settings_problem({**cpu, "name": "x"}, set()) is None
+
+
+def test_the_form_evaluates_a_model_at_its_own_eval_size():
+    settings = {**TINY, "model": "tf_efficientnetv2_s", "img_size": 300}
+    config = make_config(parse_args(train_job_args(settings)))
+    assert (config.img_size, config.eval_size) == (300, 384)
 
 
 def test_settings_problems_are_sentences(tmp_path):
@@ -349,6 +423,21 @@ def test_metric_figures_hold_the_numbers():
     curated = curated_figure(counts, [5, 3, 2, 1]).data
     assert curated[0].name == "t · expert label" and list(curated[0].y) == [4, 3, 2, 1]
     assert curated[-1].name == "original labelled set" and list(curated[-1].y) == [5, 3, 2, 1]
+
+
+def test_reliability_figure_holds_both_diagrams_and_the_bin_sizes():
+    figure = reliability_figure(CALIBRATION["reliability_before"],
+                                CALIBRATION["reliability_after"])
+    diagonal, before, after = figure.data
+    assert diagonal.name == "perfect calibration" and list(diagonal.y) == [0, 1]
+    assert (before.name, list(before.x), list(before.y)) == \
+        ("before (T = 1)", [0.65, 0.96], [0.5, 0.8])
+    assert (after.name, list(after.x), list(after.y)) == \
+        ("after temperature scaling", [0.56, 0.84], [0.55, 0.85])
+    assert [row[0] for row in after.customdata] == [80, 120]  # images per bin, on hover
+    sizes = [*before.marker.size, *after.marker.size]
+    assert sizes.index(max(sizes)) == 1 and sizes[0] < sizes[2] < sizes[3]  # 50 < 80 < 120
+    assert len(reliability_figure([], CALIBRATION["reliability_after"]).data[1].x) == 0
 
 
 def test_a_run_that_finishes_later_joins_the_comparison_and_the_promote_picker(data):

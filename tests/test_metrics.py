@@ -7,13 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from engine.calibration import apply_temperature, calibration_summary, fit_temperature
+from engine.calibration import (apply_temperature, calibration_summary, fit_temperature,
+                                reliability)
 from engine.metrics import (
     classification_report,
+    confident_share,
     confusion_matrix,
     expected_calibration_error,
+    grading_summary,
     per_class_precision_recall,
     quadratic_weighted_kappa,
+    referable_score,
+    roc_auc,
+    sensitivity_at_specificity,
 )
 
 
@@ -141,13 +147,73 @@ def _calibrated_logits(n: int = 4000, seed: int = 0) -> tuple[torch.Tensor, torc
     return logits, labels
 
 
+def halves(n: int) -> np.ndarray:
+    return np.arange(n) % 2
+
+
 def test_temperature_scaling_fixes_overconfidence():
     logits, labels = _calibrated_logits()
-    summary = calibration_summary(5.0 * logits, labels)
-    assert summary["temperature"] > 1.0
-    assert summary["temperature"] == pytest.approx(5.0, rel=0.15)
+    summary = calibration_summary(3.0 * logits, labels, halves(len(labels)))
+    assert summary["temperature"] == pytest.approx(3.0, rel=0.15) and not summary["bounded"]
     assert summary["ece_after"] < summary["ece_before"]
     assert summary["nll_after"] < summary["nll_before"]
+
+
+def test_calibration_is_judged_on_folds_it_was_not_fitted_on():
+    """Two folds whose models err in opposite directions: the temperature fitted on one does
+    not suit the other, and the cross-fitted error says so, where fitting on all hides it."""
+    logits, labels = _calibrated_logits(n=2000)
+    folds = halves(len(labels))
+    scaled = torch.where(torch.from_numpy(folds == 0)[:, None], 3.0 * logits, logits / 3.0)
+    summary = calibration_summary(scaled, labels, folds)
+    fitted_on_all = expected_calibration_error(
+        apply_temperature(scaled, summary["temperature"]).numpy(), labels.numpy())
+    assert summary["ece_after"] > fitted_on_all + 0.05
+
+
+def test_a_temperature_past_the_sane_bounds_is_clipped_and_said():
+    logits, labels = _calibrated_logits()
+    summary = calibration_summary(20.0 * logits, labels, halves(len(labels)))
+    assert summary["temperature"] == pytest.approx(4.0) and summary["bounded"]
+
+
+def test_reliability_bins_and_the_confident_share():
+    probs = np.array([[0.95, 0.05, 0, 0], [0.9, 0.1, 0, 0], [0.2, 0.75, 0.05, 0],
+                      [0.4, 0.3, 0.3, 0]])
+    labels = np.array([0, 1, 1, 2])
+    bins = reliability(probs, labels, bins=10)
+    assert [(b["lo"], b["count"], b["accuracy"]) for b in bins] == [
+        (pytest.approx(0.3), 1, 0.0), (pytest.approx(0.7), 1, 1.0), (pytest.approx(0.8), 1, 0.0),
+        (pytest.approx(0.9), 1, 1.0)]
+    assert confident_share(probs, labels, 0.70) == (3, 2)
+
+
+# --- referable DR: ROC AUC and sensitivity at a specificity ---------------------------------
+
+
+def test_roc_auc_hand_examples():
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert roc_auc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)  # a tie counts half
+    assert roc_auc([1, 1, 0], [0.9, 0.8, 0.1]) == 1.0
+    assert math.isnan(roc_auc([1, 1], [0.2, 0.3]))
+
+
+def test_sensitivity_at_specificity_uses_the_strictest_threshold_that_keeps_it():
+    negatives = np.linspace(0, 0.9, 10)  # 0.0, 0.1, ..., 0.9
+    positives = np.array([0.85, 0.95, 0.5, 0.05])
+    positive = np.r_[np.zeros(10), np.ones(4)]
+    scores = np.r_[negatives, positives]
+    # 90 % specificity: nine of ten negatives (<= 0.8) stay below; flagged: 0.85 and 0.95.
+    assert sensitivity_at_specificity(positive, scores, 0.9) == pytest.approx(0.5)
+    assert sensitivity_at_specificity(positive, scores, 0.5) == pytest.approx(0.75)
+
+
+def test_grading_summary_counts_referable_from_grade_two():
+    probs = np.array([[0.8, 0.2, 0, 0], [0.1, 0.8, 0.1, 0], [0, 0.1, 0.8, 0.1], [0, 0, 0.2, 0.8]])
+    summary = grading_summary(probs, np.array([0, 1, 2, 3]), 0.7)
+    assert summary["qwk"] == 1.0 and summary["referable_auc"] == 1.0
+    assert summary["confident"] == 4 and summary["confident_right"] == 4
+    assert list(referable_score(probs)) == pytest.approx([0, 0.1, 0.9, 1.0])
 
 
 def test_temperature_of_calibrated_model_is_near_one():
@@ -167,7 +233,7 @@ def test_apply_temperature_keeps_argmax_and_softens():
 
 def test_calibration_single_class_has_no_nan():
     logits = torch.tensor([[3.0, 0.0, 0.0, 0.0]] * 10)
-    summary = calibration_summary(logits, torch.zeros(10, dtype=torch.long))
-    assert all(math.isfinite(v) for v in summary.values())
-    assert 0.05 <= summary["temperature"] <= 20.0
+    summary = calibration_summary(logits, torch.zeros(10, dtype=torch.long), halves(10))
+    assert all(math.isfinite(v) for v in summary.values() if isinstance(v, float))
+    assert 0.25 <= summary["temperature"] <= 4.0
     assert fit_temperature(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)) == 1.0

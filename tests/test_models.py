@@ -21,7 +21,8 @@ from engine.models import (
     create_model,
     default_model,
     freeze_all_but_classifier,
-    lite0_imagenet_state_dict,
+    freeze_stages,
+    lite_imagenet_state_dict,
     load_checkpoint,
     model_mean_std,
     pick_device,
@@ -112,15 +113,15 @@ def test_pick_device():
 
 def test_default_model_depends_on_device():
     assert default_model(torch.device("cuda")) == ("tf_efficientnetv2_s", 300, 384)
-    assert default_model("cpu") == (LITE0, 224, 224)
-    assert default_model("mps") == (LITE0, 224, 224)
+    assert default_model("cpu") == (LITE0, 384, 384)
+    assert default_model("mps") == (LITE0, 384, 384)
 
 
 # --- the bundled Lite0 ImageNet weights -----------------------------------------------------------
 
 
 def test_lite0_weights_line_up_with_timm():
-    state = lite0_imagenet_state_dict()
+    state = lite_imagenet_state_dict()
     assert len(state) == 296
     assert list(state) == list(timm.create_model(LITE0).state_dict())
     assert "bn2.num_batches_tracked" in state
@@ -139,7 +140,7 @@ def test_lite0_imagenet_model_sees_the_cat():
 
 def test_lite0_pretrained_gets_imagenet_backbone_and_fresh_head():
     model = create_model(LITE0, pretrained=True)
-    assert_backbone_equal(model, lite0_imagenet_state_dict())
+    assert_backbone_equal(model, lite_imagenet_state_dict())
 
 
 # --- other pretrained weights: local files and caches, never the network -------------------------
@@ -248,3 +249,19 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, create_model(TINY), {"model_name": TINY, "epoch": 2})
     assert load_checkpoint(path)[1]["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
+
+
+def test_freezing_stages_keeps_the_stem_and_first_stages_as_they_are():
+    model = create_model(TINY, pretrained=False)
+    freeze_stages(model, 1)
+    frozen = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
+              for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv_stem", "bn1", "blocks.0"}
+    with pytest.raises(ValueError, match="no stem and blocks"):
+        freeze_stages(torch.nn.Linear(2, 2), 1)
+
+
+def test_lite1_and_lite2_start_from_their_bundled_imagenet_weights():
+    for name in ("tf_efficientnet_lite1", "tf_efficientnet_lite2"):
+        model = create_model(name, pretrained=True)
+        assert_backbone_equal(model, lite_imagenet_state_dict(name))

@@ -1,22 +1,27 @@
 """Training on tiny data with the tiny timm model: outputs, resume, freezing, database mode."""
 
+import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 from sqlalchemy import select
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT
+from conftest import ROOT, write_image
 from db.schema import Epoch, Run
 from db.session import migrate, session_scope
-from engine.data import Sample, folder_samples, stratified_split
-from engine.models import load_checkpoint
+from engine.data import Sample, augmentation, folder_samples, read_manifest, stratified_split
+from engine.models import WeightsMismatch, create_model, load_checkpoint
 from engine.sources import import_source
 from engine.train import boolean, make_config, parse_args
-from engine.trainer import Hooks, NonFiniteLoss, RunPaths, Trainer, lr_at, stage_of
+from engine.trainer import (Hooks, NonFiniteLoss, NoTrainingImages, RunPaths, Trainer,
+                            epochs_for_budget, lr_at, soft_targets, stage_of)
 from engine.workspace import Workspace
 
 TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "false",
@@ -115,7 +120,7 @@ def test_database_mode_records_the_run_and_its_epochs(tiny_data, tmp_path):
         epochs = session.scalars(select(Epoch).where(Epoch.run_id == run.id)).all()
         assert run.status == "done" and Path(run.checkpoint).is_file()
         assert [e.epoch for e in epochs] == [1, 2]
-        assert run.best_qwk == max(e.qwk for e in epochs)
+        assert run.best_qwk == epochs[-1].qwk  # best.pth keeps the last epoch by default
         assert len(epochs[0].confusion) == 4 and len(epochs[0].recall) == 4
         assert sum(run.config["train_counts"]) == 24
     assert f"val QWK {run.best_qwk:.4f}" in done.stdout
@@ -188,3 +193,177 @@ def test_the_first_finished_run_becomes_active_and_later_ones_wait(tiny_data, tm
     assert active_run_id(workspace.db_url) == ids["first"]
     promote(workspace.db_url, ids["second"])
     assert active_run_id(workspace.db_url) == ids["second"]
+
+
+# --- training does what it says -------------------------------------------------------------
+
+
+def loader_order(trainer, epoch: int) -> list[int]:
+    loader = trainer._loader(trainer.train_samples, True, 64, 0, epoch)
+    return [i for _, _, indices, _ in loader for i in indices.tolist()]
+
+
+@pytest.mark.parametrize("balance", ["loss", "sampler"])
+def test_every_epoch_draws_a_new_order_and_the_same_seed_the_same(tiny_data, tmp_path, balance):
+    train, val = stratified_split(folder_samples(tiny_data / "validation"))
+    trainer = Trainer(tiny_config(balance=balance), train, val,
+                      RunPaths.under(Workspace(tmp_path), "o"), None)
+    orders = [loader_order(trainer, epoch) for epoch in range(3)]
+    assert orders[0] != orders[1] != orders[2]
+    assert loader_order(trainer, 1) == orders[1]
+
+
+def test_the_seed_fixes_the_new_head_so_that_a_run_repeats(tmp_path):
+    def head(seed: int) -> torch.Tensor:
+        trainer = Trainer(tiny_config(seed=seed), [], [], RunPaths.under(Workspace(tmp_path), "h"), None)
+        return trainer.model.get_classifier().weight.detach().clone()
+
+    assert torch.equal(head(3), head(3))
+    assert not torch.equal(head(3), head(4))
+
+
+def test_progressive_learning_ends_at_the_train_size():
+    config = tiny_config(epochs=8, img_size=300, eval_size=384, progressive=True)
+    assert stage_of(config, 7)[0] == 300 and stage_of(config, 0)[0] == 128
+
+
+def test_the_train_loss_is_plain_cross_entropy_like_the_validation_loss(tiny_data, tmp_path):
+    """The class weights steer the gradient only: with the weights steering nothing (lr ~ 0),
+    a weighted and an unweighted run record the same train loss."""
+    train, val = stratified_split(folder_samples(tiny_data / "validation"))
+    train = [s for s in train if s.grade != 3] + [s for s in train if s.grade == 3][:1]
+    losses = []
+    for balance in ("loss", "none"):
+        config = tiny_config(balance=balance, lr=1e-12, drop_rate=0.0)
+        trainer = Trainer(config, train, val, RunPaths.under(Workspace(tmp_path), balance), None)
+        losses.append(trainer.fit().epochs[0]["train_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_an_epoch_without_one_readable_image_stops_in_words(tiny_data, tmp_path):
+    _, val = stratified_split(folder_samples(tiny_data / "validation"))
+    broken = [tmp_path / f"broken{n}.png" for n in range(3)]
+    for path in broken:
+        path.write_text("no pixels here")
+    trainer = Trainer(tiny_config(), [Sample(str(p), 1, p.stem) for p in broken], val,
+                      RunPaths.under(Workspace(tmp_path), "b"), None)
+    with pytest.raises(NoTrainingImages, match="none of the 3 training images could be read"):
+        trainer.fit()
+
+
+def test_class_folders_too_few_to_split_are_an_error_in_words(tmp_path):
+    write_image(tmp_path / "folders" / "0" / "only.png")
+    done = subprocess.run([sys.executable, "-m", "engine.train", *TINY, "--data-path",
+                           str(tmp_path / "folders"), "--epochs", "1"], cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(tmp_path / "ws")},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "1 images are too few to split" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_weight_file_of_another_model_is_an_error_naming_the_first_mismatch(tiny_data, tmp_path):
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model("resnet18", num_classes=4).state_dict(), other)
+    with pytest.raises(WeightsMismatch, match="does not fit test_efficientnet: .* first "):
+        create_model("test_efficientnet", pretrained=other)
+    done = subprocess.run([sys.executable, "-m", "engine.train", *TINY[:4], "--weights", str(other),
+                           "--data-path", str(tiny_data / "validation"), "--epochs", "1"],
+                          cwd=ROOT, env={"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "does not fit test_efficientnet" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_fitting_weight_file_is_loaded_whole_but_a_classifier_of_another_size(tmp_path):
+    source = timm.create_model("test_efficientnet", num_classes=10)
+    path = tmp_path / "test_efficientnet.pth"
+    torch.save({"state_dict": source.state_dict()}, path)
+    model = create_model("test_efficientnet", pretrained=path)
+    for key, value in model.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(value, source.state_dict()[key]), key
+    assert model.get_classifier().out_features == 4
+
+
+def test_a_model_named_by_option_or_by_its_weight_file_gets_its_own_sizes():
+    def sizes(*options: str) -> tuple[int, int]:
+        config = make_config(parse_args(["--data-path", "x", "--device", "cpu", *options]))
+        return config.img_size, config.eval_size
+
+    assert sizes("--model", "tf_efficientnetv2_s") == (300, 384)
+    assert sizes("--model", "tf_efficientnet_lite2") == (260, 260)
+    assert sizes("--weights", "weights/tf_efficientnetv2_m.safetensors") == (384, 480)
+    assert sizes("--model", "tf_efficientnetv2_s", "--img-size", "256") == (256, 328)
+    assert sizes("--model", "tf_efficientnet_lite0", "--img-size", "320") == (320, 320)
+
+
+def test_a_run_records_its_images_and_resume_continues_on_them(tiny_data, tmp_path):
+    data = ["--data-path", str(tiny_data / "validation"), "--name", "m"]
+    train_cli(tmp_path, *data, "--epochs", "1", "--lr", "0.02")
+    manifest = tmp_path / "weights" / "m" / "samples.csv"
+    train, val = read_manifest(manifest)
+    assert len(train) + len(val) == len(folder_samples(tiny_data / "validation"))
+    assert {s.grade for s in train} == {0, 1, 2, 3}
+    # Resumed with other options, the run keeps its own config and images.
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    train_cli(tmp_path, "--data-path", str(empty), "--name", "m", "--resume", "--lr", "0.5",
+              "--epochs", "2")
+    config = json.loads((tmp_path / "weights" / "m" / "config.json").read_text())
+    assert config["lr"] == 0.02
+    assert read_manifest(manifest) == (train, val)
+    _, meta = load_checkpoint(tmp_path / "weights" / "m" / "last.pth")
+    assert meta["epoch"] == 2
+
+
+def test_a_budget_of_minutes_sets_the_epochs(tiny_data, tmp_path):
+    train, val = stratified_split(folder_samples(tiny_data / "validation"))
+    trainer = Trainer(tiny_config(), train, val, RunPaths.under(Workspace(tmp_path), "t"),
+                      tmp_path / "cache")
+    small, large = trainer.epochs_in_budget(0.001), trainer.epochs_in_budget(5)
+    assert small == 1 and large > 10
+    assert epochs_for_budget(10, 60, 90) == 6
+
+
+def readme_commands(marker: str) -> list[list[str]]:
+    """The `engine.train` commands of the README that follow a comment line containing
+    `marker`, as argument lists."""
+    lines = (ROOT / "README.md").read_text().replace("\\\n", " ").splitlines()
+    return [shlex.split(line)[1:] for before, line in zip(lines, lines[1:])
+            if marker in before and "-m engine.train" in line]
+
+
+def test_the_readmes_seed_commands_run_on_a_cpu(tiny_data, tmp_path):
+    """As printed, but for the data folder and a single epoch; the V2-S weight file is a
+    random one of the right shape, since none can be downloaded here."""
+    commands = readme_commands("The seed's command") + readme_commands("seed's EfficientNetV2-S")
+    assert len(commands) == 2
+    weights = tmp_path / "weights" / "tf_efficientnetv2_s.safetensors"
+    weights.parent.mkdir()
+    save_file(timm.create_model("tf_efficientnetv2_s").state_dict(), weights)
+    for n, command in enumerate(commands):
+        command = [str(tiny_data / "validation") if a == "/data/folders" else a for a in command]
+        command[command.index("--epochs") + 1] = "1"
+        done = subprocess.run([sys.executable, *command, "--name", f"seed{n}"], cwd=tmp_path,
+                              env={"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(tmp_path / "ws"),
+                                   "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        _, meta = load_checkpoint(tmp_path / "ws" / "weights" / f"seed{n}" / "best.pth")
+        assert meta["model_name"] == ("tf_efficientnetv2_s" if "--weights" in command
+                                      else "tf_efficientnet_lite0")
+
+
+def test_ordinal_targets_put_more_weight_on_near_grades():
+    targets = soft_targets(torch.tensor([1, 3]), 4)
+    assert torch.allclose(targets.sum(1), torch.ones(2))
+    assert targets[0].argmax() == 1 and targets[0, 0] == targets[0, 2] > targets[0, 3]
+    assert targets[1, 2] > targets[1, 1] > targets[1, 0]
+
+
+def test_light_augmentation_turns_and_mirrors_only():
+    image = torch.arange(3 * 8 * 8, dtype=torch.uint8).reshape(3, 8, 8)
+    views = {augmentation(8, 0, "light")(image).numpy().tobytes() for _ in range(200)}
+    symmetries = {torch.rot90(flipped, k, (-2, -1)).numpy().tobytes()
+                  for flipped in (image, image.flip(-1)) for k in range(4)}
+    assert views == symmetries

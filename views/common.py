@@ -7,9 +7,11 @@ import streamlit as st
 
 from db.session import migrate
 from engine import jobs
+from engine.grades import GRADES
 from engine.images import ImageError, thumbnail
 from engine.models import describe_device, pick_device
 from engine.preprocess import PreprocessCache, PreprocessConfig
+from engine.quality import model_warnings
 from engine.workspace import Workspace
 
 
@@ -49,6 +51,15 @@ def job_status_ui(job) -> None:
             st.code(tail, language=None)
     elif job.status == "cancelled":
         st.warning(f"{job.kind} job #{job.id} was cancelled.")
+
+
+def model_quality_ui(label: str, val_qwk: float | None, grade_counts: dict[int, int],
+                     model: str) -> None:
+    """The model's validation QWK, and a warning for each reason not to trust its grades."""
+    score = "no validation QWK recorded" if val_qwk is None else f"validation QWK {val_qwk:.3f}"
+    st.caption(f"{label} · {score}")
+    for warning in model_warnings(val_qwk, [grade_counts.get(g, 0) for g in GRADES], model):
+        st.warning(warning)
 
 
 @st.cache_data(max_entries=512, show_spinner=False)

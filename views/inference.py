@@ -15,7 +15,7 @@ from engine import jobs
 from engine.grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from engine.models import pick_device
 from engine.predictor import default_batch_size
-from views.common import get_workspace, job_status_ui
+from views.common import get_workspace, job_status_ui, model_quality_ui
 
 workspace = get_workspace()
 
@@ -127,8 +127,7 @@ def download_ui(model: Model, pool: Pool) -> None:
         data=lambda: submission_frame(workspace.db_url, model.id, pool.id).to_csv(index=False))
 
 
-def results_ui(model: Model, pool: Pool) -> None:
-    counts = grade_counts(workspace.db_url, model.id, pool.id)
+def results_ui(model: Model, pool: Pool, counts: dict[int, int]) -> None:
     if not counts:
         st.info(f"No predictions yet of {model.name} for {pool.name}: start inference above.")
         return
@@ -147,6 +146,9 @@ if not sources:
             "`python -m engine.sources import --kind aptos --path /data/aptos --role unlabelled`.")
 if choices and sources:
     chosen_model, chosen_pool = choice_ui(choices, sources)
+    predicted = grade_counts(workspace.db_url, chosen_model.id, chosen_pool.id)
+    model_quality_ui(f"Model **{chosen_model.name}**", chosen_model.best_qwk, predicted,
+                     "The chosen model")
     start_ui(chosen_model, chosen_pool)
     job_ui(chosen_model, chosen_pool)
-    results_ui(chosen_model, chosen_pool)
+    results_ui(chosen_model, chosen_pool, predicted)

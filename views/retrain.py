@@ -7,18 +7,23 @@ import pandas as pd
 import streamlit as st
 
 from db.queries import curated_set
-from db.runs import (active_run_id, best_epoch, epochs_frame, promote,
+from db.runs import (active_run_id, best_epoch, epochs_frame, promote, run_calibration,
                      runs_frame, validation_size)
 from engine import jobs
-from engine.curves import confusion_figure, curated_figure, curve_figures, per_class_figure
+from engine.curves import (confusion_figure, curated_figure, curve_figures, per_class_figure,
+                           reliability_figure)
+from engine.data import AUGMENTATIONS
 from engine.grades import GRADE_NAMES
 from engine.models import pick_device
+from engine.quality import calibration_lines, clipped_warning
 from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,
                             original_counts, runs_table, settings_problem, train_job_args)
 from engine.trainer import run_name
 from views.common import get_workspace, image_pair_ui, job_status_ui, reset_on_new_options
 
 ERRORS_PER_PAGE = 4
+OPTIMIZERS, BALANCES = ["sgd", "adamw"], ["loss", "sqrt", "sampler", "none"]
+LOSSES, SELECTS = ["ce", "ordinal"], ["last", "best"]
 workspace = get_workspace()
 
 
@@ -50,14 +55,30 @@ def settings_form(defaults: dict) -> dict | None:
         lrf = right.number_input("Final lr factor (lrf)", 0.0, 1.0, defaults["lrf"], step=0.01,
                                  format="%g", key="train_lrf",
                                  help="One epoch of warm-up, then a cosine from lr to lr × lrf.")
-        optimizer = left.radio("Optimizer", ["sgd", "adamw"], horizontal=True,
-                               key="train_optimizer")
-        balance = middle.radio("Class balancing", ["loss", "sampler", "none"], horizontal=True,
-                               key="train_balance", help="loss: class-weighted loss; sampler: "
-                               "every grade drawn equally often; none.")
-        progressive = right.toggle("Progressive learning", defaults["progressive"],
-                                   key="train_progressive", help="EfficientNetV2: image size "
-                                   "and regularisation grow over four stages.")
+        optimizer = left.radio("Optimizer", OPTIMIZERS, OPTIMIZERS.index(defaults["optimizer"]),
+                               horizontal=True, key="train_optimizer")
+        balance = middle.radio("Class balancing", BALANCES, BALANCES.index(defaults["balance"]),
+                               horizontal=True, key="train_balance",
+                               help="loss: inverse-frequency class weights; sqrt: their square "
+                               "root; sampler: every grade drawn equally often; none.")
+        loss = right.radio("Loss", LOSSES, LOSSES.index(defaults["loss"]), horizontal=True,
+                           key="train_loss", help="ordinal: soft targets on the neighbouring "
+                           "grades, so that a near miss costs less than a far one.")
+        select = left.radio("Keep the epoch", SELECTS, SELECTS.index(defaults["select"]),
+                            horizontal=True, key="train_select", help="last: the final epoch, "
+                            "so that the validation set stays unused until calibration; best: "
+                            "the highest validation QWK.")
+        augment = middle.radio("Augmentation", AUGMENTATIONS,
+                               AUGMENTATIONS.index(defaults["augment"]), horizontal=True,
+                               key="train_augment", help="light: mirror and quarter turns; "
+                               "strong: also any angle, scale, colour and blur.")
+        enhance = right.toggle("Ben Graham enhancement", defaults["enhance"],
+                                key="train_enhance", help="Local contrast: 4 × (image − blur).")
+        tta = left.toggle("Validate with flips", defaults["tta"], key="train_tta",
+                          help="Average each validation image with its mirror image.")
+        progressive = middle.toggle("Progressive learning", defaults["progressive"],
+                                  key="train_progressive", help="EfficientNetV2: image size "
+                                  "and regularisation grow over four stages.")
         pretrained = st.checkbox("Start from pretrained weights", defaults["pretrained"],
                                  key="train_pretrained")
         weights = st.text_input("Pretrained weights file", key="train_weights",
@@ -69,7 +90,8 @@ def settings_form(defaults: dict) -> dict | None:
         return None
     return {"name": name.strip() or run_name(), "model": model or "", "img_size": img_size,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "lrf": lrf,
-            "optimizer": optimizer, "balance": balance, "progressive": progressive,
+            "optimizer": optimizer, "balance": balance, "loss": loss, "select": select,
+            "enhance": enhance, "tta": tta, "augment": augment, "progressive": progressive,
             "pretrained": pretrained, "weights": weights}
 
 
@@ -158,6 +180,25 @@ def errors_ui(errors: list, run_id: int) -> None:
                             f"{GRADE_NAMES[predicted]}")
 
 
+def calibration_ui(run_id: int) -> None:
+    st.markdown("**Calibration**")
+    calibration = run_calibration(workspace.db_url, run_id)
+    if not calibration:
+        st.info("No calibration recorded for this run: it was trained before calibration was "
+                "stored, or it is still training.")
+        return
+    st.markdown(" ".join(calibration_lines(calibration)))
+    clipped = clipped_warning(calibration)
+    if clipped:
+        st.warning(clipped)
+    before, after = (calibration.get(f"reliability_{when}") or [] for when in ("before", "after"))
+    if before or after:
+        st.plotly_chart(reliability_figure(before, after), key="reliability")
+    else:
+        st.caption("No reliability diagram: this run was calibrated before its confidence bins "
+                   "were stored.")
+
+
 def best_epoch_ui(run_id: int, name: str) -> None:
     best = best_epoch(workspace.db_url, run_id)
     st.markdown(f"**{name}**, best epoch {best['epoch']}: val QWK {best['qwk']:.3f}, "
@@ -165,6 +206,7 @@ def best_epoch_ui(run_id: int, name: str) -> None:
     left, right = st.columns(2)
     left.plotly_chart(per_class_figure(best["precision"], best["recall"]), key="per_class")
     right.plotly_chart(confusion_figure(best["confusion"]), key="confusion")
+    calibration_ui(run_id)
     errors_ui(best["errors"], run_id)
 
 

@@ -16,10 +16,11 @@ from db.queries import curated_set
 from db.reviews import (ORDERS, Candidate, QueueFilter, RecentDecision, claim_next, curated_csv,
                         decide, has_predictions, progress, recent_decisions,
                         undo_last)
-from db.runs import active_run_id
+from db.predictions import run_grade_counts
+from db.runs import active_run_id, run_score
 from engine.export import ExportRefused, export_class_folders
 from engine.grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from views.common import get_workspace, image_pair_ui
+from views.common import get_workspace, image_pair_ui, model_quality_ui
 
 IMAGE_WIDTH = 480
 # Button key -> KeyboardEvent.key values (lower case) that press it.
@@ -98,6 +99,15 @@ def _change(recent: RecentDecision) -> None:
         decision, grade = ("relabel", choice) if choice in GRADES else (choice, None)
         decide(workspace.db_url, st.session_state.reviewer, recent.image_id, recent.run_id,
                decision, grade)
+
+
+def active_model_ui() -> None:
+    run_id = active_run_id(workspace.db_url)
+    if run_id is None:
+        return  # the queue says how to get one
+    name, val_qwk = run_score(workspace.db_url, run_id)
+    model_quality_ui(f"Active model **{name}**", val_qwk,
+                     run_grade_counts(workspace.db_url, run_id), "The active model")
 
 
 def reviewer_ui() -> str | None:
@@ -258,6 +268,7 @@ def write_folders_ui(target: str, replace: bool) -> None:
 
 
 st.title("Review")
+active_model_ui()
 reviewer = reviewer_ui()
 if reviewer:
     queue_ui(reviewer)
