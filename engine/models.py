@@ -76,9 +76,9 @@ def default_model(device: torch.device | str) -> tuple[str, int, int]:
     """(timm model name, train image size, eval image size) suited to the device."""
     if torch.device(device).type == "cuda":
         return "tf_efficientnetv2_s", 300, 384
-    # A CPU (or a laptop's mps) trains in reasonable time only on a small model; at 384 it
-    # learned real photographs better than at 320 in the same minutes (bench/realdata.py).
-    return LITE0, 384, 384
+    # A CPU (or a laptop's mps) trains in reasonable time only on a small model; at 448 it
+    # learned real photographs better than at 320 or 384 in the same minutes (README).
+    return LITE0, 448, 448
 
 
 def model_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

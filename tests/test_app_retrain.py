@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from conftest import open_page, page_text
+from conftest import CALIBRATION, open_page, page_text
 from db.queries import curated_set
 from db.runs import (active_run_id, best_epoch, epochs_frame,
                      runs_frame, validation_size)
@@ -81,22 +81,6 @@ def set_calibration(db_url: str, run_id: int, calibration: dict) -> None:
 
 def reliability_charts(at) -> list:
     return [c for c in at.get("plotly_chart") if "reliability" in c.proto.id]
-
-
-# What engine.calibration.calibration_summary stores: 120 of the 200 validation images reach
-# 0.70 after calibration, 102 of those (85 %) are right.
-CALIBRATION = {
-    "temperature": 1.8, "bounded": False, "images": 200, "ece_before": 0.12,
-    "ece_after": 0.034, "nll_before": 0.95, "nll_after": 0.81,
-    "reliability_before": [{"lo": 0.6, "hi": 0.7, "count": 50, "confidence": 0.65,
-                            "accuracy": 0.5},
-                           {"lo": 0.9, "hi": 1.0, "count": 150, "confidence": 0.96,
-                            "accuracy": 0.8}],
-    "reliability_after": [{"lo": 0.5, "hi": 0.6, "count": 80, "confidence": 0.56,
-                           "accuracy": 0.55},
-                          {"lo": 0.8, "hi": 0.9, "count": 120, "confidence": 0.84,
-                           "accuracy": 0.85}],
-    "threshold": 0.7, "confident": 120, "confident_right": 102}
 
 
 def validation_errors(tiny_data: Path, count: int) -> list[list]:

@@ -127,7 +127,8 @@ def retrain_ui(page, db_url: str) -> Run:
     page.get_by_text(f"{RUN}, best epoch").wait_for()  # the page reran when the job ended
     wait_until_idle(page)
     curves = len(curve_figures(epochs_frame(db_url, [run.id])))
-    assert charts(page) == 1 + curves + 2  # curated set, the curves, per class, confusion
+    # The curated set, the curves, per class, confusion, and the reliability diagram.
+    assert charts(page) == 1 + curves + 3
     screenshot(page, "loop-4-retrained")
     return run
 

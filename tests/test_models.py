@@ -113,8 +113,8 @@ def test_pick_device():
 
 def test_default_model_depends_on_device():
     assert default_model(torch.device("cuda")) == ("tf_efficientnetv2_s", 300, 384)
-    assert default_model("cpu") == (LITE0, 384, 384)
-    assert default_model("mps") == (LITE0, 384, 384)
+    assert default_model("cpu") == (LITE0, 448, 448)
+    assert default_model("mps") == (LITE0, 448, 448)
 
 
 # --- the bundled Lite0 ImageNet weights -----------------------------------------------------------

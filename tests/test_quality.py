@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import open_page
+from conftest import CALIBRATION, open_page
 from db.predictions import run_grade_counts
 from db.runs import run_calibration, run_score
 from db.schema import Image, Prediction, Run, Source
@@ -38,20 +38,6 @@ def test_one_grade_for_nearly_every_image_is_named_with_its_share():
     assert DOMINANT_SHARE == 0.9 and len(exactly) == 1
     assert "grade 3 · severe / proliferative to 90 % of the 20 images" in exactly[0]
     assert len(model_warnings(0.1, [0, 0, 7, 0])) == 2
-
-
-CALIBRATION = {
-    "temperature": 1.8, "bounded": False, "images": 200, "ece_before": 0.12,
-    "ece_after": 0.034, "nll_before": 0.95, "nll_after": 0.81,
-    "reliability_before": [{"lo": 0.6, "hi": 0.7, "count": 50, "confidence": 0.65,
-                            "accuracy": 0.5},
-                           {"lo": 0.9, "hi": 1.0, "count": 150, "confidence": 0.96,
-                            "accuracy": 0.8}],
-    "reliability_after": [{"lo": 0.5, "hi": 0.6, "count": 80, "confidence": 0.56,
-                           "accuracy": 0.55},
-                          {"lo": 0.8, "hi": 0.9, "count": 120, "confidence": 0.84,
-                           "accuracy": 0.85}],
-    "threshold": 0.7, "confident": 120, "confident_right": 102}
 
 
 def test_calibration_in_sentences():
