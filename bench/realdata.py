@@ -28,7 +28,8 @@ from bench.reference import reference_logits, train_reference
 from engine.calibration import fit_temperature
 from engine.data import Sample, shared_groups, stratified_split
 from engine.grades import REVIEW_THRESHOLD, from_aptos
-from engine.metrics import grading_summary, quadratic_weighted_kappa
+from engine.metrics import (expected_calibration_error, grading_summary,
+                            quadratic_weighted_kappa)
 from engine.models import load_checkpoint
 from engine.predictor import predict
 from engine.train import make_config, parse_args
@@ -78,13 +79,11 @@ def summaries(logits: np.ndarray, temperature: float, test: list[Sample],
     out = {}
     for name in ("pooled", *DATASETS):
         keep = np.ones(len(test), bool) if name == "pooled" else which == name
-        summary = grading_summary(softmax(logits[keep], temperature), labels[keep],
-                                  REVIEW_THRESHOLD)
         probs = softmax(logits[keep], temperature)
         expected = np.rint(probs @ np.arange(probs.shape[1])).astype(int)
-        out[name] = {**summary, "ece_before": grading_summary(
-            softmax(logits[keep]), labels[keep], REVIEW_THRESHOLD)["ece"],
-            "qwk_expected_grade": quadratic_weighted_kappa(labels[keep], expected)}
+        out[name] = {**grading_summary(probs, labels[keep], REVIEW_THRESHOLD),
+                     "ece_before": expected_calibration_error(softmax(logits[keep]), labels[keep]),
+                     "qwk_expected_grade": quadratic_weighted_kappa(labels[keep], expected)}
     return out
 
 

@@ -39,6 +39,14 @@ def dataset_for(meta: dict, samples: Sequence[Sample], cache_root: Path | None) 
                          size=meta["image_size"])
 
 
+def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                  tta: bool) -> torch.Tensor:
+    """Logits of `images`, averaged with those of their mirror images when `tta`: a fundus
+    has no left or right."""
+    logits = forward(images)
+    return (logits + forward(images.flip(-1))) / 2 if tta else logits
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, meta: dict, samples: Sequence[Sample],
             device: torch.device, batch_size: int = 32, workers: int = 1, tta: bool = False,
@@ -57,9 +65,7 @@ def predict(model: torch.nn.Module, meta: dict, samples: Sequence[Sample],
         if len(indices):
             images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(images).float()
-                if tta:  # a fundus has no left or right: average with the mirror image
-                    logits = (logits + model(images.flip(-1)).float()) / 2
+                logits = flip_averaged(lambda x: model(x).float(), images, tta)
             chunks.append(torch.softmax(logits / temperature, dim=1).cpu())
             out.indices += indices.tolist()
         if on_batch:

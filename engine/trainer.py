@@ -26,6 +26,7 @@ from engine.data import (FundusDataset, Sample, class_counts, class_weights, cre
 from engine.metrics import classification_report
 from engine.models import (create_model, freeze_all_but_classifier, freeze_stages, load_checkpoint,
                            model_mean_std, save_checkpoint)
+from engine.predictor import flip_averaged
 from engine.preprocess import PreprocessCache, PreprocessConfig, fill_cache
 from engine.workspace import Workspace
 
@@ -273,10 +274,7 @@ class Trainer:
             if failed:
                 self.hooks.on_skipped([reason for _, reason in failed])
             if len(batch_labels):
-                batch_logits = self._forward(images)
-                if self.config.tta:  # a fundus has no left or right: average with the mirror
-                    batch_logits = (batch_logits + self._forward(images.flip(-1))) / 2
-                logits.append(batch_logits.cpu())
+                logits.append(flip_averaged(self._forward, images, self.config.tta).cpu())
                 labels.append(batch_labels)
                 indices += batch_indices.tolist()
         return torch.cat(logits), torch.cat(labels), indices
