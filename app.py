@@ -8,7 +8,7 @@ from db.reviews import loop_overview
 from db.runs import active_run_id
 from engine import jobs
 from engine.demo import is_empty
-from engine.grades import REVIEW_THRESHOLD
+from grades import REVIEW_THRESHOLD
 from views.common import device_label, get_workspace, job_status_ui
 
 st.set_page_config(page_title="DR grading", page_icon="👁️", layout="wide")

@@ -27,7 +27,7 @@ import torch
 from bench.reference import reference_logits, train_reference
 from engine.calibration import fit_temperature
 from engine.data import Sample, shared_groups, stratified_split
-from engine.grades import REVIEW_THRESHOLD, from_aptos
+from grades import REVIEW_THRESHOLD, from_aptos
 from engine.metrics import (expected_calibration_error, grading_summary,
                             quadratic_weighted_kappa)
 from engine.models import load_checkpoint
@@ -117,8 +117,8 @@ def run_defaults(train, val, test, datasets, minutes: float, extra: list[str], s
                 val_logits, _ = checkpoint_logits(paths.last, val, workspace.cache, config.tta)
                 temperature = fit_temperature(torch.as_tensor(val_logits),
                                               torch.tensor([s.grade for s in val]))
-            results[which] = {"temperature": temperature, **summaries(logits, temperature,
-                                                                      test, datasets)}
+            results[which] = {"temperature": temperature, "test_logits": logits.tolist(),
+                              **summaries(logits, temperature, test, datasets)}
     return {"config": vars(config), "train_args": extra, "seconds": seconds, **results}
 
 
@@ -129,8 +129,9 @@ def run_reference(train, val, test, datasets, minutes: float, model: str, seed: 
     val_logits = reference_logits(net, model, val)
     temperature = fit_temperature(torch.as_tensor(val_logits), torch.tensor([s.grade for s in val]))
     logits = reference_logits(net, model, test)
-    return {"model": model, "seconds": seconds, "last": {"temperature": temperature,
-                                                         **summaries(logits, temperature, test, datasets)}}
+    return {"model": model, "seconds": seconds,
+            "last": {"temperature": temperature, "test_logits": logits.tolist(),
+                     **summaries(logits, temperature, test, datasets)}}
 
 
 COLUMNS = (("qwk", "QWK", "{:.3f}"), ("qwk_expected_grade", "QWK E[g]", "{:.3f}"),
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                   if method == "defaults" else f"{method} loop, {args.minutes:g} min:", flush=True)
             results[method] = run()
             write(args.out, {"split": {"train": len(train), "validation": len(val),
-                                       "test": len(test), "seed": args.seed},
+                                       "test": len(test), "seed": args.seed,
+                                       "test_images": [s.path for s in test]},
                              "minutes": args.minutes, **results})
     print(table(results))
     print(markdown(results))

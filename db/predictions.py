@@ -8,7 +8,7 @@ import pandas as pd
 from sqlalchemy import case, func, select
 
 from db.schema import Image, Prediction, Run, Source
-from db.session import session_scope
+from db.session import read_scope
 
 
 class Model(NamedTuple):
@@ -28,7 +28,7 @@ class Pool(NamedTuple):
 
 def models(db_url: str) -> list[Model]:
     """The runs that have a checkpoint to predict with, newest first."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Run.id, Run.name, Run.checkpoint, Run.best_qwk,
                    func.coalesce(Run.finished_at, Run.created_at))
@@ -40,7 +40,7 @@ def models(db_url: str) -> list[Model]:
 def pools(db_url: str) -> list[Pool]:
     """Every source with its image count; unlabelled pools first, as they are what
     inference is usually for."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Source.id, Source.name, Source.role, func.count(Image.id))
             .outerjoin(Image).group_by(Source.id)
@@ -57,7 +57,7 @@ def grade_counts(db_url: str, run_id: int, source_id: int, min_confidence: float
                  ) -> dict[int, int]:
     """Images of the pool per predicted grade, counting those with confidence >=
     min_confidence (the Review page's candidates when it is the threshold)."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Prediction.grade, func.count(Prediction.id)).join(Image)
             .where(*_of(run_id, source_id), Prediction.confidence >= min_confidence)
@@ -68,7 +68,7 @@ def grade_counts(db_url: str, run_id: int, source_id: int, min_confidence: float
 
 def run_grade_counts(db_url: str, run_id: int) -> dict[int, int]:
     """Every image the run predicted, whichever pool, per predicted grade."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(select(Prediction.grade, func.count(Prediction.id))
                                .where(Prediction.run_id == run_id)
                                .group_by(Prediction.grade)).all()
@@ -82,7 +82,7 @@ def confidence_histogram(db_url: str, run_id: int, source_id: int, bins: int = 2
     # A CASE over the edges, as CAST rounds on PostgreSQL and truncates on SQLite.
     index = case(*[(Prediction.confidence < (i + 1) / bins, i) for i in range(bins - 1)],
                  else_=bins - 1)
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Prediction.grade, index.label("bin"), func.count(Prediction.id)).join(Image)
             .where(*_of(run_id, source_id)).group_by(Prediction.grade, "bin")
@@ -96,7 +96,7 @@ def confidence_histogram(db_url: str, run_id: int, source_id: int, bins: int = 2
 def submission_frame(db_url: str, run_id: int, source_id: int) -> pd.DataFrame:
     """The Kaggle submission of a model on a pool: id_code (the image's name), diagnosis
     (the predicted grade, 0-3), in import order."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Image.name, Prediction.grade).join(Image)
             .where(*_of(run_id, source_id)).order_by(Image.id)

@@ -5,12 +5,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.schema import Image, Review, Source
-from db.session import session_scope
+from db.session import read_scope
 
 
 def sources_frame(db_url: str) -> pd.DataFrame:
     """One row per source with its image count and last import report."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Source.id, Source.name, Source.kind, Source.role, Source.root,
                    Source.created_at, Source.report, func.count(Image.id).label("images"))
@@ -22,7 +22,7 @@ def sources_frame(db_url: str) -> pd.DataFrame:
 
 def class_counts(db_url: str) -> pd.DataFrame:
     """Labelled images per source, role and grade."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Source.name, Source.role, Image.grade, func.count(Image.id))
             .join(Image).where(Image.grade.is_not(None))
@@ -37,7 +37,7 @@ def image_page(db_url: str, source_id: int, grade: int | None, limit: int, offse
     where = [Image.source_id == source_id]
     if grade is not None:
         where.append(Image.grade == grade)
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         total = session.scalar(select(func.count(Image.id)).where(*where))
         rows = session.execute(
             select(Source.root, Image.path, Image.name, Image.grade, Image.original_label)
@@ -70,7 +70,7 @@ def _group(extra: dict | None) -> str | None:
 
 def labelled_images(db_url: str, role: str) -> list[tuple[int, str, str, int, str | None]]:
     """(image id, absolute path, name, grade, group) of the expert-labelled images of a role."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Image.id, Source.root, Image.path, Image.name, Image.grade, Image.extra)
             .join(Source).where(Source.role == role, Image.grade.is_not(None)).order_by(Image.id)
@@ -91,7 +91,7 @@ def curated_set(db_url: str) -> pd.DataFrame:
     image = select(Image.id, Image.name, Source.name, Source.root, Image.path,
                    Image.extra).join(Source)
     latest = latest_reviews().add_columns(Review.reviewer, Review.created_at).subquery()
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         expert = session.execute(image.add_columns(Image.grade, Image.grade)
                                  .where(Source.role == "train", Image.grade.is_not(None))).all()
         pseudo = session.execute(

@@ -1,10 +1,11 @@
-"""The review queue: the active model's confident predictions that have no decision yet,
-claims that keep two reviewers on different images, append-only decisions, progress, and
-the curated set for export.
+"""The review queue: the active model's confident predictions on images without an expert
+label that have no decision yet, claims that keep two reviewers on different images,
+append-only decisions, progress, and the curated set for export.
 
 An image's current decision is its newest review row; a newest row 'undo' means undecided.
 Every write runs in one session_scope, which is BEGIN IMMEDIATE on SQLite: writers are
-serialised, so a claim and the check that precedes it cannot interleave with another's.
+serialised, so a claim or a decision and the check that precedes it cannot interleave with
+another's. Reads run in read_scope and take no lock.
 """
 
 import random
@@ -13,15 +14,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import BigInteger, case, cast, delete, func, select
+from sqlalchemy import BigInteger, case, cast, delete, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from db.queries import curated_set, latest_reviews
 from db.schema import Claim, Image, Prediction, Review, Run, Source, utcnow
-from db.session import session_scope, upsert_insert
-from engine.grades import GRADES, REVIEW_THRESHOLD
+from db.session import read_scope, session_scope, upsert_insert
+from grades import GRADES, REVIEW_THRESHOLD
 
 CLAIM_TTL = timedelta(minutes=5)  # a claim older than this is a closed tab, not a reviewer
+RENEW_EVERY = CLAIM_TTL / 5  # how often an open card renews its claim
 DECISIONS = ("accept", "reject", "relabel")
 PRIME = 4294967291  # the largest below 2**32: image id × factor stays within 64 bits
 ORDERS = ("least confident first", "most confident first", "by grade", "random")
@@ -51,6 +53,7 @@ class Candidate:
     probs: tuple[float, float, float, float]
     grade: int
     confidence: float
+    seen: int | None  # the image's newest review row when it was shown; None: it had none
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,20 @@ class RecentDecision:
     grade: int | None
     time: datetime
     is_current: bool
+    current_id: int  # the image's newest review row, which a change must name as seen
     current_decision: str
     current_grade: int | None
     current_reviewer: str
+
+
+class DecidedMeanwhile(Exception):
+    """The image got a newer decision after it was shown; the message says by whom, in words."""
+
+
+def describe(decision: str, grade: int | None) -> str:
+    """A decision in words: 'accepted grade 2', 'corrected to grade 1', 'rejected', 'undone'."""
+    return {"accept": f"accepted grade {grade}", "relabel": f"corrected to grade {grade}",
+            "reject": "rejected", "undo": "undone"}[decision]
 
 
 def _decided_images():
@@ -81,14 +95,16 @@ def _current_id(image_id):
     return select(func.max(newest.id)).where(newest.image_id == image_id).scalar_subquery()
 
 
-def _validation_images():
-    return select(Image.id).join(Source).where(Source.role == "validation")
+def _labelled_images():
+    """Images no reviewer decides: those with an expert grade, and the validation sources'."""
+    return select(Image.id).join(Source).where(
+        or_(Image.grade.is_not(None), Source.role == "validation"))
 
 
 def _candidates(run_id: int, threshold: float) -> list:
-    # NOT IN over small materialised sets keeps the scan on ix_predictions_run_confidence_grade.
+    # NOT IN over materialised sets keeps the scan on ix_predictions_run_confidence_grade.
     return [Prediction.run_id == run_id, Prediction.confidence >= threshold,
-            Prediction.image_id.not_in(_validation_images())]
+            Prediction.image_id.not_in(_labelled_images())]
 
 
 def _queue(queue: QueueFilter) -> list:
@@ -115,10 +131,26 @@ def _claimed_by_others(reviewer: str):
                                         Claim.claimed_at >= utcnow() - CLAIM_TTL)
 
 
+def _hold(session: Session, reviewer: str, image_id: int) -> bool:
+    """Claim the image for `reviewer`, or renew the claim; False when another reviewer's claim
+    on it is live."""
+    insert = upsert_insert(session)(Claim).values(image_id=image_id, reviewer=reviewer,
+                                                  claimed_at=utcnow())
+    held = session.execute(insert.on_conflict_do_update(
+        index_elements=["image_id"],
+        set_={"reviewer": insert.excluded.reviewer, "claimed_at": insert.excluded.claimed_at},
+        where=or_(Claim.reviewer == reviewer, Claim.claimed_at < utcnow() - CLAIM_TTL)))
+    return held.rowcount == 1
+
+
+def _newest_review(session: Session, image_id: int) -> int | None:
+    return session.scalar(select(func.max(Review.id)).where(Review.image_id == image_id))
+
+
 def _pick(session: Session, reviewer: str, queue: QueueFilter, skip: Sequence[int],
           keep: int | None) -> int | None:
     """The image to show: `keep` while it is still queued and nobody else holds it; else the
-    first free image not skipped; else the longest-skipped free one; else a held one."""
+    first free image not skipped; else the longest-skipped free one; else none."""
     free = [*_queue(queue), Prediction.image_id.not_in(_claimed_by_others(reviewer))]
     if keep is not None and session.scalar(
             select(Prediction.image_id).where(*free, Prediction.image_id == keep)) is not None:
@@ -129,8 +161,6 @@ def _pick(session: Session, reviewer: str, queue: QueueFilter, skip: Sequence[in
         skipped = set(session.scalars(select(Prediction.image_id)
                                       .where(*free, Prediction.image_id.in_(skip))))
         image_id = next((i for i in skip if i in skipped), None)
-    if image_id is None:
-        image_id = session.scalar(first.where(*_queue(queue)))
     return image_id
 
 
@@ -143,33 +173,68 @@ def _candidate(session: Session, run_id: int, image_id: int) -> Candidate:
     ).one()
     name, source, root, path, p0, p1, p2, p3, grade, confidence = row
     return Candidate(image_id, run_id, name, source, f"{root}/{path}", (p0, p1, p2, p3),
-                     grade, confidence)
+                     grade, confidence, _newest_review(session, image_id))
 
 
 def claim_next(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int] = (),
                keep: int | None = None) -> Candidate | None:
-    """Claim the next image for `reviewer` and return it; None when the queue is empty.
+    """Claim the next image for `reviewer` and return it; None when no candidate is free.
 
     `skip` lists the images this reviewer skipped, oldest first: they come back only when
-    nothing else is left. An image another reviewer claimed within CLAIM_TTL is given out
-    only when it is the last one. The reviewer's other claims are released."""
+    nothing else is left. An image another reviewer claimed within CLAIM_TTL is never given
+    out (held_by_others counts them). The reviewer's other claims are released."""
     with session_scope(db_url) as session:
         image_id = _pick(session, reviewer, queue, list(skip), keep)
         session.execute(delete(Claim).where(Claim.reviewer == reviewer))
         if image_id is None:
             return None
-        insert = upsert_insert(session)(Claim).values(image_id=image_id, reviewer=reviewer,
-                                                claimed_at=utcnow())
-        session.execute(insert.on_conflict_do_update(
-            index_elements=["image_id"],
-            set_={"reviewer": insert.excluded.reviewer, "claimed_at": insert.excluded.claimed_at}))
+        _hold(session, reviewer, image_id)
         return _candidate(session, queue.run_id, image_id)
 
 
+def held_by_others(db_url: str, reviewer: str, queue: QueueFilter) -> int:
+    """Undecided candidates of the queue that other reviewers hold now."""
+    with read_scope(db_url) as session:
+        return session.scalar(select(func.count(Prediction.id)).where(
+            *_queue(queue), Prediction.image_id.in_(_claimed_by_others(reviewer))))
+
+
+def renew_claim(db_url: str, reviewer: str, image_id: int, seen: int | None) -> bool:
+    """Keep holding an image while its card is open; False when that is no longer possible:
+    it has a newer decision than `seen`, or another reviewer holds it now."""
+    with session_scope(db_url) as session:
+        return _newest_review(session, image_id) == seen and _hold(session, reviewer, image_id)
+
+
+def _refuse_if_decided(session: Session, reviewer: str, image_id: int, seen: int | None) -> None:
+    newest_id = _newest_review(session, image_id)
+    if newest_id == seen:
+        return
+    newest = session.execute(select(Review.reviewer, Review.decision, Review.grade, Image.name)
+                             .join(Image, Image.id == Review.image_id)
+                             .where(Review.id == newest_id)).one()
+    who = "you, in another tab or window" if newest.reviewer == reviewer else newest.reviewer
+    raise DecidedMeanwhile(f"{newest.name} was decided by {who} after it was shown here (now "
+                           f"{describe(newest.decision, newest.grade)}), so this decision "
+                           "was not stored.")
+
+
+def _refuse_if_labelled(session: Session, image_id: int) -> None:
+    name = session.scalar(select(Image.name).where(Image.id == image_id,
+                                                   Image.id.in_(_labelled_images())))
+    if name is not None:
+        raise ValueError(f"{name} has an expert label or belongs to a validation source: "
+                         "only unlabelled images are reviewed")
+
+
 def decide(db_url: str, reviewer: str, image_id: int, run_id: int, decision: str,
-           grade: int | None = None) -> int:
+           grade: int | None = None, seen: int | None = None) -> int:
     """Append a decision on the prediction of `run_id` for an image, release its claim and
-    return the review id. 'accept' stores the predicted grade, 'relabel' the given one."""
+    return the review id. 'accept' stores the predicted grade, 'relabel' the given one.
+
+    `seen` is the image's newest review row when it was shown (Candidate.seen,
+    RecentDecision.current_id; None: it had none): a newer one, by anyone, raises
+    DecidedMeanwhile and nothing is stored. An image with an expert label raises ValueError."""
     if not reviewer.strip():
         raise ValueError("a decision needs the reviewer's name")
     if decision not in DECISIONS:
@@ -181,6 +246,8 @@ def decide(db_url: str, reviewer: str, image_id: int, run_id: int, decision: str
             Prediction.run_id == run_id, Prediction.image_id == image_id))
         if predicted is None:
             raise ValueError(f"run {run_id} has no prediction for image {image_id}")
+        _refuse_if_labelled(session, image_id)
+        _refuse_if_decided(session, reviewer, image_id, seen)
         stored = {"accept": predicted, "relabel": grade, "reject": None}[decision]
         review = Review(image_id=image_id, run_id=run_id, decision=decision, grade=stored,
                         reviewer=reviewer)
@@ -214,7 +281,7 @@ def recent_decisions(db_url: str, reviewer: str, limit: int = 10) -> list[Recent
     newest_mine = select(func.max(mine.id)).where(
         mine.image_id == Review.image_id, mine.reviewer == reviewer, mine.decision != "undo"
     ).scalar_subquery()
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Review.id, Review.image_id, Review.run_id, Image.name, Review.decision,
                    Review.grade, Review.created_at).join(Image, Image.id == Review.image_id)
@@ -227,14 +294,15 @@ def recent_decisions(db_url: str, reviewer: str, limit: int = 10) -> list[Recent
             .where(Review.image_id.in_([r.image_id for r in rows]),
                    Review.id == _current_id(Review.image_id)))}
     return [RecentDecision(image_id, run_id, name, decision, grade, time,
-                           current[image_id].id == review_id, current[image_id].decision,
-                           current[image_id].grade, current[image_id].reviewer)
+                           current[image_id].id == review_id, current[image_id].id,
+                           current[image_id].decision, current[image_id].grade,
+                           current[image_id].reviewer)
             for review_id, image_id, run_id, name, decision, grade, time in rows]
 
 
 def has_predictions(db_url: str, run_id: int) -> bool:
     """Whether inference has run with this model at all."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         return session.scalar(select(Prediction.id).where(Prediction.run_id == run_id)
                               .limit(1)) is not None
 
@@ -243,7 +311,7 @@ def progress(db_url: str, run_id: int, threshold: float) -> pd.DataFrame:
     """Per predicted grade (index 0-3): candidates at or above the threshold, and how many of
     them have a current decision (by anyone, whichever model was active then)."""
     reviewed = case((Prediction.image_id.in_(_decided_images()), 1), else_=0)
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Prediction.grade, func.count(Prediction.id), func.sum(reviewed))
             .where(*_candidates(run_id, threshold)).group_by(Prediction.grade)
@@ -260,7 +328,7 @@ def curated_csv(db_url: str) -> str:
 def loop_overview(db_url: str, run_id: int | None, threshold: float) -> dict[str, int]:
     """Where the curation loop stands: expert-labelled images, predictions of the active
     model, its review candidates and how many of them are decided, training runs."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         labelled = session.scalar(select(func.count(Image.id)).join(Source).where(
             Source.role == "train", Image.grade.is_not(None)))
         runs = session.scalar(select(func.count(Run.id)))

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session, load_only
 
 from db.queries import labelled_images
 from db.schema import Epoch, Run
-from db.session import session_scope
+from db.session import read_scope, session_scope
 
 CURVE_COLUMNS = ["run_id", "run", "epoch", "lr", "train_loss", "train_acc", "val_loss",
                  "val_acc", "qwk"]
@@ -15,13 +15,13 @@ CURVE_COLUMNS = ["run_id", "run", "epoch", "lr", "train_loss", "train_acc", "val
 
 def active_run_id(db_url: str) -> int | None:
     """The promoted run: its predictions make the review queue."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         return session.scalar(select(Run.id).where(Run.active))
 
 
 def run_score(db_url: str, run_id: int) -> tuple[str, float | None]:
     """The run's name and best validation QWK (None when it was never validated here)."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         return tuple(session.execute(select(Run.name, Run.best_qwk)
                                      .where(Run.id == run_id)).one())
 
@@ -29,7 +29,7 @@ def run_score(db_url: str, run_id: int) -> tuple[str, float | None]:
 def run_calibration(db_url: str, run_id: int) -> dict:
     """The run's calibration summary as training stored it; empty for a run trained before
     calibration was stored, or still training."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         calibration, temperature = session.execute(
             select(Run.calibration, Run.temperature).where(Run.id == run_id)).one()
     return {"temperature": temperature, **calibration} if calibration else {}
@@ -68,7 +68,7 @@ def _best(epochs: list[Epoch], config: dict | None) -> Epoch | None:
 
 def runs_frame(db_url: str) -> pd.DataFrame:
     """One row per run, newest first, with its config and the epoch it kept (see _best)."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         scores: dict[int, list[Epoch]] = {}
         # The per-image error lists can be long; the table needs only the scores.
         for epoch in session.scalars(select(Epoch).order_by(Epoch.run_id, Epoch.epoch).options(
@@ -88,7 +88,7 @@ def runs_frame(db_url: str) -> pd.DataFrame:
 
 def epochs_frame(db_url: str, run_ids: list[int]) -> pd.DataFrame:
     """The per-epoch curves of the runs: lr, train/val loss and accuracy, val QWK."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         rows = session.execute(
             select(Epoch.run_id, Run.name, Epoch.epoch, Epoch.lr, Epoch.train_loss,
                    Epoch.train_acc, Epoch.val_loss, Epoch.val_acc, Epoch.qwk)
@@ -100,7 +100,7 @@ def epochs_frame(db_url: str, run_ids: list[int]) -> pd.DataFrame:
 def best_epoch(db_url: str, run_id: int) -> dict | None:
     """The epoch the run kept (see _best): its scores, per-class precision and recall, confusion
     matrix, and misclassified validation images ([path, true, predicted]); None if no epoch."""
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         best = _best(session.scalars(select(Epoch).where(Epoch.run_id == run_id)
                                      .order_by(Epoch.epoch)).all(),
                      session.scalar(select(Run.config).where(Run.id == run_id)))

@@ -12,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+READ_ONLY = "dr_read_only"  # an execution option: the session only reads
 
 
 def _tune_sqlite(engine: Engine) -> None:
@@ -27,9 +28,12 @@ def _tune_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
+    # Readers need no lock in WAL mode: a plain BEGIN gives them a snapshot without queueing
+    # behind writers or making writers queue behind the pages' polling.
     @event.listens_for(engine, "begin")
     def on_begin(connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 @cache
@@ -58,12 +62,25 @@ def upsert_insert(session: Session):
 
 
 @cache
-def _factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+def _factory(url: str, read_only: bool) -> sessionmaker[Session]:
+    engine = get_engine(url)
+    if read_only:
+        engine = engine.execution_options(**{READ_ONLY: True})
+    return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
-    """A Session that commits on success and rolls back on error."""
-    with _factory(url).begin() as session:
+    """A Session that writes: commits on success, rolls back on error. On SQLite it takes the
+    write lock up front (BEGIN IMMEDIATE), so that its reads and writes cannot interleave with
+    another writer's."""
+    with _factory(url, False).begin() as session:
+        yield session
+
+
+@contextmanager
+def read_scope(url: str) -> Iterator[Session]:
+    """A Session that only reads: a plain deferred transaction, one consistent snapshot, no
+    write lock on SQLite. Nothing written in it is kept."""
+    with _factory(url, True)() as session:
         yield session

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from engine.grades import GRADES
+from grades import GRADES
 
 
 def every_grade(counts: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

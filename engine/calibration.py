@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.grades import REVIEW_THRESHOLD
+from grades import REVIEW_THRESHOLD
 from engine.metrics import confident_share, expected_calibration_error
 
 # A well-trained network is rarely more than a few times over- or under-confident; a fit

@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from engine.grades import GRADE_NAMES, GRADES
+from grades import GRADE_NAMES, GRADES
 
 # title -> (y axis, [(epochs_frame column, trace label)])
 CURVES: dict[str, tuple[str, list[tuple[str, str]]]] = {

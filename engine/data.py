@@ -19,7 +19,7 @@ import torch
 import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from engine.grades import GRADES
+from grades import GRADES
 from engine.groups import group_from_name
 from engine.images import IMAGE_SUFFIXES, ImageError
 from engine.preprocess import PreprocessCache, PreprocessConfig, load_preprocessed

@@ -9,7 +9,7 @@ import sys
 from sqlalchemy import func, select
 
 from db.schema import Source
-from db.session import migrate, session_scope
+from db.session import migrate, read_scope
 from engine import synth
 from engine.jobs import JobReporter
 from engine.sources import import_source
@@ -24,7 +24,7 @@ DEMO_SOURCES = (
 
 
 def is_empty(db_url: str) -> bool:
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         return session.scalar(select(func.count()).select_from(Source)) == 0
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from db.queries import unused_name
 from db.runs import activate_first
 from db.schema import Image, Prediction, Run, Source, utcnow
-from db.session import migrate, session_scope, upsert_insert
+from db.session import migrate, read_scope, session_scope, upsert_insert
 from engine.data import Sample, default_workers
 from engine.jobs import JobReporter
 from engine.models import load_checkpoint, pick_device
@@ -43,7 +43,7 @@ def register_model(db_url: str, checkpoint: Path, meta: dict) -> int:
 
 
 def source_samples(db_url: str, name: str) -> list[Sample]:
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         source = session.scalar(select(Source).where(Source.name == name))
         if source is None:
             names = ", ".join(session.scalars(select(Source.name))) or "none yet"

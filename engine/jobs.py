@@ -16,10 +16,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from db.schema import Job, utcnow
-from db.session import session_scope
+from db.session import read_scope, session_scope
 from engine.workspace import Workspace
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -88,30 +89,48 @@ def log_tail(path: str | None, lines: int = 20) -> str:
         return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
 
 
+def _runs_here(pid: int, job_id: int) -> bool:
+    """Whether process `pid` on this machine is job `job_id`'s, and not a later process that
+    got the same number; Linux's /proc tells, elsewhere this is never known to be true."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return any(argv[i:i + 2] == ["--job-id", str(job_id)] for i in range(len(argv) - 1))
+
+
+def _is_dead(db_url: str, job: Job, now: datetime) -> bool:
+    """The process we started has exited; or, for any other, the heartbeat went stale while
+    no process of the job runs here (a busy database can delay a heartbeat, not end a job)."""
+    child = _children.get((db_url, job.id))
+    if child is not None:
+        return child.poll() is not None
+    stale = now - (job.heartbeat_at or job.created_at) > STALE_AFTER
+    return stale and not (job.pid is not None and _runs_here(job.pid, job.id))
+
+
 def mark_dead_jobs(db_url: str, now: datetime | None = None) -> list[int]:
-    """Mark failed every active job whose process is gone or whose heartbeat went stale."""
+    """Mark failed every active job whose process is gone (see _is_dead)."""
     now = now or utcnow()
-    dead = []
-    with session_scope(db_url) as session:
-        for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE))):
-            child = _children.get((db_url, job.id))
-            exited = child is not None and child.poll() is not None
-            last_sign = job.heartbeat_at or job.created_at
-            if exited or now - last_sign > STALE_AFTER:
-                job.status, job.finished_at = "failed", now
-                job.error = "the job's process stopped without reporting an outcome"
-                dead.append(job.id)
+    with read_scope(db_url) as session:  # the pages call this every few seconds: no lock
+        dead = [job.id for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE)))
+                if _is_dead(db_url, job, now)]
+    if dead:
+        with session_scope(db_url) as session:
+            session.execute(update(Job).where(Job.id.in_(dead), Job.status.in_(ACTIVE)).values(
+                status="failed", finished_at=now,
+                error="the job's process stopped without reporting an outcome"))
     return dead
 
 
 def active_jobs(db_url: str) -> list[Job]:
     mark_dead_jobs(db_url)
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         return list(session.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.id)))
 
 
 def latest_job(db_url: str, kind: str) -> Job | None:
-    with session_scope(db_url) as session:
+    with read_scope(db_url) as session:
         return session.scalar(select(Job).where(Job.kind == kind).order_by(Job.id.desc()))
 
 
@@ -175,7 +194,10 @@ class JobReporter:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            self._update(heartbeat_at=utcnow())
+            try:
+                self._update(heartbeat_at=utcnow())
+            except OperationalError as exc:  # e.g. "database is locked": try at the next beat
+                print(f"heartbeat not recorded: {exc.orig}", file=sys.stderr, flush=True)
 
     def _update(self, **values) -> None:
         with session_scope(self.db_url) as session:

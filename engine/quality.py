@@ -1,7 +1,7 @@
 """Whether a model is fit to propose grades, and what its calibration summary says, in
 sentences for the pages."""
 
-from engine.grades import DOMINANT_SHARE, GRADE_NAMES, REVIEW_THRESHOLD, WEAK_QWK
+from grades import DOMINANT_SHARE, GRADE_NAMES, REVIEW_THRESHOLD, WEAK_QWK
 
 
 def model_warnings(val_qwk: float | None, grade_counts: list[int],

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from engine.balance import every_grade
-from engine.grades import GRADE_NAMES, GRADES
+from grades import GRADE_NAMES, GRADES
 from engine.models import LITE_PACKAGES
 from engine.train import make_config, parse_args
 

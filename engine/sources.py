@@ -20,7 +20,7 @@ from sqlalchemy import select
 from db.queries import unused_name
 from db.schema import Image, Source
 from db.session import migrate, session_scope
-from engine.grades import from_aptos
+from grades import from_aptos
 from engine.groups import group_of
 from engine.images import IMAGE_SUFFIXES, ImageError, probe_image
 from engine.workspace import Workspace

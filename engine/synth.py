@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from engine.grades import GRADES
+from grades import GRADES
 
 # Grade probabilities over the Messidor scale: APTOS-like imbalance, and Messidor-1's own.
 APTOS_GRADE_P = (0.45, 0.15, 0.25, 0.15)

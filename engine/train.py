@@ -18,11 +18,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from sqlalchemy import select
 
 from db.queries import curated_set, labelled_images
 from db.runs import activate_first
 from db.schema import Epoch, Run, utcnow
-from db.session import migrate, session_scope
+from db.session import migrate, read_scope, session_scope
 from engine.data import (AUGMENTATIONS, Sample, class_counts, default_workers, folder_samples, read_manifest,
                          same_content, shared_groups, stratified_split)
 from engine.jobs import JobCancelled, JobReporter
@@ -123,7 +124,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         minutes=args.minutes or (CPU_MINUTES if device.type == "cpu" and not args.epochs else None),
         tta=args.tta, select=args.select, augment=args.augment,
         freeze_stages=args.freeze_stages, bf16=args.bf16,
-        preprocess=PreprocessConfig(enhance=args.enhance).to_dict(),
+        preprocess=PreprocessConfig(size=eval_size, enhance=args.enhance).to_dict(),
     )
 
 
@@ -244,9 +245,20 @@ def run_inputs(args: argparse.Namespace, paths: RunPaths, db_url: str
     return make_config(args), keep_validation_apart(train, val), val
 
 
+def refuse_existing_run(db_url: str, paths: RunPaths) -> None:
+    """A new run must not write over the checkpoints and records of an earlier one."""
+    with read_scope(db_url) as session:
+        recorded = session.scalar(select(Run.id).where(Run.name == paths.name)) is not None
+    if recorded or paths.weights.exists():
+        raise FileExistsError(f"a run named {paths.name} exists already; choose another --name, "
+                              "or add --resume to continue it")
+
+
 def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter) -> Path:
     name = args.name or run_name()
     paths = RunPaths.under(workspace, name)
+    if not args.resume:
+        refuse_existing_run(workspace.db_url, paths)
     config, train_samples, val_samples = run_inputs(args, paths, workspace.db_url)
     print(f"{config.model} at {config.img_size}px on {config.device}; train per grade "
           f"{class_counts(train_samples)}, validation {class_counts(val_samples)}", flush=True)
@@ -285,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with JobReporter(workspace.db_url, args.job_id) as job:
             train(args, workspace, job)
-    except FileNotFoundError as exc:  # a missing data folder or weight file
+    except (FileNotFoundError, FileExistsError) as exc:  # a missing folder, a taken run name
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except WeightsMismatch as exc:

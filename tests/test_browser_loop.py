@@ -14,7 +14,7 @@ from db.schema import Epoch, Image, Job, Prediction, Run, Source
 from db.session import migrate, session_scope
 from engine import jobs
 from engine.curves import curve_figures
-from engine.grades import REVIEW_THRESHOLD
+from grades import REVIEW_THRESHOLD
 from engine.sources import import_source
 from engine.workspace import Workspace
 from test_app_inference import tiny_model

@@ -1,14 +1,18 @@
 """Schema, migrations and concurrent writers on SQLite."""
 
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import func, inspect, select, text
 
 from conftest import ROOT
+from db.queries import sources_frame
 from db.schema import Base, Review
-from db.session import get_engine, migrate, session_scope
+from db.session import get_engine, migrate, read_scope, session_scope
 
 WRITER = """
 import sys
@@ -49,3 +53,26 @@ def test_four_writer_processes_lose_nothing(db_url: str):
         counts = dict(session.execute(
             select(Review.reviewer, func.count()).group_by(Review.reviewer)).all())
     assert counts == {f"r{n}": 100 for n in range(4)}
+
+
+def test_reads_take_no_write_lock_and_writes_take_it_up_front(db_url: str):
+    writer = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+    started = time.monotonic()
+    with read_scope(db_url) as session:
+        assert session.scalar(select(func.count(Review.id))) == 0
+    assert sources_frame(db_url).empty  # what the pages poll reads the same way
+    assert time.monotonic() - started < 1  # no wait for the busy timeout (5 s)
+
+    def write() -> None:  # a session that only reads first still queues as a writer
+        with session_scope(db_url) as session:
+            session.scalar(select(func.count(Review.id)))
+
+    queued = threading.Thread(target=write)
+    queued.start()
+    queued.join(0.5)
+    assert queued.is_alive()
+    writer.execute("COMMIT")
+    queued.join(5)
+    assert not queued.is_alive()
+    writer.close()

@@ -2,11 +2,15 @@
 
 import os
 import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from db.schema import Job, Run, utcnow
 from db.session import migrate, session_scope
@@ -86,3 +90,49 @@ def test_a_stale_heartbeat_marks_a_foreign_job_failed(workspace):
         session.add_all([fresh, stale])
     assert jobs.mark_dead_jobs(workspace.db_url) == [stale.id]
     assert job_row(workspace, fresh.id).status == "running"
+
+
+def test_a_live_process_is_never_marked_dead_however_old_its_heartbeat(workspace):
+    with session_scope(workspace.db_url) as session:
+        job = Job(kind="train", status="running", heartbeat_at=utcnow() - timedelta(minutes=5))
+        reused = Job(kind="infer", status="running", pid=os.getpid(),  # a pid used again since
+                     heartbeat_at=utcnow() - timedelta(minutes=5))
+        session.add_all([job, reused])
+    # Started by another server process: not one of this process's children.
+    process = subprocess.Popen([sys.executable, "-c", "print('up', flush=True); "
+                                "import time; time.sleep(60)", "--job-id", str(job.id)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "up\n"  # past exec, with its command line
+        with session_scope(workspace.db_url) as session:
+            session.get(Job, job.id).pid = process.pid
+        assert jobs.mark_dead_jobs(workspace.db_url) == [reused.id]
+        assert job_row(workspace, job.id).status == "running"
+    finally:
+        process.kill()
+        process.communicate()
+    assert jobs.mark_dead_jobs(workspace.db_url) == [job.id]
+
+
+def test_a_locked_database_does_not_stop_the_heartbeat(workspace, monkeypatch):
+    monkeypatch.setattr(jobs, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM
+    with session_scope(workspace.db_url) as session:
+        session.add(job := Job(kind="demo"))
+    failures = []
+    update = jobs.JobReporter._update
+
+    def busy_once(self, **values):
+        if "pid" not in values and not failures:  # the first beat finds the database busy
+            failures.append(values)
+            raise OperationalError("UPDATE jobs", {},
+                                   sqlite3.OperationalError("database is locked"))
+        update(self, **values)
+
+    monkeypatch.setattr(jobs.JobReporter, "_update", busy_once)
+    with jobs.JobReporter(workspace.db_url, job.id):
+        first = job_row(workspace, job.id).heartbeat_at
+        deadline = time.monotonic() + 10
+        while job_row(workspace, job.id).heartbeat_at == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert failures and job_row(workspace, job.id).heartbeat_at > first

@@ -11,7 +11,7 @@ from db.runs import run_calibration, run_score
 from db.schema import Image, Prediction, Run, Source
 from db.session import session_scope
 from engine.calibration import calibration_summary
-from engine.grades import DOMINANT_SHARE, WEAK_QWK
+from grades import DOMINANT_SHARE, WEAK_QWK
 from engine.quality import calibration_lines, clipped_warning, model_warnings
 
 WEAK = ("The active model's validation QWK is 0.20, below 0.40: its proposals are more often "

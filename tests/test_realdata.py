@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from conftest import ROOT
 from db.schema import Prediction
 from db.session import migrate, session_scope
-from engine.grades import from_aptos
+from grades import from_aptos
 from engine.images import load_rgb
 from engine.preprocess import find_field
 from engine.sources import import_source

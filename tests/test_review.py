@@ -14,12 +14,13 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import open_page, page_text, write_image
 from db.queries import curated_set
-from db.reviews import (QueueFilter, claim_next, curated_csv, decide, loop_overview,
-                        progress, recent_decisions, undo_last)
+from db.reviews import (CLAIM_TTL, DecidedMeanwhile, QueueFilter, claim_next, curated_csv,
+                        decide, held_by_others, loop_overview, progress, recent_decisions,
+                        renew_claim, undo_last)
 from db.schema import Claim, Image, Prediction, Review, Source, utcnow
 from db.session import session_scope
-from engine.export import ExportRefused, export_class_folders
-from engine.grades import REVIEW_THRESHOLD
+from engine.export import MANIFEST, EarlierExport, ExportRefused, export_class_folders
+from grades import REVIEW_THRESHOLD
 from engine.infer import register_model
 from engine.models import create_model, save_checkpoint
 from engine.sources import import_source
@@ -134,8 +135,8 @@ def test_undo_takes_back_only_the_reviewers_own_current_decisions(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
     decide(db, "ana", pool[5], run_id, "accept")
-    decide(db, "ana", pool[4], run_id, "reject")
-    decide(db, "ben", pool[4], run_id, "relabel", 3)  # ben changed ana's last decision
+    review_id = decide(db, "ana", pool[4], run_id, "reject")
+    decide(db, "ben", pool[4], run_id, "relabel", 3, seen=review_id)  # ben changed ana's
     decide(db, "ben", pool[3], run_id, "accept")
     assert undo_last(db, "ana") == pool[5]
     assert reviews(db)[-1] == (pool[5], "undo", None, "ana", run_id)
@@ -148,7 +149,13 @@ def test_undo_takes_back_only_the_reviewers_own_current_decisions(predicted):
     assert undo_last(db, "nobody") is None
 
 
-def test_claims_keep_two_reviewers_apart_until_one_image_is_left(predicted):
+def age_claims(db_url: str, reviewer: str, age: timedelta) -> None:
+    with session_scope(db_url) as session:
+        session.execute(update(Claim).where(Claim.reviewer == reviewer)
+                        .values(claimed_at=utcnow() - age))
+
+
+def test_claims_keep_two_reviewers_apart_to_the_last_image(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
     queue = QueueFilter(run_id)
@@ -156,20 +163,77 @@ def test_claims_keep_two_reviewers_apart_until_one_image_is_left(predicted):
     assert claim_next(db, "ben", queue).image_id == pool[4]
     assert claim_next(db, "ana", queue, keep=pool[5]).image_id == pool[5]  # a rerun keeps it
     assert claim_next(db, "ben", queue, keep=pool[5]).image_id == pool[4]  # not ana's
-    with session_scope(db) as session:  # ana's tab was closed long ago
-        session.execute(update(Claim).where(Claim.reviewer == "ana")
-                        .values(claimed_at=utcnow() - timedelta(minutes=6)))
+    age_claims(db, "ana", CLAIM_TTL + timedelta(minutes=1))  # ana's tab was closed long ago
     assert claim_next(db, "ben", queue, skip=[pool[4]]).image_id == pool[5]
     for image_id in pool[:5]:
         decide(db, "cid", image_id, run_id, "accept")
     with session_scope(db) as session:
         assert session.scalar(select(Claim.reviewer).where(Claim.image_id == pool[4])) is None
-    assert claim_next(db, "ana", queue).image_id == pool[5]
-    assert claim_next(db, "ben", queue).image_id == pool[5]  # the last one is shared
+    assert claim_next(db, "ana", queue) is None  # ben holds the last one: it is not shared
+    assert held_by_others(db, "ana", queue) == 1 and held_by_others(db, "ben", queue) == 0
+    assert claim_next(db, "ben", queue, keep=pool[5]).image_id == pool[5]
     decide(db, "ben", pool[5], run_id, "reject")
-    assert claim_next(db, "ana", queue, keep=pool[5]) is None
+    assert claim_next(db, "ana", queue) is None and held_by_others(db, "ana", queue) == 0
     with session_scope(db) as session:
         assert session.scalars(select(Claim)).all() == []
+
+
+def test_an_open_card_renews_its_claim(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    queue = QueueFilter(run_id)
+    shown = claim_next(db, "ana", queue)
+    age_claims(db, "ana", CLAIM_TTL - timedelta(seconds=10))  # looking for almost 5 minutes
+    assert renew_claim(db, "ana", shown.image_id, shown.seen)
+    age_claims(db, "ana", timedelta(minutes=1))  # the card is still open, renewed since
+    assert claim_next(db, "ben", queue).image_id != shown.image_id
+    age_claims(db, "ana", CLAIM_TTL + timedelta(minutes=1))  # a tab asleep: the claim lapsed
+    taken = claim_next(db, "ben", queue, skip=[pool[4]])
+    assert taken.image_id == shown.image_id
+    assert not renew_claim(db, "ana", shown.image_id, shown.seen)  # ben holds it now
+    decide(db, "ben", taken.image_id, run_id, "accept")
+    age_claims(db, "ben", CLAIM_TTL + timedelta(minutes=1))
+    assert not renew_claim(db, "ana", shown.image_id, shown.seen)  # decided meanwhile
+
+
+def test_a_decision_after_someone_elses_is_refused_in_words(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    queue = QueueFilter(run_id)
+    first_tab = claim_next(db, "ana", queue)
+    second_tab = claim_next(db, "ana", queue)  # the same reviewer's other tab: the same image
+    assert second_tab.image_id == first_tab.image_id and first_tab.seen is None
+    decide(db, "ana", first_tab.image_id, run_id, "accept", seen=first_tab.seen)
+    with pytest.raises(DecidedMeanwhile, match="by you, in another tab or window"):
+        decide(db, "ana", second_tab.image_id, run_id, "reject", seen=second_tab.seen)
+    undo_last(db, "ana")
+    shown = claim_next(db, "ana", queue, keep=first_tab.image_id)  # back, to decide again
+    assert shown.image_id == first_tab.image_id and shown.seen is not None
+    age_claims(db, "ana", CLAIM_TTL + timedelta(minutes=1))
+    decide(db, "ben", shown.image_id, run_id, "relabel", 3, seen=shown.seen)
+    with pytest.raises(DecidedMeanwhile) as refused:
+        decide(db, "ana", shown.image_id, run_id, "accept", seen=shown.seen)
+    assert "was decided by ben after it was shown here (now corrected to grade 3), so this " \
+        "decision was not stored" in str(refused.value)
+    assert [r[1:4] for r in reviews(db)] == [("accept", 1, "ana"), ("undo", None, "ana"),
+                                             ("relabel", 3, "ben")]
+    recent = recent_decisions(db, "ben")[0]  # a change names the decision it changes
+    decide(db, "ben", recent.image_id, run_id, "reject", seen=recent.current_id)
+    with pytest.raises(DecidedMeanwhile):
+        decide(db, "ben", recent.image_id, run_id, "accept", seen=recent.current_id)
+
+
+def test_expert_labelled_images_are_never_candidates(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    train = image_ids(db, "train")
+    add_predictions(db, run_id, train[:3], [(0.99, 3), (0.5, 0), (0.98, 1)])
+    queue = QueueFilter(run_id)
+    assert order(db, queue) == [pool[5], pool[4], pool[3], pool[2], pool[1], pool[0]]
+    assert progress(db, run_id, 0.7).candidates.sum() == 6
+    with pytest.raises(ValueError, match="expert label"):
+        decide(db, "ana", train[0], run_id, "accept")
+    assert reviews(db) == []
 
 
 def test_skipped_images_come_back_oldest_first(predicted):
@@ -185,10 +249,9 @@ def test_skipped_images_come_back_oldest_first(predicted):
 def test_recent_decisions_show_the_current_state_and_can_be_changed(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
-    for image_id in pool[:6]:
-        decide(db, "ana", image_id, run_id, "accept")
-    decide(db, "ana", pool[5], run_id, "reject")  # a change: pool 5 once in the list
-    decide(db, "ben", pool[4], run_id, "relabel", 3)
+    seen = {image_id: decide(db, "ana", image_id, run_id, "accept") for image_id in pool[:6]}
+    decide(db, "ana", pool[5], run_id, "reject", seen=seen[pool[5]])  # pool 5 once in the list
+    decide(db, "ben", pool[4], run_id, "relabel", 3, seen=seen[pool[4]])
     undo_last(db, "ana")
     recent = recent_decisions(db, "ana", limit=4)
     assert [r.image_id for r in recent] == [pool[5], pool[4], pool[3], pool[2]]
@@ -208,18 +271,15 @@ def test_curated_set_and_csv(predicted):
     decide(db, "ana", pool[3], run_id, "reject")
     decide(db, "ana", pool[2], run_id, "accept")
     undo_last(db, "ana")
-    train = image_ids(db, "train")[0]  # as in training, a correction overrides the expert
-    add_predictions(db, run_id, [train], [(0.9, 3)])
-    decide(db, "ben", train, run_id, "relabel", 1)
     csv = pd.read_csv(io.StringIO(curated_csv(db)))
     assert list(csv.columns) == ["image", "grade", "origin", "reviewer", "time"]
     expert = csv[csv.origin == "expert"]
-    assert len(expert) == 23 and expert.reviewer.isna().all()
+    assert len(expert) == 24 and expert.reviewer.isna().all()
     with session_scope(db) as session:
         names = dict(session.execute(select(Image.id, Image.name)).all())
     pseudo = csv[csv.origin == "pseudo"]
     assert dict(zip(pseudo.image, zip(pseudo.grade, pseudo.reviewer))) == {
-        names[pool[5]]: (1, "ana"), names[pool[4]]: (2, "ana"), names[train]: (1, "ben")}
+        names[pool[5]]: (1, "ana"), names[pool[4]]: (2, "ana")}
     assert pseudo.time.notna().all()
     curated = curated_set(db)
     assert len(curated) == 26 and curated.path.map(lambda p: Path(p).is_file()).all()
@@ -239,13 +299,41 @@ def test_export_class_folders_writes_grade_folders(tmp_path):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == \
         ["0/a.png", "0/a_2.png", "3/c.png"]
     assert (out / "3" / "c.png").read_bytes() == c.read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == ["0", "1", "2", "3"]
-    with pytest.raises(ExportRefused):
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "0", "1", "2", "3"]
+    with pytest.raises(EarlierExport):
         export_class_folders([(str(c), 2)], out)
     assert export_class_folders([(str(c), 2)], out, replace=True).written == 1
     assert [p.relative_to(out).as_posix() for p in out.rglob("*.png")] == ["2/c.png"]
     with pytest.raises(ValueError, match="0-3"):
         export_class_folders([(str(c), 4)], tmp_path / "other")
+
+
+def test_replacing_an_export_removes_only_what_it_wrote(tmp_path):
+    c = write_image(tmp_path / "src" / "c.png")
+    out = tmp_path / "out"
+    export_class_folders([(str(c), 2)], out)
+    mine = write_image(out / "1" / "mine.png")  # someone put a file of their own there
+    with pytest.raises(ExportRefused, match=r"no export of this app listed as its own \(1/mine"):
+        export_class_folders([(str(c), 0)], out, replace=True)
+    assert mine.is_file() and (out / "2" / "c.png").is_file()  # nothing removed
+    mine.unlink()
+    (out / MANIFEST).write_text('{"files": ["../src/c.png", "2/../../src/c.png", "2/c.png"]}')
+    export_class_folders([(str(c), 0)], out, replace=True)  # the manifest names only its own
+    assert c.is_file()
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*.png")] == ["0/c.png"]
+
+
+def test_an_export_never_writes_into_a_datasets_folder(tmp_path):
+    c = write_image(tmp_path / "src" / "c.png")
+    dataset = tmp_path / "hq"
+    kept = write_image(dataset / "1" / "a.png")
+    around = tmp_path / "around"  # its class folder 0 would be a dataset's folder
+    for out, root in [(dataset, dataset), (dataset / "1", dataset), (around, around / "0" / "x")]:
+        with pytest.raises(ExportRefused, match="folder of an imported dataset"):
+            export_class_folders([(str(c), 1)], out, replace=True, source_roots=[str(root)])
+    assert sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*")) == \
+        ["1", "1/a.png"]
+    assert kept.is_file() and not around.exists()
 
 
 # The page
@@ -346,7 +434,31 @@ def test_reviewing_by_buttons(predicted):
     assert "reaches the confidence threshold 0.99" in page_text(at)
 
 
-def test_the_queue_finishes_and_the_export_writes_folders(predicted):
+def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_images(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    with session_scope(db) as session:
+        names = dict(session.execute(select(Image.id, Image.name)).all())
+    at = sign_in(open_page("review"))
+    assert on_screen(at) == names[pool[5]]
+    decide(db, "ben", pool[5], run_id, "reject")  # in ben's browser, while ana looks
+    click(at, "accept")
+    assert f"{names[pool[5]]} was decided by ben after it was shown here (now rejected)" in \
+        page_text(at)
+    assert reviews(db) == [(pool[5], "reject", None, "ben", run_id)]
+    assert on_screen(at) == names[pool[4]]  # moved on
+    for image_id in pool[:4]:
+        decide(db, "cid", image_id, run_id, "accept")
+    assert claim_next(db, "ben", QueueFilter(run_id)) is None  # Ana holds the last candidate
+    age_claims(db, "Ana", CLAIM_TTL + timedelta(minutes=1))  # until her tab sleeps too long
+    assert claim_next(db, "ben", QueueFilter(run_id)).image_id == pool[4]
+    click(at, "skip")
+    assert "the remaining 1 candidate(s) with these filters are being reviewed by others" in \
+        page_text(at)
+    assert names[pool[4]] not in [header.value for header in at.subheader]
+
+
+def test_the_queue_finishes_and_the_export_writes_folders(predicted, tiny_data):
     workspace, run_id, pool = predicted
     for image_id in pool[1:6]:
         decide(workspace.db_url, "ben", image_id, run_id, "accept")
@@ -360,6 +472,13 @@ def test_the_queue_finishes_and_the_export_writes_folders(predicted):
     assert sum(1 for _ in out.rglob("*.png")) == 30
     click(at, "export_folders")
     assert "already holds grade folders" in page_text(at)
+    validation = tiny_data / "validation"  # a class-folders source: never written into
+    before = sorted(validation.rglob("*"))
+    at.text_input(key="export_folder").input(str(validation)).run()
+    at.checkbox(key="export_replace").check().run()
+    click(at, "export_folders")
+    assert "inside the folder of an imported dataset" in page_text(at)
+    assert sorted(validation.rglob("*")) == before
 
 
 def test_loop_overview_counts_each_stage(predicted):

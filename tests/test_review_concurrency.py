@@ -1,5 +1,5 @@
-"""Two reviewers in two processes claim and decide at once on one SQLite database: no decision
-is lost, and the claims give them different images."""
+"""Reviewers in separate processes claim and decide at once on one SQLite database: no decision
+is lost, the claims give them different images, and no image is decided twice unknowingly."""
 
 import subprocess
 import sys
@@ -22,8 +22,23 @@ decided = []
 for _ in range(int(count)):
     candidate = claim_next(db_url, reviewer, QueueFilter(int(run_id)))
     time.sleep(0.005)  # looking at the image, while the other reviewer claims
-    decide(db_url, reviewer, candidate.image_id, int(run_id), "accept")
+    decide(db_url, reviewer, candidate.image_id, int(run_id), "accept", seen=candidate.seen)
     decided.append(candidate.image_id)
+print(" ".join(map(str, decided)))
+"""
+# A reviewer who decides every image as it was first shown, without claims: a stale screen.
+STALE = """
+import sys, time
+from db.reviews import DecidedMeanwhile, decide
+db_url, reviewer, run_id, start, *image_ids = sys.argv[1:]
+time.sleep(max(0.0, float(start) - time.time()))
+decided = []
+for image_id in map(int, image_ids):
+    try:
+        decide(db_url, reviewer, image_id, int(run_id), "reject", seen=None)
+        decided.append(image_id)
+    except DecidedMeanwhile:
+        pass
 print(" ".join(map(str, decided)))
 """
 
@@ -45,19 +60,26 @@ def make_candidates(db_url: str) -> tuple[int, list[int]]:
         return run.id, [image.id for image in images]
 
 
-def test_two_reviewers_at_once_lose_nothing_and_share_no_image(db_url):
-    run_id, image_ids = make_candidates(db_url)
-    start = time.time() + 3  # past both interpreters' start-up
+def run_all(script: str, names: tuple[str, ...], db_url: str, run_id: int,
+            *args: str) -> dict[str, list[int]]:
+    """Run `script` once per reviewer name, all starting at one moment; the image ids each
+    printed."""
+    start = time.time() + 3  # past every interpreter's start-up
     workers = {name: subprocess.Popen(
-        [sys.executable, "-c", REVIEWER, db_url, name, str(run_id), str(start),
-         str(CANDIDATES // 2)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for name in ("ana", "ben")}
+        [sys.executable, "-c", script, db_url, name, str(run_id), str(start), *args], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in names}
     decided = {}
     for name, worker in workers.items():
         out, err = worker.communicate(timeout=120)
         assert worker.returncode == 0, err
         decided[name] = [int(i) for i in out.split()]
-        assert len(decided[name]) == CANDIDATES // 2
+    return decided
+
+
+def test_two_reviewers_at_once_lose_nothing_and_share_no_image(db_url):
+    run_id, image_ids = make_candidates(db_url)
+    decided = run_all(REVIEWER, ("ana", "ben"), db_url, run_id, str(CANDIDATES // 2))
+    assert [len(images) for images in decided.values()] == [CANDIDATES // 2] * 2
 
     with session_scope(db_url) as session:
         rows = session.execute(select(Review.image_id, Review.reviewer, Review.decision,
@@ -69,3 +91,15 @@ def test_two_reviewers_at_once_lose_nothing_and_share_no_image(db_url):
     # 60 decisions over 60 candidates: an image decided twice would leave another undecided.
     assert sorted(i for i, *_ in rows) == image_ids
     assert claims == []  # every decision released its claim
+
+
+def test_stale_screens_at_once_decide_each_image_once(db_url):
+    run_id, image_ids = make_candidates(db_url)
+    names = ("ana", "ben", "cid", "dan")
+    decided = run_all(STALE, names, db_url, run_id, *map(str, image_ids))
+    with session_scope(db_url) as session:
+        rows = session.execute(select(Review.image_id, Review.reviewer).order_by(Review.id)).all()
+    assert sorted(i for i, _ in rows) == image_ids  # one decision per image, the others refused
+    assert sorted(i for images in decided.values() for i in images) == image_ids
+    for name in names:
+        assert [i for i, who in rows if who == name] == decided[name]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.grades import from_aptos
+from grades import from_aptos
 from engine.synth import (
     APTOS_STYLE,
     VALIDATION_STYLE,

@@ -19,7 +19,7 @@ from db.session import migrate, session_scope
 from engine.data import Sample, augmentation, folder_samples, read_manifest, stratified_split
 from engine.models import WeightsMismatch, create_model, load_checkpoint
 from engine.sources import import_source
-from engine.train import boolean, make_config, parse_args
+from engine.train import boolean, make_config, parse_args, refuse_existing_run
 from engine.trainer import (Hooks, NonFiniteLoss, NoTrainingImages, RunPaths, Trainer,
                             epochs_for_budget, lr_at, soft_targets, stage_of)
 from engine.workspace import Workspace
@@ -28,11 +28,11 @@ TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "fal
         "--batch-size", "8", "--workers", "0", "--lr", "0.05"]
 
 
-def train_cli(workspace: Path, *args: str) -> subprocess.CompletedProcess:
+def train_cli(workspace: Path, *args: str, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "engine.train", *TINY, *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == returncode, done.stderr[-3000:]
     return done
 
 
@@ -70,6 +70,10 @@ def test_cli_writes_checkpoints_tensorboard_and_estimate_info(tiny_data, tmp_pat
 def test_resume_continues_the_epoch_count(tiny_data, tmp_path):
     data = ["--data-path", str(tiny_data / "validation"), "--name", "r"]
     train_cli(tmp_path, *data, "--epochs", "1")
+    last = (tmp_path / "weights" / "r" / "last.pth").read_bytes()
+    again = train_cli(tmp_path, *data, "--epochs", "1", returncode=2)  # not without --resume
+    assert "a run named r exists already; choose another --name, or add --resume" in again.stderr
+    assert (tmp_path / "weights" / "r" / "last.pth").read_bytes() == last  # untouched
     done = train_cli(tmp_path, *data, "--epochs", "2", "--resume")
     assert "epoch 1:" not in done.stdout and "epoch 2:" in done.stdout
     _, meta = load_checkpoint(tmp_path / "weights" / "r" / "last.pth")
@@ -132,6 +136,16 @@ def tiny_config(**changes):
     for key, value in changes.items():
         setattr(config, key, value)
     return config
+
+
+def test_a_run_recorded_in_the_database_is_not_written_over(tmp_path):
+    workspace = Workspace(tmp_path)
+    migrate(workspace.db_url)
+    refuse_existing_run(workspace.db_url, RunPaths.under(workspace, "db1"))  # a new name
+    with session_scope(workspace.db_url) as session:  # e.g. its weights folder was moved away
+        session.add(Run(name="db1", model_name="test_efficientnet", img_size=64))
+    with pytest.raises(FileExistsError, match="a run named db1 exists already"):
+        refuse_existing_run(workspace.db_url, RunPaths.under(workspace, "db1"))
 
 
 def test_a_non_finite_loss_stops_the_run(tiny_data, tmp_path):

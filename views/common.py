@@ -7,7 +7,7 @@ import streamlit as st
 
 from db.session import migrate
 from engine import jobs
-from engine.grades import GRADES
+from grades import GRADES
 from engine.images import ImageError, thumbnail
 from engine.models import describe_device, pick_device
 from engine.preprocess import PreprocessCache, PreprocessConfig

@@ -7,7 +7,7 @@ import streamlit as st
 from db.queries import class_counts, image_page, sources_frame
 from engine import jobs
 from engine.balance import balance_table, imbalance_ratios
-from engine.grades import GRADE_NAMES
+from grades import GRADE_NAMES
 from views.common import get_workspace, image_pair_ui, job_status_ui
 
 PAGE_SIZE = 4

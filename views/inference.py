@@ -12,7 +12,7 @@ from db.predictions import (Model, Pool, confidence_histogram, grade_counts, mod
                             submission_frame)
 from db.runs import active_run_id
 from engine import jobs
-from engine.grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
+from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from engine.models import pick_device
 from engine.predictor import default_batch_size
 from views.common import get_workspace, job_status_ui, model_quality_ui

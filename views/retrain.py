@@ -13,7 +13,7 @@ from engine import jobs
 from engine.curves import (confusion_figure, curated_figure, curve_figures, per_class_figure,
                            reliability_figure)
 from engine.data import AUGMENTATIONS
-from engine.grades import GRADE_NAMES
+from grades import GRADE_NAMES
 from engine.models import pick_device
 from engine.quality import calibration_lines, clipped_warning
 from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,

@@ -12,14 +12,15 @@ import plotly.express as px
 import streamlit as st
 from streamlit_shortcuts import add_shortcuts
 
-from db.queries import curated_set
-from db.reviews import (ORDERS, Candidate, QueueFilter, RecentDecision, claim_next, curated_csv,
-                        decide, has_predictions, progress, recent_decisions,
-                        undo_last)
+from db.queries import curated_set, sources_frame
+from db.reviews import (ORDERS, RENEW_EVERY, Candidate, DecidedMeanwhile, QueueFilter,
+                        RecentDecision, claim_next, curated_csv, decide, describe,
+                        has_predictions, held_by_others, progress, recent_decisions,
+                        renew_claim, undo_last)
 from db.predictions import run_grade_counts
 from db.runs import active_run_id, run_score
-from engine.export import ExportRefused, export_class_folders
-from engine.grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
+from engine.export import EarlierExport, ExportRefused, export_class_folders
+from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from views.common import get_workspace, image_pair_ui, model_quality_ui
 
 IMAGE_WIDTH = 480
@@ -57,19 +58,18 @@ CHANGES = ("accept", "reject", *GRADES)  # what a past decision can be changed t
 workspace = get_workspace()
 
 
-def describe(decision: str, grade: int | None) -> str:
-    return {"accept": f"accepted grade {grade}", "relabel": f"corrected to grade {grade}",
-            "reject": "rejected", "undo": "undone"}[decision]
-
-
 # Callbacks run before the rerun that follows a click, so the next image is claimed after.
 
 def _set_reviewer() -> None:
     st.session_state.reviewer = st.session_state.reviewer_name.strip()
 
 
-def _decide(image_id: int, run_id: int, decision: str, grade: int | None = None) -> None:
-    decide(workspace.db_url, st.session_state.reviewer, image_id, run_id, decision, grade)
+def _decide(candidate: Candidate, decision: str, grade: int | None = None) -> None:
+    try:
+        decide(workspace.db_url, st.session_state.reviewer, candidate.image_id,
+               candidate.run_id, decision, grade, seen=candidate.seen)
+    except DecidedMeanwhile as exc:
+        st.session_state.refusal = str(exc)
     st.session_state.current = None
 
 
@@ -97,8 +97,11 @@ def _change(recent: RecentDecision) -> None:
     st.session_state[key] = None  # the row shows the new decision; the picker starts blank
     if choice is not None:  # a new row; the image on screen stays
         decision, grade = ("relabel", choice) if choice in GRADES else (choice, None)
-        decide(workspace.db_url, st.session_state.reviewer, recent.image_id, recent.run_id,
-               decision, grade)
+        try:
+            decide(workspace.db_url, st.session_state.reviewer, recent.image_id, recent.run_id,
+                   decision, grade, seen=recent.current_id)
+        except DecidedMeanwhile as exc:
+            st.session_state.refusal = str(exc)
 
 
 def active_model_ui() -> None:
@@ -157,18 +160,28 @@ def card_ui(candidate: Candidate) -> None:
     st.plotly_chart(figure, key="probabilities")
 
 
+@st.fragment(run_every=RENEW_EVERY)
+def hold_ui(candidate: Candidate) -> None:
+    """Keeps the image on screen claimed while the reviewer looks at it, clicks or not."""
+    if not renew_claim(workspace.db_url, st.session_state.reviewer, candidate.image_id,
+                       candidate.seen):
+        st.session_state.refusal = (f"{candidate.name} was decided or taken over meanwhile, "
+                                    "by another reviewer or in another tab; here is the next "
+                                    "image.")
+        st.rerun()
+
+
 def decision_buttons_ui(candidate: Candidate) -> None:
-    ids = (candidate.image_id, candidate.run_id)
     accept, reject, skip = st.columns(3)
     accept.button(f"Accept grade {candidate.grade} `a`", key="accept", type="primary",
-                  on_click=_decide, args=(*ids, "accept"), width="stretch")
-    reject.button("Reject `x`", key="reject", on_click=_decide, args=(*ids, "reject"),
+                  on_click=_decide, args=(candidate, "accept"), width="stretch")
+    reject.button("Reject `x`", key="reject", on_click=_decide, args=(candidate, "reject"),
                   width="stretch")
     skip.button("Skip `space`", key="skip", on_click=_skip, args=(candidate.image_id,),
                 width="stretch")
     for column, grade in zip(st.columns(len(GRADES)), GRADES):
         column.button(f"Grade {grade} `{grade}`", key=f"grade_{grade}", on_click=_decide,
-                      args=(*ids, "relabel", grade), width="stretch")
+                      args=(candidate, "relabel", grade), width="stretch")
 
 
 def keys_ui() -> None:
@@ -198,16 +211,28 @@ def queue_ui(reviewer: str) -> None:
         return
     if not progress_ui(queue):
         return
+    if "refusal" in st.session_state:
+        st.warning(st.session_state.pop("refusal"))
     candidate = claim_next(workspace.db_url, reviewer, queue,
                            st.session_state.setdefault("skipped", []),
                            st.session_state.get("current"))
     st.session_state.current = None if candidate is None else candidate.image_id
     if candidate is None:
-        st.success("Queue finished: every candidate with these filters has a decision.")
+        empty_queue_ui(reviewer, queue)
     else:
         card_ui(candidate)
+        hold_ui(candidate)
         decision_buttons_ui(candidate)
     keys_ui()
+
+
+def empty_queue_ui(reviewer: str, queue: QueueFilter) -> None:
+    held = held_by_others(workspace.db_url, reviewer, queue)
+    if held:
+        st.info(f"Nothing left for you right now: the remaining {held} candidate(s) with these "
+                "filters are being reviewed by others.")
+    else:
+        st.success("Queue finished: every candidate with these filters has a decision.")
 
 
 def recent_ui(reviewer: str) -> None:
@@ -238,7 +263,8 @@ def export_ui() -> None:
                        file_name="curated_labels.csv", mime="text/csv", key="export_csv")
     target = st.text_input("Class folders 0-3 into", key="export_folder",
                            value=str(workspace.root / "export" / "curated"))
-    replace = st.checkbox("Replace an earlier export in this folder", key="export_replace")
+    replace = st.checkbox("Replace an earlier export in this folder (only the files it wrote)",
+                          key="export_replace")
     if st.button("Write class folders", key="export_folders"):
         write_folders_ui(target.strip(), replace)
 
@@ -254,9 +280,12 @@ def write_folders_ui(target: str, replace: bool) -> None:
     out = Path(target).expanduser()
     try:
         result = export_class_folders(zip(curated.path.tolist(), curated.grade.tolist()),
-                                      out, replace)
-    except ExportRefused as exc:
+                                      out, replace, sources_frame(workspace.db_url).root)
+    except EarlierExport as exc:
         st.error(f"{exc}: tick “Replace an earlier export” or choose another folder.")
+        return
+    except ExportRefused as exc:
+        st.error(f"{exc}.")
         return
     except OSError as exc:
         st.error(f"Cannot write into {out}: {exc.strerror or exc}.")
