@@ -65,6 +65,7 @@ page = st.navigation([
     st.Page("views/dataset.py", title="Dataset", icon="📊", default=True),
     st.Page("views/inference.py", title="Inference", icon="🔮"),
     st.Page("views/review.py", title="Review", icon="✅"),
+    st.Page("views/agreement.py", title="Agreement", icon="🤝"),
     st.Page("views/retrain.py", title="Retrain", icon="📈"),
 ])
 page.run()

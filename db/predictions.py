@@ -66,6 +66,17 @@ def grade_counts(db_url: str, run_id: int, source_id: int, min_confidence: float
     return {grade: count for grade, count in rows}
 
 
+def predicted_count(db_url: str, run_id: int, source_id: int, since: datetime | None = None
+                    ) -> int:
+    """Images of the pool that the run has predicted: all, or those predicted since `since`
+    (what a running inference has done so far, whichever process did it)."""
+    query = select(func.count(Prediction.id)).join(Image).where(*_of(run_id, source_id))
+    if since is not None:
+        query = query.where(Prediction.created_at >= since)
+    with read_scope(db_url) as session:
+        return session.scalar(query)
+
+
 def run_grade_counts(db_url: str, run_id: int) -> dict[int, int]:
     """Every image the run predicted, whichever pool, per predicted grade."""
     with read_scope(db_url) as session:

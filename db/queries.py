@@ -62,6 +62,28 @@ def latest_reviews():
     return select(Review.image_id, Review.decision, Review.grade).where(Review.id.in_(newest))
 
 
+def live_reads():
+    """Each reviewer's current read of each image: their newest accept, reject, correction or
+    undo of it, unless that is an undo. Adjudications are no reads."""
+    newest = select(func.max(Review.id)).where(Review.decision != "adjudicate") \
+        .group_by(Review.image_id, Review.reviewer)
+    return select(Review.id, Review.image_id, Review.run_id, Review.reviewer, Review.decision,
+                  Review.grade).where(Review.id.in_(newest), Review.decision != "undo")
+
+
+def open_conflicts():
+    """Images whose reviewers' current reads differ (two grades, or a grade and a reject) and
+    that no adjudication settled since the newest of them."""
+    reads = live_reads().subquery()
+    adjudicated = select(Review.image_id, func.max(Review.id).label("id")) \
+        .where(Review.decision == "adjudicate").group_by(Review.image_id).subquery()
+    return (select(reads.c.image_id)
+            .outerjoin(adjudicated, adjudicated.c.image_id == reads.c.image_id)
+            .group_by(reads.c.image_id)
+            .having(func.count(func.distinct(func.coalesce(reads.c.grade, -1))) > 1,
+                    func.max(reads.c.id) > func.coalesce(func.max(adjudicated.c.id), 0)))
+
+
 def _group(extra: dict | None) -> str | None:
     """The person an image belongs to, as its importer recorded it."""
     group = (extra or {}).get("group")
@@ -85,9 +107,10 @@ CURATED_COLUMNS = ["image_id", "image", "source", "path", "group", "grade", "exp
 
 def curated_set(db_url: str) -> pd.DataFrame:
     """What a `--from-db` run trains on, one row per image: expert labels of the train sources
-    plus images whose current decision is an accept or a correction. A reviewer's decision
-    overrides an expert's grade (origin "pseudo"); validation images never count, so the
-    yardstick stays clean."""
+    plus images whose current decision is an accept, a correction or an adjudicated grade,
+    unless two reads disagree and wait for adjudication. A reviewer's decision overrides an
+    expert's grade (origin "pseudo"); validation images never count, so the yardstick stays
+    clean."""
     image = select(Image.id, Image.name, Source.name, Source.root, Image.path,
                    Image.extra).join(Source)
     latest = latest_reviews().add_columns(Review.reviewer, Review.created_at).subquery()
@@ -97,8 +120,9 @@ def curated_set(db_url: str) -> pd.DataFrame:
         pseudo = session.execute(
             image.add_columns(latest.c.grade, Image.grade, latest.c.reviewer, latest.c.created_at)
             .join(latest, latest.c.image_id == Image.id)
-            .where(latest.c.decision.in_(("accept", "relabel")), latest.c.grade.is_not(None),
-                   Source.role != "validation")).all()
+            .where(latest.c.decision.in_(("accept", "relabel", "adjudicate")),
+                   latest.c.grade.is_not(None), Source.role != "validation",
+                   Image.id.not_in(open_conflicts()))).all()
     rows = {row[0]: (*row, "expert", None, None) for row in expert}
     rows |= {row[0]: (*row[:8], "pseudo", *row[8:]) for row in pseudo}
     table = pd.DataFrame([rows[i] for i in sorted(rows)],

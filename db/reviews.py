@@ -2,6 +2,10 @@
 label that have no decision yet, claims that keep two reviewers on different images,
 append-only decisions, progress, and the curated set for export.
 
+A share of the candidates (a shared setting) is read blind by two different reviewers: such
+an image stays queued for the others until two have read it. Reads that disagree wait in the
+adjudication queue until an adjudicator's decision, the newest row, settles the grade.
+
 An image's current decision is its newest review row; a newest row 'undo' means undecided.
 Every write runs in one session_scope, which is BEGIN IMMEDIATE on SQLite: writers are
 serialised, so a claim or a decision and the check that precedes it cannot interleave with
@@ -14,11 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import BigInteger, case, cast, delete, func, or_, select
+from sqlalchemy import BigInteger, and_, case, cast, delete, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from db.queries import curated_set, latest_reviews
-from db.schema import Claim, Image, Prediction, Review, Run, Source, utcnow
+from db.queries import curated_set, latest_reviews, live_reads, open_conflicts
+from db.schema import Claim, Image, Prediction, Review, Run, Setting, Source, utcnow
 from db.session import read_scope, session_scope, upsert_insert
 from grades import GRADES, REVIEW_THRESHOLD
 
@@ -27,6 +31,11 @@ RENEW_EVERY = CLAIM_TTL / 5  # how often an open card renews its claim
 DECISIONS = ("accept", "reject", "relabel")
 PRIME = 4294967291  # the largest below 2**32: image id × factor stays within 64 bits
 ORDERS = ("least confident first", "most confident first", "by grade", "random")
+DOUBLE_READ_SHARE = 0.10  # the default share of candidates that two reviewers read
+DOUBLE_READ_KEY = "double_read_share"
+# A factor coprime to 1000 permutes the ids of every block of 1000: exactly the share of them
+# is double-read, spread over the block rather than its first ids.
+DOUBLE_READ_FACTOR = 7919
 
 
 @dataclass(frozen=True)
@@ -78,9 +87,38 @@ class DecidedMeanwhile(Exception):
 
 
 def describe(decision: str, grade: int | None) -> str:
-    """A decision in words: 'accepted grade 2', 'corrected to grade 1', 'rejected', 'undone'."""
+    """A decision in words: 'accepted grade 2', 'corrected to grade 1', 'rejected', 'undone',
+    'adjudicated grade 3'."""
     return {"accept": f"accepted grade {grade}", "relabel": f"corrected to grade {grade}",
-            "reject": "rejected", "undo": "undone"}[decision]
+            "reject": "rejected", "undo": "undone",
+            "adjudicate": "adjudicated " + ("a reject" if grade is None else f"grade {grade}")
+            }[decision]
+
+
+def double_read(image_id, share: float):
+    """Whether an image is read by two reviewers; `image_id` is an int or a column."""
+    return image_id * DOUBLE_READ_FACTOR % 1000 < round(share * 1000)
+
+
+def _share(session: Session) -> float:
+    value = session.scalar(select(Setting.value).where(Setting.key == DOUBLE_READ_KEY))
+    return DOUBLE_READ_SHARE if value is None else value["share"]
+
+
+def double_read_share(db_url: str) -> float:
+    """The share of candidates that two reviewers read blind, which every reviewer shares."""
+    with read_scope(db_url) as session:
+        return _share(session)
+
+
+def set_double_read_share(db_url: str, share: float) -> None:
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the double-read share must be within 0-1, not {share}")
+    with session_scope(db_url) as session:
+        insert = upsert_insert(session)(Setting).values(key=DOUBLE_READ_KEY,
+                                                        value={"share": share})
+        session.execute(insert.on_conflict_do_update(index_elements=["key"],
+                                                     set_={"value": insert.excluded.value}))
 
 
 def _decided_images():
@@ -89,10 +127,30 @@ def _decided_images():
     return select(latest.c.image_id).where(latest.c.decision != "undo")
 
 
-def _current_id(image_id):
-    """The id of the newest review row of `image_id` (a column of the outer query)."""
+def _done_for(reviewer: str, share: float) -> list:
+    """Conditions that keep out of `reviewer`'s queue a single-read image with a current
+    decision, and a double-read one that this reviewer or two others have read."""
+    latest = latest_reviews().subquery()
+    reads = live_reads().subquery()
+    read_by = func.sum(case((reads.c.reviewer == reviewer, 1), else_=0))
+    return [
+        Prediction.image_id.not_in(select(latest.c.image_id).where(
+            latest.c.decision != "undo", ~double_read(latest.c.image_id, share))),
+        Prediction.image_id.not_in(
+            select(reads.c.image_id).where(double_read(reads.c.image_id, share))
+            .group_by(reads.c.image_id).having(or_(func.count() > 1, read_by > 0))),
+    ]
+
+
+def _current_id(image_id, blind_to: str | None = None, share: float = 0.0):
+    """The id of the newest review row of `image_id` (a column of the outer query). For
+    `blind_to`, other reviewers' reads of a double-read image do not count: they stay unseen."""
     newest = aliased(Review)
-    return select(func.max(newest.id)).where(newest.image_id == image_id).scalar_subquery()
+    where = [newest.image_id == image_id]
+    if blind_to is not None:
+        where.append(~and_(newest.reviewer != blind_to, newest.decision.in_(DECISIONS),
+                           double_read(newest.image_id, share)))
+    return select(func.max(newest.id)).where(*where).scalar_subquery()
 
 
 def _labelled_images():
@@ -107,11 +165,15 @@ def _candidates(run_id: int, threshold: float) -> list:
             Prediction.image_id.not_in(_labelled_images())]
 
 
-def _queue(queue: QueueFilter) -> list:
+def _filtered(queue: QueueFilter) -> list:
     low, high = queue.band
     # One lower bound: given two, SQLite may start the index range at the looser one.
     return [*_candidates(queue.run_id, max(queue.threshold, low)), Prediction.confidence <= high,
-            Prediction.grade.in_(queue.grades), Prediction.image_id.not_in(_decided_images())]
+            Prediction.grade.in_(queue.grades)]
+
+
+def _queue(queue: QueueFilter, reviewer: str, share: float) -> list:
+    return [*_filtered(queue), *_done_for(reviewer, share)]
 
 
 def _order(queue: QueueFilter) -> tuple:
@@ -151,7 +213,8 @@ def _pick(session: Session, reviewer: str, queue: QueueFilter, skip: Sequence[in
           keep: int | None) -> int | None:
     """The image to show: `keep` while it is still queued and nobody else holds it; else the
     first free image not skipped; else the longest-skipped free one; else none."""
-    free = [*_queue(queue), Prediction.image_id.not_in(_claimed_by_others(reviewer))]
+    free = [*_queue(queue, reviewer, _share(session)),
+            Prediction.image_id.not_in(_claimed_by_others(reviewer))]
     if keep is not None and session.scalar(
             select(Prediction.image_id).where(*free, Prediction.image_id == keep)) is not None:
         return keep
@@ -196,20 +259,50 @@ def held_by_others(db_url: str, reviewer: str, queue: QueueFilter) -> int:
     """Undecided candidates of the queue that other reviewers hold now."""
     with read_scope(db_url) as session:
         return session.scalar(select(func.count(Prediction.id)).where(
-            *_queue(queue), Prediction.image_id.in_(_claimed_by_others(reviewer))))
+            *_queue(queue, reviewer, _share(session)),
+            Prediction.image_id.in_(_claimed_by_others(reviewer))))
+
+
+def awaiting_second_read(db_url: str, reviewer: str, queue: QueueFilter) -> int:
+    """Double-read candidates of the queue that only this reviewer has read so far."""
+    reads = live_reads().subquery()
+    with read_scope(db_url) as session:
+        alone = (select(reads.c.image_id).where(double_read(reads.c.image_id, _share(session)))
+                 .group_by(reads.c.image_id)
+                 .having(func.count() == 1, func.max(reads.c.reviewer) == reviewer))
+        return session.scalar(select(func.count(Prediction.id)).where(
+            *_filtered(queue), Prediction.image_id.in_(alone)))
 
 
 def renew_claim(db_url: str, reviewer: str, image_id: int, seen: int | None) -> bool:
     """Keep holding an image while its card is open; False when that is no longer possible:
-    it has a newer decision than `seen`, or another reviewer holds it now."""
+    it has a newer decision than `seen` (other than the first read of a double-read image),
+    or another reviewer holds it now."""
     with session_scope(db_url) as session:
-        return _newest_review(session, image_id) == seen and _hold(session, reviewer, image_id)
+        return _open(session, reviewer, image_id, seen) and _hold(session, reviewer, image_id)
+
+
+def _second_read(session: Session, reviewer: str, image_id: int, seen: int | None) -> bool:
+    """Whether all that came after `seen` is another reviewer's blind read of a double-read
+    image, which this reviewer's read completes (or replaces, for their own earlier read)."""
+    newer = session.execute(select(Review.reviewer, Review.decision).where(
+        Review.image_id == image_id, Review.id > (seen or 0))).all()
+    readers = {read.reviewer for read in
+               session.execute(live_reads().where(Review.image_id == image_id))}
+    return (double_read(image_id, _share(session)) and len(readers - {reviewer}) < 2
+            and all(who != reviewer and what != "adjudicate" for who, what in newer))
+
+
+def _open(session: Session, reviewer: str, image_id: int, seen: int | None) -> bool:
+    """Whether a decision of `reviewer` on an image shown at `seen` still holds."""
+    return (_newest_review(session, image_id) == seen
+            or _second_read(session, reviewer, image_id, seen))
 
 
 def _refuse_if_decided(session: Session, reviewer: str, image_id: int, seen: int | None) -> None:
-    newest_id = _newest_review(session, image_id)
-    if newest_id == seen:
+    if _open(session, reviewer, image_id, seen):
         return
+    newest_id = _newest_review(session, image_id)
     newest = session.execute(select(Review.reviewer, Review.decision, Review.grade, Image.name)
                              .join(Image, Image.id == Review.image_id)
                              .where(Review.id == newest_id)).one()
@@ -234,7 +327,9 @@ def decide(db_url: str, reviewer: str, image_id: int, run_id: int, decision: str
 
     `seen` is the image's newest review row when it was shown (Candidate.seen,
     RecentDecision.current_id; None: it had none): a newer one, by anyone, raises
-    DecidedMeanwhile and nothing is stored. An image with an expert label raises ValueError."""
+    DecidedMeanwhile and nothing is stored, unless it is another reviewer's blind read of a
+    double-read image, which this decision completes as the second read. An image with an
+    expert label raises ValueError."""
     if not reviewer.strip():
         raise ValueError("a decision needs the reviewer's name")
     if decision not in DECISIONS:
@@ -263,7 +358,7 @@ def undo_last(db_url: str, reviewer: str) -> int | None:
     with session_scope(db_url) as session:
         row = session.execute(
             select(Review.image_id, Review.run_id).where(
-                Review.reviewer == reviewer, Review.decision != "undo",
+                Review.reviewer == reviewer, Review.decision.in_(DECISIONS),
                 Review.id == _current_id(Review.image_id))
             .order_by(Review.id.desc()).limit(1)
         ).first()
@@ -276,28 +371,100 @@ def undo_last(db_url: str, reviewer: str) -> int | None:
 
 def recent_decisions(db_url: str, reviewer: str, limit: int = 10) -> list[RecentDecision]:
     """The reviewer's newest decision on each of the last `limit` images they decided,
-    newest first, with each image's current decision (it may be an undo or someone else's)."""
+    newest first, with each image's current decision (it may be an undo or someone else's;
+    another reviewer's blind read of a double-read image is not shown)."""
     mine = aliased(Review)
     newest_mine = select(func.max(mine.id)).where(
-        mine.image_id == Review.image_id, mine.reviewer == reviewer, mine.decision != "undo"
+        mine.image_id == Review.image_id, mine.reviewer == reviewer, mine.decision.in_(DECISIONS)
     ).scalar_subquery()
     with read_scope(db_url) as session:
         rows = session.execute(
             select(Review.id, Review.image_id, Review.run_id, Image.name, Review.decision,
                    Review.grade, Review.created_at).join(Image, Image.id == Review.image_id)
-            .where(Review.reviewer == reviewer, Review.decision != "undo",
+            .where(Review.reviewer == reviewer, Review.decision.in_(DECISIONS),
                    Review.id == newest_mine)
             .order_by(Review.id.desc()).limit(limit)
         ).all()
         current = {row.image_id: row for row in session.execute(
             select(Review.id, Review.image_id, Review.decision, Review.grade, Review.reviewer)
             .where(Review.image_id.in_([r.image_id for r in rows]),
-                   Review.id == _current_id(Review.image_id)))}
+                   Review.id == _current_id(Review.image_id, reviewer, _share(session))))}
     return [RecentDecision(image_id, run_id, name, decision, grade, time,
                            current[image_id].id == review_id, current[image_id].id,
                            current[image_id].decision, current[image_id].grade,
                            current[image_id].reviewer)
             for review_id, image_id, run_id, name, decision, grade, time in rows]
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A double-read image whose reads disagree, waiting for an adjudicator."""
+
+    image_id: int
+    run_id: int | None
+    name: str
+    path: str
+    predicted: int | None
+    reads: tuple[tuple[str, str, int | None], ...]  # (reviewer, decision, grade), oldest first
+    seen: int  # the image's newest review row, which the adjudication must name
+
+
+def _reads(session: Session, image_ids=None) -> list:
+    """Current reads (of the images that the select `image_ids` lists, if given), oldest
+    first, with their image and the grade their model predicted."""
+    reads = live_reads().subquery()
+    query = (select(reads.c.image_id, reads.c.run_id, Image.name, Source.root, Image.path,
+                    Prediction.grade.label("predicted"), reads.c.reviewer, reads.c.decision,
+                    reads.c.grade)
+             .join(Image, Image.id == reads.c.image_id).join(Source)
+             .outerjoin(Prediction, (Prediction.run_id == reads.c.run_id)
+                        & (Prediction.image_id == reads.c.image_id))
+             .order_by(reads.c.id))
+    if image_ids is not None:
+        query = query.where(reads.c.image_id.in_(image_ids))
+    return session.execute(query).all()
+
+
+def reads_frame(db_url: str) -> pd.DataFrame:
+    """Every reviewer's current read of each image, oldest first, beside the grade the model
+    predicted: what agreement is measured on. `grade` is missing for a reject."""
+    with read_scope(db_url) as session:
+        rows = _reads(session)
+    frame = pd.DataFrame([(r.image_id, r.name, r.reviewer, r.decision, r.grade, r.predicted)
+                          for r in rows], columns=["image_id", "image", "reviewer", "decision",
+                                                   "grade", "predicted"])
+    return frame.astype({"grade": "Int64", "predicted": "Int64"})
+
+
+def adjudication_queue(db_url: str) -> list[Conflict]:
+    """The images whose reads disagree and that no adjudication settled, oldest first."""
+    with read_scope(db_url) as session:
+        rows = _reads(session, open_conflicts())
+        seen = dict(session.execute(select(Review.image_id, func.max(Review.id)).where(
+            Review.image_id.in_({r.image_id for r in rows})).group_by(Review.image_id)).all())
+    conflicts: dict[int, list] = {}
+    for row in rows:
+        conflicts.setdefault(row.image_id, []).append(row)
+    return [Conflict(image_id, reads[-1].run_id, reads[0].name, f"{reads[0].root}/{reads[0].path}",
+                     reads[-1].predicted, tuple((r.reviewer, r.decision, r.grade) for r in reads),
+                     seen[image_id])
+            for image_id, reads in conflicts.items()]
+
+
+def adjudicate(db_url: str, adjudicator: str, conflict: Conflict, grade: int | None) -> int:
+    """Append the final grade of a conflict (None: reject) and return the review id; raises
+    DecidedMeanwhile when the image got a newer row since `conflict` was read."""
+    if not adjudicator.strip():
+        raise ValueError("an adjudication needs the adjudicator's name")
+    if grade is not None and grade not in GRADES:
+        raise ValueError(f"an adjudicated grade must be 0-3, not {grade!r}")
+    with session_scope(db_url) as session:
+        _refuse_if_decided(session, adjudicator, conflict.image_id, conflict.seen)
+        review = Review(image_id=conflict.image_id, run_id=conflict.run_id,
+                        decision="adjudicate", grade=grade, reviewer=adjudicator)
+        session.add(review)
+        session.flush()
+        return review.id
 
 
 def has_predictions(db_url: str, run_id: int) -> bool:

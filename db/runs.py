@@ -26,6 +26,12 @@ def run_score(db_url: str, run_id: int) -> tuple[str, float | None]:
                                      .where(Run.id == run_id)).one())
 
 
+def run_checkpoint(db_url: str, run_id: int) -> str | None:
+    """The file of the run's kept model; None while it trains."""
+    with read_scope(db_url) as session:
+        return session.scalar(select(Run.checkpoint).where(Run.id == run_id))
+
+
 def run_calibration(db_url: str, run_id: int) -> dict:
     """The run's calibration summary as training stored it; empty for a run trained before
     calibration was stored, or still training."""

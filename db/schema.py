@@ -137,7 +137,7 @@ class Review(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
-    decision: Mapped[str] = mapped_column(String(20))  # accept, reject, relabel, undo
+    decision: Mapped[str] = mapped_column(String(20))  # accept, reject, relabel, undo, adjudicate
     grade: Mapped[int | None]
     reviewer: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -151,6 +151,15 @@ class Claim(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
     reviewer: Mapped[str] = mapped_column(String(100))
     claimed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Setting(Base):
+    """A setting every reviewer shares, such as the share of double-read candidates."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class Job(Base):

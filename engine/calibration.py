@@ -106,3 +106,25 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, folds: np.nd
         "reliability_after": reliability(after, labels.numpy()),
         "threshold": threshold, "confident": confident, "confident_right": right,
     }
+
+
+def confident_at(calibration: dict, threshold: float) -> tuple[float, int, int] | None:
+    """(threshold, validation images at or above it after calibration, how many of those were
+    right) from a stored calibration_summary: exact at the threshold it was measured at, else
+    from the reliability bins when `threshold` is one of their lower edges, else at the
+    measured threshold. None when the summary holds neither (a run from before they were
+    stored)."""
+    measured = calibration.get("threshold", REVIEW_THRESHOLD)
+    exact = None
+    if "confident" in calibration and "confident_right" in calibration:
+        exact = measured, calibration["confident"], calibration["confident_right"]
+    if exact and math.isclose(threshold, measured):
+        return exact
+    bins = calibration.get("reliability_after")
+    steps = threshold * RELIABILITY_BINS
+    if bins and threshold < 1 and math.isclose(steps, round(steps), abs_tol=1e-6):
+        # A bin holds the confidences in (lo, hi]: those above an edge are whole bins.
+        above = [b for b in bins if b["lo"] > threshold - 1e-6]
+        return (threshold, sum(b["count"] for b in above),
+                round(sum(b["count"] * b["accuracy"] for b in above)))
+    return exact

@@ -1,26 +1,36 @@
 """Predict grades for a pool of images and store the probabilities under the model's version.
 
-    python -m engine.infer --checkpoint FILE (--source NAME | --images DIR) [--out submission.csv] [--tta]
+    python -m engine.infer --checkpoint FILE (--source NAME | --images DIR) [--out submission.csv] [--tta] [--redo]
+    torchrun --nproc-per-node N -m engine.infer ...     (the pool shared among N processes)
 
-Writes a Kaggle-style submission CSV (id_code, diagnosis; the diagnosis on the model's 0-3
-scale). Unreadable images are reported and skipped; the rest finish.
+Predictions are stored batch by batch, and images that the model has predicted already are
+skipped unless --redo is given: a run after a crash or a cancel predicts only the rest. Then
+the Kaggle-style submission CSV (id_code, diagnosis; the diagnosis on the model's 0-3 scale)
+of the whole pool is written from the database. Unreadable images are reported and skipped;
+the rest finish.
 """
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-import pandas as pd
+import torch
 from sqlalchemy import select
 
+from db.predictions import predicted_count, submission_frame
 from db.queries import unused_name
 from db.runs import activate_first
 from db.schema import Image, Prediction, Run, Source, utcnow
 from db.session import migrate, read_scope, session_scope, upsert_insert
 from engine.data import Sample, default_workers
+from engine.distributed import from_rank_0, process_group, rank, sum_over_ranks, world_size
 from engine.jobs import JobReporter
 from engine.models import load_checkpoint, pick_device
-from engine.predictor import Predictions, default_batch_size, predict
+from engine.predictor import Predictions, default_batch_size, predict_batches
 from engine.sources import ImportStopped, import_source
 from engine.workspace import Workspace
 
@@ -42,15 +52,22 @@ def register_model(db_url: str, checkpoint: Path, meta: dict) -> int:
         return run.id
 
 
-def source_samples(db_url: str, name: str) -> list[Sample]:
+def source_samples(db_url: str, name: str, unpredicted_by: int | None = None
+                   ) -> tuple[int, list[Sample]]:
+    """The source's id and its images in import order; with `unpredicted_by`, only those
+    that this run has not predicted yet."""
     with read_scope(db_url) as session:
         source = session.scalar(select(Source).where(Source.name == name))
         if source is None:
             names = ", ".join(session.scalars(select(Source.name))) or "none yet"
             raise LookupError(f"no source named {name!r} (sources: {names})")
-        rows = session.execute(select(Image.id, Image.path, Image.name)
-                               .where(Image.source_id == source.id).order_by(Image.id)).all()
-        return [Sample(f"{source.root}/{path}", None, image_name, i) for i, path, image_name in rows]
+        query = select(Image.id, Image.path, Image.name).where(Image.source_id == source.id)
+        if unpredicted_by is not None:
+            query = query.where(~select(Prediction.id).where(
+                Prediction.run_id == unpredicted_by, Prediction.image_id == Image.id).exists())
+        rows = session.execute(query.order_by(Image.id)).all()
+        return source.id, [Sample(f"{source.root}/{path}", None, image_name, i)
+                           for i, path, image_name in rows]
 
 
 def store_predictions(db_url: str, run_id: int, samples: list[Sample], result: Predictions) -> None:
@@ -71,10 +88,77 @@ def store_predictions(db_url: str, run_id: int, samples: list[Sample], result: P
                                                          "confidence", "created_at")}))
 
 
-def write_submission(path: Path, samples: list[Sample], result: Predictions) -> None:
+@dataclass
+class Plan:
+    """What every rank works from, decided once by rank 0."""
+
+    run_id: int
+    source_id: int
+    source: str
+    todo: list[Sample]  # the pool's images left to predict
+    done_before: int  # the pool's images that the model had predicted already (0 with --redo)
+    started: datetime  # the predictions stored since then are this run's
+
+    @property
+    def total(self) -> int:
+        return self.done_before + len(self.todo)
+
+
+def plan_pool(args: argparse.Namespace, db_url: str, meta: dict) -> Plan:
+    """The model's run row, the pool (imported first if a folder) and what is left of it."""
+    started = utcnow()
+    run_id = register_model(db_url, args.checkpoint.resolve(), meta)
+    source = args.source
+    if args.images is not None:
+        report = import_source(db_url, "unlabelled", args.images, "unlabelled")
+        print(report)
+        source = report.source
+    source_id, todo = source_samples(db_url, source, None if args.redo else run_id)
+    done_before = 0 if args.redo else predicted_count(db_url, run_id, source_id)
+    return Plan(run_id, source_id, source, todo, done_before, started)
+
+
+def progress_reporter(job: JobReporter, db_url: str, plan: Plan) -> Callable[[], None]:
+    """A check for a cancel that, in the process that reports the job, records the progress
+    of every rank, counted from the predictions they have stored."""
+    clock = time.perf_counter()
+
+    def report() -> None:
+        job.check_cancel()
+        if not job.due():
+            return
+        made = predicted_count(db_url, plan.run_id, plan.source_id, plan.started)
+        done, rate = plan.done_before + made, made / (time.perf_counter() - clock)
+        left = (plan.total - done) / rate if rate else 0
+        job.progress(done / max(plan.total, 1), f"{done}/{plan.total} images, "
+                                                f"{rate:.1f} images/s, {left:.0f} s left")
+
+    return report
+
+
+def predict_share(args: argparse.Namespace, workspace: Workspace, device: torch.device,
+                  model: torch.nn.Module, meta: dict, plan: Plan,
+                  report: Callable[[], None]) -> tuple[int, int]:
+    """This rank's share of the images left, stored batch by batch as they are predicted,
+    so that a crash or a cancel keeps what is done; (predicted, skipped)."""
+    share = plan.todo[rank()::world_size()]
+    batch_size = args.batch_size or default_batch_size(device)
+    predicted = skipped = 0
+    for batch in predict_batches(model, meta, share, device, batch_size, args.workers,
+                                 args.tta, workspace.cache):
+        store_predictions(workspace.db_url, plan.run_id, share, batch)
+        for index, reason in batch.failures:
+            print(f"skipped {share[index].name}: {reason}", flush=True)
+        predicted, skipped = predicted + len(batch.indices), skipped + len(batch.failures)
+        report()
+    return predicted, skipped
+
+
+def write_submission(path: Path, db_url: str, plan: Plan) -> None:
+    """The whole pool's submission, from the database: this run's predictions and those that
+    an earlier run of the model made."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"id_code": [samples[i].name for i in result.indices],
-                  "diagnosis": result.grades.astype(int)}).to_csv(path, index=False)
+    submission_frame(db_url, plan.run_id, plan.source_id).to_csv(path, index=False)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pool.add_argument("--images", type=Path, help="a folder of images (imported as a pool)")
     parser.add_argument("--out", type=Path, help="submission CSV (default: in the workspace)")
     parser.add_argument("--tta", action="store_true", help="average with the mirrored image")
+    parser.add_argument("--redo", action="store_true",
+                        help="predict again the images that the model has predicted already")
     parser.add_argument("--batch-size", type=int, help="default: 64 on a GPU, 8 on a CPU")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--device")
@@ -93,33 +179,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def infer(args: argparse.Namespace, workspace: Workspace, job: JobReporter) -> Path:
-    device = pick_device(args.device)
+def infer(args: argparse.Namespace, workspace: Workspace, job: JobReporter,
+          device: torch.device) -> None:
     model, meta = load_checkpoint(args.checkpoint, device)
-    run_id = register_model(workspace.db_url, args.checkpoint.resolve(), meta)
-    source = args.source
-    if args.images is not None:
-        report = import_source(workspace.db_url, "unlabelled", args.images, "unlabelled")
-        print(report)
-        source = report.source
-    samples = source_samples(workspace.db_url, source)
-    job.attach_run(run_id)
-
-    def on_batch(done: int, total: int, rate: float) -> None:
-        left = (total - done) / rate if rate else 0
-        job.progress(done / total, f"{done}/{total} images, {rate:.1f} images/s, "
-                                   f"{left:.0f} s left")
-
-    batch_size = args.batch_size or default_batch_size(device)
-    result = predict(model, meta, samples, device, batch_size, args.workers, args.tta,
-                     workspace.cache, on_batch)
-    for index, reason in result.failures:
-        print(f"skipped {samples[index].name}: {reason}")
-    store_predictions(workspace.db_url, run_id, samples, result)
-    out = args.out or workspace.root / "submissions" / f"{meta.get('run', 'model')}-{source}.csv"
-    write_submission(out, samples, result)
-    print(f"{len(result.indices)} predicted, {len(result.failures)} skipped; submission: {out}")
-    return out
+    plan = from_rank_0(lambda: plan_pool(args, workspace.db_url, meta))
+    job.attach_run(plan.run_id)
+    report = progress_reporter(job, workspace.db_url, plan)
+    done = predict_share(args, workspace, device, model, meta, plan, report)
+    predicted, skipped = sum_over_ranks(list(done), device, report)  # every rank has finished
+    if rank() != 0:
+        return
+    out = args.out or workspace.root / "submissions" / f"{meta.get('run', 'model')}-{plan.source}.csv"
+    write_submission(out, workspace.db_url, plan)
+    print(f"{predicted} predicted, {skipped} skipped, {plan.done_before} already predicted; "
+          f"submission: {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,10 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.checkpoint}: checkpoint not found", file=sys.stderr)
         return 2
     workspace = Workspace.from_env()
-    migrate(workspace.db_url)
+    if rank() == 0:  # the other ranks wait for its plan before they touch the database
+        migrate(workspace.db_url)
     try:
-        with JobReporter(workspace.db_url, args.job_id) as job:
-            infer(args, workspace, job)
+        # One job row, which rank 0 reports; every rank honours a cancel.
+        with JobReporter(workspace.db_url, args.job_id if rank() == 0 else None) as job, \
+                process_group(pick_device(args.device)) as device:
+            infer(args, workspace, job, device)
     except (LookupError, ImportStopped, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

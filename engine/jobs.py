@@ -39,8 +39,9 @@ class JobCancelled(Exception):
 
 
 def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | None = None,
-              params: dict | None = None) -> int:
-    """Launch `python -m module ... --job-id N` in its own session; return the job id."""
+              params: dict | None = None, processes: int = 1) -> int:
+    """Launch `python -m module ... --job-id N` in its own session, under torchrun when it
+    takes several `processes`; return the job id."""
     mark_dead_jobs(workspace.db_url)
     workspace.logs.mkdir(parents=True, exist_ok=True)
     with session_scope(workspace.db_url) as session:
@@ -53,7 +54,10 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
         session.flush()
         job.log_path = str(workspace.logs / f"{kind}-{job.id}.log")
         job_id, log_path = job.id, job.log_path
-    command = [sys.executable, "-m", module, *(args or []), "--job-id", str(job_id)]
+    launcher = [sys.executable, "-m"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={processes}", "-m"]
+    command = [*launcher, module, *(args or []), "--job-id", str(job_id)]
     env = {**os.environ, "DR_WORKSPACE": str(workspace.root), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())  # what ran, for whoever reads the log
@@ -68,12 +72,18 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
 
 
 def cancel_job(db_url: str, job_id: int) -> None:
-    """Ask the job to stop; it finishes the current step and records 'cancelled'."""
+    """Ask the job to stop; a running job finishes the current step and records 'cancelled'.
+    A job still queued is recorded as cancelled here: its process, still starting, has no
+    SIGTERM handler yet and dies of the signal without a word."""
     with session_scope(db_url) as session:
         job = session.get(Job, job_id)
-        if job is None or job.status not in ACTIVE or job.pid is None:
+        if job is None or job.status not in ACTIVE:
             return
+        if job.status == "queued":
+            job.status, job.message, job.finished_at = "cancelled", "cancelled", utcnow()
         pid = job.pid
+    if pid is None:
+        return  # its process, once started, finds the job cancelled
     try:
         os.killpg(pid, signal.SIGTERM)  # the whole session: torchrun workers too
     except ProcessLookupError:
@@ -152,7 +162,8 @@ class JobReporter:
     def __enter__(self) -> "JobReporter":
         signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.job_id is not None:
-            self._update(status="running", pid=os.getpid(), heartbeat_at=utcnow())
+            if not self._mark_running():
+                self.cancelled = True  # while the process was starting: stop at the first check
             threading.Thread(target=self._beat, daemon=True).start()
         return self
 
@@ -163,7 +174,9 @@ class JobReporter:
             return False
         if exc is None:
             self._update(status="done", progress=1.0, finished_at=utcnow())
-        elif isinstance(exc, JobCancelled):
+        elif isinstance(exc, JobCancelled) or self.cancelled:
+            # After a cancel, whatever stopped the job first (another rank that stopped and
+            # broke a collective, say) is the cancel.
             self._update(status="cancelled", message="cancelled", finished_at=utcnow())
             return True
         else:
@@ -172,6 +185,13 @@ class JobReporter:
                          finished_at=utcnow())
         return False
 
+    def _mark_running(self) -> bool:
+        """queued -> running; False if the job was cancelled before its process got here."""
+        with session_scope(self.db_url) as session:
+            return session.execute(
+                update(Job).where(Job.id == self.job_id, Job.status == "queued")
+                .values(status="running", heartbeat_at=utcnow())).rowcount == 1
+
     def _on_sigterm(self, _signum, _frame) -> None:
         self.cancelled = True
 
@@ -179,10 +199,14 @@ class JobReporter:
         if self.cancelled:
             raise JobCancelled()
 
+    def due(self) -> bool:
+        """Whether progress reported now would be recorded: in a job, at most twice a second."""
+        return self.job_id is not None and time.monotonic() - self._last_write >= 0.5
+
     def progress(self, fraction: float, message: str = "", force: bool = False) -> None:
         """Record progress (at most twice a second unless forced) and honour a cancel."""
         self.check_cancel()
-        if self.job_id is None or (not force and time.monotonic() - self._last_write < 0.5):
+        if self.job_id is None or not (force or self.due()):
             return
         self._last_write = time.monotonic()
         self._update(progress=min(max(fraction, 0.0), 1.0), message=message[:500],

@@ -192,12 +192,7 @@ class PreprocessCache:
 
     def entry(self, path: Path, cfg: PreprocessConfig) -> Path:
         """Where the entry for `path` under `cfg` lives; a changed source file gets a new one."""
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise ImageError(f"{path}: missing file") from None
-        identity = f"{path.resolve()}\0{stat.st_mtime_ns}\0{stat.st_size}\0{cfg.key()}"
-        digest = hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
+        digest = cache_digest(file_identity(path), cfg.key())
         return self.root / digest[:2] / f"{digest}.npy"
 
     def load(self, path: Path, cfg: PreprocessConfig) -> np.ndarray:
@@ -208,19 +203,37 @@ class PreprocessCache:
         except (OSError, ValueError):
             pass  # missing, or damaged by a crash or a full disk: make it again
         img = preprocess(load_rgb(path), cfg)
-        self._store(entry, img)
+        save_whole(entry, img)
         return img
 
-    def _store(self, entry: Path, img: np.ndarray) -> None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                np.save(file, img)
-            os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+def file_identity(path: Path) -> str:
+    """What changes when the file at `path` is replaced or edited: its absolute path, modification
+    time and size."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: missing file") from None
+    return f"{path.resolve()}\0{stat.st_mtime_ns}\0{stat.st_size}"
+
+
+def cache_digest(*parts: str) -> str:
+    """A short hex name for a cache entry keyed by `parts`."""
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def save_whole(entry: Path, array: np.ndarray) -> None:
+    """`array` as the .npy file `entry`, written beside it and renamed: a reader sees the whole
+    file or none, however many processes write at once."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            np.save(file, array)
+        os.replace(tmp, entry)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def fill_cache(paths: list[Path], cfg: PreprocessConfig, cache: PreprocessCache,

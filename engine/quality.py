@@ -1,6 +1,9 @@
 """Whether a model is fit to propose grades, and what its calibration summary says, in
 sentences for the pages."""
 
+import math
+
+from engine.calibration import RELIABILITY_BINS, confident_at
 from grades import DOMINANT_SHARE, GRADE_NAMES, REVIEW_THRESHOLD, WEAK_QWK
 
 
@@ -46,15 +49,31 @@ def _error_line(calibration: dict) -> str | None:
     return f"{', '.join(changes)} (before → after temperature scaling)." if changes else None
 
 
+def _confident_sentence(threshold: float, confident: int, right: int) -> str:
+    if not confident:
+        return f"No validation image reached {threshold:.2f} confidence after calibration."
+    return (f"Of {confident:,} validation images at ≥ {threshold:.2f} confidence, "
+            f"{100 * right / confident:.0f} % were right.")
+
+
 def _confident_line(calibration: dict) -> str | None:
     if "confident" not in calibration or "confident_right" not in calibration:
         return None
-    threshold = calibration.get("threshold", REVIEW_THRESHOLD)
-    if not calibration["confident"]:
-        return f"No validation image reached {threshold:.2f} confidence after calibration."
-    share = calibration["confident_right"] / calibration["confident"]
-    return (f"Of {calibration['confident']:,} validation images at ≥ {threshold:.2f} "
-            f"confidence, {100 * share:.0f} % were right.")
+    return _confident_sentence(calibration.get("threshold", REVIEW_THRESHOLD),
+                               calibration["confident"], calibration["confident_right"])
+
+
+def threshold_accuracy(calibration: dict, threshold: float) -> str | None:
+    """How often the run was right on the validation images at or above `threshold`, as far
+    as its stored calibration tells (engine.calibration.confident_at); None if it tells nothing."""
+    measured = confident_at(calibration, threshold)
+    if measured is None:
+        return None
+    line = _confident_sentence(*measured)
+    if math.isclose(measured[0], threshold):
+        return line
+    return (f"{line} (No figure for {threshold:.2f}: the stored calibration has one for "
+            f"{measured[0]:.2f} and for steps of {1 / RELIABILITY_BINS:.2f}.)")
 
 
 def calibration_lines(calibration: dict) -> list[str]:

@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the epoch best.pth keeps: the last, or the highest val QWK")
     parser.add_argument("--tta", type=boolean, default=True,
                         help="validate on each image and its mirror")
-    parser.add_argument("--enhance", type=boolean, default=False,
+    parser.add_argument("--enhance", type=boolean, default=True,
                         help="Ben Graham's local contrast enhancement")
     parser.add_argument("--progressive", type=boolean, default=False)
     parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
@@ -208,6 +208,9 @@ class LogHooks(Hooks):
     def on_skipped(self, reasons: list[str]) -> None:
         for reason in reasons:
             print(f"skipped {reason}", flush=True)
+
+    def on_eval_batch(self) -> None:
+        self.job.check_cancel()
 
 
 def _start_run(db_url: str, config: TrainConfig, name: str, train: list[Sample]) -> int:

@@ -122,6 +122,7 @@ class Hooks:
     def on_batch(self, epoch: int, step: int, steps: int, images_per_s: float) -> None: ...
     def on_epoch(self, record: dict) -> None: ...
     def on_skipped(self, reasons: list[str]) -> None: ...
+    def on_eval_batch(self) -> None: ...  # in validation and calibration
 
 
 @dataclass
@@ -271,6 +272,7 @@ class Trainer:
         self.model.eval()
         logits, labels, indices = [], [], []
         for images, batch_labels, batch_indices, failed in loader:
+            self.hooks.on_eval_batch()
             if failed:
                 self.hooks.on_skipped([reason for _, reason in failed])
             if len(batch_labels):

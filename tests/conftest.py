@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,45 @@ def workspace(tmp_path: Path, monkeypatch):
     workspace.root.mkdir(parents=True)
     migrate(workspace.db_url)
     return workspace
+
+
+def tiny_checkpoint(path: Path, image_size: int = 64, temperature: float = 1.0) -> Path:
+    """A checkpoint of timm's tiny test_efficientnet (random weights, seed 0), with the meta
+    that training writes: its own preprocessing, normalisation and temperature."""
+    import torch
+
+    from engine.models import create_model, model_mean_std, save_checkpoint
+    from engine.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    mean, std = model_mean_std("test_efficientnet")
+    save_checkpoint(path, create_model("test_efficientnet"), {
+        "model_name": "test_efficientnet", "image_size": image_size, "run": path.stem,
+        "mean": list(mean), "std": list(std), "temperature": temperature,
+        "preprocess": PreprocessConfig(size=image_size).to_dict()})
+    return path
+
+
+def job_row(workspace, job_id: int):
+    from db.schema import Job
+    from db.session import session_scope
+
+    with session_scope(workspace.db_url) as session:
+        return session.get(Job, job_id)
+
+
+def wait_for_job(workspace, job_id: int, done, timeout: float = 120):
+    """The job's row once `done(row)` holds; its log's tail in the failure if it never does."""
+    from engine import jobs
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs.mark_dead_jobs(workspace.db_url)
+        job = job_row(workspace, job_id)
+        if done(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} stuck: {job.status} {job.message}\n{jobs.log_tail(job.log_path)}")
 
 
 def open_page(page: str | None = None):

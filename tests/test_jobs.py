@@ -12,10 +12,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from conftest import job_row, wait_for_job
 from db.schema import Job, Run, utcnow
 from db.session import migrate, session_scope
 from engine import jobs
+from engine.data import folder_samples
 from engine.sources import import_source
+from engine.train import LogHooks
+from engine.trainer import RunPaths, TrainConfig, Trainer
 from engine.workspace import Workspace
 
 
@@ -26,26 +30,10 @@ def workspace(tmp_path) -> Workspace:
     return workspace
 
 
-def job_row(workspace: Workspace, job_id: int) -> Job:
-    with session_scope(workspace.db_url) as session:
-        return session.get(Job, job_id)
-
-
-def wait_for(workspace: Workspace, job_id: int, done, timeout: float = 120) -> Job:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        jobs.mark_dead_jobs(workspace.db_url)
-        job = job_row(workspace, job_id)
-        if done(job):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} stuck: {job.status} {job.message}\n{jobs.log_tail(job.log_path)}")
-
-
 def test_demo_job_runs_to_done_and_fills_the_workspace(workspace):
     job_id = jobs.start_job(workspace, "demo", "engine.demo",
                             ["--train", "8", "--test", "4", "--val", "8", "--size", "96"])
-    job = wait_for(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
+    job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
     assert job.status == "done" and job.progress == 1.0, jobs.log_tail(job.log_path)
     assert "demo high-quality validation: 8 listed, 8 imported" in jobs.log_tail(job.log_path)
 
@@ -58,7 +46,7 @@ def test_a_second_job_of_the_same_kind_is_refused(workspace):
             jobs.start_job(workspace, "demo", "engine.demo", args)
     finally:
         jobs.cancel_job(workspace.db_url, first)
-        wait_for(workspace, first, lambda j: j.status not in jobs.ACTIVE)
+        wait_for_job(workspace, first, lambda j: j.status not in jobs.ACTIVE)
 
 
 def test_cancel_stops_training_between_batches(workspace, tiny_data):
@@ -67,19 +55,53 @@ def test_cancel_stops_training_between_batches(workspace, tiny_data):
     job_id = jobs.start_job(workspace, "train", "engine.train", [
         "--from-db", "--epochs", "200", "--model", "test_efficientnet", "--img-size", "64",
         "--pretrained", "false", "--batch-size", "4", "--workers", "1", "--name", "c"])
-    wait_for(workspace, job_id, lambda j: j.progress > 0)
+    wait_for_job(workspace, job_id, lambda j: j.progress > 0)
     jobs.cancel_job(workspace.db_url, job_id)
-    job = wait_for(workspace, job_id, lambda j: j.status not in jobs.ACTIVE, timeout=60)
+    job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE, timeout=60)
     assert job.status == "cancelled" and job.error is None
     with session_scope(workspace.db_url) as session:
         assert session.scalar(select(Run.status).where(Run.name == "c")) == "cancelled"
 
 
+def test_a_cancel_while_the_job_starts_is_recorded_as_cancelled(workspace):
+    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"])
+    jobs.cancel_job(workspace.db_url, job_id)  # its process is still starting: no handler yet
+    assert jobs._children[(workspace.db_url, job_id)].wait(timeout=60) != 0
+    jobs.mark_dead_jobs(workspace.db_url)
+    job = job_row(workspace, job_id)
+    assert job.status == "cancelled" and job.error is None, jobs.log_tail(job.log_path)
+
+
+def test_a_job_cancelled_before_its_reporter_starts_stops_at_its_first_check(workspace,
+                                                                            monkeypatch):
+    monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM
+    with session_scope(workspace.db_url) as session:
+        session.add(job := Job(kind="demo", status="cancelled"))
+    steps = []
+    with jobs.JobReporter(workspace.db_url, job.id) as reporter:
+        reporter.check_cancel()
+        steps.append("worked")
+    assert not steps and job_row(workspace, job.id).status == "cancelled"
+
+
+def test_validation_and_calibration_stop_on_a_cancel(workspace, tiny_data):
+    samples = folder_samples(tiny_data / "validation")
+    config = TrainConfig(model="test_efficientnet", img_size=64, eval_size=64, pretrained=False,
+                         workers=0)
+    reporter = jobs.JobReporter(workspace.db_url, None)
+    trainer = Trainer(config, samples, samples, RunPaths.under(workspace, "c"), None,
+                      LogHooks(reporter))
+    assert len(trainer.evaluate(samples)[2]) == len(samples)
+    reporter.cancelled = True  # what SIGTERM does
+    with pytest.raises(jobs.JobCancelled):
+        trainer.evaluate(samples)  # what validation and calibration run
+
+
 def test_a_killed_job_is_found_dead(workspace):
     job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"])
-    job = wait_for(workspace, job_id, lambda j: j.status == "running")
+    job = wait_for_job(workspace, job_id, lambda j: j.status == "running")
     os.killpg(job.pid, signal.SIGKILL)  # no chance to say anything
-    job = wait_for(workspace, job_id, lambda j: j.status != "running", timeout=30)
+    job = wait_for_job(workspace, job_id, lambda j: j.status != "running", timeout=30)
     assert job.status == "failed" and "without reporting" in job.error
 
 
@@ -123,7 +145,7 @@ def test_a_locked_database_does_not_stop_the_heartbeat(workspace, monkeypatch):
     update = jobs.JobReporter._update
 
     def busy_once(self, **values):
-        if "pid" not in values and not failures:  # the first beat finds the database busy
+        if not failures:  # the first beat finds the database busy
             failures.append(values)
             raise OperationalError("UPDATE jobs", {},
                                    sqlite3.OperationalError("database is locked"))

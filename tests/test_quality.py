@@ -10,9 +10,9 @@ from db.predictions import run_grade_counts
 from db.runs import run_calibration, run_score
 from db.schema import Image, Prediction, Run, Source
 from db.session import session_scope
-from engine.calibration import calibration_summary
+from engine.calibration import calibration_summary, confident_at
 from grades import DOMINANT_SHARE, WEAK_QWK
-from engine.quality import calibration_lines, clipped_warning, model_warnings
+from engine.quality import calibration_lines, clipped_warning, model_warnings, threshold_accuracy
 
 WEAK = ("The active model's validation QWK is 0.20, below 0.40: its proposals are more often "
         "wrong than a reviewer can correct; retrain it before reviewing.")
@@ -69,6 +69,38 @@ def test_what_training_writes_reads_as_sentences():
     assert lines[0].startswith("Temperature T = ") and "fitted on 60 validation images" in lines[0]
     assert lines[1].startswith(f"ECE {summary['ece_before']:.3f} → {summary['ece_after']:.3f}")
     assert lines[2].startswith(f"Of {summary['confident']} validation images at ≥ 0.70")
+
+
+
+def test_the_accuracy_at_a_review_threshold_is_what_the_calibration_stored():
+    assert threshold_accuracy(CALIBRATION, 0.70) == \
+        "Of 120 validation images at ≥ 0.70 confidence, 85 % were right."
+    # From the reliability bins after calibration: (0.5, 0.6] 80 images, (0.8, 0.9] 120.
+    assert threshold_accuracy(CALIBRATION, 0.5) == \
+        "Of 200 validation images at ≥ 0.50 confidence, 73 % were right."
+    assert threshold_accuracy(CALIBRATION, 0.9) == \
+        "No validation image reached 0.90 confidence after calibration."
+    assert threshold_accuracy(CALIBRATION, 0.75) == (
+        "Of 120 validation images at ≥ 0.70 confidence, 85 % were right. (No figure for 0.75: "
+        "the stored calibration has one for 0.70 and for steps of 0.10.)")
+    assert threshold_accuracy(CALIBRATION, 1.0).endswith("(No figure for 1.00: the stored "
+                                                         "calibration has one for 0.70 and "
+                                                         "for steps of 0.10.)")
+    assert threshold_accuracy({}, 0.7) is None
+    assert threshold_accuracy({"temperature": 2.0, "ece_after": 0.05}, 0.8) is None
+
+
+def test_the_bins_give_what_measuring_at_the_threshold_gives():
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (400,), generator=generator)
+    logits = torch.randn(400, 4, generator=generator) + 3 * torch.nn.functional.one_hot(labels, 4)
+    folds = np.arange(400) % 2
+    stored = calibration_summary(logits, labels, folds)
+    for threshold in (0.3, 0.5, 0.8, 0.9):
+        measured = calibration_summary(logits, labels, folds, threshold)
+        assert measured["confident"] > 0
+        assert confident_at(stored, threshold) == \
+            (threshold, measured["confident"], measured["confident_right"])
 
 
 # -- the pages ------------------------------------------------------------------------------------

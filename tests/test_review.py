@@ -8,21 +8,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from sqlalchemy import select, update
 from streamlit.testing.v1 import AppTest
 
-from conftest import open_page, page_text, write_image
+from conftest import CALIBRATION, open_page, page_text, tiny_checkpoint, write_image
 from db.queries import curated_set
 from db.reviews import (CLAIM_TTL, DecidedMeanwhile, QueueFilter, claim_next, curated_csv,
                         decide, held_by_others, loop_overview, progress, recent_decisions,
                         renew_claim, undo_last)
-from db.schema import Claim, Image, Prediction, Review, Source, utcnow
+from db.schema import Claim, Image, Prediction, Review, Run, Source, utcnow
 from db.session import session_scope
 from engine.export import MANIFEST, EarlierExport, ExportRefused, export_class_folders
 from grades import REVIEW_THRESHOLD
 from engine.infer import register_model
-from engine.models import create_model, save_checkpoint
 from engine.sources import import_source
 from engine.workspace import Workspace
 
@@ -32,10 +30,7 @@ POOL = [(0.95, 0), (0.90, 1), (0.85, 2), (0.80, 3), (0.75, 0), (0.72, 1), (0.60,
 
 
 def register_run(workspace: Workspace) -> int:
-    torch.manual_seed(0)
-    checkpoint = workspace.weights / "tiny.pth"
-    save_checkpoint(checkpoint, create_model("test_efficientnet"),
-                    {"model_name": "test_efficientnet", "image_size": 64, "run": "tiny"})
+    checkpoint = tiny_checkpoint(workspace.weights / "tiny.pth")
     return register_model(workspace.db_url, checkpoint, {"model_name": "test_efficientnet",
                                                          "image_size": 64, "run": "tiny"})
 
@@ -275,8 +270,7 @@ def test_curated_set_and_csv(predicted):
     assert list(csv.columns) == ["image", "grade", "origin", "reviewer", "time"]
     expert = csv[csv.origin == "expert"]
     assert len(expert) == 24 and expert.reviewer.isna().all()
-    with session_scope(db) as session:
-        names = dict(session.execute(select(Image.id, Image.name)).all())
+    names = image_names(db)
     pseudo = csv[csv.origin == "pseudo"]
     assert dict(zip(pseudo.image, zip(pseudo.grade, pseudo.reviewer))) == {
         names[pool[5]]: (1, "ana"), names[pool[4]]: (2, "ana")}
@@ -384,11 +378,15 @@ def test_a_model_without_predictions_says_to_run_inference(workspace, tiny_data)
     assert "run inference on the Inference page first" in page_text(at)
 
 
+def image_names(db_url: str) -> dict[int, str]:
+    with session_scope(db_url) as session:
+        return dict(session.execute(select(Image.id, Image.name)).all())
+
+
 def test_reviewing_by_buttons(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
-    with session_scope(db) as session:
-        names = dict(session.execute(select(Image.id, Image.name)).all())
+    names = image_names(db)
     at = sign_in(open_page("review"))
     assert on_screen(at) == names[pool[5]]
     assert progress_text(at) == "0 of 6 candidates reviewed"
@@ -396,8 +394,11 @@ def test_reviewing_by_buttons(predicted):
     assert "pool" in page_text(at)  # the source's name
     assert bound_keys(at) == {"accept": ["a"], "reject": ["x"], "grade_0": ["0"],
                               "grade_1": ["1"], "grade_2": ["2"], "grade_3": ["3"],
-                              "skip": [" "], "undo": ["backspace"], "keys_help": ["?", "shift+?"]}
-    assert all(at.button(key=key) for key in bound_keys(at))  # each bound to a real button
+                              "skip": [" "], "undo": ["backspace"], "keys_help": ["?", "shift+?"],
+                              "evidence": ["g"]}
+    buttons = [key for key in bound_keys(at) if key != "evidence"]
+    assert all(at.button(key=key) for key in buttons)  # each bound to a real widget
+    assert at.toggle(key="evidence").value is False
     click(at, "keys_help")
     assert "undo your last decision" in page_text(at)
 
@@ -434,11 +435,51 @@ def test_reviewing_by_buttons(predicted):
     assert "reaches the confidence threshold 0.99" in page_text(at)
 
 
+def test_evidence_shows_grad_cam_and_the_flip_views_on_the_card(predicted):
+    workspace, run_id, pool = predicted
+    at = sign_in(open_page("review"))
+    assert len(at.image) == 2 and len(at.get("plotly_chart")) == 1  # off by default
+    at.toggle(key="evidence").set_value(True).run()
+    assert not at.exception, at.exception
+    assert len(at.image) == 3 and at.image[2].captions == ["Grad-CAM of grade 1"]  # pool 5's
+    flips = [c for c in at.get("plotly_chart") if "flip_views" in c.proto.id]
+    assert len(flips) == 1 and '"image"' in flips[0].proto.spec
+    assert '"mirror image"' in flips[0].proto.spec
+    assert len(list((workspace.cache / "saliency").rglob("*.npy"))) == 1
+    click(at, "skip")  # the next card keeps the evidence on
+    assert len(at.image) == 3 and at.image[2].captions == ["Grad-CAM of grade 0"]  # pool 4's
+    at.toggle(key="evidence").set_value(False).run()
+    assert len(at.image) == 2 and len(at.get("plotly_chart")) == 1
+
+
+def threshold_caption(at: AppTest) -> str:
+    """The sentence under the confidence threshold slider, in its column."""
+    column = next(c for c in at.columns if [s.key for s in c.slider] == ["threshold"])
+    return column.caption[0].value
+
+
+def test_the_threshold_slider_says_how_often_the_model_was_right_above_it(predicted):
+    workspace, run_id, pool = predicted
+    at = sign_in(open_page("review"))
+    assert threshold_caption(at) == \
+        "No measured accuracy: the active model's calibration was not stored."
+    with session_scope(workspace.db_url) as session:
+        session.get(Run, run_id).calibration = CALIBRATION
+    at.run()
+    assert threshold_caption(at) == \
+        "Of 120 validation images at ≥ 0.70 confidence, 85 % were right."
+    at.slider(key="threshold").set_value(0.5).run()
+    assert threshold_caption(at) == \
+        "Of 200 validation images at ≥ 0.50 confidence, 73 % were right."
+    at.slider(key="threshold").set_value(0.75).run()
+    assert threshold_caption(at).startswith(
+        "Of 120 validation images at ≥ 0.70 confidence, 85 % were right. (No figure for 0.75")
+
+
 def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_images(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
-    with session_scope(db) as session:
-        names = dict(session.execute(select(Image.id, Image.name)).all())
+    names = image_names(db)
     at = sign_in(open_page("review"))
     assert on_screen(at) == names[pool[5]]
     decide(db, "ben", pool[5], run_id, "reject")  # in ben's browser, while ana looks

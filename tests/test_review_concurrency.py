@@ -8,6 +8,7 @@ import time
 from sqlalchemy import select
 
 from conftest import ROOT
+from db.reviews import set_double_read_share
 from db.schema import Claim, Image, Prediction, Review, Run, Source
 from db.session import session_scope
 
@@ -43,7 +44,7 @@ print(" ".join(map(str, decided)))
 """
 
 
-def make_candidates(db_url: str) -> tuple[int, list[int]]:
+def make_candidates(db_url: str, double_read_share: float = 0.0) -> tuple[int, list[int]]:
     with session_scope(db_url) as session:
         source = Source(name="pool", kind="unlabelled", root="/nowhere", role="unlabelled")
         run = Run(name="tiny", model_name="test_efficientnet", img_size=64, status="done",
@@ -57,7 +58,8 @@ def make_candidates(db_url: str) -> tuple[int, list[int]]:
             session.add(Prediction(run_id=run.id, image_id=image.id, p0=confidence,
                                    p1=1 - confidence, p2=0.0, p3=0.0, grade=0,
                                    confidence=confidence))
-        return run.id, [image.id for image in images]
+    set_double_read_share(db_url, double_read_share)  # by default every image is read once
+    return run.id, [image.id for image in images]
 
 
 def run_all(script: str, names: tuple[str, ...], db_url: str, run_id: int,
@@ -101,5 +103,17 @@ def test_stale_screens_at_once_decide_each_image_once(db_url):
         rows = session.execute(select(Review.image_id, Review.reviewer).order_by(Review.id)).all()
     assert sorted(i for i, _ in rows) == image_ids  # one decision per image, the others refused
     assert sorted(i for images in decided.values() for i in images) == image_ids
+    for name in names:
+        assert [i for i, who in rows if who == name] == decided[name]
+
+
+def test_stale_screens_at_once_read_each_double_read_image_twice(db_url):
+    run_id, image_ids = make_candidates(db_url, double_read_share=1.0)
+    names = ("ana", "ben", "cid", "dan")
+    decided = run_all(STALE, names, db_url, run_id, *map(str, image_ids))
+    with session_scope(db_url) as session:
+        rows = session.execute(select(Review.image_id, Review.reviewer).order_by(Review.id)).all()
+    readers = {i: [who for image, who in rows if image == i] for i in image_ids}
+    assert all(len(set(who)) == len(who) == 2 for who in readers.values())  # two, different
     for name in names:
         assert [i for i, who in rows if who == name] == decided[name]

@@ -1,4 +1,5 @@
-"""What every page shares: the workspace, job progress widgets, thumbnails."""
+"""What every page shares: the workspace, job progress widgets, thumbnails and the
+models' evidence."""
 
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from engine.images import ImageError, thumbnail
 from engine.models import describe_device, pick_device
 from engine.preprocess import PreprocessCache, PreprocessConfig
 from engine.quality import model_warnings
+from engine.saliency import Explainer
 from engine.workspace import Workspace
 
 
@@ -67,17 +69,42 @@ def _thumbnail(path: str, mtime: float, width: int) -> np.ndarray:
     return thumbnail(Path(path), width)
 
 
-def image_pair_ui(path: str, caption: str, width: int = 240, fill: bool = False) -> None:
+@st.cache_resource(max_entries=2, show_spinner=False)
+def _explainer(checkpoint: str, mtime: float, cache: Path) -> Explainer:
+    return Explainer(Path(checkpoint), cache)
+
+
+def explainer(checkpoint: str | None) -> Explainer | None:
+    """The evidence of a run's model, one instance for every session (a checkpoint written
+    anew gets a new one); None, said in words, when the checkpoint is gone or its model has no
+    layer to explain."""
+    if not checkpoint or not Path(checkpoint).is_file():
+        st.warning(f"No evidence: the model's checkpoint {checkpoint or ''} is gone.")
+        return None
+    try:
+        return _explainer(checkpoint, Path(checkpoint).stat().st_mtime, get_workspace().cache)
+    except ValueError as exc:
+        st.warning(f"No evidence: {exc}.")
+        return None
+
+
+def image_pair_ui(path: str, caption: str, width: int = 240, fill: bool = False,
+                  explain: tuple[Explainer, int] | None = None) -> None:
     """The photograph beside its preprocessed view, or a sentence if the file is gone.
-    `width` is the thumbnail's resolution; `fill` shows both as wide as their columns."""
+    `width` is the thumbnail's resolution; `fill` shows both as wide as their columns.
+    `explain` (a model's Explainer and a grade) adds the Grad-CAM of that grade."""
     try:
         mtime = Path(path).stat().st_mtime
-        original = _thumbnail(path, mtime, width)
-        processed = PreprocessCache(get_workspace().cache).load(Path(path), PreprocessConfig())
+        panels = [(_thumbnail(path, mtime, width), caption),
+                  (PreprocessCache(get_workspace().cache).load(Path(path), PreprocessConfig()),
+                   "preprocessed")]
+        if explain:
+            model, grade = explain
+            panels.append((model.saliency(Path(path), grade).overlay(),
+                           f"Grad-CAM of grade {grade}"))
     except (OSError, ImageError) as exc:
         st.warning(f"{caption}: cannot show this image ({exc}).")
         return
-    left, right = st.columns(2)
     shown = "stretch" if fill else width
-    left.image(original, caption=caption, width=shown)
-    right.image(processed, caption="preprocessed", width=shown)
+    for column, (image, text) in zip(st.columns(len(panels)), panels):
+        column.image(image, caption=text, width=shown)

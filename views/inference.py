@@ -12,6 +12,7 @@ from db.predictions import (Model, Pool, confidence_histogram, grade_counts, mod
                             submission_frame)
 from db.runs import active_run_id
 from engine import jobs
+from engine.distributed import local_processes
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from engine.models import pick_device
 from engine.predictor import default_batch_size
@@ -43,17 +44,19 @@ def choice_ui(choices: list[Model], sources: list[Pool]) -> tuple[Model, Pool]:
     return by_id[model_id], pool_by_id[pool_id]
 
 
-def start(model: Model, pool: Pool, tta: bool, batch_size: int) -> None:
+def start(model: Model, pool: Pool, tta: bool, redo: bool, batch_size: int) -> None:
     if not Path(model.checkpoint).is_file():
         st.error(f"The checkpoint of {model.name} is gone: `{model.checkpoint}` does not exist.")
         return
     out = workspace.root / "submissions" / f"{model.name}-{pool.name}.csv"
     args = ["--checkpoint", model.checkpoint, "--source", pool.name, "--out", str(out),
-            "--batch-size", str(batch_size), *(["--tta"] if tta else [])]
+            "--batch-size", str(batch_size), *(["--tta"] if tta else []),
+            *(["--redo"] if redo else [])]
+    processes = local_processes(pick_device())  # one per GPU, the pool shared among them
     params = {"run_id": model.id, "source_id": pool.id, "source": pool.name, "out": str(out),
-              "tta": tta, "batch_size": batch_size}
+              "tta": tta, "redo": redo, "batch_size": batch_size, "processes": processes}
     try:
-        jobs.start_job(workspace, "infer", "engine.infer", args, params)
+        jobs.start_job(workspace, "infer", "engine.infer", args, params, processes)
     except jobs.JobRefused as exc:
         st.warning(f"Inference not started: {exc}.")
 
@@ -62,11 +65,14 @@ def start_ui(model: Model, pool: Pool) -> None:
     left, right = st.columns(2)
     tta = left.checkbox("Test-time augmentation (average with the mirrored image)",
                         key="infer_tta", help="About twice as slow; often a little better.")
+    redo = left.checkbox("Predict again the images this model has predicted", key="infer_redo",
+                         help="Otherwise a run predicts only the images left, as after a "
+                              "cancel or a crash.")
     batch_size = right.number_input("Batch size", min_value=1, max_value=1024,
                                     value=default_batch_size(pick_device()),
                                     step=1, key="infer_batch_size")
     if st.button("Start inference", key="start_inference", type="primary"):
-        start(model, pool, tta, int(batch_size))
+        start(model, pool, tta, redo, int(batch_size))
 
 
 @st.fragment(run_every=1)

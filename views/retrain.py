@@ -8,7 +8,7 @@ import streamlit as st
 
 from db.queries import curated_set
 from db.runs import (active_run_id, best_epoch, epochs_frame, promote, run_calibration,
-                     runs_frame, validation_size)
+                     run_checkpoint, runs_frame, validation_size)
 from engine import jobs
 from engine.curves import (confusion_figure, curated_figure, curve_figures, per_class_figure,
                            reliability_figure)
@@ -19,7 +19,8 @@ from engine.quality import calibration_lines, clipped_warning
 from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,
                             original_counts, runs_table, settings_problem, train_job_args)
 from engine.trainer import run_name
-from views.common import get_workspace, image_pair_ui, job_status_ui, reset_on_new_options
+from views.common import (explainer, get_workspace, image_pair_ui, job_status_ui,
+                          reset_on_new_options)
 
 ERRORS_PER_PAGE = 4
 OPTIMIZERS, BALANCES = ["sgd", "adamw"], ["loss", "sqrt", "sampler", "none"]
@@ -171,13 +172,19 @@ def errors_ui(errors: list, run_id: int) -> None:
     if not errors:
         st.info("Every validation image was graded right at this epoch.")
         return
-    page = st.number_input("Page", min_value=1, value=1, step=1, key=f"errors_page_{run_id}")
+    page_column, evidence_column = st.columns(2, vertical_alignment="bottom")
+    page = page_column.number_input("Page", min_value=1, value=1, step=1,
+                                    key=f"errors_page_{run_id}")
+    evidence = evidence_column.toggle("Grad-CAM of the predicted grade", key="errors_evidence",
+                                      help="Where the model saw the grade it gave.")
+    model = explainer(run_checkpoint(workspace.db_url, run_id)) if evidence else None
     shown = errors[(page - 1) * ERRORS_PER_PAGE:page * ERRORS_PER_PAGE]
     if not shown:
         st.info(f"No images on this page: there are {-(-len(errors) // ERRORS_PER_PAGE)}.")
     for path, true, predicted in shown:
         image_pair_ui(path, f"{Path(path).name}: true {GRADE_NAMES[true]} → predicted "
-                            f"{GRADE_NAMES[predicted]}")
+                            f"{GRADE_NAMES[predicted]}",
+                      explain=(model, predicted) if model else None)
 
 
 def calibration_ui(run_id: int) -> None:

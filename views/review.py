@@ -8,25 +8,30 @@ the image on screen and the images skipped, so a reload or a second browser carr
 import secrets
 from pathlib import Path
 
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 from streamlit_shortcuts import add_shortcuts
 
 from db.queries import curated_set, sources_frame
 from db.reviews import (ORDERS, RENEW_EVERY, Candidate, DecidedMeanwhile, QueueFilter,
-                        RecentDecision, claim_next, curated_csv, decide, describe,
-                        has_predictions, held_by_others, progress, recent_decisions,
-                        renew_claim, undo_last)
+                        RecentDecision, awaiting_second_read, claim_next, curated_csv, decide,
+                        describe, double_read_share, has_predictions, held_by_others, progress,
+                        recent_decisions, renew_claim, set_double_read_share, undo_last)
 from db.predictions import run_grade_counts
-from db.runs import active_run_id, run_score
+from db.runs import active_run_id, run_calibration, run_checkpoint, run_score
 from engine.export import EarlierExport, ExportRefused, export_class_folders
+from engine.images import ImageError
+from engine.predictor import FLIP_VIEWS
+from engine.quality import threshold_accuracy
+from engine.saliency import Explainer
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from views.common import get_workspace, image_pair_ui, model_quality_ui
+from views.common import explainer, get_workspace, image_pair_ui, model_quality_ui
 
 IMAGE_WIDTH = 480
 # Button key -> KeyboardEvent.key values (lower case) that press it.
 SHORTCUTS = {"accept": "a", "reject": "x", **{f"grade_{g}": str(g) for g in GRADES},
-             "skip": " ", "undo": "backspace", "keys_help": ["?", "shift+?"]}
+             "skip": " ", "undo": "backspace", "keys_help": ["?", "shift+?"], "evidence": "g"}
 KEYS_HELP = """
 | key | does |
 |---|---|
@@ -35,20 +40,23 @@ KEYS_HELP = """
 | `0` `1` `2` `3` | correct the grade |
 | `space` | skip (the image comes back at the end) |
 | `backspace` | undo your last decision |
+| `g` | show or hide the evidence: Grad-CAM of the predicted grade, the flip views |
 | `?` | show or hide this list |
 """
 # streamlit-shortcuts adds its listener from the iframe that add_shortcuts draws, once: the
 # browser stops calling it when Streamlit replaces that iframe (a rerun that shifts it, as the
 # keys help does; a page switch), and it listens on the whole document, so typing a folder
 # name would press buttons. This listener is made in the app's own window, which outlives
-# every iframe; it takes the shortcuts' listener over and passes it no key typed into a field.
+# every iframe; it takes the shortcuts' listener over and passes it no key typed into a field
+# (a toggle's checkbox, which `g` focuses, is no field).
 KEY_GUARD = """<script>
 window.parent.eval(`if (!window.__reviewKeys) {
   window.__reviewKeys = (e) => {
     const listener = window.__streamlitShortcutsListener;
     if (!listener) return;
     document.removeEventListener('keydown', listener);  // capture runs first: never twice
-    if (!e.target.closest || !e.target.closest('input, textarea, select, [contenteditable="true"]'))
+    if (!e.target.closest || !e.target.closest(
+        'input:not([type="checkbox"]), textarea, select, [contenteditable="true"]'))
       listener(e);
   };
   document.addEventListener('keydown', window.__reviewKeys, true);
@@ -85,6 +93,10 @@ def _undo() -> None:
         return
     st.session_state.current = image_id  # back on screen, to decide again
     st.session_state.skipped = [i for i in st.session_state.skipped if i != image_id]
+
+
+def _set_double_read() -> None:
+    set_double_read_share(workspace.db_url, st.session_state.double_read / 100)
 
 
 def _toggle_keys() -> None:
@@ -125,15 +137,30 @@ def reviewer_ui() -> str | None:
 
 def controls_ui(run_id: int) -> QueueFilter:
     threshold, grades, band, order = st.columns(4)
+    chosen = threshold.slider("Confidence threshold", 0.0, 1.0, REVIEW_THRESHOLD, 0.01,
+                              key="threshold")
+    threshold.caption(threshold_accuracy(run_calibration(workspace.db_url, run_id), chosen)
+                      or "No measured accuracy: the active model's calibration was not stored.")
     return QueueFilter(
         run_id,
-        threshold.slider("Confidence threshold", 0.0, 1.0, REVIEW_THRESHOLD, 0.01, key="threshold"),
+        chosen,
         tuple(grades.multiselect("Predicted grade", GRADES, default=list(GRADES), key="grades",
                                  format_func=GRADE_NAMES.get)),
         band.slider("Confidence band", 0.0, 1.0, (0.0, 1.0), 0.01, key="band"),
         order.selectbox("Order", ORDERS, key="order"),
         st.session_state.setdefault("review_seed", secrets.randbelow(2**31)),
     )
+
+
+def double_read_ui() -> None:
+    """The share read blind by two reviewers: stored in the database, so the slider shows
+    what any reviewer set last."""
+    st.session_state.double_read = round(double_read_share(workspace.db_url) * 100)
+    st.slider("Read twice, blind (% of candidates)", 0, 100, step=1, key="double_read",
+              on_change=_set_double_read,
+              help="Chosen by image id, for every reviewer alike. Two different reviewers "
+                   "read such an image without seeing each other's decision; reads that "
+                   "disagree go to adjudication on the Agreement page.")
 
 
 def progress_ui(queue: QueueFilter) -> bool:
@@ -154,10 +181,31 @@ def card_ui(candidate: Candidate) -> None:
     st.subheader(candidate.name)
     st.caption(f"Source {candidate.source} · predicted {GRADE_NAMES[candidate.grade]} · "
                f"confidence {candidate.confidence:.2f}")
-    image_pair_ui(candidate.path, candidate.name, width=IMAGE_WIDTH, fill=True)
+    shown = st.toggle("Evidence `g`", key="evidence", help="Where the model saw its grade "
+                      "(Grad-CAM), and how it grades the image and its mirror image.")
+    model = explainer(run_checkpoint(workspace.db_url, candidate.run_id)) if shown else None
+    image_pair_ui(candidate.path, candidate.name, width=IMAGE_WIDTH, fill=True,
+                  explain=(model, candidate.grade) if model else None)
     figure = px.bar(x=[GRADE_NAMES[g] for g in GRADES], y=candidate.probs, range_y=[0, 1],
                     text_auto=".2f", labels={"x": "grade", "y": "probability"}, height=280)
     st.plotly_chart(figure, key="probabilities")
+    if model:
+        flip_views_ui(model, candidate.path)
+
+
+def flip_views_ui(model: Explainer, path: str) -> None:
+    """The probabilities of the image and of its mirror image side by side: the spread that
+    flip TTA averages away."""
+    try:
+        views = model.views(Path(path))
+    except ImageError:
+        return  # the image row has said why
+    frame = pd.DataFrame({"grade": [GRADE_NAMES[g] for g in GRADES] * len(FLIP_VIEWS),
+                          "view": [v for v in FLIP_VIEWS for _ in GRADES],
+                          "probability": views.ravel()})
+    figure = px.bar(frame, x="grade", y="probability", color="view", barmode="group",
+                    range_y=[0, 1], text_auto=".2f", height=240, title="Flip views")
+    st.plotly_chart(figure, key="flip_views")
 
 
 @st.fragment(run_every=RENEW_EVERY)
@@ -206,6 +254,7 @@ def queue_ui(reviewer: str) -> None:
                 "page first.")
         return
     queue = controls_ui(run_id)
+    double_read_ui()
     if not queue.grades:
         st.info("Choose at least one predicted grade to review.")
         return
@@ -228,9 +277,13 @@ def queue_ui(reviewer: str) -> None:
 
 def empty_queue_ui(reviewer: str, queue: QueueFilter) -> None:
     held = held_by_others(workspace.db_url, reviewer, queue)
+    waiting = awaiting_second_read(workspace.db_url, reviewer, queue)
     if held:
         st.info(f"Nothing left for you right now: the remaining {held} candidate(s) with these "
                 "filters are being reviewed by others.")
+    elif waiting:
+        st.success(f"Queue finished for you: {waiting} image(s) you read wait for a second "
+                   "reviewer's blind read.")
     else:
         st.success("Queue finished: every candidate with these filters has a decision.")
 
