@@ -1,6 +1,6 @@
 """Review in a real browser: Debian's chromium against `streamlit run app.py`; a reviewer
-decides three candidates with the keyboard only, undoes the last one, and the database holds
-one appended row per key."""
+shows the evidence with `g`, decides three candidates with the keyboard only, undoes the last
+one, and the database holds one appended row per key."""
 
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from engine.sources import import_source
 from engine.workspace import Workspace
 from test_review import POOL, add_predictions, image_ids, register_run
 
-KEYS = ("accept", "reject", "grade_2", "undo", "keys_help")
+KEYS = ("accept", "reject", "grade_2", "undo", "keys_help", "evidence")
 
 
 def reviews(db_url: str) -> list[tuple]:
@@ -83,6 +83,22 @@ def test_keyboard_decisions_and_undo_reach_the_database(tmp_path: Path, tiny_dat
         wait_until_idle(page)
         keys_ready(page)
         assert reviews(db) == []  # the help key decides nothing
+
+        press_on_body(page, "g")  # the evidence: Grad-CAM beside the image, the flip views
+        page.get_by_text("Grad-CAM of grade 1").wait_for()
+        page.locator(".js-plotly-plot").filter(has_text="Flip views").wait_for()
+        wait_until_idle(page)
+        keys_ready(page)
+        screenshot(page, "review-evidence")
+        assert reviews(db) == []
+
+        press_on_body(page, "g")  # the evidence: Grad-CAM beside the image, the flip views
+        page.get_by_text("Grad-CAM of grade 1").wait_for()
+        page.locator(".js-plotly-plot").filter(has_text="Flip views").wait_for()
+        wait_until_idle(page)
+        keys_ready(page)
+        screenshot(page, "review-evidence")
+        assert reviews(db) == []
 
         decide_by_key(page, db, "a", 1)
         decide_by_key(page, db, "x", 2)

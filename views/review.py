@@ -81,6 +81,10 @@ def _decide(candidate: Candidate, decision: str, grade: int | None = None) -> No
     st.session_state.current = None
 
 
+def _flip_evidence() -> None:
+    st.session_state.evidence_on = not st.session_state.get("evidence_on", False)
+
+
 def _skip(image_id: int) -> None:
     st.session_state.skipped = [i for i in st.session_state.skipped if i != image_id] + [image_id]
     st.session_state.current = None
@@ -181,8 +185,11 @@ def card_ui(candidate: Candidate) -> None:
     st.subheader(candidate.name)
     st.caption(f"Source {candidate.source} · predicted {GRADE_NAMES[candidate.grade]} · "
                f"confidence {candidate.confidence:.2f}")
-    shown = st.toggle("Evidence `g`", key="evidence", help="Where the model saw its grade "
-                      "(Grad-CAM), and how it grades the image and its mirror image.")
+    shown = st.session_state.get("evidence_on", False)
+    st.button(f"{'Hide' if shown else 'Show'} evidence `g`", key="evidence",
+              on_click=_flip_evidence,
+              help="Where the model saw its grade (Grad-CAM), and how it grades the image and "
+                   "its mirror image.")
     model = explainer(run_checkpoint(workspace.db_url, candidate.run_id)) if shown else None
     image_pair_ui(candidate.path, candidate.name, width=IMAGE_WIDTH, fill=True,
                   explain=(model, candidate.grade) if model else None)
