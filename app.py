@@ -1,4 +1,5 @@
-"""DR grading: `streamlit run app.py`. Navigation, the sidebar, and the first-start demo."""
+"""DR grading: `streamlit run app.py`. Sign-in, navigation, the sidebar, and the first-start
+demo."""
 
 import os
 
@@ -6,22 +7,43 @@ import streamlit as st
 
 from db.reviews import loop_overview
 from db.runs import active_run_id
+from db.users import LOCAL
 from engine import jobs
 from engine.demo import is_empty
 from grades import REVIEW_THRESHOLD
 from views.common import device_label, get_workspace, job_status_ui
+from views.signin import sign_out_ui, signed_in_user
 
 st.set_page_config(page_title="DR grading", page_icon="👁️", layout="wide")
 workspace = get_workspace()
 
 
+def pages(admin: bool) -> list:
+    return [st.Page("views/dataset.py", title="Dataset", icon="📊", default=True),
+            st.Page("views/inference.py", title="Inference", icon="🔮"),
+            st.Page("views/review.py", title="Review", icon="✅"),
+            st.Page("views/agreement.py", title="Agreement", icon="🤝"),
+            st.Page("views/retrain.py", title="Retrain", icon="📈"),
+            *([st.Page("views/accounts.py", title="Accounts", icon="🔑")] if admin else [])]
+
+
+user = signed_in_user(workspace.db_url)
+if user is None:
+    # Known but not shown, so that a bookmarked page opens once the sign-in is done.
+    st.navigation(pages(admin=False), position="hidden")
+    st.stop()  # nothing of the workspace before a sign-in
+st.session_state.user = user
+
+
 def start_demo_if_empty() -> None:
-    """A first start with an empty workspace builds the demo data in a background job."""
-    if os.environ.get("DR_DEMO", "1") == "0" or not is_empty(workspace.db_url):
+    """A first start with an empty workspace builds the demo data in a background job, once
+    an admin uses the app."""
+    if (os.environ.get("DR_DEMO", "1") == "0" or not user.is_admin
+            or not is_empty(workspace.db_url)):
         return
     if jobs.latest_job(workspace.db_url, "demo") is None:
         try:
-            jobs.start_job(workspace, "demo", "engine.demo")
+            jobs.start_job(workspace, "demo", "engine.demo", user=user)
         except jobs.JobRefused:
             pass  # another browser session started it a moment ago
 
@@ -52,6 +74,11 @@ def overview_ui() -> None:
 
 def sidebar_ui() -> None:
     with st.sidebar:
+        if user == LOCAL:
+            st.caption("No accounts: used on this machine only, as its one admin.")
+        else:
+            st.caption(f"Signed in as **{user.name}** ({user.role})")
+            sign_out_ui()
         st.caption(f"Workspace: `{workspace.root}`")
         st.caption(f"Device: {device_label()}")
         overview_ui()
@@ -61,11 +88,4 @@ def sidebar_ui() -> None:
 
 start_demo_if_empty()
 sidebar_ui()
-page = st.navigation([
-    st.Page("views/dataset.py", title="Dataset", icon="📊", default=True),
-    st.Page("views/inference.py", title="Inference", icon="🔮"),
-    st.Page("views/review.py", title="Review", icon="✅"),
-    st.Page("views/agreement.py", title="Agreement", icon="🤝"),
-    st.Page("views/retrain.py", title="Retrain", icon="📈"),
-])
-page.run()
+st.navigation(pages(user.is_admin)).run()

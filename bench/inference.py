@@ -1,79 +1,205 @@
-"""Inference throughput, as ratios measured in one run on this machine.
+"""Inference throughput, as ratios measured in one run on this machine, and where a cold run
+spends its time.
 
-    .venv/bin/python -m bench.inference [--images 64] [--size 1536] [--batch-size 32]
+    .venv/bin/python -m bench.inference [--images 64] [--size 1440] [--format jpg]
+                                        [--batch-size 8] [--workers N] [--device cuda]
 
-(a) end-to-end images/s (decode, crop, enhance, resize, forward) over pure forward images/s
+(a) The steps of a cold read of one photograph, in ms (median over the photographs): decode,
+    find the eye, crop and resize, enhancement, mask; after a whole decode and after the
+    reduced JPEG decode that the pipeline makes; beside the forward per image.
+(b) End-to-end images/s (decode, crop, enhance, resize, forward) over pure forward images/s
     on ready tensors of the same model, batch size and threads, with a cold and a warm
-    preprocessing cache; (b) warm end-to-end over a one-image-at-a-time loop like the seed's
-    predict.py (PIL open, resize, normalise, forward one image).
+    preprocessing cache, and cold with every JPEG decoded whole (the pipeline before reduced
+    decoding); the loader alone, cold, against the forward (what keeps a GPU fed).
+(c) Warm end-to-end over a one-image-at-a-time loop like the seed's predict.py (PIL open,
+    resize, normalise, forward one image).
+Synthetic photographs `--size` px high (1440: 2.2-3.0 Mpx), written as JPEG (quality 95) or PNG.
 """
 
 import argparse
+import statistics
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import torch
 import torchvision.transforms as T
 from PIL import Image
 
+import engine.preprocess as pp
 from bench.common import photographs, rate
-from engine.data import default_workers
-from engine.models import create_model, default_model, model_mean_std
-from engine.predictor import predict
-from engine.preprocess import PreprocessConfig
+from engine.data import Sample, create_loader, default_workers
+from engine.images import load_rgb
+from engine.models import create_model, default_model, model_mean_std, pick_device
+from engine.predictor import dataset_for, predict
+from engine.preprocess import PreprocessConfig, decode_for, find_field, preprocess
 
 
-def pure_forward(model: torch.nn.Module, size: int, batch: int, batches: int) -> float:
-    images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
+def as_jpeg(samples: list[Sample], quality: int = 95) -> list[Sample]:
+    """The same photographs as JPEG files beside the PNGs, which are removed."""
+    out = []
+    for sample in samples:
+        png = Path(sample.path)
+        jpeg = png.with_suffix(".jpg")
+        cv2.imwrite(str(jpeg), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        png.unlink()
+        out.append(Sample(str(jpeg), None, sample.name))
+    return out
+
+
+def best_ms(work: Callable[[], object], repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+def steps_ms(img, size: int) -> dict[str, float]:
+    """Each step of preprocess() on one decoded photograph, from the pipeline run with one
+    more step switched on at a time."""
+    crop = best_ms(lambda: preprocess(img, PreprocessConfig(size, enhance=False, mask=False)))
+    enhanced = best_ms(lambda: preprocess(img, PreprocessConfig(size, mask=False)))
+    masked = best_ms(lambda: preprocess(img, PreprocessConfig(size)))
+    field = best_ms(lambda: find_field(img))
+    return {"find the eye": field, "crop + resize": crop - field,
+            "enhancement": enhanced - crop, "mask": masked - enhanced}
+
+
+def cold_read(paths: list[Path], size: int) -> tuple[dict[str, dict[str, float]], float]:
+    """Median ms of each step of a cold read, after a whole and after a reduced decode; and the
+    median reduction factor."""
+    cfg = PreprocessConfig(size)
+    times: dict[str, dict[str, list[float]]] = {"whole": {}, "reduced": {}}
+    factors = []
+    for path in paths:
+        whole, reduced = load_rgb(path), decode_for(path, cfg)
+        factors.append(whole.shape[0] / reduced.shape[0])
+        decodes = {"whole": best_ms(lambda: load_rgb(path)),
+                   "reduced": best_ms(lambda: decode_for(path, cfg))}
+        for kind, img in (("whole", whole), ("reduced", reduced)):
+            for step, ms in {"decode": decodes[kind], **steps_ms(img, size)}.items():
+                times[kind].setdefault(step, []).append(ms)
+    medians = {kind: {step: statistics.median(v) for step, v in steps.items()}
+               for kind, steps in times.items()}
+    return medians, statistics.median(factors)
+
+
+@contextmanager
+def whole_decoding() -> Iterator[None]:
+    """The pipeline as it was before reduced decoding: every JPEG decoded whole. (Loader
+    workers fork from this process and see the same setting.)"""
+    margin, pp.DECODE_MARGIN = pp.DECODE_MARGIN, float(2**20)
+    try:
+        yield
+    finally:
+        pp.DECODE_MARGIN = margin
+
+
+def pure_forward(model: torch.nn.Module, size: int, batch: int, batches: int,
+                 device: torch.device) -> float:
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    cuda = device.type == "cuda"
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         model(images)  # warm-up: first call allocates
 
         def run(_repeat: int) -> None:
             for _ in range(batches):
                 model(images)
+            if cuda:
+                torch.cuda.synchronize()
         return rate(batch * batches, run)
 
 
-def one_at_a_time(model: torch.nn.Module, paths: list[str], size: int, mean, std) -> float:
+def loader_rate(meta: dict, samples: list[Sample], cache: Callable[[int], Path], batch: int,
+                workers: int, device: torch.device) -> float:
+    """Images/s that the loader alone delivers to `device` from a cold cache."""
+    def run(repeat: int) -> None:
+        loader = create_loader(dataset_for(meta, samples, cache(repeat)), batch, workers, device)
+        for images, *_ in loader:
+            images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return rate(len(samples), run)
+
+
+def one_at_a_time(model: torch.nn.Module, paths: list[str], size: int, mean, std,
+                  device: torch.device) -> float:
     transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
     def run(_repeat: int) -> None:
         with torch.no_grad():
             for path in paths:
-                image = transform(Image.open(path).convert("RGB")).unsqueeze(0)
-                torch.softmax(model(image), dim=1)
+                image = transform(Image.open(path).convert("RGB")).unsqueeze(0).to(device)
+                torch.softmax(model(image), dim=1).cpu()
     return rate(len(paths), run)
 
 
+def print_cold_read(steps: dict[str, dict[str, float]], factor: float, forward_ms: float,
+                    count: int) -> None:
+    print(f"cold read of one photograph, ms (median of {count})   whole decode   "
+          f"reduced decode (1/{factor:.0f})")
+    for step in steps["whole"]:
+        print(f"  {step:44} {steps['whole'][step]:8.1f} {steps['reduced'][step]:14.1f}")
+    totals = {kind: sum(v.values()) for kind, v in steps.items()}
+    print(f"  {'total':44} {totals['whole']:8.1f} {totals['reduced']:14.1f}")
+    print(f"  {'forward, per image':44} {forward_ms:8.1f} {forward_ms:14.1f}")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--size", type=int, default=1536, help="photograph height in pixels")
+    parser.add_argument("--size", type=int, default=1440, help="photograph height in pixels")
+    parser.add_argument("--format", choices=("jpg", "png"), default="jpg")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--device", help="default: cuda if present, else cpu")
     args = parser.parse_args()
 
-    device = torch.device("cpu")
+    device = pick_device(args.device)
     name, _, size = default_model(device)
     mean, std = model_mean_std(name)
-    model = create_model(name).eval().to(memory_format=torch.channels_last)
+    model = create_model(name).eval().to(device, memory_format=torch.channels_last)
     meta = {"preprocess": PreprocessConfig(size=size).to_dict(), "mean": mean, "std": std,
             "image_size": size, "temperature": 1.0}
     with tempfile.TemporaryDirectory() as tmp:
         samples = photographs(Path(tmp) / "data", args.images, args.size)
+        if args.format == "jpg":
+            samples = as_jpeg(samples)
+        paths = [Path(s.path) for s in samples]
+        megapixels = sorted(h * w / 1e6 for h, w in (load_rgb(p).shape[:2] for p in paths))
+
         def end_to_end(cache: Path) -> None:
             predict(model, meta, samples, device, args.batch_size, args.workers, cache_root=cache)
 
-        forward = pure_forward(model, size, args.batch_size, max(2, args.images // args.batch_size))
-        single = one_at_a_time(model, [s.path for s in samples], size, mean, std)
+        forward = pure_forward(model, size, args.batch_size,
+                               max(2, args.images // args.batch_size), device)
+        steps, factor = cold_read(paths, size)
+        single = one_at_a_time(model, [s.path for s in samples], size, mean, std, device)
         cold = rate(len(samples), lambda repeat: end_to_end(Path(tmp) / f"cache{repeat}"))
         warm = rate(len(samples), lambda _repeat: end_to_end(Path(tmp) / "cache0"))
-    print(f"{name} at {size}px, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"{args.workers} loader workers, {args.images} photographs {args.size}px high")
-    print(f"pure forward          {forward:7.1f} images/s")
-    print(f"end-to-end, cold      {cold:7.1f} images/s   ratio to forward {cold / forward:.2f}")
-    print(f"end-to-end, warm      {warm:7.1f} images/s   ratio to forward {warm / forward:.2f}")
-    print(f"one image at a time   {single:7.1f} images/s   warm end-to-end is {warm / single:.1f}x")
+        with whole_decoding():
+            cold_whole = rate(len(samples), lambda repeat: end_to_end(Path(tmp) / f"whole{repeat}"))
+        loader = loader_rate(meta, samples, lambda repeat: Path(tmp) / f"loader{repeat}",
+                             args.batch_size, args.workers, device)
+    print(f"{name} at {size}px on {device.type}, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads, {args.workers} loader workers, {args.images} "
+          f"{args.format.upper()} photographs {args.size}px high "
+          f"({megapixels[0]:.1f}-{megapixels[-1]:.1f} Mpx)")
+    print_cold_read(steps, factor, 1000 / forward, len(paths))
+    print(f"pure forward               {forward:7.1f} images/s")
+    print(f"end-to-end, cold           {cold:7.1f} images/s   ratio to forward {cold / forward:.2f}")
+    print(f"end-to-end, cold, whole    {cold_whole:7.1f} images/s   ratio to forward "
+          f"{cold_whole / forward:.2f}   (every JPEG decoded whole)")
+    print(f"end-to-end, warm           {warm:7.1f} images/s   ratio to forward {warm / forward:.2f}")
+    print(f"loader alone, cold         {loader:7.1f} images/s   ratio to forward {loader / forward:.2f}")
+    print(f"one image at a time        {single:7.1f} images/s   warm end-to-end is {warm / single:.1f}x")
 
 
 if __name__ == "__main__":

@@ -21,19 +21,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from bench.reference import reference_logits, train_reference
 from engine.calibration import fit_temperature
-from engine.data import Sample, shared_groups, stratified_split
-from grades import REVIEW_THRESHOLD, from_aptos
+from engine.data import Sample, labels_csv_samples, train_val_test_split
+from grades import REVIEW_THRESHOLD
 from engine.metrics import (expected_calibration_error, grading_summary,
                             quadratic_weighted_kappa)
 from engine.models import load_checkpoint
 from engine.predictor import predict
 from engine.train import make_config, parse_args
-from engine.trainer import Hooks, RunPaths, Trainer
+from engine.trainer import PrintHooks, RunPaths, Trainer
 from engine.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,26 +43,10 @@ DATASETS = ("messidor-2", "eyepacs-2015-test")
 
 def load_realdata(root: Path) -> tuple[list[Sample], dict[str, str]]:
     """The labelled photographs on the 0-3 scale, and each one's dataset by path."""
-    labels = root / "labels.csv"
-    if not labels.is_file():
-        raise SystemExit(f"{labels} not found: this benchmark needs ../shared/realdata")
-    table = pd.read_csv(labels)
-    samples = [Sample(str(root / row.file), from_aptos(int(row.grade)), Path(row.file).stem,
-                      group=str(row.group)) for row in table.itertuples()]
-    return samples, {str(root / row.file): row.dataset for row in table.itertuples()}
-
-
-def split(samples: list[Sample], seed: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    rest, test = stratified_split(samples, 0.25, seed)
-    train, val = stratified_split(rest, 0.2, seed)
-    assert not shared_groups(rest, test) and not shared_groups(train, val)
-    return train, val, test
-
-
-class PrintHooks(Hooks):
-    def on_epoch(self, record: dict) -> None:
-        print(f"  epoch {record['epoch']}: train loss {record['train_loss']:.3f} | val loss "
-              f"{record['val_loss']:.3f} QWK {record['qwk']:.3f}", flush=True)
+    try:
+        return labels_csv_samples(root)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"{exc}: this benchmark needs ../shared/realdata") from None
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -186,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(torch.get_num_threads())
 
     samples, datasets = load_realdata(args.data)
-    train, val, test = split(samples, args.seed)
+    train, val, test = train_val_test_split(samples, args.seed)
     print(f"split by group: {len(train)} train, {len(val)} validation, {len(test)} test images",
           flush=True)
     extra = shlex.split(args.train_args)

@@ -70,28 +70,33 @@ def median_ms(repeat: int, work: Callable[[], object]) -> float:
     return statistics.median(times) * 1000
 
 
+def queue_times(db_url: str, run_id: int, repeat: int) -> dict[str, float]:
+    """Median ms of the Review page's queries on the queue of `run_id`, while another reviewer
+    holds its head; makes `repeat` decisions."""
+    queue = QueueFilter(run_id)
+    claim_next(db_url, "other", queue)  # someone else holds the head of the queue
+    decisions = []
+    for _ in range(repeat):
+        candidate = claim_next(db_url, "me", queue)
+        started = time.perf_counter()
+        decide(db_url, "me", candidate.image_id, run_id, "accept")
+        decisions.append(time.perf_counter() - started)
+    return {
+        "candidate query (claim_next), ms": median_ms(
+            repeat, lambda: claim_next(db_url, "me", queue)),
+        "one decision (decide), ms": statistics.median(decisions) * 1000,
+        "progress per grade, ms": median_ms(repeat, lambda: progress(db_url, run_id, 0.7)),
+        "last ten decisions, ms": median_ms(repeat, lambda: recent_decisions(db_url, "me")),
+    }
+
+
 def measure(size: int, reviewed: float, repeat: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         db_url = f"sqlite:///{Path(folder) / 'bench.sqlite'}"
         migrate(db_url)
         run_id, candidates, done = fill(db_url, size, reviewed)
-        queue = QueueFilter(run_id)
-        claim_next(db_url, "other", queue)  # someone else holds the head of the queue
-        decisions = []
-        for _ in range(repeat):
-            candidate = claim_next(db_url, "me", queue)
-            started = time.perf_counter()
-            decide(db_url, "me", candidate.image_id, run_id, "accept")
-            decisions.append(time.perf_counter() - started)
-        return {
-            "candidates (confidence >= 0.70)": candidates,
-            "already decided": done + repeat,
-            "candidate query (claim_next), ms": median_ms(
-                repeat, lambda: claim_next(db_url, "me", queue)),
-            "one decision (decide), ms": statistics.median(decisions) * 1000,
-            "progress per grade, ms": median_ms(repeat, lambda: progress(db_url, run_id, 0.7)),
-            "last ten decisions, ms": median_ms(repeat, lambda: recent_decisions(db_url, "me")),
-        }
+        return {"candidates (confidence >= 0.70)": candidates, "already decided": done + repeat,
+                **queue_times(db_url, run_id, repeat)}
 
 
 def main() -> None:

@@ -108,9 +108,9 @@ CURATED_COLUMNS = ["image_id", "image", "source", "path", "group", "grade", "exp
 def curated_set(db_url: str) -> pd.DataFrame:
     """What a `--from-db` run trains on, one row per image: expert labels of the train sources
     plus images whose current decision is an accept, a correction or an adjudicated grade,
-    unless two reads disagree and wait for adjudication. A reviewer's decision overrides an
-    expert's grade (origin "pseudo"); validation images never count, so the yardstick stays
-    clean."""
+    unless two reads disagree and wait for adjudication. An expert's grade always stands: no
+    decision reaches an expert-labelled image (decide refuses one; older data may hold one),
+    and validation images never count, so the yardstick stays clean."""
     image = select(Image.id, Image.name, Source.name, Source.root, Image.path,
                    Image.extra).join(Source)
     latest = latest_reviews().add_columns(Review.reviewer, Review.created_at).subquery()
@@ -121,7 +121,8 @@ def curated_set(db_url: str) -> pd.DataFrame:
             image.add_columns(latest.c.grade, Image.grade, latest.c.reviewer, latest.c.created_at)
             .join(latest, latest.c.image_id == Image.id)
             .where(latest.c.decision.in_(("accept", "relabel", "adjudicate")),
-                   latest.c.grade.is_not(None), Source.role != "validation",
+                   latest.c.grade.is_not(None), Image.grade.is_(None),
+                   Source.role != "validation",
                    Image.id.not_in(open_conflicts()))).all()
     rows = {row[0]: (*row, "expert", None, None) for row in expert}
     rows |= {row[0]: (*row[:8], "pseudo", *row[8:]) for row in pseudo}

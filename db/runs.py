@@ -1,13 +1,16 @@
 """Model versions: which run is active (its predictions make the review queue), the runs and
 their epochs for comparison."""
 
+from datetime import datetime
+
 import pandas as pd
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, load_only
 
 from db.queries import labelled_images
-from db.schema import Epoch, Run
+from db.schema import Epoch, Promotion, Run
 from db.session import read_scope, session_scope
+from db.users import User, require_admin
 
 CURVE_COLUMNS = ["run_id", "run", "epoch", "lr", "train_loss", "train_acc", "val_loss",
                  "val_acc", "qwk"]
@@ -48,13 +51,24 @@ def activate_first(session: Session, run: Run) -> None:
         run.active = True
 
 
-def promote(db_url: str, run_id: int) -> None:
-    """Make `run_id` the active model, and no other."""
+def promote(db_url: str, run_id: int, user: User) -> None:
+    """Make `run_id` the active model, and no other; the promotion names `user`, who must be
+    an admin (db.users.NotAllowed otherwise)."""
+    require_admin(user, "promote a model")
     with session_scope(db_url) as session:
         run = session.get(Run, run_id)
         if run is None or run.checkpoint is None:
             raise ValueError(f"run {run_id} has no checkpoint to promote")
         session.execute(update(Run).values(active=Run.id == run_id))
+        session.add(Promotion(run_id=run_id, account=user.name))
+
+
+def promotions(db_url: str) -> list[tuple[str, str, datetime]]:
+    """(run name, account, time) of every promotion, oldest first."""
+    with read_scope(db_url) as session:
+        return [tuple(row) for row in session.execute(
+            select(Run.name, Promotion.account, Promotion.created_at).join(Run)
+            .order_by(Promotion.id))]
 
 
 def validation_size(db_url: str) -> int:

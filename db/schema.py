@@ -1,9 +1,10 @@
-"""The data model: sources, images, runs and their epochs, predictions, reviews, jobs."""
+"""The data model: sources, images, runs and their epochs, predictions, reviews, jobs, and the
+accounts that act on them."""
 
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, MetaData, String, UniqueConstraint
+from sqlalchemy import JSON, ForeignKey, Index, MetaData, String, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -47,7 +48,10 @@ class Image(Base):
     """One photograph; `grade` is the label training uses (Messidor 0-3), None when unknown."""
 
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("source_id", "path", name="uq_images_source_path"),)
+    __table_args__ = (UniqueConstraint("source_id", "path", name="uq_images_source_path"),
+                      # the few labelled images among a large pool, for the review queue
+                      Index("ix_images_graded", "grade", sqlite_where=text("grade IS NOT NULL"),
+                            postgresql_where=text("grade IS NOT NULL")))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), index=True)
@@ -79,6 +83,7 @@ class Run(Base):
     calibration: Mapped[dict[str, Any]] = mapped_column(default=dict)
     best_qwk: Mapped[float | None]
     active: Mapped[bool] = mapped_column(default=False)
+    account: Mapped[str | None] = mapped_column(String(100))  # who trained it; None: a terminal
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 
@@ -177,6 +182,33 @@ class Job(Base):
     log_path: Mapped[str | None] = mapped_column(String(1000))
     error: Mapped[str | None]
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    account: Mapped[str | None] = mapped_column(String(100))  # who started it; None: a terminal
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class Promotion(Base):
+    """Append-only: which account made which run the active model, and when."""
+
+    __tablename__ = "promotions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    account: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Account(Base):
+    """Who may sign in: a local name with a password hash, or an identity provider's e-mail
+    without one. Failed sign-ins are counted here, so that a reload does not lift a lock."""
+
+    __tablename__ = "accounts"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)  # lower case
+    role: Mapped[str] = mapped_column(String(20))  # reviewer, admin
+    password_hash: Mapped[str | None] = mapped_column(String(200))
+    disabled: Mapped[bool] = mapped_column(default=False)
+    failures: Mapped[int] = mapped_column(default=0)  # failed sign-ins since the last success
+    locked_until: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,4 +1,5 @@
-"""Connections: one Engine per database URL, SQLite tuned for several writer processes."""
+"""Connections: one Engine per database URL, SQLite tuned for several writer processes;
+PostgreSQL (`postgresql+psycopg://...`) for a team that shares one server."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -7,12 +8,13 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 READ_ONLY = "dr_read_only"  # an execution option: the session only reads
+MIGRATION_LOCK = 20261129  # the key of the PostgreSQL advisory lock that migrations hold
 
 
 def _tune_sqlite(engine: Engine) -> None:
@@ -44,7 +46,10 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 5, "check_same_thread": False})
         _tune_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":  # SQLAlchemy's default there, psycopg2, is not installed
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return create_engine(parsed, pool_pre_ping=True)
 
 
 def migrate(url: str) -> None:
@@ -52,6 +57,9 @@ def migrate(url: str) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with get_engine(url).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Processes that start at once migrate in turn (BEGIN IMMEDIATE does it on SQLite).
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
@@ -64,7 +72,10 @@ def upsert_insert(session: Session):
 @cache
 def _factory(url: str, read_only: bool) -> sessionmaker[Session]:
     engine = get_engine(url)
-    if read_only:
+    if read_only and engine.dialect.name == "postgresql":
+        # One snapshot for the whole session, as on SQLite; READ COMMITTED takes one per statement.
+        engine = engine.execution_options(isolation_level="REPEATABLE READ")
+    elif read_only:
         engine = engine.execution_options(**{READ_ONLY: True})
     return sessionmaker(engine, expire_on_commit=False)
 
@@ -73,14 +84,16 @@ def _factory(url: str, read_only: bool) -> sessionmaker[Session]:
 def session_scope(url: str) -> Iterator[Session]:
     """A Session that writes: commits on success, rolls back on error. On SQLite it takes the
     write lock up front (BEGIN IMMEDIATE), so that its reads and writes cannot interleave with
-    another writer's."""
+    another writer's. On PostgreSQL writers run side by side (READ COMMITTED): a write that must
+    not interleave with another's locks the rows it checks first (SELECT ... FOR UPDATE, as
+    db.reviews does)."""
     with _factory(url, False).begin() as session:
         yield session
 
 
 @contextmanager
 def read_scope(url: str) -> Iterator[Session]:
-    """A Session that only reads: a plain deferred transaction, one consistent snapshot, no
-    write lock on SQLite. Nothing written in it is kept."""
+    """A Session that only reads: a plain deferred transaction, one consistent snapshot
+    (REPEATABLE READ on PostgreSQL), no write lock on SQLite. Nothing written in it is kept."""
     with _factory(url, True)() as session:
         yield session

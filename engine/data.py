@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import (DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
+                              WeightedRandomSampler)
 
-from grades import GRADES
+from grades import GRADES, from_aptos
 from engine.groups import group_from_name
 from engine.images import IMAGE_SUFFIXES, ImageError
 from engine.preprocess import PreprocessCache, PreprocessConfig, load_preprocessed
@@ -50,6 +51,25 @@ def folder_samples(root: Path) -> list[Sample]:
     return samples
 
 
+def labels_csv_samples(root: Path) -> tuple[list[Sample], dict[str, str]]:
+    """A folder with labels.csv (file, grade 0-4 on the APTOS scale, dataset, group: the layout
+    of ../shared/realdata): its photographs on the 0-3 scale, and each one's dataset by path."""
+    root = Path(root)
+    labels = root / "labels.csv"
+    if not labels.is_file():
+        raise FileNotFoundError(f"{labels} not found")
+    with open(labels, newline="") as file:
+        rows = list(csv.DictReader(file))
+    samples = []
+    for line, row in enumerate(rows, start=2):
+        if row.get("grade", "").strip() not in ("0", "1", "2", "3", "4") or not row.get("file"):
+            raise ValueError(f"{labels} line {line}: needs a file and a grade 0-4, got "
+                             f"{row.get('file')!r} and {row.get('grade')!r}")
+        samples.append(Sample(str(root / row["file"]), from_aptos(int(row["grade"])),
+                              Path(row["file"]).stem, group=row.get("group") or None))
+    return samples, {str(root / row["file"]): row.get("dataset", "") for row in rows}
+
+
 def stratified_split(samples: Sequence[Sample], val_fraction: float = 0.2, seed: int = 0
                      ) -> tuple[list[Sample], list[Sample]]:
     """About `val_fraction` of every grade to validation, reproducibly for a seed, keeping each
@@ -72,6 +92,16 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float = 0.2, seed:
             else:
                 train += group
     return train, val
+
+
+def train_val_test_split(samples: Sequence[Sample], seed: int = 0, test_share: float = 0.25,
+                         val_share: float = 0.2) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """A held-out test split, then validation out of the rest, each stratified by grade and
+    kept whole by group: the same images for a seed wherever a measurement needs them."""
+    rest, test = stratified_split(samples, test_share, seed)
+    train, val = stratified_split(rest, val_share, seed)
+    assert not shared_groups(rest, test) and not shared_groups(train, val)
+    return train, val, test
 
 
 def shared_groups(train: Sequence[Sample], val: Sequence[Sample]) -> set[str]:
@@ -140,14 +170,17 @@ class RandomRot90(torch.nn.Module):
         return torch.rot90(image, int(torch.randint(4, ())), dims=(-2, -1))
 
 
-AUGMENTATIONS = ("light", "strong")
+AUGMENTATIONS = ("light", "strong", "none")
 
 
 def augmentation(size: int, magnitude: int, strength: str = "strong") -> T.Compose:
     """Fundus photographs have no up or left: flips and rotations are free. "light" stops
     there (quarter turns and a mirror); "strong" turns by any angle and varies scale, colour
-    and blur mildly, as between cameras. `magnitude` > 0 adds RandAugment."""
-    if strength == "light":
+    and blur mildly, as between cameras; "none" only resizes (runs that must compare step by
+    step). `magnitude` > 0 adds RandAugment."""
+    if strength == "none":
+        steps = [T.Resize(size, antialias=True)]
+    elif strength == "light":
         steps = [T.Resize(size, antialias=True), T.RandomHorizontalFlip(), RandomRot90()]
     else:
         steps = [
@@ -210,9 +243,14 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list
 
 
 def default_workers() -> int:
-    """Loader processes beside the compute: none on a 2-core machine, where the model's own
-    threads use both cores and a warm cache leaves little to load (bench/inference.py)."""
-    return max(0, min(4, (os.cpu_count() or 2) // 2 - 1))
+    """Loader processes of one training or inference process. With a GPU the cores have only
+    decoding to do: all but one, shared among this machine's processes (torchrun's
+    LOCAL_WORLD_SIZE), up to 16 each. On a CPU the model's own threads need the cores: none on
+    a 2-core machine, where a warm cache leaves little to load (bench/inference.py)."""
+    cores = os.cpu_count() or 2
+    if torch.cuda.is_available():
+        return max(1, min(16, (cores - 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return max(0, min(4, cores // 2 - 1))
 
 
 def _ignore_sigterm(_worker: int) -> None:
@@ -221,16 +259,43 @@ def _ignore_sigterm(_worker: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class RankShare(Sampler[int]):
+    """Rank `rank`'s share of `sampler`'s draws, which every rank makes alike (same seed):
+    every `world`-th draw, so that the ranks' batches together are the batch one process
+    would take. The draws are padded with their own start to a multiple of `world`, so that
+    every rank takes as many steps."""
+
+    def __init__(self, sampler: Sampler[int], rank: int, world: int):
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __iter__(self):
+        draws = list(self.sampler)
+        draws += (draws * self.world)[:-len(draws) % self.world]
+        return iter(draws[self.rank::self.world])
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.world)
+
+
 def create_loader(dataset: FundusDataset, batch_size: int, workers: int, device: torch.device,
-                  shuffle: bool = False, balanced: bool = False, seed: int = 0) -> DataLoader:
-    """A DataLoader with pinned memory on CUDA; `balanced` samples every grade equally often."""
-    sampler = None
-    generator = torch.Generator().manual_seed(seed)
+                  shuffle: bool = False, balanced: bool = False, seed: int = 0,
+                  share: tuple[int, int] = (0, 1)) -> DataLoader:
+    """A DataLoader with pinned memory on CUDA; `balanced` samples every grade equally often.
+    `share` = (rank, world size): this rank's share of the draws (RankShare)."""
+    draws = torch.Generator().manual_seed(seed)
+    sampler: Sampler[int] = SequentialSampler(dataset)
     if balanced:
         weights = class_weights(dataset.samples)[[s.grade for s in dataset.samples]]
-        sampler = WeightedRandomSampler(weights, len(dataset), generator=generator)
+        sampler = WeightedRandomSampler(weights, len(dataset), generator=draws)
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=draws)
+    rank, world = share
+    if world > 1:
+        sampler = RankShare(sampler, rank, world)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0, generator=generator, worker_init_fn=_ignore_sigterm,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        # Worker seeds (augmentation) of a rank's own, unlike its draws.
+        generator=torch.Generator().manual_seed(seed * 65_537 + rank),
+        worker_init_fn=_ignore_sigterm,
     )

@@ -3,14 +3,17 @@ preparing_data.py made, which its training script and the `folders` importer rea
 
 An export lists what it wrote in `<out>/.dr-export.json`; replacing it removes only those
 files, so that no folder the export did not fill (a dataset's own class folders, say) loses
-anything."""
+anything. Exports write only under the workspace or a folder named in `DR_EXPORT_ROOTS`, since
+the folder comes from a browser."""
 
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from db.users import User, require_admin
 from grades import GRADES
 
 MANIFEST = ".dr-export.json"
@@ -43,6 +46,22 @@ def _targets(files: list[tuple[str, int]], out: Path) -> list[Path]:
             target = out / str(grade) / f"{name.stem}_{n}{name.suffix}"
         targets[target] = None
     return list(targets)
+
+
+def export_roots(workspace_root: Path) -> list[Path]:
+    """The folders exports may write under: the workspace, and those that the setting
+    `DR_EXPORT_ROOTS` lists (separated by os.pathsep)."""
+    named = os.environ.get("DR_EXPORT_ROOTS", "").split(os.pathsep)
+    return [workspace_root.resolve(), *(Path(p).expanduser().resolve() for p in named if p)]
+
+
+def _refuse_outside(out: Path, roots: Iterable[Path]) -> None:
+    roots = list(roots)
+    if not any(out.is_relative_to(root) for root in roots):
+        raise ExportRefused(f"{out} is outside the folders exports may write to "
+                            f"({', '.join(map(str, roots))}): choose a folder under one of "
+                            "them, or have the server started with that folder in "
+                            "DR_EXPORT_ROOTS")
 
 
 def _refuse_source_folders(out: Path, source_roots: Iterable[str]) -> None:
@@ -79,12 +98,16 @@ def _clear_earlier_export(out: Path, replace: bool) -> None:
 
 
 def export_class_folders(files: Iterable[tuple[str, int]], out: Path, replace: bool = False,
-                         source_roots: Iterable[str] = ()) -> ExportResult:
-    """Copy each (path, grade) into `out/<grade>/`. An earlier export there makes the export
+                         source_roots: Iterable[str] = (), *, user: User,
+                         roots: Iterable[Path]) -> ExportResult:
+    """Copy each (path, grade) into `out/<grade>/`, for `user`, an admin. An `out` outside
+    `roots` (export_roots) is refused. An earlier export there makes the export
     refuse, or is removed first when `replace` is set, so that no stale label survives; any
     other file in the grade folders, or an `out` inside or around one of `source_roots` (the
     datasets' own folders), refuses it. Files that cannot be read are listed, the rest copied."""
-    files, out = list(files), out.resolve()
+    require_admin(user, "export labels")
+    files, out = list(files), out.resolve()  # links resolved: none leads outside the roots
+    _refuse_outside(out, roots)
     wrong = sorted({grade for _, grade in files if grade not in GRADES})
     if wrong:
         raise ValueError(f"grades must be 0-3, got {wrong}")

@@ -1,6 +1,6 @@
 """Predict grades for a pool of images and store the probabilities under the model's version.
 
-    python -m engine.infer --checkpoint FILE (--source NAME | --images DIR) [--out submission.csv] [--tta] [--redo]
+    python -m engine.infer --checkpoint FILE (--source NAME | --images DIR) [--out submission.csv] [--tta 1|2|8] [--redo]
     torchrun --nproc-per-node N -m engine.infer ...     (the pool shared among N processes)
 
 Predictions are stored batch by batch, and images that the model has predicted already are
@@ -30,7 +30,8 @@ from engine.data import Sample, default_workers
 from engine.distributed import from_rank_0, process_group, rank, sum_over_ranks, world_size
 from engine.jobs import JobReporter
 from engine.models import load_checkpoint, pick_device
-from engine.predictor import Predictions, default_batch_size, predict_batches
+from engine.predictor import (TTA_VIEWS, Predictions, default_batch_size, model_views,
+                              predict_batches)
 from engine.sources import ImportStopped, import_source
 from engine.workspace import Workspace
 
@@ -145,7 +146,7 @@ def predict_share(args: argparse.Namespace, workspace: Workspace, device: torch.
     batch_size = args.batch_size or default_batch_size(device)
     predicted = skipped = 0
     for batch in predict_batches(model, meta, share, device, batch_size, args.workers,
-                                 args.tta, workspace.cache):
+                                 args.tta or model_views(meta), workspace.cache):
         store_predictions(workspace.db_url, plan.run_id, share, batch)
         for index, reason in batch.failures:
             print(f"skipped {share[index].name}: {reason}", flush=True)
@@ -169,7 +170,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pool.add_argument("--source", help="an imported source, by name")
     pool.add_argument("--images", type=Path, help="a folder of images (imported as a pool)")
     parser.add_argument("--out", type=Path, help="submission CSV (default: in the workspace)")
-    parser.add_argument("--tta", action="store_true", help="average with the mirrored image")
+    parser.add_argument("--tta", type=int, choices=tuple(TTA_VIEWS), nargs="?", const=2,
+                        help="test-time views to average: 1, 2 (the mirror image too; a bare "
+                        "--tta) or 8 (the mirrors of the four quarter turns); default: those the "
+                        "model was calibrated with")
     parser.add_argument("--redo", action="store_true",
                         help="predict again the images that the model has predicted already")
     parser.add_argument("--batch-size", type=int, help="default: 64 on a GPU, 8 on a CPU")

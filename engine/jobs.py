@@ -19,8 +19,9 @@ from types import TracebackType
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
-from db.schema import Job, utcnow
+from db.schema import Job, Run, utcnow
 from db.session import read_scope, session_scope
+from db.users import User, require_admin
 from engine.workspace import Workspace
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -39,9 +40,11 @@ class JobCancelled(Exception):
 
 
 def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | None = None,
-              params: dict | None = None, processes: int = 1) -> int:
+              params: dict | None = None, processes: int = 1, *, user: User) -> int:
     """Launch `python -m module ... --job-id N` in its own session, under torchrun when it
-    takes several `processes`; return the job id."""
+    takes several `processes`, recorded as started by `user`; return the job id. Only an
+    admin starts jobs (db.users.NotAllowed otherwise)."""
+    require_admin(user, f"start a {kind} job")
     mark_dead_jobs(workspace.db_url)
     workspace.logs.mkdir(parents=True, exist_ok=True)
     with session_scope(workspace.db_url) as session:
@@ -49,7 +52,7 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
         if running is not None:
             raise JobRefused(f"another {kind} job (#{running.id}) is already running; "
                              "wait for it or cancel it first")
-        job = Job(kind=kind, params=params or {})
+        job = Job(kind=kind, params=params or {}, account=user.name)
         session.add(job)
         session.flush()
         job.log_path = str(workspace.logs / f"{kind}-{job.id}.log")
@@ -213,8 +216,14 @@ class JobReporter:
                      heartbeat_at=utcnow())
 
     def attach_run(self, run_id: int) -> None:
-        if self.job_id is not None:
-            self._update(run_id=run_id)
+        """The job works on `run_id`; a training job's account becomes the run's."""
+        if self.job_id is None:
+            return
+        with session_scope(self.db_url) as session:
+            job = session.get(Job, self.job_id)
+            job.run_id = run_id
+            if job.kind == "train":
+                session.get(Run, run_id).account = job.account
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -16,6 +16,8 @@ import timm
 import torch
 from torch import nn
 
+from engine.seed_weights import SeedLayoutError, is_seed_state_dict, seed_model_name, seed_to_timm
+
 NUM_CLASSES = 4
 CLASSES = list(range(NUM_CLASSES))
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -94,15 +96,17 @@ def create_model(
     pretrained: bool | str | Path = False,
     drop_rate: float = 0.2,
     num_classes: int = NUM_CLASSES,
+    **model_args: Any,
 ) -> nn.Module:
     """A timm model with a fresh `num_classes` head.
 
     pretrained: False for random init; True for ImageNet weights found offline (the bundled
     Lite0 file, `weights/`, or timm's caches), else `WeightsNotFound`; or the path of a weight
-    file. A pretrained classifier is kept only when it has `num_classes` outputs.
+    file (timm's or the seed's EfficientNetV2 layout). A pretrained classifier is kept only
+    when it has `num_classes` outputs. model_args go to timm (a seed model's `pad_type`).
     """
     if pretrained is False:
-        return timm.create_model(name, num_classes=num_classes, drop_rate=drop_rate)
+        return timm.create_model(name, num_classes=num_classes, drop_rate=drop_rate, **model_args)
     if pretrained is True:
         if timm.models.get_arch_name(name) in LITE_PACKAGES:
             return _create_lite_imagenet(name, drop_rate, num_classes)
@@ -111,19 +115,41 @@ def create_model(
         path = Path(pretrained)
         if not path.is_file():
             raise WeightsNotFound(f"Pretrained weight file {path} does not exist")
-    model = timm.create_model(name, num_classes=num_classes, drop_rate=drop_rate)
+    model = timm.create_model(name, num_classes=num_classes, drop_rate=drop_rate, **model_args)
     load_weight_file(model, name, path)
     return model
 
 
-def load_weight_file(model: nn.Module, name: str, path: Path) -> None:
-    """Every tensor of the weight file at `path` into `model`, but a classifier of another
-    size, which stays fresh; any other missing, extra or misshapen tensor is a
-    `WeightsMismatch` that names the first of each (timm alone would skip them silently)."""
+def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in the file at `path` (a bare state dict, or a checkpoint holding one),
+    without DDP or torch.compile prefixes; `WeightsMismatch` when torch cannot read it."""
     try:
-        state = {_strip_wrappers(k): v for k, v in timm.models.load_state_dict(str(path)).items()}
+        state = timm.models.load_state_dict(str(path))
     except Exception as exc:  # safetensors, pickle and zip each raise their own
         raise WeightsMismatch(f"{path} is not a weight file that torch can read ({exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsMismatch(f"{path} holds no state dict of tensors")
+    return {_strip_wrappers(k): v for k, v in state.items()}
+
+
+def timm_state_of_seed(path: str | Path, state: dict[str, torch.Tensor], name: str
+                       ) -> dict[str, torch.Tensor]:
+    """The seed EfficientNetV2 state dict `state` (read from `path`) under timm model `name`'s
+    keys, or a `WeightsMismatch` naming the first tensor that does not line up."""
+    try:
+        return seed_to_timm(state, name)
+    except SeedLayoutError as exc:
+        raise WeightsMismatch(f"{path} does not fit {name}: {exc}") from None
+
+
+def load_weight_file(model: nn.Module, name: str, path: Path) -> None:
+    """Every tensor of the weight file at `path` (timm's keys or the seed's EfficientNetV2
+    layout) into `model`, but a classifier of another size, which stays fresh; any other
+    missing, extra or misshapen tensor is a `WeightsMismatch` that names the first of each
+    (timm alone would skip them silently)."""
+    state = read_weight_file(path)
+    if is_seed_state_dict(state):
+        state = timm_state_of_seed(path, state, name)
     own = model.state_dict()
     classifier = model.pretrained_cfg.get("classifier") or "classifier"
     for key in (f"{classifier}.weight", f"{classifier}.bias"):
@@ -156,11 +182,18 @@ def model_sizes(name: str) -> tuple[int, int]:
 
 
 def model_for_weights(path: str | Path) -> str | None:
-    """The timm model a weight file is named for (`tf_efficientnetv2_s.safetensors`), if any."""
+    """The timm model a weight file is named for (`tf_efficientnetv2_s.safetensors`), else the
+    EfficientNetV2 (S, M or L) of a state dict the seed's code wrote; None if neither."""
     stem = Path(path).name
     for suffix in _WEIGHT_SUFFIXES:
         stem = stem.removesuffix(suffix)
-    return stem if timm.is_model(timm.models.get_arch_name(stem)) else None
+    if timm.is_model(timm.models.get_arch_name(stem)):
+        return stem
+    try:
+        state = read_weight_file(path)
+    except WeightsMismatch:
+        return None  # loading it later says what is wrong with it
+    return seed_model_name(state) if is_seed_state_dict(state) else None
 
 
 def find_pretrained_file(name: str) -> Path:
@@ -312,7 +345,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     if not isinstance(checkpoint, dict) or not {"state_dict", "meta"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a checkpoint written by save_checkpoint")
     meta = checkpoint["meta"]
-    model = create_model(meta["model_name"], pretrained=False, num_classes=len(meta["classes"]))
+    model = create_model(meta["model_name"], pretrained=False, num_classes=len(meta["classes"]),
+                         **meta.get("model_args", {}))
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), meta
 

@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from engine.balance import every_grade
+from engine.distributed import local_processes
 from grades import GRADE_NAMES, GRADES
 from engine.models import LITE_PACKAGES
 from engine.train import make_config, parse_args
@@ -22,7 +23,8 @@ CPU_FORM_EPOCHS = 5
 
 
 def default_settings(device: torch.device | str) -> dict[str, Any]:
-    """The form's defaults: the training CLI's own for the device, but fewer epochs on a CPU."""
+    """The form's defaults: the training CLI's own for the device, but fewer epochs on a CPU;
+    every GPU of the machine (one process each, under torchrun)."""
     config = make_config(parse_args(["--from-db", "--device", str(device)]))
     return {"name": "", "model": config.model, "img_size": config.img_size,
             "epochs": CPU_FORM_EPOCHS if config.minutes else config.epochs,
@@ -30,7 +32,8 @@ def default_settings(device: torch.device | str) -> dict[str, Any]:
             "optimizer": config.optimizer, "balance": config.balance, "loss": config.loss,
             "enhance": config.preprocess["enhance"], "tta": config.tta, "select": config.select,
             "augment": config.augment,
-            "progressive": config.progressive, "pretrained": True, "weights": ""}
+            "progressive": config.progressive, "pretrained": True, "weights": "",
+            "processes": local_processes(torch.device(device))}
 
 
 def settings_problem(settings: dict[str, Any], taken: set[str]) -> str | None:
@@ -43,6 +46,10 @@ def settings_problem(settings: dict[str, Any], taken: set[str]) -> str | None:
         return f"The pretrained weights file {weights} does not exist."
     if not settings["model"].strip():
         return "Choose a model."
+    processes = settings.get("processes", 1)
+    if settings["batch_size"] % processes:
+        return (f"A batch of {settings['batch_size']} does not split evenly over {processes} "
+                f"GPUs: choose a multiple of {processes}.")
     return None
 
 
@@ -53,7 +60,7 @@ def train_job_args(settings: dict[str, Any]) -> list[str]:
             "--batch-size", str(settings["batch_size"]), "--lr", str(settings["lr"]),
             "--lrf", str(settings["lrf"]), "--optimizer", settings["optimizer"],
             "--balance", settings["balance"], "--loss", settings["loss"],
-            "--enhance", str(settings["enhance"]).lower(), "--tta", str(settings["tta"]).lower(),
+            "--enhance", str(settings["enhance"]).lower(), "--tta", str(settings["tta"]),
             "--select", settings["select"], "--augment", settings["augment"],
             "--progressive", str(settings["progressive"]).lower(),
             "--pretrained", str(settings["pretrained"]).lower()]

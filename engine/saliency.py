@@ -107,7 +107,7 @@ class Explainer:
             return Saliency(pixels, heat_map(cam, pixels.shape[:2]))
 
     def views(self, path: Path) -> np.ndarray:
-        """Calibrated probabilities of the image at `path` and of its mirror image: (2, 4)."""
+        """Calibrated probabilities of each test-time view of the image at `path`: (views, 4)."""
         with self._alone():
             return view_probabilities(self.model, self.meta, self._input(path)[0])
 

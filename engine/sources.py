@@ -1,17 +1,23 @@
 """Importing datasets: APTOS 2019, Messidor (both CSV forms and spreadsheets), class folders
 and plain unlabelled folders. Every bad row or file is reported by name and reason; the good
-ones are imported, and importing the same source again changes nothing.
+ones are imported, and importing the same source again changes nothing. Symbolic links in a
+source are followed to the files they name; a listed path with '..' is refused.
+
+The data roots (a shared setting; the workspace's datasets/ by default) are the server
+folders that the app offers for import from the browser.
 
     python -m engine.sources import --kind aptos --path data/aptos --role train
+    python -m engine.sources roots [--set DIR [DIR ...]]
 """
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -19,14 +25,20 @@ from sqlalchemy import select
 
 from db.queries import unused_name
 from db.schema import Image, Source
-from db.session import migrate, session_scope
+from db.session import migrate, read_scope, session_scope
+from db.settings import read_setting, write_setting
 from grades import from_aptos
 from engine.groups import group_of
 from engine.images import IMAGE_SUFFIXES, ImageError, probe_image
+from engine.jobs import JobReporter
 from engine.workspace import Workspace
 
-KINDS = ("aptos", "messidor", "folders", "unlabelled")
 ROLES = ("train", "validation", "unlabelled")
+# Only unlabelled pools take role unlabelled: a plain folder, or the APTOS test split.
+KIND_ROLES = {"aptos": ROLES, "messidor": ("train", "validation"),
+              "folders": ("train", "validation"), "unlabelled": ("unlabelled",)}
+KINDS = tuple(KIND_ROLES)
+DATA_ROOTS_KEY = "data_roots"
 ANNOTATION_SUFFIXES = (".csv", ".xls", ".xlsx")
 Progress = Callable[[int, int], None]
 
@@ -191,7 +203,9 @@ def _list_messidor(path: Path) -> tuple[Path, list[Entry], list[Problem]]:
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Files and links to files; a broken link too, so that the report names it."""
+    return sorted(p for p in folder.rglob("*") if not p.name.startswith(".")
+                  and (p.is_file() or p.is_symlink() and not p.exists()))
 
 
 def _list_folders(root: Path) -> tuple[list[Entry], list[Problem]]:
@@ -224,8 +238,9 @@ def list_source(kind: str, path: Path, role: str) -> tuple[Path, list[Entry], li
         raise ImportStopped(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     if role not in ROLES:
         raise ImportStopped(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-    if (kind == "unlabelled") != (role == "unlabelled") and kind != "aptos":
-        raise ImportStopped(f"kind {kind} cannot take role {role}: only unlabelled pools "
+    if role not in KIND_ROLES[kind]:
+        raise ImportStopped(f"kind {kind} cannot take role {role} (it takes "
+                            f"{', '.join(KIND_ROLES[kind])}): only unlabelled pools "
                             "(kind unlabelled, or APTOS test) take role unlabelled")
     if not path.exists() or (kind != "messidor" and not path.is_dir()):
         raise ImportStopped(f"{path}: folder not found")
@@ -242,10 +257,18 @@ def list_source(kind: str, path: Path, role: str) -> tuple[Path, list[Entry], li
 # Checking: paths stay inside the root, ids are unique, files are whole images.
 
 
-def _check_paths(root: Path, entries: list[Entry]) -> tuple[list[Entry], list[Problem]]:
+def stays_inside(path: str) -> bool:
+    """Whether a relative path names a place under its root by its words alone: not absolute,
+    no '..'. Links under the root are followed wherever they point, as training does: a folder
+    of links is a common way to make class folders without copying the photographs."""
+    pure = PurePosixPath(path)
+    return not pure.is_absolute() and ".." not in pure.parts
+
+
+def _check_paths(entries: list[Entry]) -> tuple[list[Entry], list[Problem]]:
     kept, problems, first_seen = [], [], {}
     for entry in entries:
-        if not (root / entry.path).resolve().is_relative_to(root):
+        if not stays_inside(entry.path):
             problems.append(Problem(entry.where, f"path {entry.path!r} escapes the source root"))
         elif entry.name in first_seen:
             problems.append(Problem(entry.where, f"duplicate id {entry.name!r} "
@@ -259,8 +282,11 @@ def _check_paths(root: Path, entries: list[Entry]) -> tuple[list[Entry], list[Pr
 def _probe(root: Path, entry: Entry) -> tuple[int, int] | str:
     if Path(entry.path).suffix.lower() not in IMAGE_SUFFIXES:
         return f"not an image file ({Path(entry.path).suffix or 'no extension'})"
+    file = root / entry.path
+    if file.is_symlink() and not file.exists():
+        return f"broken link to {os.readlink(file)}"
     try:
-        return probe_image(root / entry.path)
+        return probe_image(file)
     except ImageError as exc:
         return str(exc)
 
@@ -271,20 +297,25 @@ def _probe_all(root: Path, entries: list[Entry], progress: Progress | None
     # Decoding releases the GIL, so threads use every core without pickling entries.
     with ThreadPoolExecutor() as pool:
         results = pool.map(lambda e: _probe(root, e), entries)
-        for done, (entry, result) in enumerate(zip(entries, results), start=1):
-            if isinstance(result, str):
-                problems.append(Problem(entry.where, result))
-            else:
-                good.append((entry, result))
-            if progress and (done % 25 == 0 or done == len(entries)):
-                progress(done, len(entries))
+        try:
+            for done, (entry, result) in enumerate(zip(entries, results), start=1):
+                if isinstance(result, str):
+                    problems.append(Problem(entry.where, result))
+                else:
+                    good.append((entry, result))
+                if progress and (done % 25 == 0 or done == len(entries)):
+                    progress(done, len(entries))
+        finally:
+            results.close()  # a cancel (raised by progress) drops the probes not started yet
     return good, problems
 
 
 # Storing.
 
 
-def _get_source(session, kind: str, root: Path, role: str, name: str | None) -> Source:
+def _find_source(session, kind: str, root: Path, role: str) -> Source | None:
+    """The source imported from `root` in `role` before; a folder imported in the other
+    labelled role is refused."""
     source = session.scalar(select(Source).filter_by(kind=kind, root=str(root), role=role))
     other = session.scalar(select(Source).where(Source.root == str(root), Source.role != role,
                                                 Source.role != "unlabelled"))
@@ -292,6 +323,11 @@ def _get_source(session, kind: str, root: Path, role: str, name: str | None) -> 
         raise ImportStopped(f"{root} is imported already as {other.name!r} with role "
                             f"{other.role}: one folder cannot be both training and validation, "
                             "or the validation figures would judge images the model learned")
+    return source
+
+
+def _get_source(session, kind: str, root: Path, role: str, name: str | None) -> Source:
+    source = _find_source(session, kind, root, role)
     if source is None:
         name = unused_name(session, Source.name, name or f"{root.name}-{role}")
         source = Source(kind=kind, root=str(root), role=role, name=name)
@@ -302,19 +338,22 @@ def _get_source(session, kind: str, root: Path, role: str, name: str | None) -> 
 
 def import_source(db_url: str, kind: str, path: Path, role: str, name: str | None = None,
                   progress: Progress | None = None) -> ImportReport:
-    """Import one dataset into the database; raises ImportStopped if it cannot be read at all."""
+    """Import one dataset into the database; raises ImportStopped if it cannot be read at all.
+    Nothing is written before every new file is checked: a cancel leaves no trace."""
     root, entries, problems = list_source(kind, Path(path), role)
-    entries, bad_paths = _check_paths(root, entries)
-    with session_scope(db_url) as session:
-        source = _get_source(session, kind, root, role, name)
-        known = set(session.scalars(select(Image.path).where(Image.source_id == source.id)))
+    entries, bad_paths = _check_paths(entries)
+    with read_scope(db_url) as session:
+        source = _find_source(session, kind, root, role)
+        known = set() if source is None else set(
+            session.scalars(select(Image.path).where(Image.source_id == source.id)))
     new = [e for e in entries if e.path not in known]
     good, unreadable = _probe_all(root, new, progress)
     labelled = role != "unlabelled"
-    report = ImportReport(source.name, listed=len(entries) + len(problems) + len(bad_paths),
-                          added=len(good), already=len(entries) - len(new),
-                          problems=problems + bad_paths + unreadable)
     with session_scope(db_url) as session:
+        source = _get_source(session, kind, root, role, name)
+        report = ImportReport(source.name, listed=len(entries) + len(problems) + len(bad_paths),
+                              added=len(good), already=len(entries) - len(new),
+                              problems=problems + bad_paths + unreadable)
         session.add_all(
             Image(source_id=source.id, path=e.path, name=e.name, width=w, height=h,
                   grade=e.grade if labelled else None, original_label=e.original_label,
@@ -322,8 +361,81 @@ def import_source(db_url: str, kind: str, path: Path, role: str, name: str | Non
                   extra=e.extra)
             for e, (w, h) in good
         )
-        session.get(Source, source.id).report = report.to_dict()
+        source.report = report.to_dict()
     return report
+
+
+# Where the app may import from.
+
+
+def data_roots(workspace: Workspace) -> list[Path]:
+    """The server folders offered for import in the browser; the workspace's datasets/
+    until an administrator names others."""
+    value = read_setting(workspace.db_url, DATA_ROOTS_KEY)
+    return [Path(root) for root in value["roots"]] if value else [workspace.datasets]
+
+
+def set_data_roots(workspace: Workspace, roots: list[Path]) -> list[Path]:
+    missing = [str(root) for root in roots if not root.is_dir()]
+    if missing:
+        raise ImportStopped(f"{', '.join(missing)}: folder not found")
+    roots = [root.resolve() for root in roots]
+    write_setting(workspace.db_url, DATA_ROOTS_KEY, {"roots": [str(root) for root in roots]})
+    return roots
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(Path(e.path) for e in entries
+                          if e.is_dir() and not e.name.startswith("."))
+    except OSError:  # unreadable to the server: nothing to offer from it
+        return []
+
+
+def folder_choices(roots: list[Path], depth: int = 3, limit: int = 2000) -> list[Path]:
+    """The roots and their subfolders down to `depth` levels (hidden ones left out), in
+    order, at most `limit`: the only folders the browser can choose."""
+    found, level = [], [root for root in roots if root.is_dir()]
+    for _ in range(depth + 1):
+        found += level
+        if len(found) >= limit:
+            break
+        level = [sub for folder in level for sub in _subfolders(folder)]
+    return sorted(dict.fromkeys(found))[:limit]
+
+
+def _import_command(args: argparse.Namespace, workspace: Workspace) -> int:
+    report = None
+    try:
+        # The app's import job reports here; a cancel leaves the source as it was.
+        with JobReporter(workspace.db_url, args.job_id) as job:
+            def checked(done: int, total: int) -> None:
+                job.progress(done / total, f"checking images: {done}/{total}")
+                print(f"\rchecking images: {done}/{total}", end="\n" if done == total else "",
+                      file=sys.stderr, flush=True)
+
+            report = import_source(workspace.db_url, args.kind, args.path, args.role,
+                                   args.name, checked)
+    except ImportStopped as exc:
+        print(f"import stopped: {exc}", file=sys.stderr)
+        return 2
+    if report is None:
+        print("import cancelled: nothing was added", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+def _roots_command(args: argparse.Namespace, workspace: Workspace) -> int:
+    if args.set:
+        try:
+            set_data_roots(workspace, args.set)
+        except ImportStopped as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print("\n".join(str(root) for root in data_roots(workspace)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,22 +447,16 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--path", required=True, type=Path)
     imp.add_argument("--role", required=True, choices=ROLES)
     imp.add_argument("--name", help="name shown in the app (default: folder-role)")
+    imp.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
+    roots = commands.add_parser("roots", help="show, or --set, the folders the app may "
+                                              "import from")
+    roots.add_argument("--set", nargs="+", type=Path, metavar="DIR")
     args = parser.parse_args(argv)
 
     workspace = Workspace.from_env()
     migrate(workspace.db_url)
-    def checked(done: int, total: int) -> None:
-        print(f"\rchecking images: {done}/{total}", end="\n" if done == total else "",
-              file=sys.stderr, flush=True)
-
-    try:
-        report = import_source(workspace.db_url, args.kind, args.path, args.role, args.name,
-                               checked)
-    except ImportStopped as exc:
-        print(f"import stopped: {exc}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0
+    command = _import_command if args.command == "import" else _roots_command
+    return command(args, workspace)
 
 
 if __name__ == "__main__":

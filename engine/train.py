@@ -3,12 +3,14 @@
     python -m engine.train --data-path DIR --epochs 30 --batch-size 8 --weights FILE \
         --freeze-layers false --lr 0.01 --lrf 0.01
     python -m engine.train --from-db            # expert labels + accepted pseudo-labels
+    torchrun --nproc-per-node N -m engine.train --from-db ...    # on N GPUs (DDP)
 
 The defaults are the recipe that learned real photographs best in `python -m bench.realdata`
 (see the README); on a CPU they fit the epochs into 20 minutes. Outputs go to the workspace:
 weights/<run>/{best,last}.pth with config.json and samples.csv (every image and label the run
 learned from or was judged on), runs/<run> (TensorBoard) and estimate_info/<run>.txt. The
-last line printed names the kept checkpoint and its val QWK.
+last line printed names the kept checkpoint and its val QWK. Under torchrun --batch-size is
+the global batch, shared among the processes; rank 0 alone writes the database and files.
 """
 
 import argparse
@@ -26,9 +28,11 @@ from db.schema import Epoch, Run, utcnow
 from db.session import migrate, read_scope, session_scope
 from engine.data import (AUGMENTATIONS, Sample, class_counts, default_workers, folder_samples, read_manifest,
                          same_content, shared_groups, stratified_split)
+from engine.distributed import from_rank_0, process_group, rank, world_size
 from engine.jobs import JobCancelled, JobReporter
 from engine.models import (WeightsMismatch, cpu_bf16_supported, default_model,
                            model_for_weights, model_sizes, pick_device)
+from engine.predictor import tta_views
 from engine.preprocess import PreprocessConfig
 from engine.trainer import Hooks, RunPaths, TrainConfig, Trainer, TrainingStopped, run_name
 from engine.workspace import Workspace
@@ -36,6 +40,14 @@ from engine.workspace import Workspace
 # Without --epochs: the seed's 30 epochs on a GPU; on a CPU, what fits into 20 minutes.
 GPU_EPOCHS, CPU_MINUTES = 30, 20.0
 TRUE, FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
+
+
+def views_arg(text: str) -> int:
+    """1, 2 or 8 test-time views; true and false, as earlier runs wrote, mean 2 and 1."""
+    try:
+        return tta_views(int(text) if text.strip().isdigit() else boolean(text))
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise argparse.ArgumentTypeError(f"expected 1, 2 or 8 views, got {text!r}") from exc
 
 
 def boolean(text: str) -> bool:
@@ -85,11 +97,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the CPU computes it natively)")
     parser.add_argument("--select", choices=("last", "best"), default="last",
                         help="the epoch best.pth keeps: the last, or the highest val QWK")
-    parser.add_argument("--tta", type=boolean, default=True,
-                        help="validate on each image and its mirror")
+    parser.add_argument("--tta", type=views_arg, default=8,
+                        help="test-time views of the kept model: 1, 2 (the mirror image too) "
+                        "or 8 (mirrors of the four quarter turns); epochs validate on at most 2")
     parser.add_argument("--enhance", type=boolean, default=True,
                         help="Ben Graham's local contrast enhancement")
     parser.add_argument("--progressive", type=boolean, default=False)
+    parser.add_argument("--drop-rate", type=float, default=0.2,
+                        help="dropout before the classifier")
     parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--seed", type=int, default=0)
@@ -120,6 +135,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs or GPU_EPOCHS, batch_size=args.batch_size, lr=args.lr, lrf=args.lrf,
         optimizer=args.optimizer, warmup_epochs=args.warmup_epochs, balance=args.balance,
         progressive=args.progressive, freeze_layers=args.freeze_layers, pretrained=pretrained,
+        drop_rate=args.drop_rate,
         workers=args.workers, seed=args.seed, device=str(device), loss=args.loss,
         minutes=args.minutes or (CPU_MINUTES if device.type == "cpu" and not args.epochs else None),
         tta=args.tta, select=args.select, augment=args.augment,
@@ -129,8 +145,8 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def db_samples(db_url: str) -> tuple[list[Sample], list[Sample]]:
-    """Training: expert labels, where a reviewer's current decision overrides; validation:
-    the validation sources, untouched."""
+    """Training: expert labels and the reviewed pseudo-labels (db.queries.curated_set);
+    validation: the validation sources, untouched."""
     train = [Sample(row.path, int(row.grade), row.image, int(row.image_id), row.group)
              for row in curated_set(db_url).itertuples()]
     val = [Sample(path, grade, name, i, group)
@@ -167,11 +183,31 @@ def keep_validation_apart(train: list[Sample], val: list[Sample]) -> list[Sample
     return kept
 
 
-class LogHooks(Hooks):
-    """Progress to the job row (if any) and to stdout; epochs to the database (if a run)."""
+class RankHooks(Hooks):
+    """A rank's unreadable images to stdout, and its cancel (SIGTERM) to the trainer, which
+    stops every rank at the same batch."""
+
+    def __init__(self, job: JobReporter):
+        self.job = job
+
+    def on_skipped(self, reasons: list[str]) -> None:
+        for reason in reasons:
+            print(f"skipped {reason}", flush=True)
+
+    def stop_requested(self) -> bool:
+        return self.job.cancelled
+
+    def stop(self) -> None:
+        raise JobCancelled()
+
+
+class LogHooks(RankHooks):
+    """Rank 0's: also progress to the job row (if any) and to stdout; epochs to the database
+    (if a run)."""
 
     def __init__(self, job: JobReporter, db_url: str | None = None, run_id: int | None = None):
-        self.job, self.db_url, self.run_id = job, db_url, run_id
+        super().__init__(job)
+        self.db_url, self.run_id = db_url, run_id
         self.epochs, self.select = 1, "last"
 
     def on_prepare(self, done: int, total: int) -> None:
@@ -187,6 +223,8 @@ class LogHooks(Hooks):
                 run.config = {**run.config, "epochs": total_epochs}
 
     def on_batch(self, epoch: int, step: int, steps: int, images_per_s: float) -> None:
+        if self.job.cancelled:
+            return  # the trainer stops every rank at the next batch; progress would raise here
         self.job.progress((epoch + step / steps) / self.epochs,
                           f"epoch {epoch + 1}/{self.epochs}, batch {step}/{steps}, "
                           f"{images_per_s:.1f} images/s")
@@ -204,13 +242,6 @@ class LogHooks(Hooks):
             run = session.get(Run, self.run_id)
             kept = record["qwk"] if self.select == "last" else max(run.best_qwk or -1.0, record["qwk"])
             run.best_qwk = kept
-
-    def on_skipped(self, reasons: list[str]) -> None:
-        for reason in reasons:
-            print(f"skipped {reason}", flush=True)
-
-    def on_eval_batch(self) -> None:
-        self.job.check_cancel()
 
 
 def _start_run(db_url: str, config: TrainConfig, name: str, train: list[Sample]) -> int:
@@ -257,22 +288,38 @@ def refuse_existing_run(db_url: str, paths: RunPaths) -> None:
                               "or add --resume to continue it")
 
 
-def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter) -> Path:
+def prepare(args: argparse.Namespace, workspace: Workspace
+            ) -> tuple[str, TrainConfig, list[Sample], list[Sample], int | None]:
+    """What rank 0 decides for every rank: the run's name, config and samples, and its row in
+    the database (with --from-db)."""
     name = args.name or run_name()
     paths = RunPaths.under(workspace, name)
     if not args.resume:
         refuse_existing_run(workspace.db_url, paths)
     config, train_samples, val_samples = run_inputs(args, paths, workspace.db_url)
-    print(f"{config.model} at {config.img_size}px on {config.device}; train per grade "
-          f"{class_counts(train_samples)}, validation {class_counts(val_samples)}", flush=True)
+    processes = (f"; {world_size()} processes, {config.batch_size // world_size()} images "
+                 f"each of a batch of {config.batch_size}" if world_size() > 1 else "")
+    print(f"{config.model} at {config.img_size}px on {config.device}{processes}; train per "
+          f"grade {class_counts(train_samples)}, validation {class_counts(val_samples)}",
+          flush=True)
     run_id = _start_run(workspace.db_url, config, name, train_samples) if args.from_db else None
+    return name, config, train_samples, val_samples, run_id
+
+
+def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter,
+          device: torch.device) -> Path:
+    name, config, train_samples, val_samples, run_id = from_rank_0(lambda: prepare(args, workspace))
+    config.device = str(device)  # this rank's own GPU under torchrun
+    if rank() != 0:
+        run_id = None  # the database is rank 0's to write
     if run_id is not None:
         job.attach_run(run_id)
-    hooks = LogHooks(job, workspace.db_url, run_id)
-    trainer = Trainer(config, train_samples, val_samples, paths, workspace.cache, hooks)
-    if args.resume:
-        trainer.resume()
+    hooks = LogHooks(job, workspace.db_url, run_id) if rank() == 0 else RankHooks(job)
     try:
+        trainer = Trainer(config, train_samples, val_samples, RunPaths.under(workspace, name),
+                          workspace.cache, hooks)
+        if args.resume:
+            trainer.resume()
         result = trainer.fit()
     except BaseException as exc:
         if run_id is not None:
@@ -281,33 +328,47 @@ def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter) -> P
         raise
     if run_id is not None:
         _finish_run(workspace.db_url, run_id, "done", result)
+    if rank() != 0:
+        return result.best_checkpoint
     cal = result.calibration
     print(f"temperature {cal['temperature']:.3f}: ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}")
     print(f"best checkpoint: {result.best_checkpoint}  val QWK {result.best_qwk:.4f}")
     return result.best_checkpoint
 
 
+def say(message: str) -> None:
+    """An error in words, once: every rank meets the same one (rank 0 decides them)."""
+    if rank() == 0:
+        print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        pick_device(args.device)
+        device = pick_device(args.device)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
     workspace = Workspace.from_env()
-    migrate(workspace.db_url)
+    if rank() == 0:  # the other ranks wait for its plan before anything touches the database
+        migrate(workspace.db_url)
     torch.set_float32_matmul_precision("high")
     try:
-        with JobReporter(workspace.db_url, args.job_id) as job:
-            train(args, workspace, job)
+        # One job row, which rank 0 reports; every rank honours a cancel.
+        with JobReporter(workspace.db_url, args.job_id if rank() == 0 else None) as job, \
+                process_group(device) as device:
+            train(args, workspace, job, device)
     except (FileNotFoundError, FileExistsError) as exc:  # a missing folder, a taken run name
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
     except WeightsMismatch as exc:
-        print(f"error: {exc}; name the model the file was made for with --model", file=sys.stderr)
+        say(f"error: {exc}; name the model the file was made for with --model")
         return 2
     except TrainingStopped as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
+        say(f"stopped: {exc}")
+        return 1
+    except JobCancelled:  # SIGTERM outside a job (a job records it and ends well)
+        say("cancelled")
         return 1
     return 0
 

@@ -3,6 +3,10 @@
 It knows neither streamlit nor the database: it takes samples and a config, writes
 checkpoints, TensorBoard scalars and the seed's estimate_info report, and tells a `Hooks`
 object about every batch and epoch (the job glue turns those into database rows).
+
+Under torchrun every rank runs it (DistributedDataParallel): each takes its share of every
+batch (the batch size is the global one), validates its share of the validation set, and
+gets the whole epoch's metrics; rank 0 alone writes files.
 """
 
 import copy
@@ -23,10 +27,12 @@ from torch.utils.tensorboard import SummaryWriter
 from engine.calibration import calibration_summary
 from engine.data import (FundusDataset, Sample, class_counts, class_weights, create_loader,
                          stratified_split, write_manifest)
+from engine.distributed import (from_rank_0, gather, parallel, rank, same_as_rank_0, shard,
+                                sum_over_ranks, world_size)
 from engine.metrics import classification_report
 from engine.models import (create_model, freeze_all_but_classifier, freeze_stages, load_checkpoint,
                            model_mean_std, save_checkpoint)
-from engine.predictor import flip_averaged
+from engine.predictor import tta_logits, tta_views
 from engine.preprocess import PreprocessCache, PreprocessConfig, fill_cache
 from engine.workspace import Workspace
 
@@ -64,7 +70,7 @@ class TrainConfig:
     # sampler (every grade drawn equally often) or none
     loss: str = "ce"  # ce, or ordinal: soft targets that spread onto the neighbouring grades
     minutes: float | None = None  # fit the epochs into this budget, measured before training
-    tta: bool = False  # validate on the image and its mirror, as inference with --tta does
+    tta: int = 1  # test-time views (predictor.TTA_VIEWS) of the kept model, as inference uses
     select: str = "last"  # the epoch best.pth keeps: last, or best (highest val QWK)
     augment: str = "strong"  # light: mirror and quarter turns; strong: also angle, scale, colour
     freeze_stages: int = 0  # stem and this many first stages stay as pretrained
@@ -77,6 +83,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     preprocess: dict[str, Any] = field(default_factory=lambda: PreprocessConfig().to_dict())
+
+    def __post_init__(self) -> None:
+        self.tta = tta_views(self.tta)  # a resumed older run may say true or false
 
 
 @dataclass
@@ -115,14 +124,30 @@ class RunPaths:
 
 
 class Hooks:
-    """Callbacks from the loop; raising from one (e.g. on cancel) stops the run."""
+    """Callbacks from the loop; raising from one stops the run. A stop asked for (a cancel)
+    is honoured between batches through `stop_requested` and `stop`, at the same batch on
+    every rank."""
 
     def on_prepare(self, done: int, total: int) -> None: ...
     def on_start(self, config: TrainConfig, total_epochs: int) -> None: ...
     def on_batch(self, epoch: int, step: int, steps: int, images_per_s: float) -> None: ...
     def on_epoch(self, record: dict) -> None: ...
     def on_skipped(self, reasons: list[str]) -> None: ...
-    def on_eval_batch(self) -> None: ...  # in validation and calibration
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def stop(self) -> None:
+        """Raise what ends the run once this or another rank has asked to stop."""
+        raise TrainingStopped("stopped on request")
+
+
+class PrintHooks(Hooks):
+    """Each epoch as one line on stdout, for the commands that train without a job."""
+
+    def on_epoch(self, record: dict) -> None:
+        print(f"  epoch {record['epoch']}: train loss {record['train_loss']:.3f} | val loss "
+              f"{record['val_loss']:.3f} QWK {record['qwk']:.3f}", flush=True)
 
 
 @dataclass
@@ -190,6 +215,11 @@ class Trainer:
         self.amp = self.device.type == "cuda" or config.bf16
         self.prep = PreprocessConfig.from_dict({**config.preprocess, "size": config.eval_size})
         self.mean, self.std = model_mean_std(config.model)
+        if config.batch_size % world_size():
+            raise TrainingStopped(f"a batch of {config.batch_size} does not split evenly over "
+                                  f"{world_size()} processes: choose a multiple of {world_size()}")
+        self.batch_size = config.batch_size // world_size()  # this rank's share of a batch
+        self.main = rank() == 0  # the rank that writes files
         torch.manual_seed(config.seed)  # the new head's initial weights too
         self.model = create_model(config.model, config.pretrained, config.drop_rate)
         if config.freeze_layers:
@@ -197,6 +227,9 @@ class Trainer:
         freeze_stages(self.model, config.freeze_stages)
         # channels_last speeds up convolutions on CPUs (oneDNN) as well as on GPUs.
         self.model.to(self.device, memory_format=torch.channels_last)
+        self.net = self.model  # what trains: under torchrun, `parallel` wraps it in fit()
+        # Augmentation and dropout draw from here: each rank its own numbers.
+        torch.manual_seed(config.seed * 65_537 + rank())
         self.optimizer = _optimizer(config, self.model)
         power = BALANCE_POWER.get(config.balance)
         self.loss_weights = (class_weights(self.train_samples, power).to(self.device)
@@ -207,30 +240,52 @@ class Trainer:
     # -- one pass ---------------------------------------------------------------------------
 
     def _loader(self, samples: list[Sample], train: bool, size: int, magnitude: int,
-                epoch: int = 0):
+                epoch: int = 0, shared: bool = False):
+        """`shared`: this rank's share of the epoch's draws (the others take the rest)."""
         dataset = FundusDataset(samples, self.prep, self.mean, self.std, self.cache_root,
                                 size=size, augment=self.config.augment if train else None,
                                 magnitude=magnitude)
         # A new order (and new sampler draws) every epoch, the same for a seed.
-        return create_loader(dataset, self.config.batch_size, self.config.workers, self.device,
+        return create_loader(dataset, self.batch_size, self.config.workers, self.device,
                              shuffle=train, balanced=train and self.config.balance == "sampler",
-                             seed=self.config.seed * 100_003 + epoch)
+                             seed=self.config.seed * 100_003 + epoch,
+                             share=(rank(), world_size()) if shared else (0, 1))
 
     def _forward(self, images: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return (model or self.model)(images).float()
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = labels
-        if self.config.loss == "ordinal":
-            targets = soft_targets(labels, logits.shape[1])
-        return F.cross_entropy(logits, targets, weight=self.loss_weights)
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The loss to differentiate, and the objective's value on the whole batch (all ranks).
+
+        One process's objective is F.cross_entropy's mean: the class-weighted mean over the
+        batch for hard targets, the plain mean for soft ones. Each rank sums its share and
+        divides by the whole batch's denominator, times the ranks that DDP averages over, so
+        that the gradient is exactly the one-process gradient of the same batch."""
+        ordinal = self.config.loss == "ordinal"
+        targets = soft_targets(labels, logits.shape[1]) if ordinal else labels
+        losses = F.cross_entropy(logits, targets, weight=self.loss_weights, reduction="none")
+        weighted = self.loss_weights is not None and not ordinal
+        weights = self.loss_weights[labels] if weighted else torch.ones_like(losses)
+        denominator, total = sum_over_ranks(
+            torch.stack([weights.sum(), losses.detach().sum()]).tolist(), self.device)
+        return losses.sum() * (world_size() / denominator), total / denominator
+
+    def _take_step(self, labels: torch.Tensor) -> bool:
+        """Whether every rank takes this step: none does if a rank has no readable image in
+        its share of the batch (it could not join the gradient exchange); a stop asked for on
+        any rank stops every rank here."""
+        ready, stops = sum_over_ranks([int(len(labels) > 0), int(self.hooks.stop_requested())],
+                                      self.device)
+        if stops:
+            self.hooks.stop()
+        return ready == world_size()
 
     def train_epoch(self, epoch: int) -> dict:
         size, magnitude, dropout = stage_of(self.config, epoch)
-        loader = self._loader(self.train_samples, True, size, magnitude, epoch)
-        self.model.train()
+        loader = self._loader(self.train_samples, True, size, magnitude, epoch, shared=True)
+        self.net.train()
         if hasattr(self.model, "drop_rate"):
             self.model.drop_rate = dropout
         steps, seen, total_loss, truth, preds = len(loader), 0, 0.0, [], []
@@ -238,16 +293,16 @@ class Trainer:
         for step, (images, labels, _, failed) in enumerate(loader):
             if failed:
                 self.hooks.on_skipped([reason for _, reason in failed])
-            if len(labels) == 0:
+            if not self._take_step(labels):
                 continue
             lr = lr_at(self.config, epoch + step / steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             labels = labels.to(self.device, non_blocking=True)
-            logits = self._forward(images)
-            loss = self._loss(logits, labels)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"the loss became {loss.item()} at epoch {epoch + 1}, "
+            logits = self._forward(images, self.net)
+            loss, value = self._loss(logits, labels)
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, "
                                     f"batch {step + 1}; lower the learning rate ({lr:.2g})")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -257,32 +312,50 @@ class Trainer:
             total_loss += F.cross_entropy(logits.detach(), labels, reduction="sum").item()
             truth.append(labels.cpu())
             preds.append(logits.argmax(1).cpu())
-            self.hooks.on_batch(epoch, step + 1, steps, seen / (time.perf_counter() - started))
+            self.hooks.on_batch(epoch, step + 1, steps,
+                                seen * world_size() / (time.perf_counter() - started))
+        ranks = gather((seen, total_loss, truth, preds))  # the epoch over every rank's images
+        seen, total_loss = sum(r[0] for r in ranks), sum(r[1] for r in ranks)
         if seen == 0:
             raise NoTrainingImages(f"epoch {epoch + 1}: none of the {len(self.train_samples)} "
                                    "training images could be read (the log names each)")
-        y, p = torch.cat(truth).numpy(), torch.cat(preds).numpy()
+        y, p = (torch.cat([t for r in ranks for t in r[k]]).numpy() for k in (2, 3))
         report = classification_report(y, p)
-        return {"loss": total_loss / max(seen, 1), "lr": lr, "size": size, **report}
+        return {"loss": total_loss / seen, "lr": lr, "size": size, **report}
 
     @torch.no_grad()
-    def evaluate(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Logits, labels and sample indices of every readable sample."""
-        loader = self._loader(samples, False, self.config.eval_size, 0)
+    def evaluate(self, samples: list[Sample], views: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Logits (over `views` test-time views), labels and sample indices of every readable
+        sample, in the samples' order.
+        Each rank evaluates its share with rank 0's model (what rank 0 saves), and every rank
+        gets the whole: N ranks validate N times faster, and none waits idle at a barrier
+        long enough for it to time out."""
+        same_as_rank_0(self.model)
+        share = shard(samples)
+        loader = self._loader([sample for _, sample in share], False, self.config.eval_size, 0)
         self.model.eval()
-        logits, labels, indices = [], [], []
+        logits, labels, indices, stop = [], [], [], False
         for images, batch_labels, batch_indices, failed in loader:
-            self.hooks.on_eval_batch()
+            stop = self.hooks.stop_requested()
+            if stop:
+                break
             if failed:
                 self.hooks.on_skipped([reason for _, reason in failed])
             if len(batch_labels):
-                logits.append(flip_averaged(self._forward, images, self.config.tta).cpu())
+                logits.append(tta_logits(self._forward, images, views).cpu())
                 labels.append(batch_labels)
-                indices += batch_indices.tolist()
-        return torch.cat(logits), torch.cat(labels), indices
+                indices += [share[i][0] for i in batch_indices.tolist()]
+        ranks = gather((stop, logits, labels, indices))
+        if any(r[0] for r in ranks):
+            self.hooks.stop()
+        indices = [i for r in ranks for i in r[3]]
+        order = np.argsort(indices, kind="stable")
+        return (torch.cat([t for r in ranks for t in r[1]])[order],
+                torch.cat([t for r in ranks for t in r[2]])[order], [indices[i] for i in order])
 
     def _validate(self) -> tuple[dict, list[tuple[str, int, int]]]:
-        logits, labels, indices = self.evaluate(self.val_samples)
+        logits, labels, indices = self.evaluate(self.val_samples, self._monitor_views)
         preds = logits.argmax(1)
         report = classification_report(labels.numpy(), preds.numpy())
         errors = [(self.val_samples[i].path, int(t), int(p))
@@ -293,13 +366,33 @@ class Trainer:
 
     def epochs_in_budget(self, minutes: float) -> int:
         """The epochs that fit into `minutes`, counting the time already spent preparing the
-        images: a few training steps, and a validation batch, are timed on a copy of the model."""
+        images (each rank prepares its share). Rank 0 times the epoch; every rank gets its
+        count, so that all train alike."""
         started = time.perf_counter()
         if self.cache_root:
-            fill_cache([Path(s.path) for s in self.train_samples + self.val_samples], self.prep,
-                       PreprocessCache(self.cache_root), self.hooks.on_prepare)
+            mine = [Path(s.path) for _, s in shard(self.train_samples + self.val_samples)]
+            fill_cache(mine, self.prep, PreprocessCache(self.cache_root), self.hooks.on_prepare)
+        def epochs() -> int:
+            train_s, view_s = self._seconds_per_image()
+            epoch_s = len(self.train_samples) * train_s + \
+                len(self.val_samples) * view_s * self._monitor_views
+            calibration_s = len(self.val_samples) * view_s * self.config.tta
+            return epochs_for_budget(minutes, time.perf_counter() - started + calibration_s
+                                     / world_size(), epoch_s / world_size())
+        return from_rank_0(epochs)
+
+    @property
+    def _monitor_views(self) -> int:
+        """Each epoch validates on at most the image and its mirror: 8 views would cost about
+        a minute an epoch on a CPU (the budgeted 20 minutes would lose two epochs), and the
+        kept model's calibration sees all of the views anyway."""
+        return min(self.config.tta, 2)
+
+    def _seconds_per_image(self) -> tuple[float, float]:
+        """(training step, one validation view) per image on each rank: a few training steps,
+        and a validation batch, are timed on a copy of the model."""
         size, magnitude, _ = stage_of(self.config, self.config.epochs - 1)
-        probe = self.train_samples[:self.config.batch_size * PROBE_BATCHES]
+        probe = self.train_samples[:self.batch_size * PROBE_BATCHES]
         model = copy.deepcopy(self.model).train()
         optimizer = _optimizer(self.config, model)
         timed, clock = 0, time.perf_counter()
@@ -315,32 +408,35 @@ class Trainer:
         clock = time.perf_counter()
         with torch.no_grad():
             batch = next(iter(self._loader(probe, False, self.config.eval_size, 0)))[0]
-            for view in (batch, batch.flip(-1))[:2 if self.config.tta else 1]:
-                self._forward(view, model.eval())
-        val_s = (time.perf_counter() - clock) / len(batch)
-        epoch_s = len(self.train_samples) * train_s + len(self.val_samples) * val_s
-        return epochs_for_budget(minutes, time.perf_counter() - started, epoch_s)
+            self._forward(batch, model.eval())
+        return train_s, (time.perf_counter() - clock) / len(batch)
 
-    def fit(self) -> TrainResult:
-        if self.config.minutes and self.start_epoch == 0:
-            self.config.epochs = self.epochs_in_budget(self.config.minutes)
+    def _open_outputs(self) -> SummaryWriter:
         self.paths.weights.mkdir(parents=True, exist_ok=True)
         self.paths.report.parent.mkdir(parents=True, exist_ok=True)
         self.paths.config.write_text(json.dumps(asdict(self.config), indent=2))
         write_manifest(self.paths.manifest, self.train_samples, self.val_samples)
+        return SummaryWriter(str(self.paths.tensorboard))
+
+    def fit(self) -> TrainResult:
+        if self.config.minutes and self.start_epoch == 0:
+            self.config.epochs = self.epochs_in_budget(self.config.minutes)
+        self.net = parallel(self.model, self.device)
+        writer = self._open_outputs() if self.main else None
         self.hooks.on_start(self.config, self.config.epochs)
-        writer = SummaryWriter(str(self.paths.tensorboard))
         try:
             for epoch in range(self.start_epoch, self.config.epochs):
                 train = self.train_epoch(epoch)
                 val, errors = self._validate()
                 record = self._record(epoch, train, val, errors)
-                self._write_report(epoch, train, val, errors)
-                self._write_scalars(writer, record)
-                self._save(epoch, record)
+                if writer is not None:
+                    self._write_report(epoch, train, val, errors)
+                    self._write_scalars(writer, record)
+                    self._save(epoch, record)
                 self.hooks.on_epoch(record)
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
         return self._calibrate()
 
     def _record(self, epoch: int, train: dict, val: dict,
@@ -401,25 +497,35 @@ class Trainer:
         torch.save({"optimizer": self.optimizer.state_dict(), "epoch": epoch + 1,
                     "history": self.history}, self.paths.state)
 
-    def resume(self) -> None:
-        """Continue from the last checkpoint: weights, optimizer state and epoch count."""
-        model, _ = load_checkpoint(self.paths.last, self.device)
+    def _load(self, checkpoint: Path) -> dict:
+        """The checkpoint's weights into the model; its meta."""
+        model, meta = load_checkpoint(checkpoint)
         self.model.load_state_dict(model.state_dict())
-        state = torch.load(self.paths.state, map_location=self.device, weights_only=True)
+        return meta
+
+    def resume(self) -> None:
+        """Continue from the last checkpoint: weights, optimizer state and epoch count. Rank 0
+        reads them (only its machine need hold the run's files) and hands them on."""
+        def read() -> dict:
+            self._load(self.paths.last)
+            return torch.load(self.paths.state, map_location="cpu", weights_only=True)
+
+        state = from_rank_0(read)
+        same_as_rank_0(self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch, self.history = state["epoch"], state["history"]
 
     def _calibrate(self) -> TrainResult:
         """Fit a temperature on the validation logits of the best model; store it with it."""
-        model, meta = load_checkpoint(self.paths.best, self.device)
-        self.model.load_state_dict(model.state_dict())
-        logits, labels, indices = self.evaluate(self.val_samples)
+        meta = from_rank_0(lambda: self._load(self.paths.best))  # evaluate shares the weights
+        logits, labels, indices = self.evaluate(self.val_samples, self.config.tta)
         # Two folds that keep each person whole, for the cross-fitted calibration error.
         _, second = stratified_split(self.val_samples, 0.5, self.config.seed)
         second_paths = {s.path for s in second}
         folds = np.array([self.val_samples[i].path in second_paths for i in indices], int)
         summary = calibration_summary(logits, labels, folds)
         meta.update(temperature=summary["temperature"], calibration=summary)
-        save_checkpoint(self.paths.best, self.model, meta)
+        if self.main:
+            save_checkpoint(self.paths.best, self.model, meta)
         return TrainResult(self.paths.best, self._selected()["qwk"], self.history, summary)
 

@@ -11,14 +11,52 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from db.session import migrate  # noqa: E402
+from db.session import get_engine, migrate  # noqa: E402
+from postgres import Server  # noqa: E402
+
+# A test marked with this runs on SQLite and on a real PostgreSQL server: its db_url and
+# workspace fixtures point at either.
+BOTH_BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'test.sqlite'}"
+def backend() -> str:
+    """The database that db_url and workspace use; BOTH_BACKENDS parametrizes it."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the test session (tests/postgres.py)."""
+    server = Server.start()
+    yield server
+    server.stop()
+
+
+def new_database(request, backend: str, sqlite_path: Path) -> str:
+    """A migrated database of the test's own: the SQLite file, or one on the session's
+    PostgreSQL server."""
+    if backend == "postgresql":
+        return request.getfixturevalue("postgres").migrated_database()
+    url = f"sqlite:///{sqlite_path}"
     migrate(url)
     return url
+
+
+@pytest.fixture
+def db_url(request, backend: str, tmp_path: Path):
+    url = new_database(request, backend, tmp_path / "test.sqlite")
+    yield url
+    get_engine(url).dispose()  # the server counts connections: a finished test's close
+
+
+@pytest.fixture
+def empty_db_url(request, backend: str, tmp_path: Path):
+    """A database of the test's own without any table."""
+    url = (request.getfixturevalue("postgres").create_database() if backend == "postgresql"
+           else f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    yield url
+    get_engine(url).dispose()
 
 
 def write_image(path: Path, size: tuple[int, int] = (64, 48), value: int = 120) -> Path:
@@ -41,8 +79,9 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def workspace(tmp_path: Path, monkeypatch):
-    """A migrated workspace of the test's own, which the app (AppTest) opens too."""
+def workspace(tmp_path: Path, monkeypatch, request, backend: str):
+    """A migrated workspace of the test's own, which the app (AppTest) opens too; its
+    database is on PostgreSQL where BOTH_BACKENDS says so."""
     from engine.workspace import Workspace
 
     monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
@@ -50,8 +89,11 @@ def workspace(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("DR_DATABASE_URL", raising=False)
     workspace = Workspace.from_env()
     workspace.root.mkdir(parents=True)
-    migrate(workspace.db_url)
-    return workspace
+    url = new_database(request, backend, workspace.root / "dr.sqlite")
+    if backend != "sqlite":
+        monkeypatch.setenv("DR_DATABASE_URL", url)  # as a team's server names it
+    yield workspace
+    get_engine(url).dispose()
 
 
 def tiny_checkpoint(path: Path, image_size: int = 64, temperature: float = 1.0) -> Path:

@@ -1,12 +1,16 @@
 """The app shell and the Dataset page, run headless with Streamlit's AppTest."""
 
+import io
+import zipfile
+from pathlib import Path
 
 from sqlalchemy import select
 
-from conftest import open_page, page_text, write_image
+from conftest import open_page, page_text, wait_for_job, write_image
 from db.schema import Job
 from db.session import session_scope
 from engine import jobs
+from db.queries import sources_frame
 from engine.sources import import_source
 
 
@@ -56,3 +60,77 @@ def test_dataset_page_shows_balance_reports_and_gallery(workspace, tmp_path):
     assert not at.exception and len(at.image) == 2
     at.selectbox(key="gallery_grade").select(3).run()
     assert "pool has no images of this grade" in page_text(at)
+
+
+def class_folders(root: Path) -> Path:
+    for grade in "0123":
+        write_image(root / grade / f"img{grade}.png")
+    (root / "1" / "broken.png").write_text("oops")
+    return root
+
+
+def import_jobs(workspace) -> list[Job]:
+    with session_scope(workspace.db_url) as session:
+        return list(session.scalars(select(Job).where(Job.kind == "import").order_by(Job.id)))
+
+
+def test_import_a_folder_chosen_under_the_data_roots(workspace, tmp_path):
+    folder = class_folders(workspace.datasets / "hq")
+    class_folders(tmp_path / "outside")
+    at = open_page()
+    at.selectbox(key="import_kind").select("folders").run()
+    at.selectbox(key="import_role_folders").select("validation").run()
+    offered = at.selectbox(key="import_folder").options
+    assert str(folder) in offered and str(folder / "0") in offered
+    assert not any("outside" in option for option in offered)  # only under the data roots
+    at.selectbox(key="import_folder").select(str(folder)).run()
+    at.button(key="import_start").click().run()
+    assert not at.exception, at.exception
+    job = import_jobs(workspace)[-1]
+    assert job.params == {"kind": "folders", "role": "validation", "root": str(folder)}
+    wait_for_job(workspace, job.id, lambda j: j.status not in jobs.ACTIVE)
+    at.run()
+    assert "Import #1 finished. hq-validation: 4 imported, 0 already present, 1 skipped" in \
+        page_text(at)
+    assert "unreadable or not an image" in page_text(at)  # the bad file, by name
+
+    at.button(key="import_start").click().run()  # the same source again
+    wait_for_job(workspace, import_jobs(workspace)[-1].id, lambda j: j.status not in jobs.ACTIVE)
+    at.run()
+    assert "Import #2 finished. hq-validation: 0 imported, 4 already present" in page_text(at)
+    assert sources_frame(workspace.db_url)["images"].tolist() == [4]
+
+
+def zipped(files: dict[str, bytes]) -> bytes:
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return data.getvalue()
+
+
+def test_import_an_upload_unpacks_it_into_the_workspace(workspace, tmp_path):
+    png = write_image(tmp_path / "p.png").read_bytes()
+    at = open_page()
+    at.selectbox(key="import_kind").select("unlabelled").run()
+    at.radio(key="import_origin").set_value("an upload").run()
+    at.file_uploader(key="import_upload").set_value(
+        ("evil.zip", zipped({"pool/a.png": png, "../../escape.png": png}), "application/zip"))
+    at.run()
+    at.button(key="import_upload_start").click().run()
+    assert "evil.zip was not imported: '../../escape.png' points outside" in page_text(at)
+    assert import_jobs(workspace) == [] and not (tmp_path / "escape.png").exists()
+
+    at.file_uploader(key="import_upload").set_value(
+        ("pool.zip", zipped({"pool/a.png": png, "pool/b.png": png}), "application/zip"))
+    at.run()
+    at.button(key="import_upload_start").click().run()
+    assert not at.exception, at.exception
+    job = import_jobs(workspace)[-1]
+    root = Path(job.params["root"])
+    assert root.name == "pool" and root.parent.parent == workspace.datasets / "uploads"
+    assert sorted(p.name for p in root.iterdir()) == ["a.png", "b.png"]
+    assert job.params["kind"] == "unlabelled" and job.params["role"] == "unlabelled"
+    wait_for_job(workspace, job.id, lambda j: j.status not in jobs.ACTIVE)
+    at.run()
+    assert f"Import #{job.id} finished. pool-unlabelled: 2 imported" in page_text(at)

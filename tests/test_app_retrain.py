@@ -16,6 +16,7 @@ from db.runs import (active_run_id, best_epoch, epochs_frame,
                      runs_frame, validation_size)
 from db.schema import Epoch, Image, Job, Review, Run, Source, utcnow
 from db.session import session_scope
+from db.users import LOCAL
 from engine import jobs
 from engine.curves import (CURVES, confusion_figure, curated_figure, curve_figure,
                            per_class_figure, reliability_figure)
@@ -27,7 +28,7 @@ from engine.workspace import Workspace
 
 TINY = {"name": "tiny", "model": "test_efficientnet", "img_size": 64, "epochs": 1,
         "batch_size": 8, "lr": 0.05, "lrf": 0.1, "optimizer": "adamw", "balance": "sampler",
-        "loss": "ordinal", "enhance": False, "tta": True, "select": "best", "augment": "light",
+        "loss": "ordinal", "enhance": False, "tta": 8, "select": "best", "augment": "light",
         "progressive": False, "pretrained": False, "weights": ""}
 
 
@@ -290,7 +291,8 @@ def test_promote_changes_the_active_model(data):
 
 def test_page_args_train_one_real_epoch(data):
     """The form's arguments are what the training CLI accepts: one epoch of the tiny model."""
-    job_id = jobs.start_job(data, "train", "engine.train", train_job_args(TINY), params=TINY)
+    job_id = jobs.start_job(data, "train", "engine.train", train_job_args(TINY), params=TINY,
+                            user=LOCAL)
     job = wait_until_stopped(data.db_url, job_id, timeout=120)
     assert job.status == "done", jobs.log_tail(job.log_path)
     runs = runs_frame(data.db_url)
@@ -311,15 +313,15 @@ def test_curated_images_follow_the_reviews_like_training_does(data):
     review(data.db_url, pool[3][0], "reject", None)
     review(data.db_url, val[0][0], "relabel", 0)  # the yardstick stays clean
     changed = (train[0][1] + 1) % 4
-    review(data.db_url, train[0][0], "relabel", changed)  # a reviewer corrects an expert
+    review(data.db_url, train[0][0], "relabel", changed)  # stored before decide() refused it
     curated = curated_set(data.db_url).set_index("image_id")
     assert len(curated) == 24 + 2 and validation_size(data.db_url) == 16
     accepted, corrected = curated.loc[pool[0][0]], curated.loc[pool[1][0]]
     assert [accepted["source"], accepted["grade"], accepted["origin"]] == ["aptos pool", 2, "pseudo"]
     assert corrected["grade"] == 3 and pd.isna(corrected["expert_grade"])
     assert curated.loc[train[0][0], ["grade", "expert_grade", "origin"]].tolist() == \
-        [changed, train[0][1], "pseudo"]
-    assert (curated.loc[[i for i, _ in train[1:]], "origin"] == "expert").all()
+        [train[0][1], train[0][1], "expert"]  # the expert's grade stands
+    assert (curated.loc[[i for i, _ in train], "origin"] == "expert").all()
 
 
 def test_runs_frame_picks_the_first_best_epoch_and_best_epoch_returns_its_details(db_url):
@@ -355,7 +357,7 @@ def test_train_job_args_are_what_the_training_cli_reads():
     assert (config.batch_size, config.lr, config.lrf) == (8, 0.05, 0.1)
     assert (config.optimizer, config.balance, config.progressive) == ("adamw", "sampler", True)
     assert (config.loss, config.tta, config.select, config.augment) == \
-        ("ordinal", True, "best", "light")
+        ("ordinal", 8, "best", "light")
     assert config.preprocess["enhance"] is False
     assert config.pretrained == "/w/v2s.pth"
     assert make_config(parse_args(train_job_args({**settings, "pretrained": False}))

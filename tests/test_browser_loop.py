@@ -87,9 +87,7 @@ def infer_ui(page, db_url: str, run_id: int) -> list[tuple[int, int, float]]:
 
 def review_ui(page, db_url: str, predictions: list[tuple[int, int, float]]) -> None:
     go_to(page, "Review")
-    page.get_by_label("Your name, stored with every decision").fill("ana")
-    page.keyboard.press("Enter")
-    page.get_by_text("Reviewing as").wait_for()
+    page.get_by_text("Reviewing as").wait_for()  # the one local user: no accounts
     wait_until_idle(page)
     keys_ready(page)
     decide_by_key(page, db_url, "a", 1)
@@ -98,7 +96,7 @@ def review_ui(page, db_url: str, predictions: list[tuple[int, int, float]]) -> N
                  if confidence >= REVIEW_THRESHOLD}
     page.get_by_text(f"2 of {len(predicted)} candidates reviewed").wait_for()
     rows = reviews(db_url)
-    assert [(decision, reviewer) for _, decision, _, reviewer in rows] == [("accept", "ana")] * 2
+    assert [(decision, reviewer) for _, decision, _, reviewer in rows] == [("accept", "local")] * 2
     assert len({image_id for image_id, *_ in rows}) == 2
     assert all(grade == predicted[image_id] for image_id, _, grade, _ in rows)
     screenshot(page, "loop-2-review")

@@ -69,9 +69,7 @@ def test_keyboard_decisions_and_undo_reach_the_database(tmp_path: Path, tiny_dat
         sidebar = page.locator("[data-testid='stSidebar']")
         assert sidebar.get_by_role("link", name="Dataset").is_visible()
         assert sidebar.get_by_text("Candidates").is_visible()  # the loop overview
-        page.get_by_label("Your name, stored with every decision").fill("ana")
-        page.keyboard.press("Enter")
-        page.get_by_text("Reviewing as").wait_for()
+        page.get_by_text("Reviewing as").wait_for()  # the one local user: no accounts
         wait_until_idle(page)
         keys_ready(page)
         assert page.get_by_text("0 of 6 candidates reviewed").is_visible()
@@ -86,7 +84,7 @@ def test_keyboard_decisions_and_undo_reach_the_database(tmp_path: Path, tiny_dat
 
         press_on_body(page, "g")  # the evidence: Grad-CAM beside the image, the flip views
         page.get_by_text("Grad-CAM of grade 1").wait_for()
-        page.locator(".js-plotly-plot").filter(has_text="Flip views").wait_for()
+        page.locator(".js-plotly-plot").filter(has_text="Test-time views").wait_for()
         wait_until_idle(page)
         keys_ready(page)
         screenshot(page, "review-evidence")
@@ -101,13 +99,14 @@ def test_keyboard_decisions_and_undo_reach_the_database(tmp_path: Path, tiny_dat
         decide_by_key(page, db, "x", 2)
         decide_by_key(page, db, "2", 3)
         # Predicted grades of pool 5, 4, 3 are 1, 0, 3 (POOL).
-        assert reviews(db) == [(pool[5], "accept", 1, "ana"), (pool[4], "reject", None, "ana"),
-                               (pool[3], "relabel", 2, "ana")]
+        assert reviews(db) == [(pool[5], "accept", 1, "local"),
+                               (pool[4], "reject", None, "local"),
+                               (pool[3], "relabel", 2, "local")]
         page.get_by_text("3 of 6 candidates reviewed").wait_for()
         screenshot(page, "review-after")
 
         decide_by_key(page, db, "Backspace", 4)
-        assert reviews(db)[3] == (pool[3], "undo", None, "ana")
+        assert reviews(db)[3] == (pool[3], "undo", None, "local")
         assert on_screen(page) == image_name(db, pool[3])  # back on screen to decide again
         page.get_by_text("2 of 6 candidates reviewed").wait_for()
         screenshot(page, "review-undone")

@@ -1,4 +1,5 @@
-"""Schema, migrations and concurrent writers on SQLite."""
+"""Schema, migrations and concurrent writers, on SQLite and on a real PostgreSQL server; the
+whole path of a team's server: import, an inference job, the predictions' upsert, review."""
 
 import sqlite3
 import subprocess
@@ -7,13 +8,21 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 from sqlalchemy import func, inspect, select, text
 
-from conftest import ROOT
+from conftest import BOTH_BACKENDS, ROOT, tiny_checkpoint, wait_for_job
 from db.queries import sources_frame
-from db.schema import Base, Review
+from db.reviews import QueueFilter, claim_next, decide
+from db.schema import Base, Prediction, Review
 from db.session import get_engine, migrate, read_scope, session_scope
 
+MIGRATE = """
+import sys
+from db.session import migrate
+migrate(sys.argv[1])
+"""
 WRITER = """
 import sys
 from db.schema import Image, Review, Source
@@ -25,21 +34,35 @@ for i in range(100):
 """
 
 
-def test_migrations_build_the_schema_from_an_empty_database(tmp_path: Path):
-    url = f"sqlite:///{tmp_path / 'new.sqlite'}"
-    migrate(url)
-    migrate(url)  # a second start finds nothing to do
-    inspector = inspect(get_engine(url))
+@BOTH_BACKENDS
+def test_migrations_build_the_schema_from_an_empty_database(empty_db_url: str):
+    migrate(empty_db_url)
+    migrate(empty_db_url)  # a second start finds nothing to do
+    inspector = inspect(get_engine(empty_db_url))
     assert set(inspector.get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}
     for table in Base.metadata.tables.values():
         columns = {c["name"] for c in inspector.get_columns(table.name)}
         assert columns == set(table.columns.keys()), table.name
-    with get_engine(url).connect() as connection:
-        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 5000
+    with get_engine(empty_db_url).connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
+def test_sqlite_connections_use_wal_and_wait_for_the_lock(db_url: str):
+    with get_engine(db_url).connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 5000
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_processes_that_start_at_once_migrate_one_after_another(empty_db_url: str):
+    starts = [subprocess.Popen([sys.executable, "-c", MIGRATE, empty_db_url], cwd=ROOT,
+                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    assert [start.communicate(timeout=120)[1] for start in starts] == ["", "", ""]
+    with get_engine(empty_db_url).connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+
+
+@BOTH_BACKENDS
 def test_four_writer_processes_lose_nothing(db_url: str):
     with session_scope(db_url) as session:
         session.execute(text("INSERT INTO sources (name, kind, root, role, created_at, report) "
@@ -76,3 +99,43 @@ def test_reads_take_no_write_lock_and_writes_take_it_up_front(db_url: str):
     queued.join(5)
     assert not queued.is_alive()
     writer.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_import_inference_job_upsert_and_review_on_postgresql(workspace, tiny_data: Path):
+    from db.users import LOCAL
+    from engine import jobs
+    from engine.data import Sample
+    from engine.infer import store_predictions
+    from engine.predictor import Predictions
+    from engine.sources import import_source
+
+    db = workspace.db_url
+    assert db.startswith("postgresql+psycopg://")
+    first = import_source(db, "aptos", tiny_data / "aptos", "unlabelled", "pool")
+    again = import_source(db, "aptos", tiny_data / "aptos", "unlabelled", "pool")
+    assert (first.added, again.added, again.already) == (8, 0, 8)
+    checkpoint = tiny_checkpoint(workspace.weights / "tiny.pth")
+    job_id = jobs.start_job(workspace, "infer", "engine.infer",
+                            ["--checkpoint", str(checkpoint), "--source", "pool", "--workers", "0"],
+                            user=LOCAL)
+    job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
+    assert (job.status, job.progress) == ("done", 1.0), jobs.log_tail(job.log_path)
+    assert job.heartbeat_at is not None and job.account == LOCAL.name
+
+    with read_scope(db) as session:
+        run_id, image_id = session.execute(select(Prediction.run_id, Prediction.image_id)
+                                           .order_by(Prediction.id)).first()
+        assert session.scalar(select(func.count(Prediction.id))) == 8
+    sure = Predictions(indices=[0], probs=np.array([[0.01, 0.97, 0.01, 0.01]]))
+    store_predictions(db, run_id, [Sample("x", None, "x", image_id)], sure)  # the upsert
+    with read_scope(db) as session:
+        assert session.scalar(select(func.count(Prediction.id))) == 8
+        assert session.scalar(select(Prediction.confidence).where(
+            Prediction.image_id == image_id)) == pytest.approx(0.97)
+
+    candidate = claim_next(db, "ana", QueueFilter(run_id, threshold=0.9))
+    assert candidate.image_id == image_id
+    decide(db, "ana", image_id, run_id, "accept", seen=candidate.seen)
+    with read_scope(db) as session:
+        assert session.execute(select(Review.image_id, Review.grade)).all() == [(image_id, 1)]

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from conftest import ROOT, wait_for_job, write_image
 from db.schema import Image, Prediction, Run
 from db.session import migrate, session_scope
+from db.users import LOCAL
 from engine import infer, jobs
 from engine.data import Sample
 from engine.models import create_model, model_mean_std, save_checkpoint
@@ -146,7 +147,7 @@ def test_a_job_on_two_processes_is_one_job_that_cancels_and_resumes(tmp_path, ch
     import_source(workspace.db_url, "unlabelled", tmp_path / "big", "unlabelled", "big")
     args = ["--checkpoint", str(checkpoint), "--source", "big", "--batch-size", "1",
             "--workers", "0"]
-    job_id = jobs.start_job(workspace, "infer", "engine.infer", args, processes=2)
+    job_id = jobs.start_job(workspace, "infer", "engine.infer", args, processes=2, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.progress > 0 or j.status not in jobs.ACTIVE)
     assert job.status == "running", jobs.log_tail(job.log_path)
     assert "torch.distributed.run" in Path(f"/proc/{job.pid}/cmdline").read_text()  # torchrun's
@@ -157,7 +158,7 @@ def test_a_job_on_two_processes_is_one_job_that_cancels_and_resumes(tmp_path, ch
     kept = len(stored(workspace))
     assert 0 < kept < 600
 
-    job_id = jobs.start_job(workspace, "infer", "engine.infer", args, processes=2)
+    job_id = jobs.start_job(workspace, "infer", "engine.infer", args, processes=2, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
     assert job.status == "done" and job.progress == 1.0, jobs.log_tail(job.log_path)
     assert len(stored(workspace)) == 600

@@ -15,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 from conftest import job_row, wait_for_job
 from db.schema import Job, Run, utcnow
 from db.session import migrate, session_scope
+from db.users import LOCAL
 from engine import jobs
 from engine.data import folder_samples
 from engine.sources import import_source
@@ -32,7 +33,8 @@ def workspace(tmp_path) -> Workspace:
 
 def test_demo_job_runs_to_done_and_fills_the_workspace(workspace):
     job_id = jobs.start_job(workspace, "demo", "engine.demo",
-                            ["--train", "8", "--test", "4", "--val", "8", "--size", "96"])
+                            ["--train", "8", "--test", "4", "--val", "8", "--size", "96"],
+                            user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
     assert job.status == "done" and job.progress == 1.0, jobs.log_tail(job.log_path)
     assert "demo high-quality validation: 8 listed, 8 imported" in jobs.log_tail(job.log_path)
@@ -40,10 +42,10 @@ def test_demo_job_runs_to_done_and_fills_the_workspace(workspace):
 
 def test_a_second_job_of_the_same_kind_is_refused(workspace):
     args = ["--train", "400", "--size", "256"]
-    first = jobs.start_job(workspace, "demo", "engine.demo", args)
+    first = jobs.start_job(workspace, "demo", "engine.demo", args, user=LOCAL)
     try:
         with pytest.raises(jobs.JobRefused, match=f"#{first}"):
-            jobs.start_job(workspace, "demo", "engine.demo", args)
+            jobs.start_job(workspace, "demo", "engine.demo", args, user=LOCAL)
     finally:
         jobs.cancel_job(workspace.db_url, first)
         wait_for_job(workspace, first, lambda j: j.status not in jobs.ACTIVE)
@@ -54,7 +56,7 @@ def test_cancel_stops_training_between_batches(workspace, tiny_data):
     import_source(workspace.db_url, "folders", tiny_data / "validation", "validation")
     job_id = jobs.start_job(workspace, "train", "engine.train", [
         "--from-db", "--epochs", "200", "--model", "test_efficientnet", "--img-size", "64",
-        "--pretrained", "false", "--batch-size", "4", "--workers", "1", "--name", "c"])
+        "--pretrained", "false", "--batch-size", "4", "--workers", "1", "--name", "c"], user=LOCAL)
     wait_for_job(workspace, job_id, lambda j: j.progress > 0)
     jobs.cancel_job(workspace.db_url, job_id)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE, timeout=60)
@@ -64,7 +66,8 @@ def test_cancel_stops_training_between_batches(workspace, tiny_data):
 
 
 def test_a_cancel_while_the_job_starts_is_recorded_as_cancelled(workspace):
-    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"])
+    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"],
+                            user=LOCAL)
     jobs.cancel_job(workspace.db_url, job_id)  # its process is still starting: no handler yet
     assert jobs._children[(workspace.db_url, job_id)].wait(timeout=60) != 0
     jobs.mark_dead_jobs(workspace.db_url)
@@ -91,14 +94,15 @@ def test_validation_and_calibration_stop_on_a_cancel(workspace, tiny_data):
     reporter = jobs.JobReporter(workspace.db_url, None)
     trainer = Trainer(config, samples, samples, RunPaths.under(workspace, "c"), None,
                       LogHooks(reporter))
-    assert len(trainer.evaluate(samples)[2]) == len(samples)
+    assert len(trainer.evaluate(samples, 2)[2]) == len(samples)
     reporter.cancelled = True  # what SIGTERM does
     with pytest.raises(jobs.JobCancelled):
-        trainer.evaluate(samples)  # what validation and calibration run
+        trainer.evaluate(samples, 2)  # what validation and calibration run
 
 
 def test_a_killed_job_is_found_dead(workspace):
-    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"])
+    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"],
+                            user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status == "running")
     os.killpg(job.pid, signal.SIGKILL)  # no chance to say anything
     job = wait_for_job(workspace, job_id, lambda j: j.status != "running", timeout=30)

@@ -11,13 +11,15 @@ import pytest
 from sqlalchemy import select, update
 from streamlit.testing.v1 import AppTest
 
-from conftest import CALIBRATION, open_page, page_text, tiny_checkpoint, write_image
+from conftest import (BOTH_BACKENDS, CALIBRATION, open_page, page_text, tiny_checkpoint,
+                      write_image)
 from db.queries import curated_set
 from db.reviews import (CLAIM_TTL, DecidedMeanwhile, QueueFilter, claim_next, curated_csv,
                         decide, held_by_others, loop_overview, progress, recent_decisions,
                         renew_claim, undo_last)
 from db.schema import Claim, Image, Prediction, Review, Run, Source, utcnow
 from db.session import session_scope
+from db.users import LOCAL
 from engine.export import MANIFEST, EarlierExport, ExportRefused, export_class_folders
 from grades import REVIEW_THRESHOLD
 from engine.infer import register_model
@@ -26,6 +28,8 @@ from engine.workspace import Workspace
 
 # The pool's eight images get these (confidence, predicted grade), in import order: six reach
 # the default threshold 0.70; least confident first they come as pool images 5, 4, 3, 2, 1, 0.
+# The engine's export tests are not about where an export may write (test_roles.py is).
+ANYWHERE = {"user": LOCAL, "roots": [Path("/")]}
 POOL = [(0.95, 0), (0.90, 1), (0.85, 2), (0.80, 3), (0.75, 0), (0.72, 1), (0.60, 2), (0.50, 3)]
 
 
@@ -85,6 +89,7 @@ def reviews(db_url: str) -> list[tuple]:
 # The queue and its filters
 
 
+@BOTH_BACKENDS
 def test_threshold_filters_and_orders_shape_the_queue(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
@@ -104,6 +109,7 @@ def test_threshold_filters_and_orders_shape_the_queue(predicted):
     assert len({tuple(s) for s in shuffled}) > 1
 
 
+@BOTH_BACKENDS
 def test_decisions_are_appended_and_leave_the_queue(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
@@ -126,6 +132,7 @@ def test_decisions_are_appended_and_leave_the_queue(predicted):
         decide(db, "ana", pool[7] + 1000, run_id, "accept")
 
 
+@BOTH_BACKENDS
 def test_undo_takes_back_only_the_reviewers_own_current_decisions(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
@@ -150,6 +157,7 @@ def age_claims(db_url: str, reviewer: str, age: timedelta) -> None:
                         .values(claimed_at=utcnow() - age))
 
 
+@BOTH_BACKENDS
 def test_claims_keep_two_reviewers_apart_to_the_last_image(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
@@ -173,6 +181,7 @@ def test_claims_keep_two_reviewers_apart_to_the_last_image(predicted):
         assert session.scalars(select(Claim)).all() == []
 
 
+@BOTH_BACKENDS
 def test_an_open_card_renews_its_claim(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
@@ -191,6 +200,7 @@ def test_an_open_card_renews_its_claim(predicted):
     assert not renew_claim(db, "ana", shown.image_id, shown.seen)  # decided meanwhile
 
 
+@BOTH_BACKENDS
 def test_a_decision_after_someone_elses_is_refused_in_words(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
@@ -218,6 +228,7 @@ def test_a_decision_after_someone_elses_is_refused_in_words(predicted):
         decide(db, "ben", recent.image_id, run_id, "accept", seen=recent.current_id)
 
 
+@BOTH_BACKENDS
 def test_expert_labelled_images_are_never_candidates(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
@@ -231,6 +242,7 @@ def test_expert_labelled_images_are_never_candidates(predicted):
     assert reviews(db) == []
 
 
+@BOTH_BACKENDS
 def test_skipped_images_come_back_oldest_first(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
@@ -241,6 +253,7 @@ def test_skipped_images_come_back_oldest_first(predicted):
     assert claim_next(db, "ana", queue, skip=everything[1:] + everything[:1]).image_id == pool[0]
 
 
+@BOTH_BACKENDS
 def test_recent_decisions_show_the_current_state_and_can_be_changed(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
@@ -258,6 +271,7 @@ def test_recent_decisions_show_the_current_state_and_can_be_changed(predicted):
     assert (changed.current_reviewer, changed.current_grade) == ("ben", 3)
 
 
+@BOTH_BACKENDS
 def test_curated_set_and_csv(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
@@ -288,31 +302,32 @@ def test_export_class_folders_writes_grade_folders(tmp_path):
     c = write_image(tmp_path / "src" / "c.png")
     out = tmp_path / "out"
     result = export_class_folders([(str(a), 0), (str(b), 0), (str(c), 3),
-                                   (str(tmp_path / "gone.png"), 1)], out)
+                                   (str(tmp_path / "gone.png"), 1)], out, **ANYWHERE)
     assert result.written == 3 and result.missing == [str(tmp_path / "gone.png")]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == \
         ["0/a.png", "0/a_2.png", "3/c.png"]
     assert (out / "3" / "c.png").read_bytes() == c.read_bytes()
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "0", "1", "2", "3"]
     with pytest.raises(EarlierExport):
-        export_class_folders([(str(c), 2)], out)
-    assert export_class_folders([(str(c), 2)], out, replace=True).written == 1
+        export_class_folders([(str(c), 2)], out, **ANYWHERE)
+    assert export_class_folders([(str(c), 2)], out, replace=True, **ANYWHERE).written == 1
     assert [p.relative_to(out).as_posix() for p in out.rglob("*.png")] == ["2/c.png"]
     with pytest.raises(ValueError, match="0-3"):
-        export_class_folders([(str(c), 4)], tmp_path / "other")
+        export_class_folders([(str(c), 4)], tmp_path / "other", **ANYWHERE)
 
 
 def test_replacing_an_export_removes_only_what_it_wrote(tmp_path):
     c = write_image(tmp_path / "src" / "c.png")
     out = tmp_path / "out"
-    export_class_folders([(str(c), 2)], out)
+    export_class_folders([(str(c), 2)], out, **ANYWHERE)
     mine = write_image(out / "1" / "mine.png")  # someone put a file of their own there
     with pytest.raises(ExportRefused, match=r"no export of this app listed as its own \(1/mine"):
-        export_class_folders([(str(c), 0)], out, replace=True)
+        export_class_folders([(str(c), 0)], out, replace=True, **ANYWHERE)
     assert mine.is_file() and (out / "2" / "c.png").is_file()  # nothing removed
     mine.unlink()
     (out / MANIFEST).write_text('{"files": ["../src/c.png", "2/../../src/c.png", "2/c.png"]}')
-    export_class_folders([(str(c), 0)], out, replace=True)  # the manifest names only its own
+    # The manifest names only its own.
+    export_class_folders([(str(c), 0)], out, replace=True, **ANYWHERE)
     assert c.is_file()
     assert [p.relative_to(out).as_posix() for p in out.rglob("*.png")] == ["0/c.png"]
 
@@ -324,7 +339,8 @@ def test_an_export_never_writes_into_a_datasets_folder(tmp_path):
     around = tmp_path / "around"  # its class folder 0 would be a dataset's folder
     for out, root in [(dataset, dataset), (dataset / "1", dataset), (around, around / "0" / "x")]:
         with pytest.raises(ExportRefused, match="folder of an imported dataset"):
-            export_class_folders([(str(c), 1)], out, replace=True, source_roots=[str(root)])
+            export_class_folders([(str(c), 1)], out, replace=True, source_roots=[str(root)],
+                                 **ANYWHERE)
     assert sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*")) == \
         ["1", "1/a.png"]
     assert kept.is_file() and not around.exists()
@@ -333,9 +349,9 @@ def test_an_export_never_writes_into_a_datasets_folder(tmp_path):
 # The page
 
 
-def sign_in(at: AppTest, name: str = "Ana") -> AppTest:
-    at.text_input(key="reviewer_name").input(name).run()
-    assert not at.exception, at.exception
+def sign_in(at: AppTest) -> AppTest:
+    """Without accounts, on this machine, the page reviews as the one local user."""
+    assert "Reviewing as local" in page_text(at).replace("**", "")
     return at
 
 
@@ -362,12 +378,8 @@ def bound_keys(at: AppTest) -> dict[str, list[str]]:
     return {}
 
 
-def test_empty_workspace_asks_for_a_name_then_says_there_is_no_model(workspace):
-    at = open_page("review")
-    assert "Enter your name" in page_text(at)
-    assert not at.button  # nothing works before the name
-    sign_in(at)
-    assert "Reviewing as Ana" in page_text(at).replace("**", "")
+def test_empty_workspace_reviews_as_the_local_user_and_says_there_is_no_model(workspace):
+    at = sign_in(open_page("review"))
     assert "No model yet" in page_text(at)
 
 
@@ -402,26 +414,26 @@ def test_reviewing_by_buttons(predicted):
     assert "undo your last decision" in page_text(at)
 
     click(at, "accept")
-    assert reviews(db) == [(pool[5], "accept", 1, "Ana", run_id)]
+    assert reviews(db) == [(pool[5], "accept", 1, "local", run_id)]
     assert on_screen(at) == names[pool[4]]
     click(at, "grade_2")
-    assert reviews(db)[-1] == (pool[4], "relabel", 2, "Ana", run_id)
+    assert reviews(db)[-1] == (pool[4], "relabel", 2, "local", run_id)
     click(at, "undo")
-    assert reviews(db)[-1] == (pool[4], "undo", None, "Ana", run_id)
+    assert reviews(db)[-1] == (pool[4], "undo", None, "local", run_id)
     assert on_screen(at) == names[pool[4]]  # back on screen to decide again
     click(at, "skip")
     assert on_screen(at) == names[pool[3]]
     click(at, "reject")
-    assert reviews(db)[-1] == (pool[3], "reject", None, "Ana", run_id)
+    assert reviews(db)[-1] == (pool[3], "reject", None, "local", run_id)
     assert on_screen(at) == names[pool[2]]  # the skipped pool 4 waits for the end
 
     again = sign_in(open_page("review"))  # a reload: a new session carries on from the database
     assert on_screen(again) == names[pool[4]]
 
     at.selectbox(key=f"change_{pool[5]}").select("reject").run()  # the last-10 list
-    assert not at.exception and reviews(db)[-1] == (pool[5], "reject", None, "Ana", run_id)
+    assert not at.exception and reviews(db)[-1] == (pool[5], "reject", None, "local", run_id)
     at.selectbox(key=f"change_{pool[3]}").select(0).run()
-    assert reviews(db)[-1] == (pool[3], "relabel", 0, "Ana", run_id)
+    assert reviews(db)[-1] == (pool[3], "relabel", 0, "local", run_id)
     assert on_screen(at) == names[pool[2]]  # changing a past decision keeps the image
 
     assert progress_text(at) == "2 of 6 candidates reviewed"  # pool 5 and 3; 4 was undone
@@ -481,7 +493,7 @@ def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_imag
     names = image_names(db)
     at = sign_in(open_page("review"))
     assert on_screen(at) == names[pool[5]]
-    decide(db, "ben", pool[5], run_id, "reject")  # in ben's browser, while ana looks
+    decide(db, "ben", pool[5], run_id, "reject")  # in ben's browser, while local looks
     click(at, "accept")
     assert f"{names[pool[5]]} was decided by ben after it was shown here (now rejected)" in \
         page_text(at)
@@ -489,8 +501,8 @@ def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_imag
     assert on_screen(at) == names[pool[4]]  # moved on
     for image_id in pool[:4]:
         decide(db, "cid", image_id, run_id, "accept")
-    assert claim_next(db, "ben", QueueFilter(run_id)) is None  # Ana holds the last candidate
-    age_claims(db, "Ana", CLAIM_TTL + timedelta(minutes=1))  # until her tab sleeps too long
+    assert claim_next(db, "ben", QueueFilter(run_id)) is None  # local holds the last candidate
+    age_claims(db, "local", CLAIM_TTL + timedelta(minutes=1))  # until the tab sleeps too long
     assert claim_next(db, "ben", QueueFilter(run_id)).image_id == pool[4]
     click(at, "skip")
     assert "the remaining 1 candidate(s) with these filters are being reviewed by others" in \
@@ -498,7 +510,7 @@ def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_imag
     assert names[pool[4]] not in [header.value for header in at.subheader]
 
 
-def test_the_queue_finishes_and_the_export_writes_folders(predicted, tiny_data):
+def test_the_queue_finishes_and_the_export_writes_folders(predicted, tiny_data, monkeypatch):
     workspace, run_id, pool = predicted
     for image_id in pool[1:6]:
         decide(workspace.db_url, "ben", image_id, run_id, "accept")
@@ -513,6 +525,7 @@ def test_the_queue_finishes_and_the_export_writes_folders(predicted, tiny_data):
     click(at, "export_folders")
     assert "already holds grade folders" in page_text(at)
     validation = tiny_data / "validation"  # a class-folders source: never written into
+    monkeypatch.setenv("DR_EXPORT_ROOTS", str(tiny_data))  # even where exports may write
     before = sorted(validation.rglob("*"))
     at.text_input(key="export_folder").input(str(validation)).run()
     at.checkbox(key="export_replace").check().run()
@@ -521,6 +534,7 @@ def test_the_queue_finishes_and_the_export_writes_folders(predicted, tiny_data):
     assert sorted(validation.rglob("*")) == before
 
 
+@BOTH_BACKENDS
 def test_loop_overview_counts_each_stage(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url

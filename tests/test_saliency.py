@@ -112,12 +112,13 @@ def test_flip_views_are_the_image_and_its_mirror_as_the_predictor_sees_them(expl
     assert views.shape == (2, 4) and np.allclose(views.sum(1), 1)
     alone, averaged = (predict(explainer.model, explainer.meta, [Sample(str(photo))],
                                torch.device("cpu"), tta=tta, cache_root=explainer.cache_root)
-                       for tta in (False, True))
+                       for tta in (1, 2))
     assert np.allclose(views[0], alone.probs[0], atol=1e-6)
     assert not np.allclose(views[0], views[1])
-    # TTA averages the views' logits: log p is logits / T less a constant per view.
-    mean_log = torch.from_numpy(np.log(views)).mean(0)
-    assert np.allclose(torch.softmax(mean_log, 0).numpy(), averaged.probs[0], atol=1e-5)
+    # TTA averages the views' probabilities before the temperature (T = 2 here): p = softmax(l / T),
+    # so softmax(T log p) is each view's uncalibrated probability.
+    mean = torch.softmax(2 * torch.from_numpy(np.log(views)), 1).mean(0)
+    assert np.allclose(torch.softmax(mean.log() / 2, 0).numpy(), averaged.probs[0], atol=1e-5)
 
 
 def test_a_missing_image_is_an_image_error(explainer, tmp_path):

@@ -174,3 +174,123 @@ def test_cli_exit_codes(aptos, tmp_path):
     (aptos / "train.csv").write_text("image,grade\nx,1\n")
     column = run_cli(tmp_path, "--kind", "aptos", "--path", str(aptos), "--role", "train")
     assert column.returncode == 2 and "missing required column 'id_code'" in column.stderr
+
+
+def linked_class_folders(tmp_path: Path) -> Path:
+    """Class folders made of links to photographs kept elsewhere, as one makes them without
+    copying: file links, a class folder that is itself a link, and one broken link."""
+    photos = tmp_path / "photos"
+    for name in ("a", "b", "c", "d"):
+        write_image(photos / f"{name}.png")
+    write_image(photos / "grade3" / "e.png")
+    folders = tmp_path / "linked"
+    for grade, name in (("0", "a"), ("0", "b"), ("1", "c"), ("2", "d")):
+        (folders / grade).mkdir(parents=True, exist_ok=True)
+        (folders / grade / f"{name}.png").symlink_to(photos / f"{name}.png")
+    (folders / "3").symlink_to(photos / "grade3", target_is_directory=True)
+    (folders / "1" / "gone.png").symlink_to(photos / "gone.png")
+    return folders
+
+
+def test_linked_class_folders_import_as_training_reads_them(tmp_path, db_url):
+    from engine.data import folder_samples
+
+    folders = linked_class_folders(tmp_path)
+    report = import_source(db_url, "folders", folders, "train", name="linked")
+    images = images_of(db_url, "linked")
+    assert {n: i.grade for n, i in images.items()} == {"a": 0, "b": 0, "c": 1, "d": 2, "e": 3}
+    assert reasons(report) == {"1/gone.png": f"broken link to {tmp_path / 'photos' / 'gone.png'}"}
+    # Training on the same folder (engine.train --data-path) reads the same photographs.
+    trained = {s.name: s.grade for s in folder_samples(folders) if Path(s.path).exists()}
+    assert trained == {n: i.grade for n, i in images.items()}
+
+
+def test_inference_on_a_folder_of_links_predicts_every_image(tmp_path, monkeypatch, capsys):
+    from conftest import tiny_checkpoint
+    from engine import infer, jobs
+
+    monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for name in ("p1", "p2", "p3"):
+        (pool / f"{name}.png").symlink_to(write_image(tmp_path / "photos" / f"{name}.png"))
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pth")
+    assert infer.main(["--checkpoint", str(checkpoint), "--images", str(pool),
+                       "--workers", "0", "--out", str(tmp_path / "s.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "3 imported" in out and "3 predicted, 0 skipped" in out
+    assert sorted(pd.read_csv(tmp_path / "s.csv").id_code) == ["p1", "p2", "p3"]
+
+
+def test_a_listed_path_with_dots_is_refused_even_through_a_link(tmp_path, db_url):
+    root = tmp_path / "aptos"
+    write_image(root / "train_images" / "ok.png")
+    write_image(tmp_path / "outside" / "x.png")
+    (root / "train_images" / "sub").symlink_to(tmp_path / "outside", target_is_directory=True)
+    pd.DataFrame({"id_code": ["ok", "sub/x", "sub/../../../outside/x"], "diagnosis": [0, 1, 2]}
+                 ).to_csv(root / "train.csv", index=False)
+    report = import_source(db_url, "aptos", root, "train", name="t")
+    assert sorted(images_of(db_url, "t")) == ["ok", "sub/x"]  # a link inside is followed
+    assert list(reasons(report).values()) == [
+        "path 'train_images/sub/../../../outside/x.png' escapes the source root"]
+
+
+def test_data_roots_bound_the_folders_offered(tmp_path, workspace, capsys):
+    from engine.sources import data_roots, folder_choices, main, set_data_roots
+
+    assert data_roots(workspace) == [workspace.datasets]
+    for folder in ("a/0", "a/1", "b/x/y/z/deep", ".hidden/0"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    assert set_data_roots(workspace, [tmp_path / "data", tmp_path / "other"]) == [
+        tmp_path / "data", tmp_path / "other"]
+    assert data_roots(workspace) == [tmp_path / "data", tmp_path / "other"]  # stored
+    offered = [p.relative_to(tmp_path).as_posix() for p in folder_choices(data_roots(workspace))]
+    assert offered == ["data", "data/a", "data/a/0", "data/a/1", "data/b", "data/b/x",
+                       "data/b/x/y", "other"]  # three levels down, hidden folders left out
+    with pytest.raises(ImportStopped, match="nowhere: folder not found"):
+        set_data_roots(workspace, [tmp_path / "nowhere"])
+    assert main(["roots", "--set", str(tmp_path / "other")]) == 0  # the administrator's way
+    assert capsys.readouterr().out == f"{tmp_path / 'other'}\n"
+    assert main(["roots", "--set", str(tmp_path / "nowhere")]) == 2
+    assert data_roots(workspace) == [tmp_path / "other"]
+
+
+def test_the_import_job_reports_progress_and_outcome(aptos, workspace, monkeypatch, capsys):
+    from db.schema import Job
+    from engine import jobs, sources
+
+    monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM
+
+    def import_job(path: Path, status: str = "queued") -> tuple[int, list[str]]:
+        with session_scope(workspace.db_url) as session:
+            job = Job(kind="import", params={}, status=status)
+            session.add(job)
+            session.flush()
+            job_id = job.id
+        argv = ["import", "--kind", "aptos", "--path", str(path), "--role", "train",
+                "--job-id", str(job_id)]
+        return job_id, argv
+
+    job_id, argv = import_job(aptos, status="cancelled")  # cancelled while starting
+    assert sources.main(argv) == 1
+    assert "import cancelled: nothing was added" in capsys.readouterr().err
+    with session_scope(workspace.db_url) as session:
+        assert session.get(Job, job_id).status == "cancelled"
+        assert session.scalar(select(func.count()).select_from(Source)) == 0  # no trace
+
+    job_id, argv = import_job(aptos)
+    assert sources.main(argv) == 0
+    with session_scope(workspace.db_url) as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.progress, job.message) == ("done", 1.0, "checking images: 9/9")
+        report = session.scalar(select(Source)).report
+    assert report["added"] == 5 and len(report["problems"]) == 8
+    assert "5 imported" in capsys.readouterr().out
+
+    job_id, argv = import_job(aptos.parent / "nowhere")
+    assert sources.main(argv) == 2
+    with session_scope(workspace.db_url) as session:
+        job = session.get(Job, job_id)
+        assert job.status == "failed" and "nowhere: folder not found" in job.error

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT, write_image
 from db.schema import Epoch, Run
 from db.session import migrate, session_scope
+from db.users import LOCAL
 from engine.data import Sample, augmentation, folder_samples, read_manifest, stratified_split
 from engine.models import WeightsMismatch, create_model, load_checkpoint
 from engine.sources import import_source
@@ -205,7 +206,7 @@ def test_the_first_finished_run_becomes_active_and_later_ones_wait(tiny_data, tm
     with session_scope(workspace.db_url) as session:
         ids = dict(session.execute(select(Run.name, Run.id)).all())
     assert active_run_id(workspace.db_url) == ids["first"]
-    promote(workspace.db_url, ids["second"])
+    promote(workspace.db_url, ids["second"], LOCAL)
     assert active_run_id(workspace.db_url) == ids["second"]
 
 

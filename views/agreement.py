@@ -1,5 +1,5 @@
 """Agreement page: how far the blind double reads agree on the ordinal scale, with each other
-and with the model, and the adjudication of the reads that disagree."""
+and with the model, and the adjudication of the reads that disagree (by an admin)."""
 
 import math
 
@@ -11,14 +11,14 @@ from db.reviews import (Conflict, DecidedMeanwhile, adjudicate, adjudication_que
 from engine.agreement import (CATEGORIES, REJECT, between_reviewers, confusion, per_grade,
                               read_pairs, with_model)
 from grades import GRADE_NAMES
-from views.common import get_workspace, image_pair_ui
+from views.common import current_user, get_workspace, image_pair_ui
 
 workspace = get_workspace()
 
 
 def _adjudicate(conflict: Conflict, grade: int | None) -> None:
     try:
-        adjudicate(workspace.db_url, st.session_state.adjudicator.strip(), conflict, grade)
+        adjudicate(workspace.db_url, current_user().name, conflict, grade)
     except DecidedMeanwhile as exc:
         st.session_state.adjudication_refusal = str(exc)
 
@@ -61,8 +61,6 @@ def adjudication_ui() -> None:
     if not conflicts:
         st.success("No conflicting reads wait for adjudication.")
         return
-    adjudicator = st.text_input("Adjudicator's name, stored with the final grade",
-                                key="adjudicator").strip()
     conflict = conflicts[0]
     st.caption(f"{len(conflicts)} image(s) with conflicting reads wait.")
     st.subheader(conflict.name)
@@ -71,9 +69,10 @@ def adjudication_ui() -> None:
     image_pair_ui(conflict.path, conflict.name)
     for reviewer, decision, grade in conflict.reads:
         st.markdown(f"**{reviewer}** {describe(decision, grade)}")
-    if not adjudicator:
-        st.info("Enter your name to adjudicate.")
+    if not current_user().is_admin:
+        st.info("An admin adjudicates these reads.")
         return
+    st.caption(f"The final grade is stored with your account, {current_user().name}.")
     for column, grade in zip(st.columns(len(CATEGORIES)), CATEGORIES):
         final = None if grade == REJECT else grade
         column.button("Reject" if final is None else GRADE_NAMES[grade],

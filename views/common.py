@@ -1,5 +1,5 @@
-"""What every page shares: the workspace, job progress widgets, thumbnails and the
-models' evidence."""
+"""What every page shares: the workspace, the signed-in user, job progress widgets,
+thumbnails and the models' evidence."""
 
 from pathlib import Path
 
@@ -7,6 +7,7 @@ import numpy as np
 import streamlit as st
 
 from db.session import migrate
+from db.users import User
 from engine import jobs
 from grades import GRADES
 from engine.images import ImageError, thumbnail
@@ -27,6 +28,11 @@ def _opened(workspace: Workspace) -> Workspace:
 def get_workspace() -> Workspace:
     """The workspace of this server, its database brought up to date once per process."""
     return _opened(Workspace.from_env())
+
+
+def current_user() -> User:
+    """Who uses this browser session: app.py signs them in before any page runs."""
+    return st.session_state.user
 
 
 @st.cache_resource

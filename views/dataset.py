@@ -1,16 +1,27 @@
-"""Dataset page: class balance per source and role, the sources and their import reports,
+"""Dataset page: importing a source (a folder under the data roots, or an uploaded zip) as
+a background job, class balance per source and role, the sources and their import reports,
 and a gallery of photographs beside their preprocessed versions."""
 
+from pathlib import Path
+
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from db.queries import class_counts, image_page, sources_frame
+from db.users import NotAllowed
 from engine import jobs
 from engine.balance import balance_table, imbalance_ratios
+from engine.sources import KIND_ROLES, KINDS, data_roots, folder_choices
+from engine.upload import MAX_FILES, MAX_UNPACKED_BYTES, UnsafeUpload, unpack_zip
 from grades import GRADE_NAMES
-from views.common import get_workspace, image_pair_ui, job_status_ui
+from views.common import current_user, get_workspace, image_pair_ui, job_status_ui
 
 PAGE_SIZE = 4
+KIND_NAMES = {"aptos": "APTOS 2019 (train.csv, test.csv, train_images/, test_images/)",
+              "messidor": "Messidor (annotation CSV or spreadsheets beside the images)",
+              "folders": "Class folders 0/ 1/ 2/ 3/",
+              "unlabelled": "Unlabelled images (any folder)"}
 workspace = get_workspace()
 
 
@@ -19,7 +30,7 @@ def demo_progress_ui() -> None:
     jobs.mark_dead_jobs(workspace.db_url)
     job = jobs.latest_job(workspace.db_url, "demo")
     if job is None:
-        st.info("No datasets yet. Import one from a terminal, for example "
+        st.info("No datasets yet. Import one above, or from a terminal, for example "
                 "`python -m engine.sources import --kind aptos --path /data/aptos --role train` "
                 "(see the README).")
         return
@@ -51,20 +62,128 @@ def balance_ui() -> None:
             column.metric(f"{source}: largest / smallest class", f"{ratios[source]:.1f}×")
 
 
-def sources_ui(sources) -> None:
+def report_summary(name: str, report: dict) -> str:
+    return (f"{name}: {report.get('added', 0)} imported, {report.get('already', 0)} already "
+            f"present, {len(report.get('problems', []))} skipped")
+
+
+def problems_ui(report: dict) -> None:
+    problems = report.get("problems", [])
+    if not problems:
+        st.write("Every listed image was imported.")
+    for problem in problems:
+        st.write(f"- `{problem['where']}`: {problem['reason']}")
+
+
+def sources_ui(sources: pd.DataFrame) -> None:
     st.subheader("Sources")
     shown = sources.drop(columns=["id", "report"])
     st.dataframe(shown, hide_index=True)
     for row in sources.itertuples():
-        report = row.report or {}
-        problems = report.get("problems", [])
-        label = (f"Import report of {row.name}: {report.get('added', 0)} imported, "
-                 f"{report.get('already', 0)} already present, {len(problems)} skipped")
-        with st.expander(label):
-            if not problems:
-                st.write("Every listed image was imported.")
-            for problem in problems:
-                st.write(f"- `{problem['where']}`: {problem['reason']}")
+        with st.expander(f"Import report of {report_summary(row.name, row.report or {})}"):
+            problems_ui(row.report or {})
+
+
+def start_import(kind: str, role: str, name: str, folder: Path) -> None:
+    args = ["import", "--kind", kind, "--path", str(folder), "--role", role,
+            *(["--name", name] if name else [])]
+    params = {"kind": kind, "role": role, "root": str(folder.resolve())}
+    try:
+        jobs.start_job(workspace, "import", "engine.sources", args, params, user=current_user())
+    except (jobs.JobRefused, NotAllowed) as exc:
+        st.warning(f"Import not started: {exc}.")
+        return
+    st.rerun()  # the page, now with the job's progress
+
+
+def server_folder_ui() -> Path | None:
+    """A folder chosen from those under the data roots; never a typed path."""
+    roots = data_roots(workspace)
+    st.caption("Folders under the data roots " + ", ".join(f"`{root}`" for root in roots)
+               + "; an administrator names others with "
+               "`python -m engine.sources roots --set DIR ...`.")
+    choices = [str(folder) for folder in folder_choices(roots)]
+    if not choices:
+        st.info("No folders under the data roots yet: copy a dataset there, or upload a zip.")
+        return None
+    return Path(st.selectbox("Folder", choices, key="import_folder"))
+
+
+def unpacked_upload_ui() -> Path | None:
+    """The uploaded zip unpacked into the workspace, or None (with the reason shown)."""
+    uploads = workspace.datasets / "uploads"
+    upload = st.file_uploader(
+        "Zip of the images with their CSV", type="zip", key="import_upload",
+        help=f"Unpacked into `{uploads}`. At most {MAX_FILES} files "
+             f"and {MAX_UNPACKED_BYTES / 1024**3:.0f} GB unpacked; larger sets go under a data "
+             "root and are chosen as a folder.")
+    if upload is None or not st.button("Import", key="import_upload_start", type="primary"):
+        return None
+    try:
+        with st.spinner(f"Unpacking {upload.name}…"):
+            return unpack_zip(upload, upload.name, uploads)
+    except UnsafeUpload as exc:
+        st.error(f"{upload.name} was not imported: {exc}.")
+        return None
+
+
+def import_form_ui() -> None:
+    left, middle, right = st.columns(3)
+    kind = left.selectbox("Kind", KINDS, format_func=KIND_NAMES.get, key="import_kind")
+    # One role widget per kind: each kind offers its own roles.
+    role = middle.selectbox(
+        "Role", KIND_ROLES[kind], key=f"import_role_{kind}",
+        help="Training and validation images carry grades (APTOS: train.csv); an unlabelled "
+             "pool (APTOS: test.csv) is predicted and reviewed. One folder cannot be both "
+             "training and validation.")
+    name = right.text_input("Name (optional)", key="import_name",
+                            placeholder="folder-role").strip()
+    origin = st.radio("From", ("a folder on the server", "an upload"), horizontal=True,
+                      key="import_origin")
+    if origin == "an upload":
+        folder = unpacked_upload_ui()
+    else:
+        folder = server_folder_ui()
+        if folder is not None and not st.button("Import", key="import_start", type="primary"):
+            folder = None
+    if folder is not None:
+        start_import(kind, role, name, folder)
+
+
+@st.fragment(run_every=1)
+def import_progress_ui() -> None:
+    jobs.mark_dead_jobs(workspace.db_url)
+    job = jobs.latest_job(workspace.db_url, "import")
+    if job.status not in jobs.ACTIVE:
+        st.rerun()  # the whole page, so that the report and the new images show
+    job_status_ui(job)
+    st.button("Cancel", key="cancel_import", on_click=jobs.cancel_job,
+              args=(workspace.db_url, job.id))
+
+
+def import_outcome_ui(job, sources: pd.DataFrame) -> None:
+    """The last import's report, or why it did not finish."""
+    if job.status != "done":
+        job_status_ui(job)
+        return
+    source = sources[(sources["kind"] == job.params["kind"])
+                     & (sources["root"] == job.params["root"])
+                     & (sources["role"] == job.params["role"])]
+    if source.empty:  # removed since
+        return
+    row = source.iloc[0]
+    st.success(f"Import #{job.id} finished. {report_summary(row['name'], row['report'])}")
+    problems_ui(row["report"])
+
+
+def import_ui(sources: pd.DataFrame) -> None:
+    job = jobs.latest_job(workspace.db_url, "import")
+    with st.expander("Import a source", expanded=sources.empty or job is not None):
+        if job is not None and job.status in jobs.ACTIVE:
+            import_progress_ui()
+        elif job is not None:
+            import_outcome_ui(job, sources)
+        import_form_ui()  # shown meanwhile too, so that its choices stay for the next import
 
 
 def gallery_ui(sources) -> None:
@@ -89,6 +208,8 @@ def gallery_ui(sources) -> None:
 
 st.title("Dataset")
 sources = sources_frame(workspace.db_url)
+if current_user().is_admin:
+    import_ui(sources)
 if sources.empty:
     demo_progress_ui()
 else:

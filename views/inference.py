@@ -11,12 +11,13 @@ import streamlit as st
 from db.predictions import (Model, Pool, confidence_histogram, grade_counts, models, pools,
                             submission_frame)
 from db.runs import active_run_id
+from db.users import NotAllowed
 from engine import jobs
 from engine.distributed import local_processes
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from engine.models import pick_device
-from engine.predictor import default_batch_size
-from views.common import get_workspace, job_status_ui, model_quality_ui
+from engine.predictor import TTA_VIEWS, default_batch_size
+from views.common import current_user, get_workspace, job_status_ui, model_quality_ui
 
 workspace = get_workspace()
 
@@ -44,27 +45,31 @@ def choice_ui(choices: list[Model], sources: list[Pool]) -> tuple[Model, Pool]:
     return by_id[model_id], pool_by_id[pool_id]
 
 
-def start(model: Model, pool: Pool, tta: bool, redo: bool, batch_size: int) -> None:
+def start(model: Model, pool: Pool, tta: int | None, redo: bool, batch_size: int) -> None:
     if not Path(model.checkpoint).is_file():
         st.error(f"The checkpoint of {model.name} is gone: `{model.checkpoint}` does not exist.")
         return
     out = workspace.root / "submissions" / f"{model.name}-{pool.name}.csv"
     args = ["--checkpoint", model.checkpoint, "--source", pool.name, "--out", str(out),
-            "--batch-size", str(batch_size), *(["--tta"] if tta else []),
+            "--batch-size", str(batch_size), *(["--tta", str(tta)] if tta else []),
             *(["--redo"] if redo else [])]
     processes = local_processes(pick_device())  # one per GPU, the pool shared among them
     params = {"run_id": model.id, "source_id": pool.id, "source": pool.name, "out": str(out),
               "tta": tta, "redo": redo, "batch_size": batch_size, "processes": processes}
     try:
-        jobs.start_job(workspace, "infer", "engine.infer", args, params, processes)
-    except jobs.JobRefused as exc:
+        jobs.start_job(workspace, "infer", "engine.infer", args, params, processes,
+                       user=current_user())
+    except (jobs.JobRefused, NotAllowed) as exc:
         st.warning(f"Inference not started: {exc}.")
 
 
 def start_ui(model: Model, pool: Pool) -> None:
     left, right = st.columns(2)
-    tta = left.checkbox("Test-time augmentation (average with the mirrored image)",
-                        key="infer_tta", help="About twice as slow; often a little better.")
+    tta = left.radio("Test-time views", [None, *TTA_VIEWS], horizontal=True, key="infer_tta",
+                     format_func=lambda n: "as calibrated" if n is None else str(n),
+                     help="Each image averaged over 1, 2 (its mirror too) or 8 views (the "
+                     "mirrors of its four quarter turns); n views take n times as long. As "
+                     "calibrated: the views the model's temperature was fitted with.")
     redo = left.checkbox("Predict again the images this model has predicted", key="infer_redo",
                          help="Otherwise a run predicts only the images left, as after a "
                               "cancel or a crash.")
@@ -82,8 +87,9 @@ def progress_ui() -> None:
     if job.status not in jobs.ACTIVE:
         st.rerun()  # the whole page, so that the results show
     job_status_ui(job)
-    st.button("Cancel", key="cancel_inference", on_click=jobs.cancel_job,
-              args=(workspace.db_url, job.id))
+    if current_user().is_admin:
+        st.button("Cancel", key="cancel_inference", on_click=jobs.cancel_job,
+                  args=(workspace.db_url, job.id))
 
 
 def job_ui(model: Model, pool: Pool) -> None:
@@ -139,7 +145,8 @@ def results_ui(model: Model, pool: Pool, counts: dict[int, int]) -> None:
         return
     charts_ui(model, pool, counts)
     candidates_ui(model, pool)
-    download_ui(model, pool)
+    if current_user().is_admin:
+        download_ui(model, pool)
 
 
 st.title("Inference")
@@ -155,6 +162,7 @@ if choices and sources:
     predicted = grade_counts(workspace.db_url, chosen_model.id, chosen_pool.id)
     model_quality_ui(f"Model **{chosen_model.name}**", chosen_model.best_qwk, predicted,
                      "The chosen model")
-    start_ui(chosen_model, chosen_pool)
+    if current_user().is_admin:
+        start_ui(chosen_model, chosen_pool)
     job_ui(chosen_model, chosen_pool)
     results_ui(chosen_model, chosen_pool, predicted)

@@ -7,19 +7,22 @@ import pandas as pd
 import streamlit as st
 
 from db.queries import curated_set
-from db.runs import (active_run_id, best_epoch, epochs_frame, promote, run_calibration,
-                     run_checkpoint, runs_frame, validation_size)
+from db.runs import (active_run_id, best_epoch, epochs_frame, promote, promotions,
+                     run_calibration, run_checkpoint, runs_frame, validation_size)
+from db.users import NotAllowed
 from engine import jobs
 from engine.curves import (confusion_figure, curated_figure, curve_figures, per_class_figure,
                            reliability_figure)
 from engine.data import AUGMENTATIONS
 from grades import GRADE_NAMES
-from engine.models import pick_device
+from engine.import_model import ImportRefused, import_upload
+from engine.models import WeightsMismatch, pick_device
+from engine.predictor import TTA_VIEWS
 from engine.quality import calibration_lines, clipped_warning
 from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,
                             original_counts, runs_table, settings_problem, train_job_args)
 from engine.trainer import run_name
-from views.common import (explainer, get_workspace, image_pair_ui, job_status_ui,
+from views.common import (current_user, explainer, get_workspace, image_pair_ui, job_status_ui,
                           reset_on_new_options)
 
 ERRORS_PER_PAGE = 4
@@ -75,11 +78,18 @@ def settings_form(defaults: dict) -> dict | None:
                                "strong: also any angle, scale, colour and blur.")
         enhance = right.toggle("Ben Graham enhancement", defaults["enhance"],
                                 key="train_enhance", help="Local contrast: 4 × (image − blur).")
-        tta = left.toggle("Validate with flips", defaults["tta"], key="train_tta",
-                          help="Average each validation image with its mirror image.")
+        tta = left.radio("Test-time views", list(TTA_VIEWS), list(TTA_VIEWS).index(defaults["tta"]),
+                         horizontal=True, key="train_tta", help="Calibrate (and predict) on "
+                         "each image averaged over 1, 2 (its mirror too) or 8 views (the mirrors "
+                         "of its four quarter turns); epochs validate on at most 2.")
         progressive = middle.toggle("Progressive learning", defaults["progressive"],
                                   key="train_progressive", help="EfficientNetV2: image size "
                                   "and regularisation grow over four stages.")
+        processes = 1
+        if defaults["processes"] > 1:  # several GPUs: one process each, under torchrun
+            processes = right.number_input("GPUs", 1, defaults["processes"],
+                                           defaults["processes"], key="train_gpus",
+                                           help="The batch is shared among them.")
         pretrained = st.checkbox("Start from pretrained weights", defaults["pretrained"],
                                  key="train_pretrained")
         weights = st.text_input("Pretrained weights file", key="train_weights",
@@ -93,7 +103,7 @@ def settings_form(defaults: dict) -> dict | None:
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "lrf": lrf,
             "optimizer": optimizer, "balance": balance, "loss": loss, "select": select,
             "enhance": enhance, "tta": tta, "augment": augment, "progressive": progressive,
-            "pretrained": pretrained, "weights": weights}
+            "pretrained": pretrained, "weights": weights, "processes": processes}
 
 
 def start_ui(taken: set[str]) -> None:
@@ -107,11 +117,40 @@ def start_ui(taken: set[str]) -> None:
         return
     try:
         job_id = jobs.start_job(workspace, "train", "engine.train", train_job_args(settings),
-                                params=settings)
-    except jobs.JobRefused as exc:
+                                params=settings, processes=settings["processes"],
+                                user=current_user())
+    except (jobs.JobRefused, NotAllowed) as exc:
         st.warning(f"Training did not start: {exc}.")
         return
     st.success(f"Training job #{job_id} started: run {settings['name']}.")
+
+
+def import_model_ui() -> None:
+    """A best_model.pth of the seed's EfficientNetV2 code, uploaded and made a run."""
+    with st.expander("Import a model"):
+        with st.form("import_model", clear_on_submit=True):
+            upload = st.file_uploader(
+                "The seed's best_model.pth", type=["pth", "pt"], key="import_file",
+                help="A state dict that the seed's EfficientNetV2-S, -M or -L code trained on the "
+                "grades 0-3. It becomes a run with the seed's own evaluation preprocessing "
+                "(the centre square, mean = std = 0.5), ready to promote.")
+            name = st.text_input("Name of the imported run",
+                                 placeholder="empty: seed-<date and time>",
+                                 key="import_name")
+            submitted = st.form_submit_button("Import")
+        if not submitted:
+            return
+        if upload is None:
+            st.warning("Choose a .pth file to import.")
+            return
+        try:
+            with st.spinner(f"Importing {upload.name}…"):
+                import_upload(workspace, current_user(), upload.name, upload.getvalue(),
+                              name.strip() or None)
+        except (ImportRefused, WeightsMismatch, NotAllowed) as exc:
+            st.error(f"{upload.name} was not imported: {exc}")
+            return
+        st.success(f"{upload.name} is a run now; promote it below to review its predictions.")
 
 
 def curves_ui(epochs: pd.DataFrame, prefix: str) -> None:
@@ -135,7 +174,7 @@ def training_ui() -> None:
     st.session_state["watched_job"] = job.id
     st.subheader("Training now")
     job_status_ui(job)
-    if st.button("Cancel training", key="cancel_training"):
+    if current_user().is_admin and st.button("Cancel training", key="cancel_training"):
         jobs.cancel_job(workspace.db_url, job.id)
         st.info("Cancelling: the run stops after the current batch.")
     epochs = epochs_frame(workspace.db_url, [job.run_id]) if job.run_id else pd.DataFrame()
@@ -153,18 +192,23 @@ def promote_ui(runs: pd.DataFrame) -> None:
         st.info("No finished run with a checkpoint yet: the active model is chosen among those.")
         return
     active = active_run_id(workspace.db_url)
-    reset_on_new_options("promote_run", ready, ready[0])  # the newest: the one to promote
-    left, right = st.columns([3, 1], vertical_alignment="bottom")
-    run_id = left.selectbox("Run to make active", ready, format_func=names.get,
-                            key="promote_run")
-    if right.button("Promote", key="promote"):
-        try:
-            promote(workspace.db_url, run_id)
-            active = run_id
-        except ValueError as exc:
-            st.error(f"Cannot promote {names[run_id]}: {exc}.")
+    if current_user().is_admin:
+        reset_on_new_options("promote_run", ready, ready[0])  # the newest: the one to promote
+        left, right = st.columns([3, 1], vertical_alignment="bottom")
+        run_id = left.selectbox("Run to make active", ready, format_func=names.get,
+                                key="promote_run")
+        if right.button("Promote", key="promote"):
+            try:
+                promote(workspace.db_url, run_id, current_user())
+                active = run_id
+            except (ValueError, NotAllowed) as exc:
+                st.error(f"Cannot promote {names[run_id]}: {exc}.")
     st.markdown(f"Active model: **{names[active]}**" if active in names
                 else "No active model yet.")
+    history = promotions(workspace.db_url)
+    if history:
+        name, account, when = history[-1]
+        st.caption(f"Last promotion: {name}, by {account}, {when:%Y-%m-%d %H:%M} UTC.")
 
 
 def errors_ui(errors: list, run_id: int) -> None:
@@ -242,6 +286,8 @@ def runs_ui(runs: pd.DataFrame) -> None:
 
 
 st.title("Retrain")
+if current_user().is_admin:
+    import_model_ui()  # before the runs are read, so that an imported run is listed at once
 runs = runs_frame(workspace.db_url)
 curated = curated_set(workspace.db_url)
 validation = validation_size(workspace.db_url)
@@ -250,7 +296,9 @@ if curated.empty:
             "(the Dataset page shows how), then train here.")
 else:
     curated_ui(curated, validation)
-    if validation:
+    if not current_user().is_admin:
+        st.caption("An admin starts training runs and promotes models.")
+    elif validation:
         start_ui(set(runs["name"]))
     else:
         st.warning("No validation source yet: every run is judged on one, so import a "

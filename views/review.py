@@ -2,8 +2,9 @@
 one image at a time, by button or key; progress, their last decisions, and the export of
 the curated labels.
 
-The queue lives in the database (db.reviews); the session keeps only the reviewer's name,
-the image on screen and the images skipped, so a reload or a second browser carries on."""
+The queue lives in the database (db.reviews); the session keeps only the image on screen and
+the images skipped, so a reload or a second browser carries on. Every decision names the
+signed-in account."""
 
 import secrets
 from pathlib import Path
@@ -20,13 +21,14 @@ from db.reviews import (ORDERS, RENEW_EVERY, Candidate, DecidedMeanwhile, QueueF
                         recent_decisions, renew_claim, set_double_read_share, undo_last)
 from db.predictions import run_grade_counts
 from db.runs import active_run_id, run_calibration, run_checkpoint, run_score
-from engine.export import EarlierExport, ExportRefused, export_class_folders
+from db.users import NotAllowed
+from engine.export import EarlierExport, ExportRefused, export_class_folders, export_roots
 from engine.images import ImageError
-from engine.predictor import FLIP_VIEWS
+from engine.predictor import TTA_VIEWS
 from engine.quality import threshold_accuracy
 from engine.saliency import Explainer
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from views.common import explainer, get_workspace, image_pair_ui, model_quality_ui
+from views.common import current_user, explainer, get_workspace, image_pair_ui, model_quality_ui
 
 IMAGE_WIDTH = 480
 # Button key -> KeyboardEvent.key values (lower case) that press it.
@@ -68,13 +70,9 @@ workspace = get_workspace()
 
 # Callbacks run before the rerun that follows a click, so the next image is claimed after.
 
-def _set_reviewer() -> None:
-    st.session_state.reviewer = st.session_state.reviewer_name.strip()
-
-
 def _decide(candidate: Candidate, decision: str, grade: int | None = None) -> None:
     try:
-        decide(workspace.db_url, st.session_state.reviewer, candidate.image_id,
+        decide(workspace.db_url, current_user().name, candidate.image_id,
                candidate.run_id, decision, grade, seen=candidate.seen)
     except DecidedMeanwhile as exc:
         st.session_state.refusal = str(exc)
@@ -91,7 +89,7 @@ def _skip(image_id: int) -> None:
 
 
 def _undo() -> None:
-    image_id = undo_last(workspace.db_url, st.session_state.reviewer)
+    image_id = undo_last(workspace.db_url, current_user().name)
     if image_id is None:
         st.toast("Nothing of yours to undo.")
         return
@@ -114,7 +112,7 @@ def _change(recent: RecentDecision) -> None:
     if choice is not None:  # a new row; the image on screen stays
         decision, grade = ("relabel", choice) if choice in GRADES else (choice, None)
         try:
-            decide(workspace.db_url, st.session_state.reviewer, recent.image_id, recent.run_id,
+            decide(workspace.db_url, current_user().name, recent.image_id, recent.run_id,
                    decision, grade, seen=recent.current_id)
         except DecidedMeanwhile as exc:
             st.session_state.refusal = str(exc)
@@ -127,16 +125,6 @@ def active_model_ui() -> None:
     name, val_qwk = run_score(workspace.db_url, run_id)
     model_quality_ui(f"Active model **{name}**", val_qwk,
                      run_grade_counts(workspace.db_url, run_id), "The active model")
-
-
-def reviewer_ui() -> str | None:
-    if st.session_state.get("reviewer"):
-        st.caption(f"Reviewing as **{st.session_state.reviewer}**.")
-        return st.session_state.reviewer
-    st.text_input("Your name, stored with every decision", key="reviewer_name",
-                  on_change=_set_reviewer)
-    st.info("Enter your name to start reviewing.")
-    return None
 
 
 def controls_ui(run_id: int) -> QueueFilter:
@@ -158,8 +146,12 @@ def controls_ui(run_id: int) -> QueueFilter:
 
 def double_read_ui() -> None:
     """The share read blind by two reviewers: stored in the database, so the slider shows
-    what any reviewer set last."""
-    st.session_state.double_read = round(double_read_share(workspace.db_url) * 100)
+    what any admin set last; reviewers see it."""
+    share = double_read_share(workspace.db_url)
+    if not current_user().is_admin:
+        st.caption(f"{share:.0%} of the candidates are read blind by two reviewers.")
+        return
+    st.session_state.double_read = round(share * 100)
     st.slider("Read twice, blind (% of candidates)", 0, 100, step=1, key="double_read",
               on_change=_set_double_read,
               help="Chosen by image id, for every reviewer alike. Two different reviewers "
@@ -201,24 +193,26 @@ def card_ui(candidate: Candidate) -> None:
 
 
 def flip_views_ui(model: Explainer, path: str) -> None:
-    """The probabilities of the image and of its mirror image side by side: the spread that
-    flip TTA averages away."""
+    """The probabilities of each test-time view of the image side by side: the spread that
+    TTA averages away."""
     try:
         views = model.views(Path(path))
     except ImageError:
         return  # the image row has said why
-    frame = pd.DataFrame({"grade": [GRADE_NAMES[g] for g in GRADES] * len(FLIP_VIEWS),
-                          "view": [v for v in FLIP_VIEWS for _ in GRADES],
+    names = TTA_VIEWS[len(views)]
+    frame = pd.DataFrame({"grade": [GRADE_NAMES[g] for g in GRADES] * len(names),
+                          "view": [v for v in names for _ in GRADES],
                           "probability": views.ravel()})
     figure = px.bar(frame, x="grade", y="probability", color="view", barmode="group",
-                    range_y=[0, 1], text_auto=".2f", height=240, title="Flip views")
+                    range_y=[0, 1], text_auto=".2f" if len(names) <= 2 else False,
+                    height=240, title="Test-time views")
     st.plotly_chart(figure, key="flip_views")
 
 
 @st.fragment(run_every=RENEW_EVERY)
 def hold_ui(candidate: Candidate) -> None:
     """Keeps the image on screen claimed while the reviewer looks at it, clicks or not."""
-    if not renew_claim(workspace.db_url, st.session_state.reviewer, candidate.image_id,
+    if not renew_claim(workspace.db_url, current_user().name, candidate.image_id,
                        candidate.seen):
         st.session_state.refusal = (f"{candidate.name} was decided or taken over meanwhile, "
                                     "by another reviewer or in another tab; here is the next "
@@ -317,8 +311,7 @@ def recent_ui(reviewer: str) -> None:
 def export_ui() -> None:
     st.subheader("Export the curated labels")
     st.caption("Expert labels of the training sources, and the pseudo-labels whose current "
-               "decision is an accept or a correction (which override an expert's grade, "
-               "as in training).")
+               "decision is an accept, a correction or an adjudicated grade, as in training.")
     st.download_button("Download as CSV", lambda: curated_csv(workspace.db_url),
                        file_name="curated_labels.csv", mime="text/csv", key="export_csv")
     target = st.text_input("Class folders 0-3 into", key="export_folder",
@@ -340,11 +333,12 @@ def write_folders_ui(target: str, replace: bool) -> None:
     out = Path(target).expanduser()
     try:
         result = export_class_folders(zip(curated.path.tolist(), curated.grade.tolist()),
-                                      out, replace, sources_frame(workspace.db_url).root)
+                                      out, replace, sources_frame(workspace.db_url).root,
+                                      user=current_user(), roots=export_roots(workspace.root))
     except EarlierExport as exc:
         st.error(f"{exc}: tick “Replace an earlier export” or choose another folder.")
         return
-    except ExportRefused as exc:
+    except (ExportRefused, NotAllowed) as exc:
         st.error(f"{exc}.")
         return
     except OSError as exc:
@@ -358,8 +352,9 @@ def write_folders_ui(target: str, replace: bool) -> None:
 
 st.title("Review")
 active_model_ui()
-reviewer = reviewer_ui()
-if reviewer:
-    queue_ui(reviewer)
-    recent_ui(reviewer)
+reviewer = current_user().name
+st.caption(f"Reviewing as **{reviewer}**: every decision is stored with this account.")
+queue_ui(reviewer)
+recent_ui(reviewer)
+if current_user().is_admin:
     export_ui()

@@ -1,0 +1,267 @@
+"""Accounts and roles: who may sign in, what a role may do, and the command line that manages
+them. Local passwords are stored as Argon2 hashes; failed sign-ins are counted in the database.
+
+    python -m db.users add NAME --role reviewer|admin [--sso]
+    python -m db.users list
+    python -m db.users disable NAME | enable NAME | passwd NAME
+
+The password is read without echo, or from standard input when that is not a terminal (for
+scripts). `--sso` adds an identity provider's e-mail, which signs in through the provider only.
+"""
+
+import argparse
+import getpass
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import cache
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import func, select, update
+
+from db.schema import Account, utcnow
+from db.session import migrate, read_scope, session_scope
+
+ROLES = ("reviewer", "admin")
+MIN_PASSWORD = 8
+MAX_FAILURES = 5  # in a row: the account locks for LOCK_FOR
+LOCK_FOR = timedelta(minutes=15)
+# Before the lock, failure n makes the next try wait 2**(n-1) s: 1, 2, 4, 8 s.
+_hasher = PasswordHasher()
+
+
+@dataclass(frozen=True)
+class User:
+    """Who acts: an account's name (a local name or an e-mail) and its role."""
+
+    name: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+# The one user of a workspace that has no accounts and is served on this machine only.
+LOCAL = User("local", "admin")
+
+
+class NotAllowed(Exception):
+    """The user's role may not do this; the message says who and what."""
+
+
+class SignInRefused(Exception):
+    """A sign-in that did not succeed, and why, in words."""
+
+
+class AccountError(ValueError):
+    """An account command that cannot be carried out (unknown name, short password...)."""
+
+
+def require_admin(user: User, action: str) -> None:
+    """Refuse `action` (such as "start training") to anyone but an admin."""
+    if not user.is_admin:
+        raise NotAllowed(f"{user.name} is a {user.role}: only an admin may {action}")
+
+
+def normalise(name: str) -> str:
+    """Names and e-mails compare without case or surrounding spaces."""
+    return name.strip().lower()
+
+
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise AccountError(f"the password must have at least {MIN_PASSWORD} characters")
+
+
+def add_account(db_url: str, name: str, role: str, password: str | None) -> User:
+    """A new account; `password` None makes one that signs in through the identity provider."""
+    name = normalise(name)
+    if not name or len(name) > 100:
+        raise AccountError("a name must have 1 to 100 characters")
+    if role not in ROLES:
+        raise AccountError(f"the role must be one of {', '.join(ROLES)}, not {role!r}")
+    if password is not None:
+        _check_password(password)
+    with session_scope(db_url) as session:
+        if session.get(Account, name) is not None:
+            raise AccountError(f"an account named {name} exists already")
+        session.add(Account(name=name, role=role,
+                            password_hash=None if password is None else _hasher.hash(password)))
+    return User(name, role)
+
+
+def set_password(db_url: str, name: str, password: str) -> None:
+    """A new password; it also lifts a lock and clears the failed sign-ins."""
+    _check_password(password)
+    hashed = _hasher.hash(password)
+    _change(db_url, name, password_hash=hashed, failures=0, locked_until=None)
+
+
+def set_disabled(db_url: str, name: str, disabled: bool) -> None:
+    _change(db_url, name, disabled=disabled)
+
+
+def _change(db_url: str, name: str, **values) -> None:
+    with session_scope(db_url) as session:
+        if session.execute(update(Account).where(Account.name == normalise(name))
+                           .values(**values)).rowcount == 0:
+            raise AccountError(f"no account named {normalise(name)}")
+
+
+def has_accounts(db_url: str) -> bool:
+    """Whether any account exists, disabled ones too: disabling every account must not open
+    the app to whoever reaches it."""
+    with read_scope(db_url) as session:
+        return session.scalar(select(func.count()).select_from(Account)) > 0
+
+
+def has_passwords(db_url: str) -> bool:
+    """Whether any enabled account signs in with a password (the sign-in form is needed)."""
+    with read_scope(db_url) as session:
+        return session.scalar(select(func.count()).select_from(Account).where(
+            Account.password_hash.is_not(None), Account.disabled.is_(False))) > 0
+
+
+def find_user(db_url: str, name: str) -> User | None:
+    """The enabled account of that name or e-mail; None for an unknown or disabled one."""
+    with read_scope(db_url) as session:
+        account = session.get(Account, normalise(name))
+        if account is None or account.disabled:
+            return None
+        return User(account.name, account.role)
+
+
+def accounts(db_url: str) -> list[Account]:
+    with read_scope(db_url) as session:
+        return list(session.scalars(select(Account).order_by(Account.name)))
+
+
+@cache
+def _dummy_hash() -> str:
+    return _hasher.hash("not a password of anyone")
+
+
+def _verify(password_hash: str | None, password: str) -> bool:
+    """Argon2 verification; an unknown name costs the same time as a known one."""
+    try:
+        return _hasher.verify(password_hash or _dummy_hash(), password) and bool(password_hash)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def _wait_after(failures: int) -> timedelta:
+    if failures >= MAX_FAILURES:
+        return LOCK_FOR
+    return timedelta(seconds=2 ** (failures - 1))
+
+
+def sign_in(db_url: str, name: str, password: str, now: datetime | None = None) -> User:
+    """The user, when `password` is the account's; otherwise SignInRefused saying why. Each
+    failure makes the next try wait longer; MAX_FAILURES in a row lock the account for
+    LOCK_FOR. A try during a wait or a lock is refused without looking at the password."""
+    now, name = now or utcnow(), normalise(name)
+    with read_scope(db_url) as session:
+        account = session.get(Account, name)
+    if account is not None and account.locked_until and now < account.locked_until:
+        if account.failures >= MAX_FAILURES:
+            raise SignInRefused(
+                f"{name} is locked after {account.failures} failed sign-ins, until "
+                f"{account.locked_until:%H:%M:%S} UTC; an admin can lift the lock by setting "
+                f"a new password (python -m db.users passwd {name})")
+        seconds = max(1, round((account.locked_until - now).total_seconds()))
+        raise SignInRefused(f"Too many tries: wait {seconds} s before signing in again")
+    hashed = account.password_hash if account else None
+    if not _verify(hashed, password):  # outside any transaction: hashing takes a while
+        if account is not None:
+            failures = _record_failure(db_url, name, now)
+            if failures >= MAX_FAILURES:
+                raise SignInRefused(f"Wrong password, {failures} times in a row: {name} is "
+                                    f"locked for {LOCK_FOR.seconds // 60} minutes")
+        raise SignInRefused("Wrong name or password")
+    if account.disabled:
+        raise SignInRefused(f"{name} is disabled; ask an admin to enable it")
+    rehash = _hasher.check_needs_rehash(hashed)
+    _change(db_url, name, failures=0, locked_until=None,
+            **({"password_hash": _hasher.hash(password)} if rehash else {}))
+    return User(account.name, account.role)
+
+
+def _record_failure(db_url: str, name: str, now: datetime) -> int:
+    with session_scope(db_url) as session:
+        account = session.get(Account, name)
+        account.failures += 1
+        account.locked_until = now + _wait_after(account.failures)
+        return account.failures
+
+
+# The command line
+
+
+def _database_url() -> str:
+    # engine.workspace.Workspace's rule, which db/ cannot import.
+    root = Path(os.environ.get("DR_WORKSPACE", "workspace")).resolve()
+    return os.environ.get("DR_DATABASE_URL") or f"sqlite:///{root / 'dr.sqlite'}"
+
+
+def _read_password(name: str) -> str:
+    """Twice without echo at a terminal; else the first line of standard input."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass(f"Password for {name}: ")
+    if getpass.getpass("Again: ") != password:
+        raise AccountError("the two passwords differ")
+    return password
+
+
+def _list(db_url: str) -> None:
+    rows = accounts(db_url)
+    if not rows:
+        print("No accounts: the app runs as one local admin, on this machine only.")
+    for account in rows:
+        how = "password" if account.password_hash else "identity provider"
+        state = " · disabled" if account.disabled else ""
+        if account.failures >= MAX_FAILURES and account.locked_until > utcnow():
+            state += f" · locked until {account.locked_until:%Y-%m-%d %H:%M} UTC"
+        print(f"{account.name}\t{account.role}\t{how}{state}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m db.users", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = commands.add_parser("add", help="add an account")
+    add.add_argument("name", help="a local name, or an e-mail with --sso")
+    add.add_argument("--role", choices=ROLES, required=True)
+    add.add_argument("--sso", action="store_true",
+                     help="no password: the account signs in through the identity provider")
+    commands.add_parser("list", help="list the accounts")
+    for command in ("disable", "enable", "passwd"):
+        commands.add_parser(command, help=f"{command} an account").add_argument("name")
+    args = parser.parse_args(argv)
+    db_url = _database_url()
+    migrate(db_url)
+    try:
+        if args.command == "add":
+            password = None if args.sso else _read_password(args.name)
+            user = add_account(db_url, args.name, args.role, password)
+            print(f"Added {user.name} ({user.role}).")
+        elif args.command == "list":
+            _list(db_url)
+        elif args.command == "passwd":
+            set_password(db_url, args.name, _read_password(args.name))
+            print(f"New password set for {normalise(args.name)}; any lock is lifted.")
+        else:
+            set_disabled(db_url, args.name, args.command == "disable")
+            print(f"{normalise(args.name)} is {args.command}d.")
+    except AccountError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

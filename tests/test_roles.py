@@ -1,0 +1,205 @@
+"""Roles and the audit trail: what a reviewer may not do (the pages show no control for it, the
+engine refuses it), every decision, job and promotion naming its account, the refusal to
+serve data to other machines without accounts, institutional sign-in, and where exports may
+write."""
+
+import pytest
+from argon2 import PasswordHasher
+from sqlalchemy import select
+from streamlit import config
+from streamlit.testing.v1 import AppTest
+
+from conftest import BOTH_BACKENDS, ROOT, page_text, write_image
+from db import users
+from db.runs import promote, promotions
+from db.schema import Job, Review, Run
+from db.session import session_scope
+from db.users import LOCAL, NotAllowed, User, add_account
+from engine import jobs
+from engine.export import ExportRefused, export_class_folders, export_roots
+from test_agreement import read_by_hand
+from test_review import predicted  # noqa: F401 (a fixture)
+from test_users import sign_in_form
+from views.signin import served_locally
+
+PASSWORD = "correct horse"
+BEN = User("ben", "reviewer")
+# The controls only an admin gets, page by page.
+ADMIN_ONLY = {"dataset": ["import_kind"], "retrain": ["start_training", "promote"],
+              "inference": ["start_inference"], "review": ["export_folders", "double_read"],
+              "agreement": ["adjudicate_1"]}
+
+
+@pytest.fixture(autouse=True)
+def quick_hashes(monkeypatch):
+    monkeypatch.setattr(users, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024,
+                                                         parallelism=1))
+
+
+@pytest.fixture
+def team(predicted):  # noqa: F811
+    """The workspace of test_review with an admin, ana, and a reviewer, ben."""
+    workspace, run_id, pool = predicted
+    add_account(workspace.db_url, "ana", "admin", PASSWORD)
+    add_account(workspace.db_url, "ben", "reviewer", PASSWORD)
+    read_by_hand(workspace.db_url, run_id, pool)  # reads for the adjudication to wait
+    return predicted
+
+
+def signed_in(name: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    return sign_in_form(at, name, PASSWORD)
+
+
+def controls(at: AppTest) -> set[str]:
+    return {widget.key for kind in ("button", "slider", "selectbox")
+            for widget in at.main.get(kind)}
+
+
+def test_a_reviewer_gets_no_admin_control_and_reviews_under_the_account(team):
+    workspace, run_id, pool = team
+    admin, reviewer = signed_in("ana"), signed_in("ben")
+    for page, keys in ADMIN_ONLY.items():
+        for at in (admin, reviewer):
+            at.switch_page(f"views/{page}.py").run()
+            assert not at.exception, at.exception
+        assert set(keys) <= controls(admin), page
+        assert not set(keys) & controls(reviewer), page
+    assert "An admin starts training runs" in page_text(reviewer.switch_page("views/retrain.py")
+                                                        .run())
+    assert admin.switch_page("views/accounts.py").run().title[0].value == "Accounts"
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        reviewer.switch_page("views/accounts.py")  # no such page for a reviewer
+    reviewer.switch_page("views/review.py").run()
+    assert "Reviewing as ben" in page_text(reviewer).replace("**", "")
+    assert not reviewer.get("download_button")  # the curated labels are an admin's export
+    reviewer.button(key="accept").click().run()
+    with session_scope(workspace.db_url) as session:
+        last = session.scalars(select(Review).order_by(Review.id.desc())).first()
+    assert (last.reviewer, last.decision) == ("ben", "accept")
+
+
+@BOTH_BACKENDS
+def test_the_engine_refuses_a_reviewer_training_promoting_and_exporting(workspace, tmp_path):
+    with pytest.raises(NotAllowed, match="ben is a reviewer: only an admin may start a train"):
+        jobs.start_job(workspace, "train", "engine.train", ["--from-db"], user=BEN)
+    with session_scope(workspace.db_url) as session:
+        assert session.scalars(select(Job)).all() == []  # nothing recorded, nothing started
+        session.add(Run(name="r", model_name="m", img_size=64, status="done", checkpoint="c"))
+    with pytest.raises(NotAllowed, match="only an admin may promote a model"):
+        promote(workspace.db_url, 1, BEN)
+    with pytest.raises(NotAllowed, match="only an admin may export labels"):
+        export_class_folders([], workspace.root / "export", user=BEN,
+                             roots=export_roots(workspace.root))
+    assert promotions(workspace.db_url) == [] and not (workspace.root / "export").exists()
+
+
+@BOTH_BACKENDS
+def test_jobs_runs_and_promotions_name_their_account(workspace):
+    admin = User("ana", "admin")
+    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--help"], user=admin)
+    jobs._children[(workspace.db_url, job_id)].wait(timeout=60)
+    with session_scope(workspace.db_url) as session:
+        assert session.get(Job, job_id).account == "ana"
+        session.get(Job, job_id).kind = "train"  # as a training job's process would be
+        run = Run(name="r", model_name="m", img_size=64, status="done", checkpoint="c")
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    jobs.JobReporter(workspace.db_url, job_id).attach_run(run_id)
+    promote(workspace.db_url, run_id, admin)
+    promote(workspace.db_url, run_id, LOCAL)
+    with session_scope(workspace.db_url) as session:
+        assert session.get(Run, run_id).account == "ana"
+    assert [(name, account) for name, account, _ in promotions(workspace.db_url)] == \
+        [("r", "ana"), ("r", "local")]
+
+
+@pytest.mark.parametrize("address, headers, local", [
+    ("localhost", {"Host": "localhost:8501"}, True),
+    ("127.0.0.1", {"Host": "127.0.0.1:8501"}, True),
+    ("::1", {"Host": "[::1]:8501"}, True),
+    ("localhost", {}, True),
+    (None, {"Host": "localhost:8501"}, False),  # unset: Streamlit listens on every interface
+    ("0.0.0.0", {"Host": "localhost:8501"}, False),
+    ("localhost", {"Host": "dr.clinic.org"}, False),  # a proxy that passes the name on
+    ("localhost", {"Host": "127.0.0.1:8501", "X-Forwarded-For": "10.0.0.7"}, False),
+])
+def test_served_locally(address, headers, local):
+    assert served_locally(address, headers) is local
+
+
+@pytest.fixture
+def on_the_network():
+    """The server as `--server.address 0.0.0.0` starts it."""
+    before = config.get_option("server.address")
+    config.set_option("server.address", "0.0.0.0")
+    yield
+    config.set_option("server.address", before)
+
+
+def test_served_to_other_machines_without_accounts_it_shows_no_data(workspace, on_the_network):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert [title.value for title in at.title] == ["Sign-in needed"]
+    assert "reachable from other machines" in page_text(at)
+    assert "python -m db.users add NAME --role admin" in page_text(at)
+    assert not at.sidebar.get("metric") and not at.main.get("button")
+    add_account(workspace.db_url, "ana", "admin", PASSWORD)
+    at.run()
+    assert [title.value for title in at.title] == ["Sign in"]
+    sign_in_form(at, "ana", PASSWORD)
+    assert at.title[0].value == "Dataset"
+
+
+def test_institutional_sign_in_takes_roles_from_the_accounts(workspace):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.secrets["auth"] = {"redirect_uri": "http://localhost:8501/oauth2callback",
+                          "cookie_secret": "s" * 32, "client_id": "dr",
+                          "client_secret": "x", "server_metadata_url": "https://idp/.wk"}
+    at.user = {"is_logged_in": False}
+    at.run()
+    assert at.button(key="signin_provider").label == "Sign in with your institution"
+    assert not at.sidebar.get("metric")
+    at.user = {"is_logged_in": True, "email": "Cleo@Clinic.org"}
+    at.run()
+    assert "Ask an admin to add you: `python -m db.users add Cleo@Clinic.org --role " \
+           "reviewer --sso`" in page_text(at)
+    assert not at.sidebar.get("metric")
+    add_account(workspace.db_url, "cleo@clinic.org", "reviewer", None)
+    at.run()
+    assert not at.exception, at.exception
+    assert "Signed in as **cleo@clinic.org** (reviewer)" in [c.value for c in at.sidebar.caption]
+
+
+def test_exports_write_only_under_the_workspace_or_named_roots(workspace, tmp_path,
+                                                              monkeypatch):
+    image = write_image(tmp_path / "src" / "a.png")
+    files = [(str(image), 1)]
+    elsewhere = tmp_path / "elsewhere"
+    with pytest.raises(ExportRefused, match=f"{elsewhere} is outside the folders exports may "
+                                            f"write to \\({workspace.root}\\)"):
+        export_class_folders(files, elsewhere, user=LOCAL, roots=export_roots(workspace.root))
+    link = workspace.root / "out"
+    link.symlink_to(elsewhere, target_is_directory=True)  # inside by name, outside in fact
+    with pytest.raises(ExportRefused, match="is outside the folders"):
+        export_class_folders(files, link, user=LOCAL, roots=export_roots(workspace.root))
+    assert not elsewhere.exists()
+    export_class_folders(files, workspace.root / "export", user=LOCAL,
+                         roots=export_roots(workspace.root))
+    assert (workspace.root / "export" / "1" / "a.png").is_file()
+    monkeypatch.setenv("DR_EXPORT_ROOTS", str(tmp_path / "shared"))
+    export_class_folders(files, tmp_path / "shared" / "x", user=LOCAL,
+                         roots=export_roots(workspace.root))
+    assert (tmp_path / "shared" / "x" / "1" / "a.png").is_file()
+
+
+def test_the_review_page_refuses_an_export_outside_in_words(predicted, tmp_path):  # noqa: F811
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.switch_page("views/review.py").run()
+    at.text_input(key="export_folder").input(str(tmp_path / "elsewhere")).run()
+    at.button(key="export_folders").click().run()
+    assert not at.exception, at.exception
+    assert f"{tmp_path / 'elsewhere'} is outside the folders exports may write to" in \
+        page_text(at)
+    assert not (tmp_path / "elsewhere").exists()
