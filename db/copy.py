@@ -12,7 +12,6 @@ target without rows.
 """
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.schema import Base
-from db.session import migrate, read_scope, session_scope
+from db.session import migrate, read_scope, session_scope, workspace_root, workspace_sqlite
 
 BATCH = 5000  # rows read and written at a time
 
@@ -33,7 +32,7 @@ class CopyRefused(Exception):
 
 def default_source() -> str:
     """The SQLite database of the workspace that DR_WORKSPACE names (./workspace by default)."""
-    return f"sqlite:///{Path(os.environ.get('DR_WORKSPACE', 'workspace')).resolve() / 'dr.sqlite'}"
+    return workspace_sqlite(workspace_root())
 
 
 def shown(url: str) -> str:

@@ -1,6 +1,7 @@
 """Connections: one Engine per database URL, SQLite tuned for several writer processes;
 PostgreSQL (`postgresql+psycopg://...`) for a team that shares one server."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -13,6 +14,21 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def workspace_root() -> Path:
+    """`DR_WORKSPACE`, or ./workspace."""
+    return Path(os.environ.get("DR_WORKSPACE", "workspace")).resolve()
+
+
+def workspace_sqlite(root: Path) -> str:
+    """The URL of the SQLite database inside a workspace."""
+    return f"sqlite:///{root / 'dr.sqlite'}"
+
+
+def database_url(root: Path) -> str:
+    """`DR_DATABASE_URL`, or the SQLite database inside the workspace at `root`."""
+    return os.environ.get("DR_DATABASE_URL") or workspace_sqlite(root)
 READ_ONLY = "dr_read_only"  # an execution option: the session only reads
 MIGRATION_LOCK = 20261129  # the key of the PostgreSQL advisory lock that migrations hold
 

@@ -11,19 +11,17 @@ scripts). `--sso` adds an identity provider's e-mail, which signs in through the
 
 import argparse
 import getpass
-import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
-from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import func, select, update
 
 from db.schema import Account, utcnow
-from db.session import migrate, read_scope, session_scope
+from db.session import database_url, migrate, read_scope, session_scope, workspace_root
 
 ROLES = ("reviewer", "admin")
 MIN_PASSWORD = 8
@@ -201,12 +199,6 @@ def _record_failure(db_url: str, name: str, now: datetime) -> int:
 # The command line
 
 
-def _database_url() -> str:
-    # engine.workspace.Workspace's rule, which db/ cannot import.
-    root = Path(os.environ.get("DR_WORKSPACE", "workspace")).resolve()
-    return os.environ.get("DR_DATABASE_URL") or f"sqlite:///{root / 'dr.sqlite'}"
-
-
 def _read_password(name: str) -> str:
     """Twice without echo at a terminal; else the first line of standard input."""
     if not sys.stdin.isatty():
@@ -242,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for command in ("disable", "enable", "passwd"):
         commands.add_parser(command, help=f"{command} an account").add_argument("name")
     args = parser.parse_args(argv)
-    db_url = _database_url()
+    db_url = database_url(workspace_root())
     migrate(db_url)
     try:
         if args.command == "add":

@@ -1,8 +1,9 @@
 """The workspace folder: database, imported datasets, caches, runs and logs in one place."""
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from db.session import database_url, workspace_root
 
 
 @dataclass(frozen=True)
@@ -12,12 +13,12 @@ class Workspace:
     @classmethod
     def from_env(cls) -> "Workspace":
         """`DR_WORKSPACE`, or ./workspace."""
-        return cls(Path(os.environ.get("DR_WORKSPACE", "workspace")).resolve())
+        return cls(workspace_root())
 
     @property
     def db_url(self) -> str:
         """`DR_DATABASE_URL`, or SQLite inside the workspace."""
-        return os.environ.get("DR_DATABASE_URL") or f"sqlite:///{self.root / 'dr.sqlite'}"
+        return database_url(self.root)
 
     @property
     def datasets(self) -> Path:
