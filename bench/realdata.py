@@ -90,10 +90,10 @@ def run_defaults(train, val, test, datasets, minutes: float, extra: list[str], s
         trainer = Trainer(config, train, val, paths, workspace.cache, PrintHooks())
         result = trainer.fit()
         seconds = time.perf_counter() - started
-        print(f"  {config.epochs} epochs in {seconds / 60:.1f} min; best epoch "
-              f"{max(result.epochs, key=lambda r: r['qwk'])['epoch']}", flush=True)
+        best = max(result.epochs, key=lambda r: r['qwk'])['epoch']
+        print(f"  {config.epochs} epochs in {seconds / 60:.1f} min; best epoch {best}", flush=True)
         results = {}
-        for which in ("best", "last"):
+        for which in ("best",) if best == result.epochs[-1]["epoch"] else ("best", "last"):
             logits, temperature = checkpoint_logits(getattr(paths, which), test, workspace.cache,
                                                     config.tta)
             if which == "last":  # the trainer calibrates best.pth only

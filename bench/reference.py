@@ -2,9 +2,10 @@
 
 Crop to the field, pad square, resize, random flips; AdamW 1e-3 with a one-cycle schedule;
 cross-entropy with square-root inverse-frequency class weights; no validation, no
-enhancement, no rotation; the last epoch is the model. Same pretrained start as the engine.
+enhancement, no rotation; the weights at the end of the budget are the model. Same pretrained start as the engine.
 """
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +21,6 @@ from engine.data import Sample, class_weights
 from engine.images import load_rgb
 from engine.models import create_model, model_mean_std
 from engine.preprocess import crop_to_eye
-from engine.trainer import epochs_for_budget
-
-TIMING_STEPS = 6  # run at the schedule's starting lr while the budget is measured
 
 
 class Photos(Dataset):
@@ -43,37 +41,45 @@ class Photos(Dataset):
         return (image - self.mean) / self.std, self.samples[i].grade or 0
 
 
+def one_cycle(progress: float, lr: float) -> tuple[float, float]:
+    """(lr, Adam beta1) of PyTorch's OneCycleLR at `progress` in [0, 1] of the run: cosine
+    from lr/25 up to lr over the first 30 %, then down to lr/25e4; beta1 mirrors it."""
+    def cosine(a: float, b: float, share: float) -> float:
+        return b + (a - b) * (1 + math.cos(math.pi * share)) / 2
+    if progress < 0.3:
+        share = progress / 0.3
+        return cosine(lr / 25, lr, share), cosine(0.95, 0.85, share)
+    share = min((progress - 0.3) / 0.7, 1.0)
+    return cosine(lr, lr / 25e4, share), cosine(0.85, 0.95, share)
+
+
 def train_reference(model_name: str, train: Sequence[Sample], minutes: float, size: int = 320,
                     batch_size: int = 16, lr: float = 1e-3, seed: int = 0) -> torch.nn.Module:
-    """Fine-tune `model_name` from its ImageNet weights for as many epochs as fit `minutes`."""
+    """Fine-tune `model_name` from its ImageNet weights for exactly `minutes` of training.
+
+    The one-cycle schedule runs on the clock rather than on a step count fixed up front, so
+    that the loop uses its whole budget whatever the speed of its first steps."""
     torch.manual_seed(seed)
     model = create_model(model_name, pretrained=True).to(memory_format=torch.channels_last)
     mean, std = model_mean_std(model_name)
     loader = DataLoader(Photos(train, size, mean, std, flips=True), batch_size, shuffle=True,
                         drop_last=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr / 25)  # one-cycle's first lr
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     weights = class_weights(train, power=0.5)
-    schedule, step = None, 0
+    budget_s, started = minutes * 60, time.perf_counter()
     model.train()
-    while schedule is None or step < schedule.total_steps + TIMING_STEPS:
+    while (progress := (time.perf_counter() - started) / budget_s) < 1:
         for images, labels in loader:
-            if step == 1:
-                started = time.perf_counter()
-            if step == TIMING_STEPS:  # epochs now follow from the measured seconds per step
-                per_step = (time.perf_counter() - started) / (TIMING_STEPS - 1)
-                epochs = epochs_for_budget(minutes, 0, per_step * len(loader))
-                schedule = torch.optim.lr_scheduler.OneCycleLR(
-                    optimizer, lr, total_steps=epochs * len(loader) - TIMING_STEPS)
+            step_lr, beta1 = one_cycle(progress, lr)
+            for group in optimizer.param_groups:
+                group["lr"], group["betas"] = step_lr, (beta1, group["betas"][1])
             loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)),
                                    labels, weight=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
-            if schedule is not None:
-                if step >= schedule.total_steps + TIMING_STEPS:
-                    break
-                schedule.step()
+            if (progress := (time.perf_counter() - started) / budget_s) >= 1:
+                break
     return model.eval()
 
 
