@@ -92,8 +92,10 @@ def run_defaults(train, val, test, datasets, minutes: float, extra: list[str], s
         seconds = time.perf_counter() - started
         best = max(result.epochs, key=lambda r: r['qwk'])['epoch']
         print(f"  {config.epochs} epochs in {seconds / 60:.1f} min; best epoch {best}", flush=True)
+        # best.pth holds the last epoch unless --select best chose an earlier one
+        kept_last = config.select == "last" or best == result.epochs[-1]["epoch"]
         results = {}
-        for which in ("best",) if best == result.epochs[-1]["epoch"] else ("best", "last"):
+        for which in ("best",) if kept_last else ("best", "last"):
             logits, temperature = checkpoint_logits(getattr(paths, which), test, workspace.cache,
                                                     config.tta)
             if which == "last":  # the trainer calibrates best.pth only

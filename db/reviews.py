@@ -285,15 +285,19 @@ def held_by_others(db_url: str, reviewer: str, queue: QueueFilter) -> int:
             Prediction.image_id.in_(_claimed_by_others(reviewer))))
 
 
+def _read_once(share: float, by: str | None = None):
+    """Ids of double-read images that one reviewer (`by`, when given) has read so far."""
+    reads = live_reads().subquery()
+    once = (select(reads.c.image_id).where(double_read(reads.c.image_id, share))
+            .group_by(reads.c.image_id).having(func.count() == 1))
+    return once if by is None else once.having(func.max(reads.c.reviewer) == by)
+
+
 def awaiting_second_read(db_url: str, reviewer: str, queue: QueueFilter) -> int:
     """Double-read candidates of the queue that only this reviewer has read so far."""
-    reads = live_reads().subquery()
     with read_scope(db_url) as session:
-        alone = (select(reads.c.image_id).where(double_read(reads.c.image_id, _share(session)))
-                 .group_by(reads.c.image_id)
-                 .having(func.count() == 1, func.max(reads.c.reviewer) == reviewer))
         return session.scalar(select(func.count(Prediction.id)).where(
-            *_filtered(queue), Prediction.image_id.in_(alone)))
+            *_filtered(queue), Prediction.image_id.in_(_read_once(_share(session), reviewer))))
 
 
 def renew_claim(db_url: str, reviewer: str, image_id: int, seen: int | None) -> bool:
@@ -505,16 +509,19 @@ def has_predictions(db_url: str, run_id: int) -> bool:
 
 
 def progress(db_url: str, run_id: int, threshold: float) -> pd.DataFrame:
-    """Per predicted grade (index 0-3): candidates at or above the threshold, and how many of
-    them have a current decision (by anyone, whichever model was active then)."""
-    reviewed = case((Prediction.image_id.in_(_decided_images()), 1), else_=0)
+    """Per predicted grade (index 0-3): candidates at or above the threshold, how many of
+    them have a current decision (by anyone, whichever model was active then) and need no
+    other, and how many double-read ones wait for their second read."""
     with read_scope(db_url) as session:
+        once = Prediction.image_id.in_(_read_once(_share(session)))
+        reviewed = case((and_(Prediction.image_id.in_(_decided_images()), ~once), 1), else_=0)
         rows = session.execute(
-            select(Prediction.grade, func.count(Prediction.id), func.sum(reviewed))
+            select(Prediction.grade, func.count(Prediction.id), func.sum(reviewed),
+                   func.sum(case((once, 1), else_=0)))
             .where(*_candidates(run_id, threshold)).group_by(Prediction.grade)
         ).all()
-    frame = pd.DataFrame(rows, columns=["grade", "candidates", "reviewed"]).set_index("grade")
-    return frame.reindex(list(GRADES), fill_value=0).astype(int)
+    frame = pd.DataFrame(rows, columns=["grade", "candidates", "reviewed", "read_once"])
+    return frame.set_index("grade").reindex(list(GRADES), fill_value=0).astype(int)
 
 
 def curated_csv(db_url: str) -> str:

@@ -167,10 +167,18 @@ class Setting(Base):
     value: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+JOB_ACTIVE = ("queued", "running")  # the statuses of a job that has not ended
+_ACTIVE_JOB = text("status IN ('queued', 'running')")
+
+
 class Job(Base):
     """A background process: demo build, training or inference."""
 
     __tablename__ = "jobs"
+    # At most one unfinished job of a kind, held by the database itself: two admins who
+    # start training at the same moment on PostgreSQL both pass start_job's check.
+    __table_args__ = (Index("ux_jobs_active_kind", "kind", unique=True,
+                            sqlite_where=_ACTIVE_JOB, postgresql_where=_ACTIVE_JOB),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(20))

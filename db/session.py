@@ -68,8 +68,8 @@ def get_engine(url: str) -> Engine:
     return create_engine(parsed, pool_pre_ping=True)
 
 
-def migrate(url: str) -> None:
-    """Bring the schema up to the newest Alembic revision."""
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the schema up to the newest Alembic revision (or to `revision`)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with get_engine(url).begin() as connection:
@@ -77,7 +77,7 @@ def migrate(url: str) -> None:
             # Processes that start at once migrate in turn (BEGIN IMMEDIATE does it on SQLite).
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
 
 
 def upsert_insert(session: Session):

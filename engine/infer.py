@@ -27,7 +27,7 @@ from db.runs import activate_first
 from db.schema import Image, Prediction, Run, Source, utcnow
 from db.session import migrate, read_scope, session_scope, upsert_insert
 from engine.data import Sample, default_workers
-from engine.distributed import from_rank_0, process_group, rank, sum_over_ranks, world_size
+from engine.distributed import from_rank_0, process_group, rank, shard, sum_over_ranks
 from engine.jobs import JobReporter
 from engine.models import load_checkpoint, pick_device
 from engine.predictor import (TTA_VIEWS, Predictions, default_batch_size, model_views,
@@ -142,7 +142,7 @@ def predict_share(args: argparse.Namespace, workspace: Workspace, device: torch.
                   report: Callable[[], None]) -> tuple[int, int]:
     """This rank's share of the images left, stored batch by batch as they are predicted,
     so that a crash or a cancel keeps what is done; (predicted, skipped)."""
-    share = plan.todo[rank()::world_size()]
+    share = [image for _, image in shard(plan.todo)]
     batch_size = args.batch_size or default_batch_size(device)
     predicted = skipped = 0
     for batch in predict_batches(model, meta, share, device, batch_size, args.workers,

@@ -17,8 +17,9 @@ from pathlib import Path
 from types import TracebackType
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
+from db.schema import JOB_ACTIVE as ACTIVE
 from db.schema import Job, Run, utcnow
 from db.session import read_scope, session_scope
 from db.users import User, require_admin
@@ -27,7 +28,6 @@ from engine.workspace import Workspace
 PROJECT = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 5.0
 STALE_AFTER = timedelta(seconds=30)
-ACTIVE = ("queued", "running")
 _children: dict[tuple[str, int], subprocess.Popen] = {}  # (db, job id) -> process we started
 
 
@@ -47,16 +47,20 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
     require_admin(user, f"start a {kind} job")
     mark_dead_jobs(workspace.db_url)
     workspace.logs.mkdir(parents=True, exist_ok=True)
-    with session_scope(workspace.db_url) as session:
-        running = session.scalar(select(Job).where(Job.kind == kind, Job.status.in_(ACTIVE)))
-        if running is not None:
-            raise JobRefused(f"another {kind} job (#{running.id}) is already running; "
-                             "wait for it or cancel it first")
-        job = Job(kind=kind, params=params or {}, account=user.name)
-        session.add(job)
-        session.flush()
-        job.log_path = str(workspace.logs / f"{kind}-{job.id}.log")
-        job_id, log_path = job.id, job.log_path
+    try:
+        with session_scope(workspace.db_url) as session:
+            running = session.scalar(select(Job).where(Job.kind == kind, Job.status.in_(ACTIVE)))
+            if running is not None:
+                raise JobRefused(f"another {kind} job (#{running.id}) is already running; "
+                                 "wait for it or cancel it first")
+            job = Job(kind=kind, params=params or {}, account=user.name)
+            session.add(job)
+            session.flush()
+            job.log_path = str(workspace.logs / f"{kind}-{job.id}.log")
+            job_id, log_path = job.id, job.log_path
+    except IntegrityError:  # ux_jobs_active_kind: one started in the same moment won
+        raise JobRefused(f"another {kind} job started at the same moment; wait for it or "
+                         "cancel it first") from None
     launcher = [sys.executable, "-m"] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={processes}", "-m"]

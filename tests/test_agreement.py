@@ -7,8 +7,8 @@ from conftest import open_page, page_text
 from db.queries import curated_set
 from db.reviews import (DOUBLE_READ_SHARE, DecidedMeanwhile, QueueFilter, adjudicate,
                         adjudication_queue, awaiting_second_read, claim_next, decide,
-                        double_read, double_read_share, reads_frame, recent_decisions,
-                        set_double_read_share)
+                        double_read, double_read_share, progress, reads_frame,
+                        recent_decisions, set_double_read_share)
 from engine.agreement import between_reviewers, confusion, per_grade, read_pairs, with_model
 from test_review import order, predicted  # noqa: F401 (a fixture)
 
@@ -33,11 +33,15 @@ def test_a_double_read_image_goes_to_a_second_reviewer_and_then_leaves(predicted
     assert first.image_id not in order(db, queue, "ana")
     assert awaiting_second_read(db, "ana", queue) == 1
     assert awaiting_second_read(db, "ben", queue) == 0
+    counts = progress(db, run_id, queue.threshold).sum()
+    assert (counts.reviewed, counts.read_once) == (0, 1)  # not done until the second read
     second = claim_next(db, "ben", queue)
     assert second.image_id == first.image_id
     decide(db, "ben", second.image_id, run_id, "relabel", 2, seen=second.seen)
     assert first.image_id not in order(db, queue, "ben") + order(db, queue, "cleo")
     assert awaiting_second_read(db, "ana", queue) == 0
+    counts = progress(db, run_id, queue.threshold).sum()
+    assert (counts.reviewed, counts.read_once) == (1, 0)
 
 
 def test_a_read_made_meanwhile_is_the_second_read_not_a_conflict(predicted):

@@ -5,30 +5,23 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 
-from conftest import job_row, wait_for_job
+from conftest import BOTH_BACKENDS, job_row, wait_for_job
 from db.schema import Job, Run, utcnow
-from db.session import migrate, session_scope
+from db.session import get_engine, migrate, read_scope, session_scope
 from db.users import LOCAL
 from engine import jobs
 from engine.data import folder_samples
 from engine.sources import import_source
 from engine.train import LogHooks
 from engine.trainer import RunPaths, TrainConfig, Trainer
-from engine.workspace import Workspace
-
-
-@pytest.fixture
-def workspace(tmp_path) -> Workspace:
-    workspace = Workspace(tmp_path / "ws")
-    migrate(workspace.db_url)
-    return workspace
 
 
 def test_demo_job_runs_to_done_and_fills_the_workspace(workspace):
@@ -49,6 +42,47 @@ def test_a_second_job_of_the_same_kind_is_refused(workspace):
     finally:
         jobs.cancel_job(workspace.db_url, first)
         wait_for_job(workspace, first, lambda j: j.status not in jobs.ACTIVE)
+
+
+@BOTH_BACKENDS
+def test_two_admins_starting_one_kind_at_the_same_moment_start_one_job(workspace):
+    """The other admin's job is written but not yet committed when this one starts: on
+    PostgreSQL start_job's check cannot see it, and the database's index refuses the second."""
+    written, release = threading.Event(), threading.Event()
+
+    def other_admin() -> None:
+        with session_scope(workspace.db_url) as session:
+            session.add(Job(kind="demo", status="running", pid=os.getpid(), heartbeat_at=utcnow()))
+            session.flush()
+            written.set()
+            release.wait(10)
+
+    other = threading.Thread(target=other_admin)
+    other.start()
+    assert written.wait(10)
+    threading.Timer(1.0, release.set).start()
+    try:
+        with pytest.raises(jobs.JobRefused, match="demo job"):
+            jobs.start_job(workspace, "demo", "engine.demo", ["--train", "8"], user=LOCAL)
+    finally:
+        release.set()
+        other.join()
+    with read_scope(workspace.db_url) as session:
+        assert session.scalars(select(Job.kind)).all() == ["demo"]
+
+
+def test_the_migration_ends_all_but_the_newest_unfinished_job_of_a_kind(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    migrate(url, "0006")
+    with get_engine(url).begin() as connection:
+        for kind in ("train", "train", "train", "infer"):
+            connection.execute(text("INSERT INTO jobs (kind, status, params, progress, message, "
+                                    "created_at) VALUES (:kind, 'running', '{}', 0, '', "
+                                    "CURRENT_TIMESTAMP)"), {"kind": kind})
+    migrate(url)
+    with read_scope(url) as session:
+        assert session.execute(select(Job.id, Job.status).order_by(Job.id)).all() == [
+            (1, "failed"), (2, "failed"), (3, "running"), (4, "running")]
 
 
 def test_cancel_stops_training_between_batches(workspace, tiny_data):

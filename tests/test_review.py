@@ -122,10 +122,10 @@ def test_decisions_are_appended_and_leave_the_queue(predicted):
     queue = QueueFilter(run_id)
     assert order(db, queue) == [pool[2], pool[1], pool[0]]
     table = progress(db, run_id, 0.70)
-    assert table.to_dict("index") == {0: {"candidates": 2, "reviewed": 1},
-                                      1: {"candidates": 2, "reviewed": 1},
-                                      2: {"candidates": 1, "reviewed": 0},
-                                      3: {"candidates": 1, "reviewed": 1}}
+    assert table.to_dict("index") == {0: {"candidates": 2, "reviewed": 1, "read_once": 0},
+                                      1: {"candidates": 2, "reviewed": 1, "read_once": 0},
+                                      2: {"candidates": 1, "reviewed": 0, "read_once": 0},
+                                      3: {"candidates": 1, "reviewed": 1, "read_once": 0}}
     with pytest.raises(ValueError, match="grade 0-3"):
         decide(db, "ana", pool[2], run_id, "relabel", 4)
     with pytest.raises(ValueError, match="no prediction"):

@@ -203,3 +203,15 @@ def test_the_review_page_refuses_an_export_outside_in_words(predicted, tmp_path)
     assert f"{tmp_path / 'elsewhere'} is outside the folders exports may write to" in \
         page_text(at)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_an_empty_workspace_tells_a_reviewer_what_an_admin_does_next(workspace):
+    add_account(workspace.db_url, "ben", "reviewer", PASSWORD)
+    reviewer = signed_in("ben")
+    for page, waits_for in (("review", "once an admin has trained a model"),
+                            ("inference", "an admin trains one"),
+                            ("retrain", "an admin imports a labelled training source")):
+        text = page_text(reviewer.switch_page(f"views/{page}.py").run())
+        assert waits_for in text, page
+        # no step that needs a control a reviewer does not have
+        assert "Retrain page" not in text and "Dataset page" not in text, page

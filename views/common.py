@@ -35,6 +35,12 @@ def current_user() -> User:
     return st.session_state.user
 
 
+def next_step_info(admin: str, reviewer: str) -> None:
+    """What an empty page waits for, in words for who reads it: a reviewer cannot take the
+    steps an admin can, nor see their controls."""
+    st.info(admin if current_user().is_admin else reviewer)
+
+
 @st.cache_resource
 def device_label() -> str:
     return describe_device(pick_device())

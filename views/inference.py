@@ -17,7 +17,8 @@ from engine.distributed import local_processes
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from engine.models import pick_device
 from engine.predictor import TTA_VIEWS, default_batch_size
-from views.common import current_user, get_workspace, job_status_ui, model_quality_ui
+from views.common import (current_user, get_workspace, job_status_ui, model_quality_ui,
+                          next_step_info)
 
 workspace = get_workspace()
 
@@ -152,11 +153,13 @@ def results_ui(model: Model, pool: Pool, counts: dict[int, int]) -> None:
 st.title("Inference")
 choices, sources = models(workspace.db_url), pools(workspace.db_url)
 if not choices:
-    st.info("No trained models yet: train one on the Retrain page or with "
-            "`python -m engine.train`.")
+    next_step_info("No trained models yet: train one on the Retrain page or with "
+                   "`python -m engine.train`.", "No trained models yet: an admin trains one.")
 if not sources:
-    st.info("No image sources yet: import a pool from a terminal, for example "
-            "`python -m engine.sources import --kind aptos --path /data/aptos --role unlabelled`.")
+    next_step_info("No image sources yet: import a pool on the Dataset page, or from a "
+                   "terminal, for example `python -m engine.sources import --kind aptos --path "
+                   "/data/aptos --role unlabelled`.", "No image sources yet: an admin imports "
+                   "a pool of images.")
 if choices and sources:
     chosen_model, chosen_pool = choice_ui(choices, sources)
     predicted = grade_counts(workspace.db_url, chosen_model.id, chosen_pool.id)

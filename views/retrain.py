@@ -23,7 +23,7 @@ from engine.retrain import (MODELS, contribution_table, curated_counts, default_
                             original_counts, runs_table, settings_problem, train_job_args)
 from engine.trainer import run_name
 from views.common import (current_user, explainer, get_workspace, image_pair_ui, job_status_ui,
-                          reset_on_new_options)
+                          next_step_info, reset_on_new_options)
 
 ERRORS_PER_PAGE = 4
 OPTIMIZERS, BALANCES = ["sgd", "adamw"], ["loss", "sqrt", "sampler", "none"]
@@ -292,8 +292,9 @@ runs = runs_frame(workspace.db_url)
 curated = curated_set(workspace.db_url)
 validation = validation_size(workspace.db_url)
 if curated.empty:
-    st.info("No labelled data yet: import a labelled training source and a validation source "
-            "(the Dataset page shows how), then train here.")
+    next_step_info("No labelled data yet: import a labelled training source and a validation "
+                   "source on the Dataset page, then train here.", "No labelled data yet: an "
+                   "admin imports a labelled training source and a validation source.")
 else:
     curated_ui(curated, validation)
     if not current_user().is_admin:
@@ -305,6 +306,8 @@ else:
                    "labelled validation source before training.")
 training_ui()
 if runs.empty:
-    st.info("No runs yet: start one above; its curves appear here epoch by epoch.")
+    next_step_info("No runs yet: start one above; its curves appear here epoch by epoch.",
+                   "No runs yet: once an admin starts one, its curves appear here epoch by "
+                   "epoch.")
 else:
     runs_ui(runs)

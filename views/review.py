@@ -28,7 +28,8 @@ from engine.predictor import TTA_VIEWS
 from engine.quality import threshold_accuracy
 from engine.saliency import Explainer
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from views.common import current_user, explainer, get_workspace, image_pair_ui, model_quality_ui
+from views.common import (current_user, explainer, get_workspace, image_pair_ui,
+                          model_quality_ui, next_step_info)
 
 IMAGE_WIDTH = 480
 # Button key -> KeyboardEvent.key values (lower case) that press it.
@@ -167,7 +168,9 @@ def progress_ui(queue: QueueFilter) -> bool:
         st.info(f"No prediction of the active model reaches the confidence threshold "
                 f"{queue.threshold:.2f}: lower the threshold to get candidates.")
         return False
-    st.progress(reviewed / candidates, text=f"{reviewed} of {candidates} candidates reviewed")
+    waiting = int(table.read_once.sum())
+    st.progress(reviewed / candidates, text=f"{reviewed} of {candidates} candidates reviewed"
+                + (f"; {waiting} read once, waiting for a second reader" if waiting else ""))
     for column, (grade, row) in zip(st.columns(len(GRADES)), table.iterrows()):
         column.metric(GRADE_NAMES[grade], f"{row.reviewed} / {row.candidates}")
     return True
@@ -247,12 +250,14 @@ def keys_ui() -> None:
 def queue_ui(reviewer: str) -> None:
     run_id = active_run_id(workspace.db_url)
     if run_id is None:
-        st.info("No model yet: train one on the Retrain page, then run inference on the "
-                "Inference page first.")
+        next_step_info("No model yet: train one on the Retrain page, then run inference on "
+                       "the Inference page first.", "No model yet: the queue fills once an "
+                       "admin has trained a model and run it over a pool of images.")
         return
     if not has_predictions(workspace.db_url, run_id):
-        st.info("The active model has no predictions yet: run inference on the Inference "
-                "page first.")
+        next_step_info("The active model has no predictions yet: run inference on the "
+                       "Inference page first.", "The active model has no predictions yet: the "
+                       "queue fills once an admin has run it over a pool of images.")
         return
     queue = controls_ui(run_id)
     double_read_ui()
