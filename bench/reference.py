@@ -2,7 +2,8 @@
 
 Crop to the field, pad square, resize, random flips; AdamW 1e-3 with a one-cycle schedule;
 cross-entropy with square-root inverse-frequency class weights; no validation, no
-enhancement, no rotation; the weights at the end of the budget are the model. Same pretrained start as the engine.
+enhancement, no rotation; the weights at the end of the budget are the model. Same
+pretrained start as the engine.
 """
 
 import math

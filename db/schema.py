@@ -168,7 +168,7 @@ class Setting(Base):
 
 
 JOB_ACTIVE = ("queued", "running")  # the statuses of a job that has not ended
-_ACTIVE_JOB = text("status IN ('queued', 'running')")
+_ACTIVE_JOB = text(f"status IN {JOB_ACTIVE}")
 
 
 class Job(Base):

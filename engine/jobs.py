@@ -19,8 +19,7 @@ from types import TracebackType
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from db.schema import JOB_ACTIVE as ACTIVE
-from db.schema import Job, Run, utcnow
+from db.schema import JOB_ACTIVE as ACTIVE, Job, Run, utcnow
 from db.session import read_scope, session_scope
 from db.users import User, require_admin
 from engine.workspace import Workspace
