@@ -3,7 +3,7 @@ taking them unreviewed, and which queue order gets the most out of each decision
 
     python -m engine.loopgain [--data DIR | --synthetic N] [--minutes 5 | --epochs N]
                               [--rounds 2] [--labelled-share 0.3] [--decisions 100]
-                              [--error-rate 0.05] [--order confidence random flip] [--seed 0]
+                              [--error-rate 0.05] [--order [confidence random flip]] [--seed 0]
                               [--threshold 0.7] [--train-args "--img-size 384 ..."] [--out FILE]
 
 The labelled set (--data: a folder with labels.csv as ../shared/realdata, an APTOS folder with
@@ -16,17 +16,19 @@ their grades hidden.
 A baseline trains on the labelled share. Then, each round, the arm's current model predicts what
 is left of the pool (with flip TTA), the arm labels some of it and the model retrains, from the
 same pretrained start, on the labelled share and every label given so far. The arms:
-- curated, one per --order: a simulated reviewer decides the first --decisions candidates at or
-  above the threshold in that queue order, from the hidden truth: accepts a right grade and
-  corrects a wrong one, but with probability --error-rate slips instead (accepts the wrong
-  grade, or moves a right one to a neighbouring grade);
+- curated, every candidate: a simulated reviewer decides every candidate at or above the
+  threshold, as reviewers who work through the app's queue do, from the hidden truth: accepts a
+  right grade and corrects a wrong one, but with probability --error-rate slips instead (accepts
+  the wrong grade, or moves a right one to a neighbouring grade);
+- curated, one per --order: the same reviewer decides only the first --decisions candidates in
+  that queue order, which measures what each order gets out of a limited budget;
 - pseudo: every candidate at or above the threshold taken as predicted, unreviewed;
 - oracle: every pool image with its true grade, in one training.
 Every training is the engine's (`python -m engine.train` with --train-args), in --minutes or
 for --epochs.
 Every model is judged on the test split: QWK and referable-DR AUC. The rows go to --out after
 every training, so a run cut short keeps what it measured; at the end the table and the QWK each
-order gained per 100 decisions, against random order, are printed and written there too.
+curated arm gained per 100 decisions, against random order, are printed and written there too.
 """
 
 import argparse
@@ -64,6 +66,7 @@ OUT = ROOT / "bench" / "out" / "loopgain.json"
 SYNTHETIC_IMAGES = 480
 MINUTES = 5.0  # each training's budget by default
 METRICS = ("qwk", "referable_auc", "accuracy", "sens_at_90_spec", "ece")
+EVERY = "all"  # the curated arm that decides every candidate, beside the budgeted orders
 
 Fitted = tuple[torch.nn.Module, dict]  # a trained model and its checkpoint's meta
 
@@ -154,9 +157,10 @@ def candidates(preds: Predictions, threshold: float) -> np.ndarray:
     return np.flatnonzero(preds.probs.max(1) >= threshold)
 
 
-def reviewed(order: str, budget: int, reviewer: SimulatedReviewer, threshold: float,
+def reviewed(order: str, budget: int | None, reviewer: SimulatedReviewer, threshold: float,
              seed: int) -> Labeller:
-    """The curated arm's round: the reviewer decides the first `budget` candidates in `order`."""
+    """The curated arm's round: the reviewer decides the first `budget` candidates in `order`,
+    or every candidate with no budget."""
     def label(left: list[Sample], preds: Predictions, round_: int):
         found = candidates(preds, threshold)
         queue = found[queue_order(order, preds.probs[found], preds.views[found],
@@ -264,11 +268,11 @@ def measure(lab: Lab, args: argparse.Namespace, report: dict, save: Callable[[],
     first = lab.predict(baseline, split.pool)
     arms["curated"] = {}
     reviewer = SimulatedReviewer(args.error_rate, args.seed)
-    for order in args.order:
-        lab.run_arm(f"curated-{order}", reviewed(order, args.decisions, reviewer,
-                                                 args.threshold, args.seed),
+    budgets = {EVERY: (ORDERS[0], None), **{order: (order, args.decisions) for order in args.order}}
+    for key, (order, budget) in budgets.items():
+        lab.run_arm(f"curated-{key}", reviewed(order, budget, reviewer, args.threshold, args.seed),
                     baseline, arms["baseline"][0], first, args.rounds,
-                    arms["curated"].setdefault(order, []), save)
+                    arms["curated"].setdefault(key, []), save)
     arms["pseudo"] = []
     lab.run_arm("pseudo", unreviewed(args.threshold), baseline, arms["baseline"][0], first,
                 args.rounds, arms["pseudo"], save)
@@ -280,8 +284,8 @@ def measure(lab: Lab, args: argparse.Namespace, report: dict, save: Callable[[],
 
 
 def gains(arms: dict) -> dict:
-    """Per order, at its last round: test QWK over the baseline, per 100 decisions, that less
-    random order's, and over the unreviewed pseudo-labels' last round."""
+    """Per curated arm, at its last round: test QWK over the baseline, per 100 decisions, that
+    less random order's, and over the unreviewed pseudo-labels' last round."""
     base, pseudo = arms["baseline"][0]["qwk"], arms["pseudo"][-1]["qwk"]
     out = {}
     for order, rows in arms["curated"].items():
@@ -298,12 +302,17 @@ def gains(arms: dict) -> dict:
     return out
 
 
+def named_arm(key: str) -> str:
+    return "every candidate" if key == EVERY else f"{key} order"
+
+
 def table(arms: dict) -> str:
     """Every round of every arm, as a Markdown table."""
     lines = ["| arm | round | candidates | decisions | corrections | pool labels (wrong) "
              "| training images | epochs | test QWK | referable AUC |", "|---" * 10 + "|"]
     named = [("baseline", arms.get("baseline", [])),
-             *((f"curated, {order}", rows) for order, rows in arms.get("curated", {}).items()),
+             *((f"curated, {named_arm(key)}", rows)
+               for key, rows in arms.get("curated", {}).items()),
              ("pseudo-labels, unreviewed", arms.get("pseudo", [])),
              ("oracle", arms.get("oracle", []))]
     for name, rows in named:
@@ -316,12 +325,12 @@ def table(arms: dict) -> str:
 
 
 def gains_table(gained: dict) -> str:
-    lines = ["| order | decisions | test QWK | over baseline | per 100 decisions "
+    lines = ["| curated | decisions | test QWK | over baseline | per 100 decisions "
              "| per 100, over random | over unreviewed |", "|---" * 7 + "|"]
-    for order, g in gained.items():
-        lines.append(f"| {order} | {g['decisions']} | {g['qwk']:.3f} | {g['over_baseline']:+.3f}"
-                     f" | {g['per_100_decisions']:+.4f} | {g['per_100_over_random']:+.4f} | "
-                     f"{g['over_pseudo']:+.3f} |")
+    for key, g in gained.items():
+        lines.append(f"| {named_arm(key)} | {g['decisions']} | {g['qwk']:.3f} | "
+                     f"{g['over_baseline']:+.3f} | {g['per_100_decisions']:+.4f} | "
+                     f"{g['per_100_over_random']:+.4f} | {g['over_pseudo']:+.3f} |")
     return "\n".join(lines)
 
 
@@ -342,11 +351,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labelled-share", type=float, default=0.3,
                         help="share of the training images labelled from the start")
     parser.add_argument("--decisions", type=int, default=100,
-                        help="decisions the reviewers make per round")
+                        help="decisions per round of each --order arm")
     parser.add_argument("--error-rate", type=float, default=0.05,
                         help="how often the simulated reviewer decides wrongly")
-    parser.add_argument("--order", nargs="+", choices=ORDERS,
-                        default=["confidence", "random", "flip"], help="queue orders to compare")
+    parser.add_argument("--order", nargs="*", choices=ORDERS,
+                        default=["confidence", "random", "flip"],
+                        help="queue orders to compare on --decisions (none: only the arm that "
+                        "decides every candidate)")
     parser.add_argument("--threshold", type=float, default=REVIEW_THRESHOLD,
                         help="confidence that makes a prediction a review candidate")
     parser.add_argument("--seed", type=int, default=0)

@@ -162,10 +162,16 @@ def test_the_command_measures_all_four_arms_end_to_end(tmp_path, capsys, one_thr
     report = json.loads(out.read_text())
     arms, split = report["arms"], report["split"]
     assert set(arms) == {"baseline", "curated", "pseudo", "oracle"}
-    assert list(arms["curated"]) == ["random", "flip"]
+    assert list(arms["curated"]) == ["all", "random", "flip"]
     assert arms["baseline"][0]["train_images"] == split["labelled"]
 
-    for rows in arms["curated"].values():
+    every = arms["curated"]["all"]
+    # Reviewing every candidate decides the whole pool in round 1, all of it right.
+    assert every[0]["decisions"] == every[0]["pool_labels"] == split["pool"]
+    assert every[0]["label_errors"] == 0 and every[0]["corrections"] > 0
+    assert every[1] == {**every[0], "round": 2, "candidates": 0}
+    for order in ("random", "flip"):
+        rows = arms["curated"][order]
         # At threshold 0 every prediction is a candidate: each round spends the whole budget
         # on images not decided before, and an error-free reviewer gives only true grades.
         assert [r["decisions"] for r in rows] == [4, 8]
@@ -192,7 +198,9 @@ def test_the_command_measures_all_four_arms_end_to_end(tmp_path, capsys, one_thr
     base = arms["baseline"][0]["qwk"]
     for order, rows in arms["curated"].items():
         assert gains[order]["per_100_decisions"] == pytest.approx(
-            100 * (rows[-1]["qwk"] - base) / 8)
+            100 * (rows[-1]["qwk"] - base) / rows[-1]["decisions"])
         assert gains[order]["per_100_over_random"] == pytest.approx(
             gains[order]["per_100_decisions"] - gains["random"]["per_100_decisions"])
+    assert gains["all"]["decisions"] == split["pool"]
     assert "| pseudo-labels, unreviewed | 2 |" in printed and f"written to {out}" in printed
+    assert "| curated, every candidate | 1 |" in printed and "| flip order |" in printed
