@@ -474,6 +474,7 @@ def test_the_threshold_slider_says_how_often_the_model_was_right_above_it(predic
     at = sign_in(open_page("review"))
     assert threshold_caption(at) == \
         "No measured accuracy: the active model's calibration was not stored."
+    assert "lowering it sends its less sure predictions" in at.slider(key="threshold").help
     with session_scope(workspace.db_url) as session:
         session.get(Run, run_id).calibration = CALIBRATION
     at.run()

@@ -32,6 +32,9 @@ from views.common import (current_user, explainer, get_workspace, image_pair_ui,
                           model_quality_ui, next_step_info)
 
 IMAGE_WIDTH = 480
+THRESHOLD_HELP = ("Predictions at or above it are candidates. Review pays most where the model "
+                  "is unsure: lowering it sends its less sure predictions to the reviewers too, "
+                  "where unreviewed grades are wrong most often (the README's loop gain).")
 # Button key -> KeyboardEvent.key values (lower case) that press it.
 SHORTCUTS = {"accept": "a", "reject": "x", **{f"grade_{g}": str(g) for g in GRADES},
              "skip": " ", "undo": "backspace", "keys_help": ["?", "shift+?"], "evidence": "g"}
@@ -131,7 +134,7 @@ def active_model_ui() -> None:
 def controls_ui(run_id: int) -> QueueFilter:
     threshold, grades, band, order = st.columns(4)
     chosen = threshold.slider("Confidence threshold", 0.0, 1.0, REVIEW_THRESHOLD, 0.01,
-                              key="threshold")
+                              key="threshold", help=THRESHOLD_HELP)
     threshold.caption(threshold_accuracy(run_calibration(workspace.db_url, run_id), chosen)
                       or "No measured accuracy: the active model's calibration was not stored.")
     return QueueFilter(
