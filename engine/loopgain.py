@@ -268,6 +268,7 @@ def measure(lab: Lab, args: argparse.Namespace, report: dict, save: Callable[[],
     first = lab.predict(baseline, split.pool)
     arms["curated"] = {}
     reviewer = SimulatedReviewer(args.error_rate, args.seed)
+    # Deciding every candidate, the queue order changes nothing: the default one serves.
     budgets = {EVERY: (ORDERS[0], None), **{order: (order, args.decisions) for order in args.order}}
     for key, (order, budget) in budgets.items():
         lab.run_arm(f"curated-{key}", reviewed(order, budget, reviewer, args.threshold, args.seed),
