@@ -1,91 +1,16 @@
-"""DR grading: `streamlit run app.py`. Sign-in, navigation, the sidebar, and the first-start
-demo."""
+"""DR grading: `streamlit run app.py`.
 
-import os
+`streamlit run` finds `app` below and serves it: the pages, and beside them the routes of the
+grading viewer (its library and tiles, views/tile_server.py). Each browser session's script
+run executes this file as __main__, which draws the page (views/shell.py)."""
 
 import streamlit as st
 
-from db.reviews import loop_overview
-from db.runs import active_run_id
-from db.users import LOCAL
-from engine import jobs
-from engine.demo import is_empty
-from grades import REVIEW_THRESHOLD
-from views.common import device_label, get_workspace, job_status_ui
-from views.signin import sign_out_ui, signed_in_user
+if __name__ == "__main__":
+    from views.shell import main
 
-st.set_page_config(page_title="DR grading", page_icon="👁️", layout="wide")
-workspace = get_workspace()
+    main()
+else:
+    from views.tile_server import ROUTES
 
-
-def pages(admin: bool) -> list:
-    return [st.Page("views/dataset.py", title="Dataset", icon="📊", default=True),
-            st.Page("views/inference.py", title="Inference", icon="🔮"),
-            st.Page("views/review.py", title="Review", icon="✅"),
-            st.Page("views/agreement.py", title="Agreement", icon="🤝"),
-            st.Page("views/retrain.py", title="Retrain", icon="📈"),
-            *([st.Page("views/accounts.py", title="Accounts", icon="🔑")] if admin else [])]
-
-
-user = signed_in_user(workspace.db_url)
-if user is None:
-    # Known but not shown, so that a bookmarked page opens once the sign-in is done.
-    st.navigation(pages(admin=False), position="hidden")
-    st.stop()  # nothing of the workspace before a sign-in
-st.session_state.user = user
-
-
-def start_demo_if_empty() -> None:
-    """A first start with an empty workspace builds the demo data in a background job, once
-    an admin uses the app."""
-    if (os.environ.get("DR_DEMO", "1") == "0" or not user.is_admin
-            or not is_empty(workspace.db_url)):
-        return
-    if jobs.latest_job(workspace.db_url, "demo") is None:
-        try:
-            jobs.start_job(workspace, "demo", "engine.demo", user=user)
-        except jobs.JobRefused:
-            pass  # another browser session started it a moment ago
-
-
-@st.fragment(run_every=2)
-def jobs_ui() -> None:
-    active = jobs.active_jobs(workspace.db_url)
-    if not active:
-        st.caption("No jobs running.")
-    for job in active:
-        job_status_ui(job)
-
-
-@st.fragment(run_every=5)
-def overview_ui() -> None:
-    """Where the loop stands: label, train, predict, review, retrain."""
-    counts = loop_overview(workspace.db_url, active_run_id(workspace.db_url), REVIEW_THRESHOLD)
-    stages = [("Labelled", "labelled", "expert-labelled training images"),
-              ("Runs", "runs", "training runs"),
-              ("Predicted", "predicted", "images the active model graded"),
-              ("Candidates", "candidates",
-               f"predictions at or above {REVIEW_THRESHOLD:.2f} confidence"),
-              ("Reviewed", "reviewed", "candidates with a decision")]
-    for column, (label, key, meaning) in zip(st.columns(2) + st.columns(2) + st.columns(2),
-                                             stages):
-        column.metric(label, counts[key], help=meaning)
-
-
-def sidebar_ui() -> None:
-    with st.sidebar:
-        if user == LOCAL:
-            st.caption("No accounts: used on this machine only, as its one admin.")
-        else:
-            st.caption(f"Signed in as **{user.name}** ({user.role})")
-            sign_out_ui()
-        st.caption(f"Workspace: `{workspace.root}`")
-        st.caption(f"Device: {device_label()}")
-        overview_ui()
-        st.subheader("Jobs")
-        jobs_ui()
-
-
-start_demo_if_empty()
-sidebar_ui()
-st.navigation(pages(user.is_admin)).run()
+    app = st.App("app.py", routes=ROUTES)

@@ -62,11 +62,14 @@ def latest_reviews():
     return select(Review.image_id, Review.decision, Review.grade).where(Review.id.in_(newest))
 
 
-def live_reads():
-    """Each reviewer's current read of each image: their newest accept, reject, correction or
-    undo of it, unless that is an undo. Adjudications are no reads."""
-    newest = select(func.max(Review.id)).where(Review.decision != "adjudicate") \
-        .group_by(Review.image_id, Review.reviewer)
+def live_reads(image_id: int | None = None):
+    """Each reviewer's current read of each image (of `image_id` only, if given: its rows
+    alone are read, by their index): their newest accept, reject, correction or undo of it,
+    unless that is an undo. Adjudications are no reads."""
+    newest = select(func.max(Review.id)).where(Review.decision != "adjudicate")
+    if image_id is not None:
+        newest = newest.where(Review.image_id == image_id)
+    newest = newest.group_by(Review.image_id, Review.reviewer)
     return select(Review.id, Review.image_id, Review.run_id, Review.reviewer, Review.decision,
                   Review.grade).where(Review.id.in_(newest), Review.decision != "undo")
 

@@ -4,7 +4,9 @@ append-only decisions, progress, and the curated set for export.
 
 A share of the candidates (a shared setting) is read blind by two different reviewers: such
 an image stays queued for the others until two have read it. Reads that disagree wait in the
-adjudication queue until an adjudicator's decision, the newest row, settles the grade.
+adjudication queue until an adjudicator's decision, the newest row, settles the grade. Once
+both reads are in, neither of them changes, and an adjudication is final: the agreement
+figures keep the reads as given, and the curated set the adjudicated grade.
 
 An image's current decision is its newest review row; a newest row 'undo' means undecided.
 Every write runs in one session_scope, which is BEGIN IMMEDIATE on SQLite: writers are
@@ -14,6 +16,7 @@ another's. PostgreSQL runs writers side by side: there a claim locks the candida
 adjudication locks its image's row before its check. Reads run in read_scope and take no lock.
 """
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from db.queries import curated_set, latest_reviews, live_reads, open_conflicts
 from db.schema import Claim, Image, Prediction, Review, Run, Setting, Source, utcnow
 from db.session import read_scope, session_scope, upsert_insert
 from db.settings import write_setting
+from db.users import User, require_admin
 from grades import GRADES, REVIEW_THRESHOLD
 
 CLAIM_TTL = timedelta(minutes=5)  # a claim older than this is a closed tab, not a reviewer
@@ -39,6 +43,10 @@ DOUBLE_READ_KEY = "double_read_share"
 # A factor coprime to 1000 permutes the ids of every block of 1000: exactly the share of them
 # is double-read, spread over the block rather than its first ids.
 DOUBLE_READ_FACTOR = 7919
+# A card open longer than this was left (overnight, over lunch), not graded: its decision counts
+# this long, so that one forgotten tab does not swamp a reviewer's decisions per hour, which sums
+# the seconds. Ten minutes is more than a careful read of one photograph at native pixels takes.
+MAX_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,14 @@ class DecidedMeanwhile(Exception):
     """The image got a newer decision after it was shown; the message says by whom, in words."""
 
 
+class ReadsSettled(DecidedMeanwhile):
+    """The image's reads may no longer change: both blind reads of a double-read image are in,
+    or an adjudicator has given the final grade. A reader who could change her read after the
+    second would take her conflict out of the adjudication queue and bend the agreement
+    figures; one who could change it after the adjudication would overturn it. The message
+    says which, in words, and names no other reader's decision."""
+
+
 def describe(decision: str, grade: int | None) -> str:
     """A decision in words: 'accepted grade 2', 'corrected to grade 1', 'rejected', 'undone',
     'adjudicated grade 3'."""
@@ -114,7 +130,9 @@ def double_read_share(db_url: str) -> float:
         return _share(session)
 
 
-def set_double_read_share(db_url: str, share: float) -> None:
+def set_double_read_share(db_url: str, share: float, *, user: User | None) -> None:
+    """Set the share for every reviewer, as `user`, an admin, or db.users.TERMINAL."""
+    require_admin(db_url, user, "set the double-read share")
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"the double-read share must be within 0-1, not {share}")
     write_setting(db_url, DOUBLE_READ_KEY, {"share": share})
@@ -277,6 +295,21 @@ def claim_next(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[in
         return None
 
 
+def upcoming(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int],
+             after: int) -> str | None:
+    """The photograph that `reviewer`'s queue most likely gives after `after` (a skipped one
+    aside), for a viewer to prepare while `after` is graded; None at the queue's end. Nothing
+    is claimed: someone else may take it meanwhile."""
+    with read_scope(db_url) as session:
+        row = session.execute(
+            select(Source.root, Image.path).select_from(Prediction)
+            .join(Image, Image.id == Prediction.image_id).join(Source)
+            .where(*_free(session, reviewer, queue), Prediction.image_id != after,
+                   Prediction.image_id.not_in(skip))
+            .order_by(*_order(queue)).limit(1)).first()
+    return None if row is None else f"{row.root}/{row.path}"
+
+
 def held_by_others(db_url: str, reviewer: str, queue: QueueFilter) -> int:
     """Undecided candidates of the queue that other reviewers hold now."""
     with read_scope(db_url) as session:
@@ -313,8 +346,7 @@ def _second_read(session: Session, reviewer: str, image_id: int, seen: int | Non
     image, which this reviewer's read completes (or replaces, for their own earlier read)."""
     newer = session.execute(select(Review.reviewer, Review.decision).where(
         Review.image_id == image_id, Review.id > (seen or 0))).all()
-    readers = {read.reviewer for read in
-               session.execute(live_reads().where(Review.image_id == image_id))}
+    readers = {read.reviewer for read in session.execute(live_reads(image_id))}
     return (double_read(image_id, _share(session)) and len(readers - {reviewer}) < 2
             and all(who != reviewer and what != "adjudicate" for who, what in newer))
 
@@ -332,8 +364,30 @@ def _lock_image(session: Session, image_id: int) -> None:
     session.execute(select(Image.id).where(Image.id == image_id).with_for_update(key_share=True))
 
 
+def _settled(session: Session, image_id: int) -> str | None:
+    """Why the image's reads may no longer change, in words; None while they may."""
+    adjudicated = select(Review.id).where(Review.image_id == image_id,
+                                          Review.decision == "adjudicate").limit(1)
+    if session.scalar(adjudicated) is not None:
+        return "has been adjudicated: the adjudicator's grade is final"
+    readers = select(func.count()).select_from(live_reads(image_id).subquery())
+    if double_read(image_id, _share(session)) and session.scalar(readers) > 1:
+        return ("has both of its blind reads: a read of a double-read image cannot change "
+                "once the second is in (an admin adjudicates reads that disagree)")
+    return None
+
+
+def _refuse_if_settled(session: Session, image_id: int) -> None:
+    """ReadsSettled once an adjudication, or both reads of a double-read image, are in. Asked
+    before `seen` is, so that a reviewer who was shown the image earlier learns no reader's
+    decision from the refusal."""
+    why = _settled(session, image_id)
+    if why is not None:
+        name = session.scalar(select(Image.name).where(Image.id == image_id))
+        raise ReadsSettled(f"{name} {why}, so this was not stored.")
+
+
 def _refuse_if_decided(session: Session, reviewer: str, image_id: int, seen: int | None) -> None:
-    _lock_image(session, image_id)
     if _open(session, reviewer, image_id, seen):
         return
     newest_id = _newest_review(session, image_id)
@@ -354,18 +408,34 @@ def _refuse_if_labelled(session: Session, image_id: int) -> None:
                          "only unlabelled images are reviewed")
 
 
+def _card_seconds(seconds: float | None) -> float | None:
+    """The seconds to store for a card's time on screen, capped at MAX_SECONDS."""
+    if seconds is None:
+        return None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"the time a card was on screen must be a number of seconds, zero or "
+                         f"more, not {seconds!r}")
+    return min(float(seconds), MAX_SECONDS)
+
+
 def decide(db_url: str, reviewer: str, image_id: int, run_id: int, decision: str,
-           grade: int | None = None, seen: int | None = None) -> int:
+           grade: int | None = None, seen: int | None = None,
+           seconds: float | None = None) -> int:
     """Append a decision on the prediction of `run_id` for an image, release its claim and
     return the review id. 'accept' stores the predicted grade, 'relabel' the given one.
 
     `seen` is the image's newest review row when it was shown (Candidate.seen,
     RecentDecision.current_id; None: it had none): a newer one, by anyone, raises
     DecidedMeanwhile and nothing is stored, unless it is another reviewer's blind read of a
-    double-read image, which this decision completes as the second read. An image with an
-    expert label raises ValueError."""
+    double-read image, which this decision completes as the second read. Any decision on an
+    image whose reads are settled (adjudicated, or both reads in) raises ReadsSettled, and
+    one with an expert label ValueError.
+
+    `seconds` is how long the card was on screen before this decision (None: not measured),
+    stored capped at MAX_SECONDS; a negative or non-finite value raises ValueError."""
     if not reviewer.strip():
         raise ValueError("a decision needs the reviewer's name")
+    seconds = _card_seconds(seconds)
     if decision not in DECISIONS:
         raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
     if decision == "relabel" and grade not in GRADES:
@@ -376,10 +446,12 @@ def decide(db_url: str, reviewer: str, image_id: int, run_id: int, decision: str
         if predicted is None:
             raise ValueError(f"run {run_id} has no prediction for image {image_id}")
         _refuse_if_labelled(session, image_id)
+        _lock_image(session, image_id)
+        _refuse_if_settled(session, image_id)
         _refuse_if_decided(session, reviewer, image_id, seen)
         stored = {"accept": predicted, "relabel": grade, "reject": None}[decision]
         review = Review(image_id=image_id, run_id=run_id, decision=decision, grade=stored,
-                        reviewer=reviewer)
+                        reviewer=reviewer, seconds=seconds)
         session.add(review)
         session.execute(delete(Claim).where(Claim.image_id == image_id))
         session.flush()
@@ -387,17 +459,21 @@ def decide(db_url: str, reviewer: str, image_id: int, run_id: int, decision: str
 
 
 def undo_last(db_url: str, reviewer: str) -> int | None:
-    """Undo this reviewer's newest decision that is still its image's current one: append an
-    'undo' row and return the image id; None when there is nothing to undo."""
+    """Undo this reviewer's newest decision that is still its image's current one, as they see
+    it (another reader's blind read does not count): append an 'undo' row and return the image
+    id; None when there is nothing to undo. ReadsSettled when that decision is a read that
+    may no longer change."""
     with session_scope(db_url) as session:
         row = session.execute(
             select(Review.image_id, Review.run_id).where(
                 Review.reviewer == reviewer, Review.decision.in_(DECISIONS),
-                Review.id == _current_id(Review.image_id))
+                Review.id == _current_id(Review.image_id, reviewer, _share(session)))
             .order_by(Review.id.desc()).limit(1)
         ).first()
         if row is None:
             return None
+        _lock_image(session, row.image_id)
+        _refuse_if_settled(session, row.image_id)
         session.add(Review(image_id=row.image_id, run_id=row.run_id, decision="undo",
                            grade=None, reviewer=reviewer))
         return row.image_id
@@ -470,6 +546,26 @@ def reads_frame(db_url: str) -> pd.DataFrame:
     return frame.astype({"grade": "Int64", "predicted": "Int64"})
 
 
+def decisions_frame(db_url: str, last: int | None = None) -> pd.DataFrame:
+    """Every read (accept, reject, correction; undone or changed ones too, as each took its
+    time) and adjudication, oldest first, with the seconds its card was on screen: where the
+    reviewers' time goes. `seconds` is missing where it was not measured (decisions made before
+    it was stored), `grade` for a reject. `last`: only the newest `last` reads with seconds,
+    which is what a pace needs, read backwards along the primary key."""
+    query = select(Review.id, Review.image_id, Review.reviewer, Review.decision, Review.grade,
+                   Review.seconds, Review.created_at).order_by(Review.id.desc())
+    if last is None:
+        query = query.where(Review.decision.in_([*DECISIONS, "adjudicate"]))
+    else:
+        query = query.where(Review.decision.in_(DECISIONS),
+                            Review.seconds.is_not(None)).limit(last)
+    with read_scope(db_url) as session:  # plain tuples: pandas inspects each Row otherwise
+        rows = [tuple(row) for row in session.connection().execute(query)]
+    frame = pd.DataFrame(rows[::-1], columns=["id", "image_id", "reviewer", "decision", "grade",
+                                              "seconds", "time"])
+    return frame.astype({"grade": "Int64", "seconds": float})
+
+
 def adjudication_queue(db_url: str) -> list[Conflict]:
     """The images whose reads disagree and that no adjudication settled, oldest first."""
     with read_scope(db_url) as session:
@@ -485,17 +581,18 @@ def adjudication_queue(db_url: str) -> list[Conflict]:
             for image_id, reads in conflicts.items()]
 
 
-def adjudicate(db_url: str, adjudicator: str, conflict: Conflict, grade: int | None) -> int:
-    """Append the final grade of a conflict (None: reject) and return the review id; raises
-    DecidedMeanwhile when the image got a newer row since `conflict` was read."""
-    if not adjudicator.strip():
-        raise ValueError("an adjudication needs the adjudicator's name")
+def adjudicate(db_url: str, adjudicator: User, conflict: Conflict, grade: int | None) -> int:
+    """Append the final grade of a conflict (None: reject), given by `adjudicator`, an admin
+    (db.users.NotAllowed otherwise), and return the review id; raises DecidedMeanwhile when
+    the image got a newer row since `conflict` was read."""
     if grade is not None and grade not in GRADES:
         raise ValueError(f"an adjudicated grade must be 0-3, not {grade!r}")
+    require_admin(db_url, adjudicator, "adjudicate")
     with session_scope(db_url) as session:
-        _refuse_if_decided(session, adjudicator, conflict.image_id, conflict.seen)
+        _lock_image(session, conflict.image_id)
+        _refuse_if_decided(session, adjudicator.name, conflict.image_id, conflict.seen)
         review = Review(image_id=conflict.image_id, run_id=conflict.run_id,
-                        decision="adjudicate", grade=grade, reviewer=adjudicator)
+                        decision="adjudicate", grade=grade, reviewer=adjudicator.name)
         session.add(review)
         session.flush()
         return review.id

@@ -35,6 +35,13 @@ def run_checkpoint(db_url: str, run_id: int) -> str | None:
         return session.scalar(select(Run.checkpoint).where(Run.id == run_id))
 
 
+def run_preprocess(db_url: str, run_id: int) -> dict | None:
+    """The preprocessing the run's model takes its input with (PreprocessConfig.to_dict);
+    None for a run whose config does not say (a model imported from a file)."""
+    with read_scope(db_url) as session:
+        return (session.scalar(select(Run.config).where(Run.id == run_id)) or {}).get("preprocess")
+
+
 def run_calibration(db_url: str, run_id: int) -> dict:
     """The run's calibration summary as training stored it; empty for a run trained before
     calibration was stored, or still training."""
@@ -54,7 +61,7 @@ def activate_first(session: Session, run: Run) -> None:
 def promote(db_url: str, run_id: int, user: User) -> None:
     """Make `run_id` the active model, and no other; the promotion names `user`, who must be
     an admin (db.users.NotAllowed otherwise)."""
-    require_admin(user, "promote a model")
+    require_admin(db_url, user, "promote a model")
     with session_scope(db_url) as session:
         run = session.get(Run, run_id)
         if run is None or run.checkpoint is None:

@@ -146,6 +146,7 @@ class Review(Base):
     grade: Mapped[int | None]
     reviewer: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seconds: Mapped[float | None]  # how long the card was on screen; None: not measured
 
 
 class Claim(Base):

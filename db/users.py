@@ -45,6 +45,10 @@ class User:
 
 # The one user of a workspace that has no accounts and is served on this machine only.
 LOCAL = User("local", "admin")
+# Whoever runs a command line on the server (`python -m db.users`): no account, and no check,
+# since the database is theirs to open anyway. A browser session never holds it: views.signin
+# gives LOCAL or an account.
+TERMINAL = None
 
 
 class NotAllowed(Exception):
@@ -59,10 +63,32 @@ class AccountError(ValueError):
     """An account command that cannot be carried out (unknown name, short password...)."""
 
 
-def require_admin(user: User, action: str) -> None:
-    """Refuse `action` (such as "start training") to anyone but an admin."""
-    if not user.is_admin:
-        raise NotAllowed(f"{user.name} is a {user.role}: only an admin may {action}")
+def user_now(db_url: str, user: User) -> User | None:
+    """`user` as the accounts hold them now, not as a browser session remembered them at its
+    last run: None once the account is disabled or gone. LOCAL stands while no account
+    exists; the first account ends it."""
+    if user == LOCAL and not has_accounts(db_url):
+        return LOCAL
+    return find_user(db_url, user.name)
+
+
+def is_admin_now(db_url: str, user: User) -> bool:
+    """Whether `user` is an enabled admin now: what a fragment that ticks asks each tick, so
+    that an admin demoted or disabled meanwhile loses the admin's controls within one."""
+    now = user_now(db_url, user)
+    return now is not None and now.is_admin
+
+
+def require_admin(db_url: str, user: User | None, action: str) -> None:
+    """Refuse `action` (such as "start training") to anyone but an admin, as the accounts say
+    at the time of the action: a browser session keeps the role of its last run, and an admin
+    demoted or disabled since must be refused at once. TERMINAL is never refused."""
+    if user is TERMINAL:
+        return
+    now = user_now(db_url, user)
+    if now is None or not now.is_admin:
+        standing = "no longer an enabled account" if now is None else f"a {now.role}"
+        raise NotAllowed(f"{user.name} is {standing}: only an admin may {action}")
 
 
 def normalise(name: str) -> str:
@@ -75,8 +101,11 @@ def _check_password(password: str) -> None:
         raise AccountError(f"the password must have at least {MIN_PASSWORD} characters")
 
 
-def add_account(db_url: str, name: str, role: str, password: str | None) -> User:
-    """A new account; `password` None makes one that signs in through the identity provider."""
+def add_account(db_url: str, name: str, role: str, password: str | None, *,
+                user: User | None) -> User:
+    """A new account, added by `user`, an admin, or TERMINAL; `password` None makes one that
+    signs in through the identity provider."""
+    require_admin(db_url, user, "add accounts")
     name = normalise(name)
     if not name or len(name) > 100:
         raise AccountError("a name must have 1 to 100 characters")
@@ -92,14 +121,18 @@ def add_account(db_url: str, name: str, role: str, password: str | None) -> User
     return User(name, role)
 
 
-def set_password(db_url: str, name: str, password: str) -> None:
-    """A new password; it also lifts a lock and clears the failed sign-ins."""
+def set_password(db_url: str, name: str, password: str, *, user: User | None) -> None:
+    """A new password, set by `user`, an admin, or TERMINAL; it also lifts a lock and clears
+    the failed sign-ins."""
+    require_admin(db_url, user, "set passwords")
     _check_password(password)
     hashed = _hasher.hash(password)
     _change(db_url, name, password_hash=hashed, failures=0, locked_until=None)
 
 
-def set_disabled(db_url: str, name: str, disabled: bool) -> None:
+def set_disabled(db_url: str, name: str, disabled: bool, *, user: User | None) -> None:
+    """Disable or enable an account, as `user`, an admin, or TERMINAL."""
+    require_admin(db_url, user, "disable or enable accounts")
     _change(db_url, name, disabled=disabled)
 
 
@@ -239,15 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "add":
             password = None if args.sso else _read_password(args.name)
-            user = add_account(db_url, args.name, args.role, password)
+            user = add_account(db_url, args.name, args.role, password, user=TERMINAL)
             print(f"Added {user.name} ({user.role}).")
         elif args.command == "list":
             _list(db_url)
         elif args.command == "passwd":
-            set_password(db_url, args.name, _read_password(args.name))
+            set_password(db_url, args.name, _read_password(args.name), user=TERMINAL)
             print(f"New password set for {normalise(args.name)}; any lock is lifted.")
         else:
-            set_disabled(db_url, args.name, args.command == "disable")
+            set_disabled(db_url, args.name, args.command == "disable", user=TERMINAL)
             print(f"{normalise(args.name)} is {args.command}d.")
     except AccountError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -98,14 +98,15 @@ def _clear_earlier_export(out: Path, replace: bool) -> None:
 
 
 def export_class_folders(files: Iterable[tuple[str, int]], out: Path, replace: bool = False,
-                         source_roots: Iterable[str] = (), *, user: User,
+                         source_roots: Iterable[str] = (), *, db_url: str, user: User | None,
                          roots: Iterable[Path]) -> ExportResult:
-    """Copy each (path, grade) into `out/<grade>/`, for `user`, an admin. An `out` outside
-    `roots` (export_roots) is refused. An earlier export there makes the export
-    refuse, or is removed first when `replace` is set, so that no stale label survives; any
-    other file in the grade folders, or an `out` inside or around one of `source_roots` (the
-    datasets' own folders), refuses it. Files that cannot be read are listed, the rest copied."""
-    require_admin(user, "export labels")
+    """Copy each (path, grade) into `out/<grade>/`, for `user`, an admin as the workspace's
+    database `db_url` says now, or db.users.TERMINAL. An `out` outside `roots` (export_roots)
+    is refused. An earlier export there makes the export refuse, or is removed first when
+    `replace` is set, so that no stale label survives; any other file in the grade folders, or
+    an `out` inside or around one of `source_roots` (the datasets' own folders), refuses it.
+    Files that cannot be read are listed, the rest copied."""
+    require_admin(db_url, user, "export labels")
     files, out = list(files), out.resolve()  # links resolved: none leads outside the roots
     _refuse_outside(out, roots)
     wrong = sorted({grade for _, grade in files if grade not in GRADES})

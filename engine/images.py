@@ -54,22 +54,33 @@ def _read_flag(width: int, height: int, is_jpeg: bool, min_side: int) -> int:
     return cv2.IMREAD_COLOR
 
 
+def _header(path: Path) -> tuple[int, int, str | None]:
+    """Width, height and format from the file's header, without decoding its pixels."""
+    if not path.is_file():
+        raise ImageError(f"{path}: missing file")
+    try:
+        with Image.open(path) as img:
+            width, height, image_format = *img.size, img.format
+    except OSError as exc:
+        raise ImageError(f"{path}: unreadable or not an image ({exc})") from None
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{path}: image too large to decode safely ({width}x{height} px)")
+    return width, height, image_format
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header: cheap, and no proof that the pixels
+    decode (probe_image is)."""
+    return _header(path)[:2]
+
+
 def load_rgb(path: Path, min_side: int = 0) -> np.ndarray:
     """The image as an RGB uint8 array (H, W, 3); raises ImageError with the reason.
 
     With `min_side`, a JPEG is decoded at 1/2, 1/4 or 1/8 of its size when its shorter side
     still has at least `min_side` pixels; other formats are always decoded whole."""
-    if not path.is_file():
-        raise ImageError(f"{path}: missing file")
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            is_jpeg = img.format == "JPEG"
-    except OSError as exc:
-        raise ImageError(f"{path}: unreadable or not an image ({exc})") from None
-    if width * height > MAX_PIXELS:
-        raise ImageError(f"{path}: image too large to decode safely ({width}x{height} px)")
-    bgr = cv2.imread(str(path), _read_flag(width, height, is_jpeg, min_side))
+    width, height, image_format = _header(path)
+    bgr = cv2.imread(str(path), _read_flag(width, height, image_format == "JPEG", min_side))
     if bgr is None:
         raise ImageError(f"{path}: unreadable or truncated image")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

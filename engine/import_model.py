@@ -101,7 +101,7 @@ def import_upload(workspace: Workspace, user: User, filename: str, data: bytes,
                   name: str | None = None) -> int:
     """import_seed_model of a file that `user`, an admin, uploaded from the browser, kept as
     workspace/uploads/<run>/<filename> (and removed again when it is refused)."""
-    require_admin(user, "import a model")
+    require_admin(workspace.db_url, user, "import a model")
     name = name or f"seed-{run_name()}"
     check_new_run_name(workspace, name)
     folder = workspace.root / "uploads" / name

@@ -43,7 +43,7 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
     """Launch `python -m module ... --job-id N` in its own session, under torchrun when it
     takes several `processes`, recorded as started by `user`; return the job id. Only an
     admin starts jobs (db.users.NotAllowed otherwise)."""
-    require_admin(user, f"start a {kind} job")
+    require_admin(workspace.db_url, user, f"start a {kind} job")
     mark_dead_jobs(workspace.db_url)
     workspace.logs.mkdir(parents=True, exist_ok=True)
     try:
@@ -77,10 +77,12 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
     return job_id
 
 
-def cancel_job(db_url: str, job_id: int) -> None:
-    """Ask the job to stop; a running job finishes the current step and records 'cancelled'.
+def cancel_job(db_url: str, job_id: int, *, user: User | None) -> None:
+    """Ask the job to stop, for `user`, an admin, or db.users.TERMINAL (NotAllowed otherwise);
+    a running job finishes the current step and records 'cancelled'.
     A job still queued is recorded as cancelled here: its process, still starting, has no
     SIGTERM handler yet and dies of the signal without a word."""
+    require_admin(db_url, user, "cancel a job")
     with session_scope(db_url) as session:
         job = session.get(Job, job_id)
         if job is None or job.status not in ACTIVE:

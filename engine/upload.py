@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from db.users import User, require_admin
 from engine.sources import stays_inside
 
 MAX_UNPACKED_BYTES = 2 * 1024**3
@@ -89,9 +90,12 @@ def _folder_name(filename: str, data: BinaryIO) -> str:
 
 
 def unpack_zip(data: BinaryIO, filename: str, into: Path, max_bytes: int = MAX_UNPACKED_BYTES,
-               max_files: int = MAX_FILES) -> Path:
+               max_files: int = MAX_FILES, *, db_url: str, user: User | None) -> Path:
     """Unpack an uploaded zip into a folder of its own under `into`, named for the upload and
-    its content; return the dataset's folder in it. Nothing is left behind when it fails."""
+    its content; return the dataset's folder in it. Nothing is left behind when it fails.
+    Only an admin (as `db_url` says now) or db.users.TERMINAL fills the server's disk so
+    (NotAllowed otherwise)."""
+    require_admin(db_url, user, "upload a dataset")
     target = into / _folder_name(filename, data)
     if target.is_dir():  # the same zip again
         return _content_root(target)

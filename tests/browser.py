@@ -120,18 +120,18 @@ def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "conditi
     return value
 
 
+def wait_for_count(locator, count: int, what: str, timeout: float = 60) -> None:
+    """Until `locator` matches `count` elements: charts are drawn a moment after the script
+    run ends, later still on a busy machine, so a count taken at an instant can fall short."""
+    wait_for(lambda: locator.count() == count, timeout,
+             f"{count} {what} (last seen: {locator.count()})")
+
+
 def go_to(page, title: str) -> None:
     """Open a page by its link in the sidebar's navigation, as a user does, and wait for it."""
     page.locator("[data-testid='stSidebar']").get_by_role("link", name=title).click()
     page.get_by_role("heading", name=title, level=1).wait_for()
     wait_until_idle(page)
-
-
-def wait_for_shortcuts(page, *keys: str) -> None:
-    """Until streamlit-shortcuts' listener (installed from an iframe after the script run)
-    knows the buttons `keys`."""
-    page.wait_for_function("keys => keys.every(k => (window.__streamlitShortcutsMap || {})[k])",
-                           arg=list(keys))
 
 
 def press_on_body(page, key: str) -> None:

@@ -3,23 +3,29 @@ Agreement page run headless with AppTest on the small workspace of test_review."
 
 import pytest
 
-from conftest import open_page, page_text
+from conftest import BOTH_BACKENDS, open_page, page_text
 from db.queries import curated_set
-from db.reviews import (DOUBLE_READ_SHARE, DecidedMeanwhile, QueueFilter, adjudicate,
-                        adjudication_queue, awaiting_second_read, claim_next, decide,
+from db.reviews import (DOUBLE_READ_SHARE, DecidedMeanwhile, QueueFilter, ReadsSettled,
+                        adjudicate, adjudication_queue, awaiting_second_read, claim_next, decide,
                         double_read, double_read_share, progress, reads_frame,
-                        recent_decisions, set_double_read_share)
+                        recent_decisions, set_double_read_share, undo_last)
+from db.users import TERMINAL, User, add_account
 from engine.agreement import between_reviewers, confusion, per_grade, read_pairs, with_model
-from test_review import order, predicted  # noqa: F401 (a fixture)
+from test_review import order, predicted, reviews  # noqa: F401 (a fixture)
+
+
+def admin(db: str, name: str) -> User:
+    """An admin's account (one that signs in through the identity provider)."""
+    return add_account(db, name, "admin", None, user=TERMINAL)
 
 
 def test_the_share_is_a_shared_setting_with_a_default(predicted):
     db = predicted[0].db_url
     assert double_read_share(db) == DOUBLE_READ_SHARE == 0.10
-    set_double_read_share(db, 0.25)
+    set_double_read_share(db, 0.25, user=TERMINAL)
     assert double_read_share(db) == 0.25
     with pytest.raises(ValueError, match="within 0-1"):
-        set_double_read_share(db, 1.5)
+        set_double_read_share(db, 1.5, user=TERMINAL)
     assert [double_read(i, 0.10) for i in (1, 11, 12, 23)] == [False, False, True, False]
     assert sum(double_read(i, 0.10) for i in range(1000, 2000)) == 100
 
@@ -27,7 +33,7 @@ def test_the_share_is_a_shared_setting_with_a_default(predicted):
 def test_a_double_read_image_goes_to_a_second_reviewer_and_then_leaves(predicted):
     workspace, run_id, pool = predicted
     db, queue = workspace.db_url, QueueFilter(run_id)
-    set_double_read_share(db, 1.0)
+    set_double_read_share(db, 1.0, user=TERMINAL)
     first = claim_next(db, "ana", queue)
     decide(db, "ana", first.image_id, run_id, "accept", seen=first.seen)
     assert first.image_id not in order(db, queue, "ana")
@@ -47,7 +53,7 @@ def test_a_double_read_image_goes_to_a_second_reviewer_and_then_leaves(predicted
 def test_a_read_made_meanwhile_is_the_second_read_not_a_conflict(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
-    set_double_read_share(db, 1.0)
+    set_double_read_share(db, 1.0, user=TERMINAL)
     decide(db, "ana", pool[5], run_id, "accept", seen=None)
     decide(db, "ben", pool[5], run_id, "reject", seen=None)  # shown before ana decided
     for reviewer in ("ana", "cleo"):  # ana in another tab; a third reader
@@ -58,7 +64,7 @@ def test_a_read_made_meanwhile_is_the_second_read_not_a_conflict(predicted):
 def test_a_single_read_image_leaves_the_queue_after_one_decision(predicted):
     workspace, run_id, pool = predicted
     db, queue = workspace.db_url, QueueFilter(run_id)
-    set_double_read_share(db, 0.5)
+    set_double_read_share(db, 0.5, user=TERMINAL)
     for image_id in order(db, queue, "ana"):
         decide(db, "ana", image_id, run_id, "accept")
     assert order(db, queue, "ben") == [i for i in pool[5::-1] if double_read(i, 0.5)]
@@ -68,7 +74,7 @@ def test_a_single_read_image_leaves_the_queue_after_one_decision(predicted):
 def read_by_hand(db: str, run_id: int, pool: list[int]) -> None:
     """Predicted grades (pool order) 0 1 2 3 0 1. Five images; the first four read twice:
     grade 2 by both; 1 and 2; 0 and a reject; 3 by both (ben first); one read of 2 by ana."""
-    set_double_read_share(db, 1.0)
+    set_double_read_share(db, 1.0, user=TERMINAL)
     for reviewer, image, decision, grade in [
             ("ana", pool[2], "accept", None), ("ben", pool[2], "accept", None),
             ("ana", pool[1], "accept", None), ("ben", pool[1], "relabel", 2),
@@ -107,10 +113,11 @@ def test_conflicts_are_adjudicated_and_the_adjudicated_grade_is_curated(predicte
     assert conflicts[0].reads == (("ana", "accept", 1), ("ben", "relabel", 2))
     pseudo = curated_set(db).query("origin == 'pseudo'").set_index("image_id")
     assert pseudo.grade.to_dict() == {pool[2]: 2, pool[3]: 3, pool[5]: 2}
-    adjudicate(db, "dora", conflicts[0], 1)
-    adjudicate(db, "dora", conflicts[1], None)
+    dora, eve = admin(db, "dora"), admin(db, "eve")
+    adjudicate(db, dora, conflicts[0], 1)
+    adjudicate(db, dora, conflicts[1], None)
     with pytest.raises(DecidedMeanwhile):
-        adjudicate(db, "eve", conflicts[0], 2)
+        adjudicate(db, eve, conflicts[0], 2)
     assert adjudication_queue(db) == []
     pseudo = curated_set(db).query("origin == 'pseudo'").set_index("image_id")
     assert pseudo.grade.to_dict() == {pool[1]: 1, pool[2]: 2, pool[3]: 3, pool[5]: 2}
@@ -127,7 +134,7 @@ def test_the_review_page_sets_the_share_for_everyone(predicted):
     assert at.slider(key="double_read").value == 10
     at.slider(key="double_read").set_value(30).run()
     assert not at.exception and double_read_share(db) == 0.30
-    set_double_read_share(db, 0.05)  # another reviewer
+    set_double_read_share(db, 0.05, user=TERMINAL)  # another reviewer
     assert at.run().slider(key="double_read").value == 5
 
 
@@ -140,7 +147,8 @@ def test_the_agreement_page_shows_the_figures_and_adjudicates(predicted):
     metrics = {m.label: m.value for m in at.main.get("metric")}
     assert metrics == {"Images read twice": "4", "Exact agreement": "50%",
                        "Quadratic-weighted kappa": "0.667"}
-    assert len(at.dataframe) == 2 and len(at.get("plotly_chart")) == 1
+    # with_model, per_grade and each reviewer's figures; the confusion matrix (no read was timed)
+    assert len(at.dataframe) == 3 and len(at.get("plotly_chart")) == 1
     assert "2 image(s) with conflicting reads wait" in page_text(at)
     assert "accepted grade 1" in page_text(at) and "corrected to grade 2" in page_text(at)
     at.button(key="adjudicate_1").click().run()  # the one local user, an admin
@@ -155,11 +163,58 @@ def test_the_agreement_page_shows_the_figures_and_adjudicates(predicted):
 def test_a_reviewer_never_sees_the_other_read(predicted):
     workspace, run_id, pool = predicted
     db = workspace.db_url
-    set_double_read_share(db, 1.0)
+    set_double_read_share(db, 1.0, user=TERMINAL)
     decide(db, "ana", pool[5], run_id, "accept")
     decide(db, "ben", pool[5], run_id, "reject")
     mine = recent_decisions(db, "ana")[0]
     assert mine.is_current and (mine.current_reviewer, mine.current_decision) == ("ana", "accept")
-    decide(db, "ana", pool[5], run_id, "relabel", 2, seen=mine.current_id)  # a change of mind
-    assert reads_frame(db)[["reviewer", "decision"]].values.tolist() == [["ben", "reject"],
-                                                                          ["ana", "relabel"]]
+
+
+@BOTH_BACKENDS
+def test_reads_stay_as_given_once_both_are_in(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    set_double_read_share(db, 1.0, user=TERMINAL)
+    decide(db, "ana", pool[5], run_id, "accept")
+    mine = recent_decisions(db, "ana")[0]  # before the second read she may change her mind
+    decide(db, "ana", pool[5], run_id, "relabel", 2, seen=mine.current_id)
+    assert undo_last(db, "ana") == pool[5]  # or take it back
+    shown = claim_next(db, "ana", QueueFilter(run_id))
+    assert shown.image_id == pool[5]
+    decide(db, "ana", pool[5], run_id, "accept", seen=shown.seen)
+    decide(db, "ben", pool[5], run_id, "reject")  # the second read, which disagrees
+    stored = reviews(db)
+    for reader in ("ana", "ben"):  # the conflict is in: neither changes nor undoes hers
+        recent = recent_decisions(db, reader)[0]
+        with pytest.raises(ReadsSettled, match="has both of its blind reads") as refused:
+            decide(db, reader, pool[5], run_id, "relabel", 3, seen=recent.current_id)
+        assert "accept" not in str(refused.value) and "reject" not in str(refused.value)
+        with pytest.raises(ReadsSettled, match="has both of its blind reads"):
+            undo_last(db, reader)
+    with pytest.raises(ReadsSettled):  # a third reviewer, shown it before both reads
+        decide(db, "cleo", pool[5], run_id, "accept", seen=None)
+    assert reviews(db) == stored
+    assert [c.reads for c in adjudication_queue(db)] == [(("ana", "accept", 1),
+                                                         ("ben", "reject", None))]
+    pairs = read_pairs(reads_frame(db))
+    assert pairs.values.tolist() == [["ana", 1, "ben", "reject"]]
+
+
+@BOTH_BACKENDS
+def test_an_adjudication_is_final(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    set_double_read_share(db, 1.0, user=TERMINAL)
+    decide(db, "ana", pool[5], run_id, "accept")
+    decide(db, "ben", pool[5], run_id, "relabel", 3)
+    adjudicate(db, admin(db, "dora"), adjudication_queue(db)[0], 2)
+    for reader in ("ana", "ben"):
+        recent = recent_decisions(db, reader)[0]
+        assert (recent.current_reviewer, recent.current_grade) == ("dora", 2)
+        with pytest.raises(ReadsSettled, match="has been adjudicated: the adjudicator's grade "
+                                               "is final"):
+            decide(db, reader, pool[5], run_id, "relabel", 1, seen=recent.current_id)
+        assert undo_last(db, reader) is None  # the read is no longer the image's decision
+    assert adjudication_queue(db) == []
+    curated = curated_set(db).set_index("image_id")
+    assert (curated.grade[pool[5]], curated.reviewer[pool[5]]) == (2, "dora")

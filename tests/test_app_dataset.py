@@ -9,6 +9,7 @@ from sqlalchemy import select
 from conftest import open_page, page_text, wait_for_job, write_image
 from db.schema import Job
 from db.session import session_scope
+from db.users import LOCAL
 from engine import jobs
 from db.queries import sources_frame
 from engine.sources import import_source
@@ -33,7 +34,7 @@ def test_first_start_launches_the_demo_job(workspace, monkeypatch):
         with session_scope(workspace.db_url) as session:
             assert len(session.scalars(select(Job)).all()) == 1
     finally:
-        jobs.cancel_job(workspace.db_url, job.id)
+        jobs.cancel_job(workspace.db_url, job.id, user=LOCAL)
 
 
 def test_dataset_page_shows_balance_reports_and_gallery(workspace, tmp_path):

@@ -147,7 +147,7 @@ def test_form_starts_a_training_job_and_cancel_stops_it(data):
         assert "Cancelling" in page_text(at)
     finally:
         if job is not None:
-            jobs.cancel_job(data.db_url, job.id)  # idempotent; no process left behind
+            jobs.cancel_job(data.db_url, job.id, user=LOCAL)  # idempotent; no process left behind
             stopped = wait_until_stopped(data.db_url, job.id)
     assert stopped.status == "cancelled"  # however early the cancel came
     at = open_page("retrain")

@@ -1,7 +1,8 @@
 """First start in a real browser: the demo workspace builds while the server answers, then
 the Dataset page shows its class balance and gallery."""
 
-from browser import chromium_page, require_chromium, screenshot, streamlit_server, wait_until_idle
+from browser import (chromium_page, require_chromium, screenshot, streamlit_server, wait_for_count,
+                     wait_until_idle)
 
 
 def test_first_start_builds_and_shows_the_demo(tmp_path):
@@ -13,7 +14,7 @@ def test_first_start_builds_and_shows_the_demo(tmp_path):
         screenshot(page, "dataset-demo-building")
         page.get_by_text("Train sources").wait_for(timeout=120_000)
         wait_until_idle(page)
-        assert page.locator("[data-testid='stPlotlyChart']").count() == 2  # train, validation
+        wait_for_count(page.locator("[data-testid='stPlotlyChart']"), 2, "charts (train, validation)")
         assert page.get_by_text("demo APTOS train").first.is_visible()
         page.get_by_text("Gallery").scroll_into_view_if_needed()
         page.locator("[data-testid='stImage']").first.wait_for()

@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from browser import (chromium_page, go_to, require_chromium, screenshot, streamlit_server,
-                     wait_for, wait_until_idle)
+                     wait_for, wait_for_count, wait_until_idle)
 from db.runs import active_run_id, epochs_frame
 from db.schema import Epoch, Image, Job, Prediction, Run, Source
 from db.session import migrate, session_scope
@@ -18,7 +18,7 @@ from grades import REVIEW_THRESHOLD
 from engine.sources import import_source
 from engine.workspace import Workspace
 from test_app_inference import tiny_model
-from test_browser_review import decide_by_key, keys_ready, reviews
+from test_browser_review import decide_by_key, reviews, wait_viewer
 
 RUN = "browser-run"
 
@@ -63,8 +63,10 @@ def chosen(page, key: str) -> str:
     return page.locator(f".st-key-{key} input").input_value()
 
 
-def charts(page) -> int:
-    return page.locator("[data-testid='stMain'] [data-testid='stPlotlyChart']").count()
+def charts(page, count: int) -> None:
+    """Until the page's main area shows `count` charts."""
+    wait_for_count(page.locator("[data-testid='stMain'] [data-testid='stPlotlyChart']"), count,
+                   "charts")
 
 
 def infer_ui(page, db_url: str, run_id: int) -> list[tuple[int, int, float]]:
@@ -78,7 +80,7 @@ def infer_ui(page, db_url: str, run_id: int) -> list[tuple[int, int, float]]:
     assert len(predictions) == 8  # every pool image
     page.get_by_text("Review candidates").wait_for()  # the page reran when the job ended
     wait_until_idle(page)
-    assert charts(page) == 2  # confidence histogram, predicted grades
+    charts(page, 2)  # confidence histogram, predicted grades
     candidates = sum(confidence >= REVIEW_THRESHOLD for *_, confidence in predictions)
     assert page.get_by_text(f"{candidates} predictions at or above 0.70").is_visible()
     screenshot(page, "loop-1-inference")
@@ -89,7 +91,7 @@ def review_ui(page, db_url: str, predictions: list[tuple[int, int, float]]) -> N
     go_to(page, "Review")
     page.get_by_text("Reviewing as").wait_for()  # the one local user: no accounts
     wait_until_idle(page)
-    keys_ready(page)
+    wait_viewer(page, loaded="1")
     decide_by_key(page, db_url, "a", 1)
     decide_by_key(page, db_url, "a", 2)
     predicted = {image_id: grade for image_id, grade, confidence in predictions
@@ -126,7 +128,7 @@ def retrain_ui(page, db_url: str) -> Run:
     wait_until_idle(page)
     curves = len(curve_figures(epochs_frame(db_url, [run.id])))
     # The curated set, the curves, per class, confusion, and the reliability diagram.
-    assert charts(page) == 1 + curves + 3
+    charts(page, 1 + curves + 3)
     screenshot(page, "loop-4-retrained")
     return run
 

@@ -47,6 +47,25 @@ def test_migrations_build_the_schema_from_an_empty_database(empty_db_url: str):
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
+@BOTH_BACKENDS
+def test_migration_0008_adds_the_seconds_of_each_decision(empty_db_url: str):
+    migrate(empty_db_url, "0007")
+    with session_scope(empty_db_url) as session:
+        session.execute(text("INSERT INTO sources (name, kind, root, role, created_at, report) "
+                             "VALUES ('s', 'folders', '/x', 'train', '2026-01-01', '{}')"))
+        session.execute(text("INSERT INTO images (source_id, path, name, width, height, extra) "
+                             "VALUES (1, 'a.png', 'a', 1, 1, '{}')"))
+        session.execute(text("INSERT INTO reviews (image_id, decision, grade, reviewer, "
+                             "created_at) VALUES (1, 'accept', 2, 'ana', '2026-01-01')"))
+    migrate(empty_db_url)
+    column = next(c for c in inspect(get_engine(empty_db_url)).get_columns("reviews")
+                  if c["name"] == "seconds")
+    assert column["nullable"] and column["type"].python_type is float
+    with read_scope(empty_db_url) as session:  # a decision made before keeps no time
+        assert session.execute(select(Review.reviewer, Review.grade, Review.seconds)).all() == [
+            ("ana", 2, None)]
+
+
 def test_sqlite_connections_use_wal_and_wait_for_the_lock(db_url: str):
     with get_engine(db_url).connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"

@@ -14,6 +14,7 @@ from db.reviews import QueueFilter, claim_next, decide, set_double_read_share
 from db.schema import (Account, Base, Epoch, Image, Job, Prediction, Promotion, Review, Run,
                        Source)
 from db.session import get_engine, read_scope, session_scope
+from db.users import TERMINAL
 from engine.infer import register_model
 from engine.sources import import_source
 
@@ -48,7 +49,7 @@ def fill(workspace, tiny_data: Path) -> None:
         session.add(Job(kind="infer", status="done", params={"source": "pool"}, progress=1.0))
         session.add(Promotion(run_id=run_id, account="admin"))
         session.add(Account(name="ana", role="reviewer", password_hash=None, disabled=True))
-    set_double_read_share(db, 0.25)
+    set_double_read_share(db, 0.25, user=TERMINAL)
     shown = claim_next(db, "ana", QueueFilter(run_id))
     decide(db, "ben", pool[1], run_id, "relabel", 2)
     assert shown.image_id != pool[1]  # ana's claim stays

@@ -76,7 +76,7 @@ def test_two_processes_train_as_one_cancel_as_one_and_resume(tiny_data, tmp_path
                             [*RECIPE, "--minutes", "1", "--name", "ddp"], processes=2, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: epochs_recorded(workspace, "ddp")
                        or j.status not in jobs.ACTIVE, timeout=300)
-    jobs.cancel_job(workspace.db_url, job_id)
+    jobs.cancel_job(workspace.db_url, job_id, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
     log = jobs.log_tail(job.log_path, 200)
     assert job.status == "cancelled" and job.error is None, log

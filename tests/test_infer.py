@@ -151,7 +151,7 @@ def test_a_job_on_two_processes_is_one_job_that_cancels_and_resumes(tmp_path, ch
     job = wait_for_job(workspace, job_id, lambda j: j.progress > 0 or j.status not in jobs.ACTIVE)
     assert job.status == "running", jobs.log_tail(job.log_path)
     assert "torch.distributed.run" in Path(f"/proc/{job.pid}/cmdline").read_text()  # torchrun's
-    jobs.cancel_job(workspace.db_url, job_id)
+    jobs.cancel_job(workspace.db_url, job_id, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
     assert job.status == "cancelled" and job.error is None, jobs.log_tail(job.log_path)
     jobs._children[(workspace.db_url, job_id)].wait(timeout=60)  # every rank has stopped

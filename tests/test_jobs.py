@@ -40,7 +40,7 @@ def test_a_second_job_of_the_same_kind_is_refused(workspace):
         with pytest.raises(jobs.JobRefused, match=f"#{first}"):
             jobs.start_job(workspace, "demo", "engine.demo", args, user=LOCAL)
     finally:
-        jobs.cancel_job(workspace.db_url, first)
+        jobs.cancel_job(workspace.db_url, first, user=LOCAL)
         wait_for_job(workspace, first, lambda j: j.status not in jobs.ACTIVE)
 
 
@@ -92,7 +92,7 @@ def test_cancel_stops_training_between_batches(workspace, tiny_data):
         "--from-db", "--epochs", "200", "--model", "test_efficientnet", "--img-size", "64",
         "--pretrained", "false", "--batch-size", "4", "--workers", "1", "--name", "c"], user=LOCAL)
     wait_for_job(workspace, job_id, lambda j: j.progress > 0)
-    jobs.cancel_job(workspace.db_url, job_id)
+    jobs.cancel_job(workspace.db_url, job_id, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE, timeout=60)
     assert job.status == "cancelled" and job.error is None
     with session_scope(workspace.db_url) as session:
@@ -102,7 +102,8 @@ def test_cancel_stops_training_between_batches(workspace, tiny_data):
 def test_a_cancel_while_the_job_starts_is_recorded_as_cancelled(workspace):
     job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"],
                             user=LOCAL)
-    jobs.cancel_job(workspace.db_url, job_id)  # its process is still starting: no handler yet
+    # its process is still starting: no handler yet
+    jobs.cancel_job(workspace.db_url, job_id, user=LOCAL)
     assert jobs._children[(workspace.db_url, job_id)].wait(timeout=60) != 0
     jobs.mark_dead_jobs(workspace.db_url)
     job = job_row(workspace, job_id)

@@ -14,6 +14,7 @@ from conftest import BOTH_BACKENDS, ROOT
 from db.reviews import QueueFilter, claim_next, set_double_read_share
 from db.schema import Claim, Image, Prediction, Review, Run, Source
 from db.session import get_engine, session_scope
+from db.users import TERMINAL
 
 CANDIDATES = 60  # what the stale screens decide
 REVIEWERS, DECISIONS = ("ana", "ben", "cid", "dan"), 250  # each reviewer's loop
@@ -63,7 +64,8 @@ def make_candidates(db_url: str, double_read_share: float = 0.0, count: int = CA
             session.add(Prediction(run_id=run.id, image_id=image.id, p0=confidence,
                                    p1=1 - confidence, p2=0.0, p3=0.0, grade=0,
                                    confidence=confidence))
-    set_double_read_share(db_url, double_read_share)  # by default every image is read once
+    # by default every image is read once
+    set_double_read_share(db_url, double_read_share, user=TERMINAL)
     return run.id, [image.id for image in images]
 
 

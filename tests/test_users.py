@@ -13,8 +13,9 @@ from conftest import BOTH_BACKENDS, ROOT, page_text
 from db import users
 from db.schema import Account, utcnow
 from db.session import session_scope
-from db.users import (LOCK_FOR, MAX_FAILURES, AccountError, SignInRefused, User, add_account,
-                      find_user, has_accounts, main, set_disabled, set_password, sign_in)
+from db.users import (LOCK_FOR, MAX_FAILURES, TERMINAL, AccountError, SignInRefused, User,
+                      add_account, find_user, has_accounts, main, set_disabled, set_password,
+                      sign_in)
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +69,7 @@ def test_the_command_line_adds_lists_disables_and_sets_passwords(workspace, monk
 
 @BOTH_BACKENDS
 def test_a_wrong_password_is_refused_and_each_failure_makes_the_next_try_wait(db_url):
-    add_account(db_url, "ana", "reviewer", "correct horse")
+    add_account(db_url, "ana", "reviewer", "correct horse", user=TERMINAL)
     now = utcnow()
     with pytest.raises(SignInRefused, match="Wrong name or password"):
         sign_in(db_url, "ana", "correct hors", now)
@@ -89,7 +90,7 @@ def test_a_wrong_password_is_refused_and_each_failure_makes_the_next_try_wait(db
 
 @BOTH_BACKENDS
 def test_repeated_failures_lock_the_account_in_the_database(db_url):
-    add_account(db_url, "ana", "reviewer", "correct horse")
+    add_account(db_url, "ana", "reviewer", "correct horse", user=TERMINAL)
     now = utcnow()
     for n in range(MAX_FAILURES):
         if n:
@@ -106,17 +107,17 @@ def test_repeated_failures_lock_the_account_in_the_database(db_url):
             sign_in(db_url, "ana", "guess", now + LOCK_FOR + timedelta(seconds=2 ** n))
     with pytest.raises(SignInRefused, match="locked"):
         sign_in(db_url, "ana", "correct horse")
-    set_password(db_url, "ana", "battery staple")
+    set_password(db_url, "ana", "battery staple", user=TERMINAL)
     assert sign_in(db_url, "ana", "battery staple") == User("ana", "reviewer")
 
 
 def test_disabled_accounts_still_close_the_app(db_url):
-    add_account(db_url, "ana", "admin", "correct horse")
-    set_disabled(db_url, "ana", True)
+    add_account(db_url, "ana", "admin", "correct horse", user=TERMINAL)
+    set_disabled(db_url, "ana", True, user=TERMINAL)
     assert find_user(db_url, "ana") is None
     assert has_accounts(db_url)  # no way back to the open local mode by disabling everyone
     with pytest.raises(AccountError, match="role must be one of reviewer, admin"):
-        add_account(db_url, "ben", "boss", "correct horse")
+        add_account(db_url, "ben", "boss", "correct horse", user=TERMINAL)
 
 
 def sign_in_form(at: AppTest, name: str, password: str) -> AppTest:
@@ -128,7 +129,7 @@ def sign_in_form(at: AppTest, name: str, password: str) -> AppTest:
 
 
 def test_the_sign_in_form_refuses_a_wrong_password_and_lets_the_right_one_in(workspace):
-    add_account(workspace.db_url, "ana", "reviewer", "correct horse")
+    add_account(workspace.db_url, "ana", "reviewer", "correct horse", user=TERMINAL)
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     assert "Sign in" in [title.value for title in at.title]
     assert not at.sidebar.get("metric")  # no data before signing in

@@ -5,8 +5,8 @@ import pandas as pd
 import streamlit as st
 
 from db.schema import utcnow
-from db.users import (MAX_FAILURES, MIN_PASSWORD, ROLES, AccountError, accounts, add_account,
-                      set_disabled, set_password)
+from db.users import (MAX_FAILURES, MIN_PASSWORD, ROLES, AccountError, NotAllowed, accounts,
+                      add_account, set_disabled, set_password)
 from views.common import current_user, get_workspace
 
 workspace = get_workspace()
@@ -40,11 +40,22 @@ def add_ui(first: bool) -> None:
         if not st.form_submit_button("Add", key="add_account_submit"):
             return
     try:
-        user = add_account(workspace.db_url, name, role, None if sso else password)
-    except AccountError as exc:
+        user = add_account(workspace.db_url, name, role, None if sso else password,
+                           user=current_user())
+    except (AccountError, NotAllowed) as exc:
         st.error(f"{name.strip() or 'The account'} was not added: {exc}.")
         return
     st.success(f"Added {user.name} ({user.role}).")
+
+
+def disabled_ui(name: str, disabled: bool) -> None:
+    state = "disabled" if disabled else "enabled"
+    try:
+        set_disabled(workspace.db_url, name, disabled, user=current_user())
+    except (AccountError, NotAllowed) as exc:
+        st.error(f"{name} was not {state}: {exc}.")
+        return
+    st.success(f"{name} is {state}.")
 
 
 def change_ui(names: list[str]) -> None:
@@ -54,19 +65,17 @@ def change_ui(names: list[str]) -> None:
     if name == current_user().name:
         disable.caption("You cannot disable the account you are signed in with.")
     elif disable.button("Disable", key="disable_account"):
-        set_disabled(workspace.db_url, name, True)
-        st.success(f"{name} is disabled.")
+        disabled_ui(name, True)
     if enable.button("Enable", key="enable_account"):
-        set_disabled(workspace.db_url, name, False)
-        st.success(f"{name} is enabled.")
+        disabled_ui(name, False)
     with st.form("set_password", clear_on_submit=True):
         password = st.text_input(f"New password for {name} (lifts a lock)", type="password",
                                  key="set_password")
         if not st.form_submit_button("Set the password", key="set_password_submit"):
             return
     try:
-        set_password(workspace.db_url, name, password)
-    except AccountError as exc:
+        set_password(workspace.db_url, name, password, user=current_user())
+    except (AccountError, NotAllowed) as exc:
         st.error(f"No new password for {name}: {exc}.")
         return
     st.success(f"New password set for {name}.")

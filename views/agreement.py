@@ -1,5 +1,6 @@
 """Agreement page: how far the blind double reads agree on the ordinal scale, with each other
-and with the model, and the adjudication of the reads that disagree (by an admin)."""
+and with the model, where each reviewer's time goes and how their reads hold up, and the
+adjudication of the reads that disagree (by an admin)."""
 
 import math
 
@@ -7,20 +8,24 @@ import plotly.express as px
 import streamlit as st
 
 from db.reviews import (Conflict, DecidedMeanwhile, adjudicate, adjudication_queue, describe,
-                        double_read_share, reads_frame)
+                        decisions_frame, double_read_share, reads_frame)
+from db.users import NotAllowed
 from engine.agreement import (CATEGORIES, REJECT, between_reviewers, confusion, per_grade,
-                              read_pairs, with_model)
+                              per_reviewer, read_pairs, with_model)
 from grades import GRADE_NAMES
-from views.common import current_user, get_workspace, image_pair_ui
+from views.common import current_user, get_workspace
+from views.viewer import grading_viewer
 
 workspace = get_workspace()
 
 
 def _adjudicate(conflict: Conflict, grade: int | None) -> None:
     try:
-        adjudicate(workspace.db_url, current_user().name, conflict, grade)
+        adjudicate(workspace.db_url, current_user(), conflict, grade)
     except DecidedMeanwhile as exc:
         st.session_state.adjudication_refusal = str(exc)
+    except NotAllowed as exc:
+        st.session_state.adjudication_refusal = f"{exc}."
 
 
 def _label(category: int | str) -> str:
@@ -53,6 +58,42 @@ def agreement_ui() -> None:
     st.plotly_chart(figure, key="confusion")
 
 
+REVIEWER_COLUMNS = {
+    "decisions": st.column_config.NumberColumn("Decisions"),
+    "median_seconds": st.column_config.NumberColumn(
+        "Median s per image", format="%.1f", help="Time the card was on screen."),
+    "per_hour": st.column_config.NumberColumn(
+        "Decisions per hour", format="%.0f", help="Per hour of time on cards."),
+    "double_reads": st.column_config.NumberColumn("Read twice"),
+    "agreement": st.column_config.NumberColumn(
+        "Agreement with the second reader", format="percent",
+        help="Exact agreement with the other reader of the images read twice."),
+    "adjudicated": st.column_config.NumberColumn("Adjudicated"),
+    "accuracy": st.column_config.NumberColumn(
+        "Accuracy against adjudication", format="percent",
+        help="Reads of adjudicated images that match the adjudicated grade or reject."),
+}
+
+
+def reviewers_ui() -> None:
+    """Admins see every reviewer's figures, as a reading centre's supervisor does; a reviewer
+    sees their own, not how colleagues measure up."""
+    st.subheader("Each reviewer's time and reads")
+    decisions = decisions_frame(workspace.db_url)
+    table = per_reviewer(decisions, reads_frame(workspace.db_url))
+    shown = table.index if current_user().is_admin else [current_user().name]
+    table = table[table.index.isin(shown)]
+    if table.empty:
+        st.info("No decisions yet.")
+        return
+    st.dataframe(table, column_config=REVIEWER_COLUMNS, key="reviewers")
+    timed = decisions[decisions.reviewer.isin(shown)].dropna(subset=["seconds"])
+    if not timed.empty:
+        st.plotly_chart(px.box(timed, x="reviewer", y="seconds", points="all",
+                               labels={"seconds": "seconds on screen per image"}),
+                        key="seconds")
+
+
 def adjudication_ui() -> None:
     st.header("Adjudication")
     if "adjudication_refusal" in st.session_state:
@@ -61,25 +102,30 @@ def adjudication_ui() -> None:
     if not conflicts:
         st.success("No conflicting reads wait for adjudication.")
         return
-    conflict = conflicts[0]
     st.caption(f"{len(conflicts)} image(s) with conflicting reads wait.")
-    st.subheader(conflict.name)
-    if conflict.predicted is not None:
-        st.caption(f"The model predicted {GRADE_NAMES[conflict.predicted]}.")
-    image_pair_ui(conflict.path, conflict.name)
-    for reviewer, decision, grade in conflict.reads:
-        st.markdown(f"**{reviewer}** {describe(decision, grade)}")
-    if not current_user().is_admin:
-        st.info("An admin adjudicates these reads.")
+    if not current_user().is_admin:  # a reviewer may be one of the readers: the reads stay blind
+        st.info("An admin adjudicates these reads; only admins see them, so that no reader "
+                "learns another's read.")
         return
-    st.caption(f"The final grade is stored with your account, {current_user().name}.")
-    for column, grade in zip(st.columns(len(CATEGORIES)), CATEGORIES):
-        final = None if grade == REJECT else grade
-        column.button("Reject" if final is None else GRADE_NAMES[grade],
+    conflict = conflicts[0]
+    photo, side = st.columns([3, 1])
+    with photo:
+        grading_viewer(conflict.path, conflict.run_id, key="adjudication_viewer")
+    with side:
+        st.subheader(conflict.name)
+        if conflict.predicted is not None:
+            st.caption(f"The model predicted {GRADE_NAMES[conflict.predicted]}.")
+        for reviewer, decision, grade in conflict.reads:
+            st.markdown(f"**{reviewer}** {describe(decision, grade)}")
+        st.caption(f"The final grade is stored with your account, {current_user().name}.")
+        for grade in CATEGORIES:
+            final = None if grade == REJECT else grade
+            st.button("Reject" if final is None else GRADE_NAMES[grade],
                       key=f"adjudicate_{grade}", on_click=_adjudicate, args=(conflict, final),
                       width="stretch")
 
 
 st.title("Agreement")
 agreement_ui()
+reviewers_ui()
 adjudication_ui()

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from db.schema import Job
 from db.session import migrate
-from db.users import User
+from db.users import NotAllowed, User, is_admin_now
 from engine import jobs
 from grades import GRADES
 from engine.images import ImageError, thumbnail
@@ -65,6 +66,22 @@ def job_status_ui(job) -> None:
             st.code(tail, language=None)
     elif job.status == "cancelled":
         st.warning(f"{job.kind} job #{job.id} was cancelled.")
+
+
+def cancel_ui(job: Job, label: str, key: str) -> bool:
+    """The Cancel button of a running job, drawn while the account is an admin as the database
+    says now: the fragments that tick call it, and read the role again each tick, so that an
+    admin demoted or disabled meanwhile loses it within one tick. True once the job was asked
+    to stop; a refusal is shown in words."""
+    db_url, user = get_workspace().db_url, current_user()
+    if not is_admin_now(db_url, user) or not st.button(label, key=key):
+        return False
+    try:
+        jobs.cancel_job(db_url, job.id, user=user)
+    except NotAllowed as exc:
+        st.warning(f"{exc}.")
+        return False
+    return True
 
 
 def model_quality_ui(label: str, val_qwk: float | None, grade_counts: dict[int, int],

@@ -15,7 +15,7 @@ from engine.balance import balance_table, imbalance_ratios
 from engine.sources import KIND_ROLES, KINDS, data_roots, folder_choices
 from engine.upload import MAX_FILES, MAX_UNPACKED_BYTES, UnsafeUpload, unpack_zip
 from grades import GRADE_NAMES
-from views.common import current_user, get_workspace, image_pair_ui, job_status_ui
+from views.common import cancel_ui, current_user, get_workspace, image_pair_ui, job_status_ui
 
 PAGE_SIZE = 4
 KIND_NAMES = {"aptos": "APTOS 2019 (train.csv, test.csv, train_images/, test_images/)",
@@ -121,8 +121,9 @@ def unpacked_upload_ui() -> Path | None:
         return None
     try:
         with st.spinner(f"Unpacking {upload.name}…"):
-            return unpack_zip(upload, upload.name, uploads)
-    except UnsafeUpload as exc:
+            return unpack_zip(upload, upload.name, uploads, db_url=workspace.db_url,
+                              user=current_user())
+    except (UnsafeUpload, NotAllowed) as exc:
         st.error(f"{upload.name} was not imported: {exc}.")
         return None
 
@@ -157,8 +158,7 @@ def import_progress_ui() -> None:
     if job.status not in jobs.ACTIVE:
         st.rerun()  # the whole page, so that the report and the new images show
     job_status_ui(job)
-    st.button("Cancel", key="cancel_import", on_click=jobs.cancel_job,
-              args=(workspace.db_url, job.id))
+    cancel_ui(job, "Cancel", "cancel_import")
 
 
 def import_outcome_ui(job, sources: pd.DataFrame) -> None:

@@ -17,8 +17,8 @@ from engine.distributed import local_processes
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from engine.models import pick_device
 from engine.predictor import TTA_VIEWS, default_batch_size
-from views.common import (current_user, get_workspace, job_status_ui, model_quality_ui,
-                          next_step_info)
+from views.common import (cancel_ui, current_user, get_workspace, job_status_ui,
+                          model_quality_ui, next_step_info)
 
 workspace = get_workspace()
 
@@ -88,9 +88,7 @@ def progress_ui() -> None:
     if job.status not in jobs.ACTIVE:
         st.rerun()  # the whole page, so that the results show
     job_status_ui(job)
-    if current_user().is_admin:
-        st.button("Cancel", key="cancel_inference", on_click=jobs.cancel_job,
-                  args=(workspace.db_url, job.id))
+    cancel_ui(job, "Cancel", "cancel_inference")
 
 
 def job_ui(model: Model, pool: Pool) -> None:

@@ -22,8 +22,9 @@ from engine.quality import calibration_lines, clipped_warning
 from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,
                             original_counts, runs_table, settings_problem, train_job_args)
 from engine.trainer import run_name
-from views.common import (current_user, explainer, get_workspace, image_pair_ui, job_status_ui,
-                          next_step_info, reset_on_new_options)
+from views.common import (cancel_ui, current_user, explainer, get_workspace, image_pair_ui,
+                          job_status_ui, next_step_info, reset_on_new_options)
+from views.viewer import grading_viewer
 
 ERRORS_PER_PAGE = 4
 OPTIMIZERS, BALANCES = ["sgd", "adamw"], ["loss", "sqrt", "sampler", "none"]
@@ -174,8 +175,7 @@ def training_ui() -> None:
     st.session_state["watched_job"] = job.id
     st.subheader("Training now")
     job_status_ui(job)
-    if current_user().is_admin and st.button("Cancel training", key="cancel_training"):
-        jobs.cancel_job(workspace.db_url, job.id)
+    if cancel_ui(job, "Cancel training", "cancel_training"):
         st.info("Cancelling: the run stops after the current batch.")
     epochs = epochs_frame(workspace.db_url, [job.run_id]) if job.run_id else pd.DataFrame()
     if epochs.empty:
@@ -229,6 +229,18 @@ def errors_ui(errors: list, run_id: int) -> None:
         image_pair_ui(path, f"{Path(path).name}: true {GRADE_NAMES[true]} → predicted "
                             f"{GRADE_NAMES[predicted]}",
                       explain=(model, predicted) if model else None)
+    if shown:
+        error_viewer_ui(shown, run_id, evidence)
+
+
+def error_viewer_ui(shown: list, run_id: int, evidence: bool) -> None:
+    """One image of the page at its native pixels, in the views a reviewer has."""
+    names = {path: f"{Path(path).name}: true {true} → predicted {predicted}"
+             for path, true, predicted in shown}
+    path = st.selectbox("Look closer", list(names), format_func=names.get,
+                        key=f"errors_viewer_{run_id}")
+    predicted = {p: g for p, _, g in shown}[path]
+    grading_viewer(path, run_id, predicted if evidence else None, key="errors_viewer")
 
 
 def calibration_ui(run_id: int) -> None:

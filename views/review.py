@@ -7,18 +7,19 @@ the images skipped, so a reload or a second browser carries on. Every decision n
 signed-in account."""
 
 import secrets
+import time
 from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
 import streamlit as st
-from streamlit_shortcuts import add_shortcuts
 
 from db.queries import curated_set, sources_frame
 from db.reviews import (ORDERS, RENEW_EVERY, Candidate, DecidedMeanwhile, QueueFilter,
                         RecentDecision, awaiting_second_read, claim_next, curated_csv, decide,
                         describe, double_read_share, has_predictions, held_by_others, progress,
-                        recent_decisions, renew_claim, set_double_read_share, undo_last)
+                        recent_decisions, renew_claim, set_double_read_share, undo_last,
+                        upcoming)
 from db.predictions import run_grade_counts
 from db.runs import active_run_id, run_calibration, run_checkpoint, run_score
 from db.users import NotAllowed
@@ -28,16 +29,15 @@ from engine.predictor import TTA_VIEWS
 from engine.quality import threshold_accuracy
 from engine.saliency import Explainer
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from views.common import (current_user, explainer, get_workspace, image_pair_ui,
-                          model_quality_ui, next_step_info)
+from views.common import current_user, explainer, get_workspace, model_quality_ui, next_step_info
+from views.pace import time_left_text
+from views.viewer import KEYS as VIEWER_KEYS, grading_viewer, prefetch
 
-IMAGE_WIDTH = 480
 THRESHOLD_HELP = ("Predictions at or above it are candidates. Review pays most where the model "
                   "is unsure: lowering it sends its less sure predictions to the reviewers too, "
                   "where unreviewed grades are wrong most often (the README's loop gain).")
-# Button key -> KeyboardEvent.key values (lower case) that press it.
-SHORTCUTS = {"accept": "a", "reject": "x", **{f"grade_{g}": str(g) for g in GRADES},
-             "skip": " ", "undo": "backspace", "keys_help": ["?", "shift+?"], "evidence": "g"}
+# Streamlit's own shortcuts (st.button(shortcut=...)) ignore keys typed into fields; they take
+# no punctuation, so the keys list is on `h`, not `?`.
 KEYS_HELP = """
 | key | does |
 |---|---|
@@ -47,37 +47,25 @@ KEYS_HELP = """
 | `space` | skip (the image comes back at the end) |
 | `backspace` | undo your last decision |
 | `g` | show or hide the evidence: Grad-CAM of the predicted grade, the flip views |
-| `?` | show or hide this list |
-"""
-# streamlit-shortcuts adds its listener from the iframe that add_shortcuts draws, once: the
-# browser stops calling it when Streamlit replaces that iframe (a rerun that shifts it, as the
-# keys help does; a page switch), and it listens on the whole document, so typing a folder
-# name would press buttons. This listener is made in the app's own window, which outlives
-# every iframe; it takes the shortcuts' listener over and passes it no key typed into a field
-# (a toggle's checkbox, which `g` focuses, is no field).
-KEY_GUARD = """<script>
-window.parent.eval(`if (!window.__reviewKeys) {
-  window.__reviewKeys = (e) => {
-    const listener = window.__streamlitShortcutsListener;
-    if (!listener) return;
-    document.removeEventListener('keydown', listener);  // capture runs first: never twice
-    if (!e.target.closest || !e.target.closest(
-        'input:not([type="checkbox"]), textarea, select, [contenteditable="true"]'))
-      listener(e);
-  };
-  document.addEventListener('keydown', window.__reviewKeys, true);
-}`);
-</script>"""
+| `h` | show or hide this list |
+""".rstrip("\n") + VIEWER_KEYS.split("|---|---|", 1)[1]
 CHANGES = ("accept", "reject", *GRADES)  # what a past decision can be changed to
 workspace = get_workspace()
 
 
 # Callbacks run before the rerun that follows a click, so the next image is claimed after.
 
+def _on_screen(image_id: int) -> float | None:
+    """Seconds since the image's card was first drawn in this session."""
+    shown_id, since = st.session_state.get("shown_since", (None, 0.0))
+    return time.monotonic() - since if shown_id == image_id else None
+
+
 def _decide(candidate: Candidate, decision: str, grade: int | None = None) -> None:
     try:
         decide(workspace.db_url, current_user().name, candidate.image_id,
-               candidate.run_id, decision, grade, seen=candidate.seen)
+               candidate.run_id, decision, grade, seen=candidate.seen,
+               seconds=_on_screen(candidate.image_id))
     except DecidedMeanwhile as exc:
         st.session_state.refusal = str(exc)
     st.session_state.current = None
@@ -93,7 +81,11 @@ def _skip(image_id: int) -> None:
 
 
 def _undo() -> None:
-    image_id = undo_last(workspace.db_url, current_user().name)
+    try:
+        image_id = undo_last(workspace.db_url, current_user().name)
+    except DecidedMeanwhile as exc:  # a read that is settled: both reads in, or adjudicated
+        st.session_state.refusal = str(exc)
+        return
     if image_id is None:
         st.toast("Nothing of yours to undo.")
         return
@@ -102,7 +94,11 @@ def _undo() -> None:
 
 
 def _set_double_read() -> None:
-    set_double_read_share(workspace.db_url, st.session_state.double_read / 100)
+    try:
+        set_double_read_share(workspace.db_url, st.session_state.double_read / 100,
+                              user=current_user())
+    except NotAllowed as exc:
+        st.session_state.refusal = f"{exc}."
 
 
 def _toggle_keys() -> None:
@@ -132,18 +128,17 @@ def active_model_ui() -> None:
 
 
 def controls_ui(run_id: int) -> QueueFilter:
-    threshold, grades, band, order = st.columns(4)
-    chosen = threshold.slider("Confidence threshold", 0.0, 1.0, REVIEW_THRESHOLD, 0.01,
-                              key="threshold", help=THRESHOLD_HELP)
-    threshold.caption(threshold_accuracy(run_calibration(workspace.db_url, run_id), chosen)
-                      or "No measured accuracy: the active model's calibration was not stored.")
+    chosen = st.slider("Confidence threshold", 0.0, 1.0, REVIEW_THRESHOLD, 0.01,
+                       key="threshold", help=THRESHOLD_HELP)
+    st.caption(threshold_accuracy(run_calibration(workspace.db_url, run_id), chosen)
+               or "No measured accuracy: the active model's calibration was not stored.")
     return QueueFilter(
         run_id,
         chosen,
-        tuple(grades.multiselect("Predicted grade", GRADES, default=list(GRADES), key="grades",
-                                 format_func=GRADE_NAMES.get)),
-        band.slider("Confidence band", 0.0, 1.0, (0.0, 1.0), 0.01, key="band"),
-        order.selectbox("Order", ORDERS, key="order"),
+        tuple(st.multiselect("Predicted grade", GRADES, default=list(GRADES), key="grades",
+                             format_func=GRADE_NAMES.get)),
+        st.slider("Confidence band", 0.0, 1.0, (0.0, 1.0), 0.01, key="band"),
+        st.selectbox("Order", ORDERS, key="order"),
         st.session_state.setdefault("review_seed", secrets.randbelow(2**31)),
     )
 
@@ -163,8 +158,17 @@ def double_read_ui() -> None:
                    "disagree go to adjudication on the Agreement page.")
 
 
+def settings_ui(run_id: int) -> QueueFilter:
+    """The queue's settings, folded away so that the card comes first."""
+    with st.popover("Queue settings", icon=":material/tune:"):
+        queue = controls_ui(run_id)
+        double_read_ui()
+    return queue
+
+
 def progress_ui(queue: QueueFilter) -> bool:
-    """Reviewed of total candidates, overall and per grade; False when there are none."""
+    """Reviewed of total candidates in one line, per grade in its help; False when there are
+    none."""
     table = progress(workspace.db_url, queue.run_id, queue.threshold)
     candidates, reviewed = int(table.candidates.sum()), int(table.reviewed.sum())
     if candidates == 0:
@@ -172,30 +176,43 @@ def progress_ui(queue: QueueFilter) -> bool:
                 f"{queue.threshold:.2f}: lower the threshold to get candidates.")
         return False
     waiting = int(table.read_once.sum())
+    per_grade = " · ".join(f"{GRADE_NAMES[grade]} {row.reviewed}/{row.candidates}"
+                           for grade, row in table.iterrows())
     st.progress(reviewed / candidates, text=f"{reviewed} of {candidates} candidates reviewed"
-                + (f"; {waiting} read once, waiting for a second reader" if waiting else ""))
-    for column, (grade, row) in zip(st.columns(len(GRADES)), table.iterrows()):
-        column.metric(GRADE_NAMES[grade], f"{row.reviewed} / {row.candidates}")
+                + (f"; {waiting} read once, waiting for a second reader" if waiting else "")
+                + f" · {per_grade}")
+    # A double-read image needs two decisions: one more for those read once.
+    unread = candidates - reviewed - waiting
+    pace = time_left_text(workspace.db_url, round(unread * (1 + double_read_share(
+        workspace.db_url))) + waiting)
+    if pace:
+        st.caption(pace)
     return True
 
 
-def card_ui(candidate: Candidate) -> None:
-    st.subheader(candidate.name)
-    st.caption(f"Source {candidate.source} · predicted {GRADE_NAMES[candidate.grade]} · "
-               f"confidence {candidate.confidence:.2f}")
-    shown = st.session_state.get("evidence_on", False)
-    st.button(f"{'Hide' if shown else 'Show'} evidence `g`", key="evidence",
-              on_click=_flip_evidence,
-              help="Where the model saw its grade (Grad-CAM), and how it grades the image and "
-                   "its mirror image.")
-    model = explainer(run_checkpoint(workspace.db_url, candidate.run_id)) if shown else None
-    image_pair_ui(candidate.path, candidate.name, width=IMAGE_WIDTH, fill=True,
-                  explain=(model, candidate.grade) if model else None)
-    figure = px.bar(x=[GRADE_NAMES[g] for g in GRADES], y=candidate.probs, range_y=[0, 1],
-                    text_auto=".2f", labels={"x": "grade", "y": "probability"}, height=280)
-    st.plotly_chart(figure, key="probabilities")
-    if model:
-        flip_views_ui(model, candidate.path)
+def card_ui(candidate: Candidate, upcoming: str | None) -> None:
+    """The photograph in the viewer, most of the width; beside it what the model says and
+    the buttons."""
+    if st.session_state.get("shown_since", (None,))[0] != candidate.image_id:
+        st.session_state.shown_since = (candidate.image_id, time.monotonic())
+    photo, side = st.columns([3, 1])
+    with photo:
+        grading_viewer(candidate.path, candidate.run_id,
+                       candidate.grade if st.session_state.get("evidence_on") else None,
+                       upcoming=upcoming)
+    with side:
+        st.subheader(candidate.name)
+        st.caption(f"Source {candidate.source} · predicted {GRADE_NAMES[candidate.grade]} · "
+                   f"confidence {candidate.confidence:.2f}")
+        decision_buttons_ui(candidate)
+        figure = px.bar(x=list(GRADES), y=candidate.probs, range_y=[0, 1], text_auto=".2f",
+                        labels={"x": "grade", "y": "probability"}, height=200)
+        figure.update_layout(margin={"l": 0, "r": 0, "t": 10, "b": 0})
+        st.plotly_chart(figure, key="probabilities")
+        if st.session_state.get("evidence_on"):
+            model = explainer(run_checkpoint(workspace.db_url, candidate.run_id))
+            if model:
+                flip_views_ui(model, candidate.path)
 
 
 def flip_views_ui(model: Explainer, path: str) -> None:
@@ -206,12 +223,13 @@ def flip_views_ui(model: Explainer, path: str) -> None:
     except ImageError:
         return  # the image row has said why
     names = TTA_VIEWS[len(views)]
-    frame = pd.DataFrame({"grade": [GRADE_NAMES[g] for g in GRADES] * len(names),
+    frame = pd.DataFrame({"grade": list(GRADES) * len(names),
                           "view": [v for v in names for _ in GRADES],
                           "probability": views.ravel()})
     figure = px.bar(frame, x="grade", y="probability", color="view", barmode="group",
-                    range_y=[0, 1], text_auto=".2f" if len(names) <= 2 else False,
-                    height=240, title="Test-time views")
+                    range_y=[0, 1], height=260, title="Test-time views")
+    figure.update_layout(margin={"l": 0, "r": 0, "t": 30, "b": 0},
+                         legend={"orientation": "h", "y": -0.35, "title": None})
     st.plotly_chart(figure, key="flip_views")
 
 
@@ -227,27 +245,29 @@ def hold_ui(candidate: Candidate) -> None:
 
 
 def decision_buttons_ui(candidate: Candidate) -> None:
-    accept, reject, skip = st.columns(3)
-    accept.button(f"Accept grade {candidate.grade} `a`", key="accept", type="primary",
-                  on_click=_decide, args=(candidate, "accept"), width="stretch")
-    reject.button("Reject `x`", key="reject", on_click=_decide, args=(candidate, "reject"),
-                  width="stretch")
-    skip.button("Skip `space`", key="skip", on_click=_skip, args=(candidate.image_id,),
-                width="stretch")
-    for column, grade in zip(st.columns(len(GRADES)), GRADES):
-        column.button(f"Grade {grade} `{grade}`", key=f"grade_{grade}", on_click=_decide,
-                      args=(candidate, "relabel", grade), width="stretch")
+    st.button(f"Accept grade {candidate.grade}", key="accept", type="primary", shortcut="a",
+              on_click=_decide, args=(candidate, "accept"), width="stretch")
+    st.button("Reject", key="reject", shortcut="x", on_click=_decide,
+              args=(candidate, "reject"), width="stretch")
+    for column, grade in zip(st.columns(2) + st.columns(2), GRADES):
+        column.button(f"Grade {grade}", key=f"grade_{grade}", shortcut=str(grade),
+                      on_click=_decide, args=(candidate, "relabel", grade), width="stretch",
+                      help=f"Correct the grade to {GRADE_NAMES[grade]}")
+    st.button("Skip", key="skip", shortcut="space", on_click=_skip, args=(candidate.image_id,),
+              width="stretch", help="The image comes back at the end of your queue")
+    shown = st.session_state.get("evidence_on", False)
+    st.button(f"{'Hide' if shown else 'Show'} evidence", key="evidence", shortcut="g",
+              on_click=_flip_evidence, width="stretch",
+              help="Where the model saw its grade (Grad-CAM, a view of the photograph), and "
+                   "how it grades the image and its mirror image.")
 
 
 def keys_ui() -> None:
     undo, keys = st.columns(2)
-    undo.button("Undo my last decision `backspace`", key="undo", on_click=_undo)
-    keys.button("Keys `?`", key="keys_help", on_click=_toggle_keys)
+    undo.button("Undo my last decision", key="undo", shortcut="backspace", on_click=_undo)
+    keys.button("Keys", key="keys_help", shortcut="h", on_click=_toggle_keys)
     if st.session_state.get("show_keys"):
         st.markdown(KEYS_HELP)
-    # The script draws nothing: "content" would measure 0 px and fall back to a blank 150 px.
-    st.iframe(KEY_GUARD, height=1)
-    add_shortcuts(**SHORTCUTS)
 
 
 def queue_ui(reviewer: str) -> None:
@@ -262,25 +282,28 @@ def queue_ui(reviewer: str) -> None:
                        "Inference page first.", "The active model has no predictions yet: the "
                        "queue fills once an admin has run it over a pool of images.")
         return
-    queue = controls_ui(run_id)
-    double_read_ui()
+    bar, settings = st.columns([5, 1], vertical_alignment="center")
+    with settings:
+        queue = settings_ui(run_id)
     if not queue.grades:
-        st.info("Choose at least one predicted grade to review.")
+        st.info("Choose at least one predicted grade to review (Queue settings).")
         return
-    if not progress_ui(queue):
-        return
+    with bar:
+        if not progress_ui(queue):
+            return
     if "refusal" in st.session_state:
         st.warning(st.session_state.pop("refusal"))
-    candidate = claim_next(workspace.db_url, reviewer, queue,
-                           st.session_state.setdefault("skipped", []),
+    skipped = st.session_state.setdefault("skipped", [])
+    candidate = claim_next(workspace.db_url, reviewer, queue, skipped,
                            st.session_state.get("current"))
     st.session_state.current = None if candidate is None else candidate.image_id
     if candidate is None:
         empty_queue_ui(reviewer, queue)
     else:
-        card_ui(candidate)
+        following = upcoming(workspace.db_url, reviewer, queue, skipped, candidate.image_id)
+        prefetch(following, candidate.run_id)
+        card_ui(candidate, following)
         hold_ui(candidate)
-        decision_buttons_ui(candidate)
     keys_ui()
 
 
@@ -342,7 +365,8 @@ def write_folders_ui(target: str, replace: bool) -> None:
     try:
         result = export_class_folders(zip(curated.path.tolist(), curated.grade.tolist()),
                                       out, replace, sources_frame(workspace.db_url).root,
-                                      user=current_user(), roots=export_roots(workspace.root))
+                                      db_url=workspace.db_url, user=current_user(),
+                                      roots=export_roots(workspace.root))
     except EarlierExport as exc:
         st.error(f"{exc}: tick “Replace an earlier export” or choose another folder.")
         return
@@ -358,11 +382,18 @@ def write_folders_ui(target: str, replace: bool) -> None:
                    + ", ".join(result.missing[:5]) + ("…" if len(result.missing) > 5 else ""))
 
 
-st.title("Review")
-active_model_ui()
+@st.fragment
+def review_ui(reviewer: str) -> None:
+    """The queue and the reviewer's last decisions: a decision reruns only these, not the
+    sidebar and the rest of the page, so the next card comes sooner."""
+    queue_ui(reviewer)
+    recent_ui(reviewer)
+
+
 reviewer = current_user().name
+st.title("Review")
+active_model_ui()  # and its warnings: reasons not to trust its grades stay in sight
 st.caption(f"Reviewing as **{reviewer}**: every decision is stored with this account.")
-queue_ui(reviewer)
-recent_ui(reviewer)
+review_ui(reviewer)
 if current_user().is_admin:
     export_ui()
