@@ -10,7 +10,8 @@ seconds (while the viewer prepares the next card), `n` zooms to native pixels, a
 pans to another region, `v` switches to red-free and `shift+v` back, each looked at for
 --pause seconds, and `a` accepts. Each is
 timed in the browser from the key's keydown to the viewer's data-loaded: every tile that the
-view needs drawn. Printed: the median and the slowest of each, in milliseconds.
+view needs drawn; after a decision also to the next card's name on screen (the rerun that
+brings the rest of the card). Printed: the median and the slowest of each, in milliseconds.
 """
 
 import argparse
@@ -40,6 +41,11 @@ LOADED = """token => {
   const root = window.__gradingViewer?.root;
   if (!root || root.dataset.loaded !== '1' || (token && root.dataset.photo === token)) return false;
   return performance.now() - window.__keyAt;
+}"""
+# Time from the last keydown until the card's name (its subheader) is another.
+CARD = """name => {
+  const shown = document.querySelector("[data-testid='stMain'] h3");
+  return shown && shown.innerText !== name && performance.now() - window.__keyAt;
 }"""
 MARK_KEYS = "document.addEventListener('keydown', () => { window.__keyAt = performance.now(); }, true)"
 
@@ -86,6 +92,7 @@ def timed(page, key: str, token: str | None = None) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"decision key -> next photograph drawn": [],
+                                     "decision key -> next card's name shown": [],
                                      "n -> native pixels drawn": [], "pan at native": [],
                                      "v -> red-free drawn": [], "shift+v -> photo drawn": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +112,10 @@ def run(args: argparse.Namespace) -> dict[str, list[float]]:
                                   ("shift+v -> photo drawn", "Shift+V")):
                     times[name].append(timed(page, key))
                     page.wait_for_timeout(args.pause * 1000)  # looking at what it shows
+                name = page.locator("[data-testid='stMain'] h3").first.inner_text()
                 times["decision key -> next photograph drawn"].append(timed(page, "a", token))
+                times["decision key -> next card's name shown"].append(page.wait_for_function(
+                    CARD, arg=name, polling="raf", timeout=60_000).json_value())
     return times
 
 

@@ -148,7 +148,17 @@ def test_the_viewer_and_the_keys_in_a_browser(tmp_path: Path, tiny_data: Path):
         assert reviews(db) == []
 
         decide_by_key(page, db, "a", 1)
-        decide_by_key(page, db, "x", 2)
+        wait_viewer(page, loaded="1")
+        page.wait_for_timeout(1500)  # the next photograph is fetched ahead meanwhile
+        before, photo = on_screen(page), viewer(page, "photo")
+        focus_viewer(page)
+        page.keyboard.press("x")
+        page.keyboard.press("x")  # a double press decides once
+        wait_for(lambda: viewer(page, "photo") != photo, 5, "the next photograph at the key")
+        wait_for(lambda: on_screen(page) != before, 30, "the next card")
+        wait_until_idle(page)
+        page.wait_for_timeout(1000)
+        assert len(reviews(db)) == 2 and not page.get_by_text("was decided by").count()
         decide_by_key(page, db, "2", 3)
         assert reviews(db) == [(pool[0], "accept", 0, "local"), (pool[5], "reject", None, "local"),
                                (pool[4], "relabel", 2, "local")]

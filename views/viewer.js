@@ -9,6 +9,8 @@ const KEYS_IGNORED_IN = 'input, textarea, select, [contenteditable="true"]';
 const PAN_STEP = 0.1; // of the visible width, per arrow key
 const ZOOM_STEP = 1.5;
 const MAX_PIXEL_RATIO = 8; // screen pixels per photograph pixel at the deepest zoom
+const DECISION_KEYS = new Set(["a", "x", "0", "1", "2", "3", " "]); // views/review.py's
+const AWAIT_CARD_MS = 5000; // a card that does not come by then is not held back for
 
 let library;
 
@@ -156,6 +158,18 @@ class Viewer {
     for (const item of Object.values(this.items)) item.setPreload(hidden && !shown.has(item));
   }
 
+  // A decision key: the next card's photograph, fetched ahead, in the view on screen; its
+  // layers come with the card. Without it fetched ahead, the card brings it. Either way the
+  // decision keys wait for that card.
+  decided() {
+    const next = this.data.next;
+    this.awaiting = this.data.token;
+    setTimeout(() => { this.awaiting = null; }, AWAIT_CARD_MS);
+    if (next && this.fetchedNext === next.base && this.pyramids.includes(this.view)) {
+      this.open({ ...this.data, ...next, layers: [], next: null });
+    }
+  }
+
   // The next card's photograph, as this view shows it fitted: its tiles into the browser's
   // cache, so that a decision's next card draws from there.
   preloadNext() {
@@ -166,6 +180,7 @@ class Viewer {
   }
 
   fetchNext(next) {
+    this.fetchedNext = next.base;
     const view = this.pyramids.includes(this.view) ? this.view : this.pyramids[0];
     const maxLevel = Math.ceil(Math.log2(Math.max(next.width, next.height)));
     const screen = this.canvas.getBoundingClientRect();
@@ -281,17 +296,35 @@ class Viewer {
   destroy() { this.osd.destroy(); }
 }
 
-// One listener for the whole page, made once: it passes keys to the viewer on screen and none
-// typed into a field or pressed with Ctrl, Alt or Cmd.
+function typing(event) {
+  return event.ctrlKey || event.altKey || event.metaKey
+    || (event.target.closest && event.target.closest(KEYS_IGNORED_IN));
+}
+
+// Listeners for the whole page, made once, for the viewer on screen; none acts on a key typed
+// into a field or pressed with Ctrl, Alt or Cmd. The first runs before Streamlit's shortcuts:
+// a decision key shows the next photograph at once (it is in the browser's cache) while its
+// button's rerun brings the rest of the card, and until that card is here the decision keys
+// are held back, since their buttons still belong to the card before.
 function listen() {
   if (window.__gradingViewerKeys) return;
   window.__gradingViewerKeys = (event) => {
     const viewer = window.__gradingViewer;
-    if (!viewer || !viewer.root.isConnected || event.ctrlKey || event.altKey || event.metaKey) return;
-    if (event.target.closest && event.target.closest(KEYS_IGNORED_IN)) return;
-    viewer.onKey(event);
+    if (viewer && viewer.root.isConnected && !typing(event)) viewer.onKey(event);
+  };
+  window.__gradingViewerDecisions = (event) => {
+    const viewer = window.__gradingViewer;
+    if (!viewer || !viewer.root.isConnected || typing(event) || !DECISION_KEYS.has(event.key)) return;
+    if (!viewer.data.decides) return;
+    if (viewer.awaiting) {
+      event.stopImmediatePropagation();
+      event.preventDefault();
+    } else {
+      viewer.decided();
+    }
   };
   document.addEventListener("keydown", window.__gradingViewerKeys);
+  window.addEventListener("keydown", window.__gradingViewerDecisions, true);
 }
 
 export default function ({ parentElement, data }) {
@@ -299,8 +332,10 @@ export default function ({ parentElement, data }) {
   root.style.height = `${data.height_px}px`;
   listen();
   loadLibrary(`${data.lib}/openseadragon.min.js`).then((OpenSeadragon) => {
-    if (root.__viewer) root.__viewer.update(data);
-    else root.__viewer = new Viewer(OpenSeadragon, root, data);
+    const viewer = root.__viewer;
+    if (!viewer) root.__viewer = new Viewer(OpenSeadragon, root, data);
+    else if (viewer.awaiting !== data.token) viewer.update(data);  // not the card before again
+    if (root.__viewer.awaiting && root.__viewer.awaiting !== data.token) root.__viewer.awaiting = null;
     window.__gradingViewer = root.__viewer;
   }).catch((error) => { root.querySelector(".osd").textContent = String(error); });
 }

@@ -98,17 +98,22 @@ def _next(upcoming: str | None) -> dict | None:
         width, height = image_size(Path(upcoming)) if upcoming else (0, 0)
     except ImageError:
         return None  # its card will say why
-    return {"base": f"{PREFIX}/{REGISTRY.show(Path(upcoming))}", "width": width,
+    token = REGISTRY.show(Path(upcoming)) if upcoming else None
+    return {"token": token, "base": f"{PREFIX}/{token}", "width": width,
             "height": height} if upcoming else None
 
 
 def grading_viewer(photo: str, run_id: int | None = None, gradcam_of: int | None = None,
-                   key: str = "viewer", height: int = HEIGHT, upcoming: str | None = None
-                   ) -> None:
+                   key: str = "viewer", height: int = HEIGHT, decides: bool = False,
+                   upcoming: str | None = None) -> None:
     """The photograph at `photo` in the viewer, in the views of PHOTO_VIEWS; with a run, also
-    as its model's input and, for a grade, with that grade's Grad-CAM over it. `upcoming` is
-    the photograph likely next (prefetch makes its tiles): the browser fetches what it will
-    show of it first. A sentence instead when the file cannot be shown."""
+    as its model's input and, for a grade, with that grade's Grad-CAM over it. A sentence
+    instead when the file cannot be shown.
+
+    `decides`: the page's decision keys (views/viewer.js DECISION_KEYS) grade the photograph,
+    so the viewer holds them back between a decision and the next card, and shows `upcoming`,
+    the photograph likely next, at the key (prefetch makes its tiles; the browser fetches
+    what it shows of them ahead)."""
     if not (LIBRARY / "openseadragon.min.js").is_file():
         st.error(f"The viewer's library is missing from {LIBRARY}: run `make install`.")
         return
@@ -130,7 +135,7 @@ def grading_viewer(photo: str, run_id: int | None = None, gradcam_of: int | None
         "token": token, "base": f"{PREFIX}/{token}", "lib": f"{PREFIX}/lib",
         "width": width, "height": height_px, "tileSize": TILE_SIZE, "overlap": OVERLAP,
         "pyramids": [v.name for v in PHOTO_VIEWS], "layers": layers, "height_px": height,
-        "next": _next(upcoming),
+        "decides": decides, "next": _next(upcoming),
         "views": [{"name": v.name, "label": v.label, "layers": list(v.layers), "help": v.help}
                   for v in views]})
 
