@@ -91,6 +91,7 @@ class RecentDecision:
     current_decision: str
     current_grade: int | None
     current_reviewer: str
+    settled: bool  # adjudicated, or both blind reads in: no change of it is taken
 
 
 class DecidedMeanwhile(Exception):
@@ -499,10 +500,11 @@ def recent_decisions(db_url: str, reviewer: str, limit: int = 10) -> list[Recent
             select(Review.id, Review.image_id, Review.decision, Review.grade, Review.reviewer)
             .where(Review.image_id.in_([r.image_id for r in rows]),
                    Review.id == _current_id(Review.image_id, reviewer, _share(session))))}
+        settled = {r.image_id for r in rows if _settled(session, r.image_id) is not None}
     return [RecentDecision(image_id, run_id, name, decision, grade, time,
                            current[image_id].id == review_id, current[image_id].id,
                            current[image_id].decision, current[image_id].grade,
-                           current[image_id].reviewer)
+                           current[image_id].reviewer, image_id in settled)
             for review_id, image_id, run_id, name, decision, grade, time in rows]
 
 

@@ -177,6 +177,7 @@ def test_reads_stay_as_given_once_both_are_in(predicted):
     set_double_read_share(db, 1.0, user=TERMINAL)
     decide(db, "ana", pool[5], run_id, "accept")
     mine = recent_decisions(db, "ana")[0]  # before the second read she may change her mind
+    assert not mine.settled
     decide(db, "ana", pool[5], run_id, "relabel", 2, seen=mine.current_id)
     assert undo_last(db, "ana") == pool[5]  # or take it back
     shown = claim_next(db, "ana", QueueFilter(run_id))
@@ -186,6 +187,7 @@ def test_reads_stay_as_given_once_both_are_in(predicted):
     stored = reviews(db)
     for reader in ("ana", "ben"):  # the conflict is in: neither changes nor undoes hers
         recent = recent_decisions(db, reader)[0]
+        assert recent.settled  # the Review page offers no change of it
         with pytest.raises(ReadsSettled, match="has both of its blind reads") as refused:
             decide(db, reader, pool[5], run_id, "relabel", 3, seen=recent.current_id)
         assert "accept" not in str(refused.value) and "reject" not in str(refused.value)
@@ -218,3 +220,16 @@ def test_an_adjudication_is_final(predicted):
     assert adjudication_queue(db) == []
     curated = curated_set(db).set_index("image_id")
     assert (curated.grade[pool[5]], curated.reviewer[pool[5]]) == (2, "dora")
+
+
+def test_the_review_page_offers_no_change_of_a_settled_read(predicted):
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    set_double_read_share(db, 1.0, user=TERMINAL)
+    decide(db, "local", pool[5], run_id, "accept")  # the one local user's first read
+    at = open_page("review")
+    assert f"change_{pool[5]}" in [box.key for box in at.selectbox]
+    decide(db, "ben", pool[5], run_id, "reject")  # the second read
+    at.run()
+    assert f"change_{pool[5]}" not in [box.key for box in at.selectbox]
+    assert "settled" in [caption.value for caption in at.caption]

@@ -343,6 +343,10 @@ def recent_ui(reviewer: str) -> None:
         text, change = st.columns([3, 1])
         text.write(f"{item.time:%Y-%m-%d %H:%M} UTC · **{item.name}** · "
                    f"{describe(item.decision, item.grade)}{since}")
+        if item.settled:
+            change.caption("settled", help="Adjudicated, or both blind reads are in: it "
+                                           "stays as it is.")
+            continue
         change.selectbox("Change to", CHANGES, index=None, key=f"change_{item.image_id}",
                          placeholder="change to…", label_visibility="collapsed",
                          format_func=lambda c: f"grade {c}" if c in GRADES else c,
