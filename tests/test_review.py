@@ -2,6 +2,7 @@
 page run headless with AppTest on a small workspace whose predictions are set by hand."""
 
 import io
+import time
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -558,3 +559,15 @@ def test_loop_overview_counts_each_stage(predicted):
     assert loop_overview(db, run_id, REVIEW_THRESHOLD) == {
         "labelled": 24, "predicted": len(pool) + 2, "candidates": candidates, "reviewed": 1,
         "runs": 1}
+
+
+def test_a_decision_stores_the_seconds_its_card_was_on_screen_and_the_pace_shows(predicted):
+    workspace, run_id, pool = predicted
+    at = sign_in(open_page("review"))
+    assert "left at the team's pace" not in page_text(at)  # no timed decision yet
+    time.sleep(0.5)  # looking at the card
+    click(at, "accept")
+    with session_scope(workspace.db_url) as session:
+        seconds = session.scalar(select(Review.seconds))
+    assert 0.5 <= seconds < 60
+    assert "left at the team's pace" in page_text(at)
