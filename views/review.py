@@ -169,8 +169,8 @@ def settings_ui(run_id: int) -> QueueFilter:
 
 
 def progress_ui(queue: QueueFilter) -> bool:
-    """Reviewed of total candidates in one line, per grade in its help; False when there are
-    none."""
+    """Reviewed of total candidates and per grade in one line, and the time left; False when
+    there are none."""
     table = progress(workspace.db_url, queue.run_id, queue.threshold)
     candidates, reviewed = int(table.candidates.sum()), int(table.reviewed.sum())
     if candidates == 0:

@@ -81,24 +81,19 @@ class Viewer {
   // A new photograph: its pyramids at once, the current view shown as each arrives; the layers
   // laid over it once that view is drawn, unless the view is one of them.
   open(data) {
-    this.root.dataset.openedAt = String(performance.now());  // the benchmark's breakdown
     this.data = data;
     this.items = {};
     this.pyramids = data.pyramids;
     this.maxLevel = 0;
     this.view = this.view && this.viewNames().includes(this.view) ? this.view : data.views[0].name;
     Object.assign(this.root.dataset, {
-      photo: data.token, view: this.view, maxLevelDrawn: "0", painted: "0", loaded: "0",
+      photo: data.token, view: this.view, maxLevelDrawn: "0", loaded: "0",
       levels: String(Math.ceil(Math.log2(Math.max(data.width, data.height)))),
     });
     this.osd.world.removeAll();
     this.add(pyramidLayers(data));
     this.overlaid = false;
     if (!this.pyramids.includes(this.view)) this.overlay();
-    this.osd.addOnceHandler("tile-drawn", () => {
-      this.root.dataset.painted = "1";
-      this.root.dataset.paintedAt = String(performance.now());
-    });
     this.drawToolbar();
   }
 

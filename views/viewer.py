@@ -80,11 +80,12 @@ def model_preprocess(run_id: int) -> PreprocessConfig:
                                       or PreprocessConfig().to_dict())
 
 
-def _overlays(path: Path, run_id: int, gradcam_of: int | None) -> list[tuple[View, np.ndarray]]:
+def _overlays(path: Path, run_id: int, preprocess: PreprocessConfig, gradcam_of: int | None
+              ) -> list[tuple[View, np.ndarray]]:
     """The run's model input of the photograph and, for a grade, that grade's Grad-CAM, both
     as the model saw the image (a square that engine.tiles.input_box places)."""
     workspace = get_workspace()
-    overlays = [(INPUT_VIEW, PreprocessCache(workspace.cache).load(path, model_preprocess(run_id)))]
+    overlays = [(INPUT_VIEW, PreprocessCache(workspace.cache).load(path, preprocess))]
     model = explainer(run_checkpoint(workspace.db_url, run_id)) if gradcam_of is not None \
         else None
     if model:
@@ -94,13 +95,14 @@ def _overlays(path: Path, run_id: int, gradcam_of: int | None) -> list[tuple[Vie
 
 def _next(upcoming: str | None) -> dict | None:
     """The photograph the viewer will most likely show next, for the browser to fetch ahead."""
+    if not upcoming:
+        return None
     try:
-        width, height = image_size(Path(upcoming)) if upcoming else (0, 0)
+        width, height = image_size(Path(upcoming))
     except ImageError:
         return None  # its card will say why
-    token = REGISTRY.show(Path(upcoming)) if upcoming else None
-    return {"token": token, "base": f"{PREFIX}/{token}", "width": width,
-            "height": height} if upcoming else None
+    token = REGISTRY.show(Path(upcoming))
+    return {"token": token, "base": f"{PREFIX}/{token}", "width": width, "height": height}
 
 
 def grading_viewer(photo: str, run_id: int | None = None, gradcam_of: int | None = None,
@@ -120,8 +122,9 @@ def grading_viewer(photo: str, run_id: int | None = None, gradcam_of: int | None
     path = Path(photo)
     try:
         width, height_px = image_size(path)
-        overlays = _overlays(path, run_id, gradcam_of) if run_id is not None else []
-        box = _input_box(path, model_preprocess(run_id)) if overlays else None
+        preprocess = model_preprocess(run_id) if run_id is not None else None
+        overlays = _overlays(path, run_id, preprocess, gradcam_of) if preprocess else []
+        box = _input_box(path, preprocess) if preprocess else None
     except (OSError, ImageError) as exc:
         st.warning(f"{path.name}: cannot show this image ({exc}).")
         return
