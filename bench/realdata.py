@@ -1,16 +1,22 @@
 """Real photographs: the engine's training defaults against a plain reference loop, on the
-same split, from the same pretrained start, in the same budget of minutes.
+same split, from the same pretrained start, in the same budget of minutes for the model.
 
     .venv/bin/python -m bench.realdata [--minutes 20] [--seed 0] [--only defaults|reference]
-                                       [--train-args "--img-size 384 ..."]
+                                       [--train-args "--img-size 384 ..."] [--screen]
 
 ../shared/realdata (labels.csv: file, grade 0-4, dataset, group) is split by group, stratified
-by grade: 25 % test, then 20 % of the rest for validation. The defaults are what
-`python -m engine.train` does with no options but `--minutes` (plus --train-args, for trying
-a change); they use the validation split to pick the checkpoint and fit the temperature. The
-reference trains on the training split alone and is calibrated on the validation split.
-Every figure is on the test split, per dataset and pooled; the table is printed and written to
-bench/out/realdata.json.
+by grade: 25 % test, then 20 % of the rest for validation (the split `engine.train
+--data-path` makes). The defaults are what `python -m engine.train` does with no options but
+`--minutes` (plus --train-args, for trying a change): a validation phase trained on the
+training split gives the validation figures, the temperature and the operating point, and
+the model is then trained on training and validation images together. The reference loop
+trains on training and validation images too, for the same minutes.
+
+--screen compares recipes: the defaults without the final training (--refit false), and
+validation figures only; the test split is not read. Without it, every finished recipe is
+read once on the test split. Every figure names its split, and comes with a 95 % bootstrap
+interval by person (1,000 resamples); differences between the two methods are paired (the
+same resamples). The tables are printed and written to bench/out/realdata.json.
 """
 
 import argparse
@@ -23,22 +29,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.reference import reference_logits, train_reference
-from engine.calibration import fit_temperature
-from engine.data import Sample, labels_csv_samples, train_val_test_split
-from grades import REVIEW_THRESHOLD
-from engine.metrics import (expected_calibration_error, grading_summary,
-                            quadratic_weighted_kappa)
+from bench.reference import reference_probs, train_reference
+from engine.data import Sample, labels_csv_samples, read_probabilities, train_val_test_split
+from engine.metrics import expected_calibration_error, screening_summary
 from engine.models import load_checkpoint
 from engine.predictor import predict
+from engine.refit import VALIDATION, train_model
+from engine.screening import paired_difference
 from engine.train import make_config, parse_args
-from engine.trainer import PrintHooks, RunPaths, Trainer
+from engine.trainer import PrintHooks, RunPaths
 from engine.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"
 OUT = ROOT / "bench" / "out" / "realdata.json"
 DATASETS = ("messidor-2", "eyepacs-2015-test")
+SOURCES = ("pooled", *DATASETS)
 
 
 def load_realdata(root: Path) -> tuple[list[Sample], dict[str, str]]:
@@ -49,149 +55,169 @@ def load_realdata(root: Path) -> tuple[list[Sample], dict[str, str]]:
         raise SystemExit(f"{exc}: this benchmark needs ../shared/realdata") from None
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return torch.softmax(torch.as_tensor(logits) / temperature, 1).numpy()
+def per_source(samples: list[Sample], datasets: dict[str, str]) -> dict[str, np.ndarray]:
+    which = np.array([datasets.get(s.path, "") for s in samples])
+    return {name: np.ones(len(samples), bool) if name == "pooled" else which == name
+            for name in SOURCES}
 
 
-def summaries(logits: np.ndarray, temperature: float, test: list[Sample],
-              datasets: dict[str, str]) -> dict:
-    """grading_summary per dataset and pooled, on calibrated probabilities, with the ECE the
-    uncalibrated ones had beside it."""
-    labels = np.array([s.grade for s in test])
-    which = np.array([datasets[s.path] for s in test])
+def figures(probs: np.ndarray, samples: list[Sample], datasets: dict[str, str],
+            threshold: float) -> dict:
+    """QWK, referable AUC, sensitivity and specificity at `threshold` (NaN: none), with their
+    intervals, and the calibration error, per dataset and pooled."""
+    labels = np.array([s.grade for s in samples])
+    groups = [s.group for s in samples]
     out = {}
-    for name in ("pooled", *DATASETS):
-        keep = np.ones(len(test), bool) if name == "pooled" else which == name
-        probs = softmax(logits[keep], temperature)
-        expected = np.rint(probs @ np.arange(probs.shape[1])).astype(int)
-        out[name] = {**grading_summary(probs, labels[keep], REVIEW_THRESHOLD),
-                     "ece_before": expected_calibration_error(softmax(logits[keep]), labels[keep]),
-                     "qwk_expected_grade": quadratic_weighted_kappa(labels[keep], expected)}
+    for name, keep in per_source(samples, datasets).items():
+        rows = np.flatnonzero(keep)
+        out[name] = {**screening_summary(probs[rows], labels[rows], [groups[i] for i in rows],
+                                         threshold),
+                     "ece": expected_calibration_error(probs[rows], labels[rows])}
     return out
 
 
-def checkpoint_logits(path: Path, test: list[Sample], cache: Path, tta: bool
-                      ) -> tuple[np.ndarray, float]:
-    """Test logits of a checkpoint through the engine's predictor, and its temperature."""
-    model, meta = load_checkpoint(path)
-    probs = predict(model, {**meta, "temperature": 1.0}, test, torch.device("cpu"),
-                    batch_size=16, workers=0, tta=tta, cache_root=cache).probs
-    return np.log(np.clip(probs, 1e-12, None)), float(meta.get("temperature", 1.0))
+def differences(first: np.ndarray, second: np.ndarray, samples: list[Sample],
+                datasets: dict[str, str]) -> dict:
+    """first - second in QWK and referable AUC per dataset, each with its paired interval."""
+    out = {}
+    for name, keep in per_source(samples, datasets).items():
+        shared = [samples[i] for i in np.flatnonzero(keep)]
+        out[name] = paired_difference((shared, first[keep]), (shared, second[keep]))
+    return out
 
 
-def run_defaults(train, val, test, datasets, minutes: float, extra: list[str], seed: int) -> dict:
-    args = parse_args(["--data-path", "realdata", "--minutes", str(minutes), "--seed",
-                       str(seed), *extra])
-    config = make_config(args)
+def test_probs(checkpoint: Path, test: list[Sample], cache: Path) -> np.ndarray:
+    """Calibrated test probabilities of a checkpoint, through the engine's predictor with the
+    views it was calibrated with."""
+    model, meta = load_checkpoint(checkpoint)
+    views = meta["train_config"]["tta"]
+    result = predict(model, meta, test, torch.device("cpu"), batch_size=16, workers=0,
+                     tta=views, cache_root=cache)
+    assert len(result.indices) == len(test), "every test image must be readable"
+    return result.probs
+
+
+def run_defaults(train, val, test, datasets, minutes: float, extra: list[str], seed: int,
+                 screen: bool) -> dict:
+    refit = ["--refit", "false"] if screen else []
+    config = make_config(parse_args(["--data-path", "realdata", "--minutes", str(minutes),
+                                     "--seed", str(seed), *refit, *extra]))
     with tempfile.TemporaryDirectory() as tmp:
         workspace = Workspace(Path(tmp))
         paths = RunPaths.under(workspace, "defaults")
         started = time.perf_counter()
-        trainer = Trainer(config, train, val, paths, workspace.cache, PrintHooks())
-        result = trainer.fit()
+        result = train_model(config, train, val, paths, workspace.cache, PrintHooks())
         seconds = time.perf_counter() - started
-        best = max(result.epochs, key=lambda r: r['qwk'])['epoch']
-        print(f"  {config.epochs} epochs in {seconds / 60:.1f} min; best epoch {best}", flush=True)
-        # best.pth holds the last epoch unless --select best chose an earlier one
-        kept_last = config.select == "last" or best == result.epochs[-1]["epoch"]
-        results = {}
-        for which in ("best",) if kept_last else ("best", "last"):
-            logits, temperature = checkpoint_logits(getattr(paths, which), test, workspace.cache,
-                                                    config.tta)
-            if which == "last":  # the trainer calibrates best.pth only
-                val_logits, _ = checkpoint_logits(paths.last, val, workspace.cache, config.tta)
-                temperature = fit_temperature(torch.as_tensor(val_logits),
-                                              torch.tensor([s.grade for s in val]))
-            results[which] = {"temperature": temperature, "test_logits": logits.tolist(),
-                              **summaries(logits, temperature, test, datasets)}
-    return {"config": vars(config), "train_args": extra, "seconds": seconds, **results}
+        print(f"  {config.epochs} epochs, {seconds / 60:.1f} min", flush=True)
+        checked = paths.phase(VALIDATION) if config.refit else paths
+        val_samples, val_probs = read_probabilities(checked.validation)
+        threshold = result.calibration["screening"]["threshold"]
+        out = {"config": vars(config), "train_args": extra, "seconds": seconds,
+               "epochs": config.epochs, "temperature": result.calibration["temperature"],
+               "threshold": threshold,
+               "validation": figures(val_probs, val_samples, datasets, threshold),
+               "validation_images": [s.path for s in val_samples],
+               "validation_probs": val_probs.tolist()}
+        if not screen:
+            probs = test_probs(result.best_checkpoint, test, workspace.cache)
+            out |= {"test": figures(probs, test, datasets, threshold),
+                    "test_probs": probs.tolist()}
+    return out
 
 
-def run_reference(train, val, test, datasets, minutes: float, model: str, seed: int) -> dict:
+def run_reference(train, val, test, datasets, minutes: float, config, seed: int) -> dict:
+    """The reference learns from training and validation images alike (it validates nothing),
+    and is read on the test split at 1 and at 8 test-time views."""
     started = time.perf_counter()
-    net = train_reference(model, train, minutes, seed=seed)
+    model = config.model
+    net = train_reference(model, train + val, minutes, seed=seed, pretrained=config.pretrained)
     seconds = time.perf_counter() - started
-    val_logits = reference_logits(net, model, val)
-    temperature = fit_temperature(torch.as_tensor(val_logits), torch.tensor([s.grade for s in val]))
-    logits = reference_logits(net, model, test)
-    return {"model": model, "seconds": seconds,
-            "last": {"temperature": temperature, "test_logits": logits.tolist(),
-                     **summaries(logits, temperature, test, datasets)}}
+    out = {"model": model, "seconds": seconds}
+    for views in (1, 8):
+        probs = reference_probs(net, model, test, views)
+        out[f"test_{views}_views"] = figures(probs, test, datasets, float("nan"))
+        out[f"test_probs_{views}_views"] = probs.tolist()
+    return out
 
 
-COLUMNS = (("qwk", "QWK", "{:.3f}"), ("qwk_expected_grade", "QWK E[g]", "{:.3f}"),
-           ("accuracy", "acc", "{:.3f}"),
-           ("referable_auc", "ref. AUC", "{:.3f}"), ("sens_at_90_spec", "sens@90spec", "{:.3f}"),
-           ("ece_before", "ECE raw", "{:.3f}"), ("ece", "ECE T", "{:.3f}"))
+def cell(figure: dict | None) -> str:
+    if figure is None or not np.isfinite(figure["value"]):
+        return "-"
+    low, high = figure["interval"]
+    return f"{figure['value']:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def table(results: dict) -> str:
-    head = f"{'method':<22}{'dataset':<19}{'n':>5}" + "".join(f"{c[1]:>12}" for c in COLUMNS)
-    lines = [head + f"{'>=0.70 (right)':>16}", "-" * (len(head) + 16)]
+def rows(results: dict) -> list[tuple[str, str, dict]]:
+    """(method, split, figures per source) for every table row there is."""
+    out = []
     for method, result in results.items():
-        for which in ("best", "last"):
-            if which not in result:
-                continue
-            label = f"{method} ({which})" if method == "defaults" else method
-            for dataset in ("pooled", *DATASETS):
-                row = result[which][dataset]
-                cells = "".join(f"{fmt.format(row[key]):>12}" for key, _, fmt in COLUMNS)
-                lines.append(f"{label:<22}{dataset:<19}{row['images']:>5}{cells}"
-                             f"{row['confident']:>9} ({row['confident_right']})")
-        lines.append(f"{'':<22}{result['seconds'] / 60:.1f} min of training, temperature "
-                     f"{result[next(iter(w for w in ('best', 'last') if w in result))]['temperature']:.2f}")
-    return "\n".join(lines)
+        for split in ("validation", "test", "test_1_views", "test_8_views"):
+            if split in result:
+                label = split.replace("_views", " views").replace("_", ", ")
+                out.append((method, label, result[split]))
+    return out
 
 
-def markdown(results: dict) -> str:
-    """The kept checkpoint of each method as the README's table."""
-    lines = ["| method | dataset | images | " + " | ".join(c[1] for c in COLUMNS)
-             + " | at >= 0.70 (right) | minutes |", "|---" * (len(COLUMNS) + 5) + "|"]
-    for method, result in results.items():
-        which = "best" if "best" in result else "last"
-        for dataset in ("pooled", *DATASETS):
-            row = result[which][dataset]
-            cells = " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS)
-            lines.append(f"| {method} | {dataset} | {row['images']} | {cells} | "
-                         f"{row['confident']} ({row['confident_right']}) | "
-                         f"{result['seconds'] / 60:.1f} |")
+def markdown(results: dict, paired: dict | None) -> str:
+    keys = ("qwk", "referable_auc", "sensitivity", "specificity")
+    lines = ["| method | split | dataset | images | QWK [95 %] | referable AUC | sensitivity | "
+             "specificity | ECE |", "|---" * 9 + "|"]
+    for method, split, by_source in rows(results):
+        for source in SOURCES:
+            row = by_source[source]
+            lines.append(f"| {method} | {split} | {source} | {row['images']} | "
+                         + " | ".join(cell(row.get(k)) for k in keys) + f" | {row['ece']:.3f} |")
+    if paired:
+        lines += ["", "| test split, defaults - reference (8 views) | dataset | QWK [95 %] | "
+                  "referable AUC [95 %] |", "|---|---|---|---|"]
+        for source in SOURCES:
+            lines.append(f"| difference | {source} | {cell(paired[source]['qwk'])} | "
+                         f"{cell(paired[source]['referable_auc'])} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.realdata", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REALDATA)
-    parser.add_argument("--minutes", type=float, default=20.0, help="training budget of each")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", choices=("defaults", "reference"))
+    parser.add_argument("--data", type=Path, default=REALDATA, help="default: %(default)s")
+    parser.add_argument("--minutes", type=float, default=20.0,
+                        help="training budget of each model (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed "
+                        "(default: %(default)s)")
+    parser.add_argument("--only", choices=("defaults", "reference"), help="one method alone")
     parser.add_argument("--train-args", default="", help="extra engine.train options")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--screen", action="store_true",
+                        help="validation figures of the defaults alone; the test split unread")
+    parser.add_argument("--out", type=Path, default=OUT, help="default: %(default)s")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
 
     samples, datasets = load_realdata(args.data)
     train, val, test = train_val_test_split(samples, args.seed)
     print(f"split by group: {len(train)} train, {len(val)} validation, {len(test)} test images",
           flush=True)
     extra = shlex.split(args.train_args)
-    model = make_config(parse_args(["--data-path", "realdata", *extra])).model
+    config = make_config(parse_args(["--data-path", "realdata", *extra]))
     runs = {"defaults": lambda: run_defaults(train, val, test, datasets, args.minutes, extra,
-                                             args.seed),
-            "reference": lambda: run_reference(train, val, test, datasets, args.minutes, model,
+                                             args.seed, args.screen),
+            "reference": lambda: run_reference(train, val, test, datasets, args.minutes, config,
                                                args.seed)}
-    results = {}
-    for method, run in runs.items():
-        if args.only in (None, method):
-            print(f"{method} ({' '.join(extra) or 'as they are'}), {args.minutes:g} min:"
-                  if method == "defaults" else f"{method} loop, {args.minutes:g} min:", flush=True)
-            results[method] = run()
-            write(args.out, {"split": {"train": len(train), "validation": len(val),
-                                       "test": len(test), "seed": args.seed,
-                                       "test_images": [s.path for s in test]},
-                             "minutes": args.minutes, **results})
-    print(table(results))
-    print(markdown(results))
+    wanted = ("defaults",) if args.screen else (args.only,) if args.only else tuple(runs)
+    results: dict = {}
+    paired = None
+    for method in wanted:
+        print(f"{method}, {args.minutes:g} min ({' '.join(extra) or 'as they are'}):"
+              if method == "defaults" else f"{method} loop, {args.minutes:g} min:", flush=True)
+        results[method] = runs[method]()
+        if {"defaults", "reference"} <= results.keys():
+            paired = differences(np.array(results["defaults"]["test_probs"]),
+                                 np.array(results["reference"]["test_probs_8_views"]), test,
+                                 datasets)
+        write(args.out, {"split": {"train": len(train), "validation": len(val),
+                                   "test": len(test), "seed": args.seed,
+                                   "test_images": [s.path for s in test]},
+                         "minutes": args.minutes, "screen": args.screen, **results,
+                         "defaults_minus_reference": paired})
+    print(markdown(results, paired))
     print(f"written to {args.out}")
     return 0
 

@@ -4,6 +4,7 @@ predicted for a pool, aggregated in SQL so that the page stays fast at 100k pred
 from datetime import datetime
 from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import case, func, select
 
@@ -104,12 +105,18 @@ def confidence_histogram(db_url: str, run_id: int, source_id: int, bins: int = 2
     return frame[["grade", "confidence", "count"]]
 
 
-def submission_frame(db_url: str, run_id: int, source_id: int) -> pd.DataFrame:
+def submission_frame(db_url: str, run_id: int, source_id: int,
+                     referable_at: float | None = None) -> pd.DataFrame:
     """The Kaggle submission of a model on a pool: id_code (the image's name), diagnosis
-    (the predicted grade, 0-3), in import order."""
+    (the predicted grade, 0-3), in import order; with `referable_at` (the run's operating
+    point) also referable: yes when P(grade >= 2) reaches it, else no."""
     with read_scope(db_url) as session:
         rows = session.execute(
-            select(Image.name, Prediction.grade).join(Image)
+            select(Image.name, Prediction.grade, Prediction.p2 + Prediction.p3).join(Image)
             .where(*_of(run_id, source_id)).order_by(Image.id)
         ).all()
-    return pd.DataFrame(rows, columns=["id_code", "diagnosis"])
+    frame = pd.DataFrame(rows, columns=["id_code", "diagnosis", "referable"])
+    if referable_at is None:
+        return frame.drop(columns="referable")
+    frame["referable"] = np.where(frame["referable"] >= referable_at, "yes", "no")
+    return frame

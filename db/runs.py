@@ -35,11 +35,17 @@ def run_checkpoint(db_url: str, run_id: int) -> str | None:
         return session.scalar(select(Run.checkpoint).where(Run.id == run_id))
 
 
+def run_config(db_url: str, run_id: int) -> dict:
+    """The run's training config (TrainConfig's fields and train_counts); what an imported
+    model's import recorded."""
+    with read_scope(db_url) as session:
+        return session.scalar(select(Run.config).where(Run.id == run_id)) or {}
+
+
 def run_preprocess(db_url: str, run_id: int) -> dict | None:
     """The preprocessing the run's model takes its input with (PreprocessConfig.to_dict);
     None for a run whose config does not say (a model imported from a file)."""
-    with read_scope(db_url) as session:
-        return (session.scalar(select(Run.config).where(Run.id == run_id)) or {}).get("preprocess")
+    return run_config(db_url, run_id).get("preprocess")
 
 
 def run_calibration(db_url: str, run_id: int) -> dict:
@@ -49,6 +55,23 @@ def run_calibration(db_url: str, run_id: int) -> dict:
         calibration, temperature = session.execute(
             select(Run.calibration, Run.temperature).where(Run.id == run_id)).one()
     return {"temperature": temperature, **calibration} if calibration else {}
+
+
+def referable_threshold(db_url: str, run_id: int) -> float | None:
+    """The run's operating point for referable DR (P(grade >= 2) at or above it); None for a
+    run that has none (trained before operating points were chosen, or imported)."""
+    return (run_calibration(db_url, run_id).get("screening") or {}).get("threshold")
+
+
+def set_screening(db_url: str, run_id: int, screening: dict, user: User) -> None:
+    """Store another operating point (a screening summary at another target sensitivity) as
+    the run's; only an admin may."""
+    require_admin(db_url, user, "change a model's operating point")
+    with session_scope(db_url) as session:
+        run = session.get(Run, run_id)
+        if not run or not run.calibration:
+            raise ValueError(f"run {run_id} has no calibration to change")
+        run.calibration = {**run.calibration, "screening": screening}
 
 
 def activate_first(session: Session, run: Run) -> None:

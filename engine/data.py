@@ -94,6 +94,14 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float = 0.2, seed:
     return train, val
 
 
+def person_halves(samples: Sequence[Sample], seed: int) -> np.ndarray:
+    """0/1 per sample: two halves, stratified by grade, that keep each person whole; for
+    figures judged on one half with what was fitted on the other."""
+    _, second = stratified_split(samples, 0.5, seed)
+    paths = {s.path for s in second}
+    return np.array([s.path in paths for s in samples], int)
+
+
 def train_val_test_split(samples: Sequence[Sample], seed: int = 0, test_share: float = 0.25,
                          val_share: float = 0.2) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """A held-out test split, then validation out of the rest, each stratified by grade and
@@ -148,6 +156,30 @@ def read_manifest(path: Path) -> tuple[list[Sample], list[Sample]]:
                 row["path"], int(row["grade"]), row["name"],
                 int(row["image_id"]) if row["image_id"] else None, row["group"] or None))
     return out["train"], out["validation"]
+
+
+PROBABILITY_COLUMNS = ["path", "grade", "group", "p0", "p1", "p2", "p3"]
+
+
+def write_probabilities(path: Path, samples: Sequence[Sample], probs: np.ndarray) -> None:
+    """A model's class probabilities for labelled images, one row each, as CSV."""
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(PROBABILITY_COLUMNS)
+        for sample, row in zip(samples, probs, strict=True):
+            writer.writerow([sample.path, sample.grade, sample.group or "",
+                             *(f"{p:.6g}" for p in row)])
+
+
+def read_probabilities(path: Path) -> tuple[list[Sample], np.ndarray]:
+    """The samples and probabilities `write_probabilities` wrote."""
+    samples, probs = [], []
+    with open(path, newline="") as file:
+        for row in csv.DictReader(file):
+            samples.append(Sample(row["path"], int(row["grade"]), Path(row["path"]).stem,
+                                  group=row["group"] or None))
+            probs.append([float(row[f"p{k}"]) for k in range(4)])
+    return samples, np.array(probs, np.float64).reshape(-1, 4)
 
 
 def class_counts(samples: Sequence[Sample]) -> list[int]:

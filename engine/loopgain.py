@@ -56,7 +56,8 @@ from engine.queue_order import ORDERS, queue_order
 from engine.sources import ImportStopped, list_source
 from engine.synth import write_dataset
 from engine.train import make_config, parse_args
-from engine.trainer import PrintHooks, RunPaths, Trainer, TrainingStopped
+from engine.refit import train_model
+from engine.trainer import PrintHooks, RunPaths, TrainingStopped
 from engine.workspace import Workspace
 from grades import GRADES, REVIEW_THRESHOLD
 
@@ -201,8 +202,8 @@ class Lab:
         print(f"{name}: training on {len(samples)} images {class_counts(samples)}, {budget}",
               flush=True)
         paths = RunPaths.under(self.workspace, name)
-        config = dataclasses.replace(self.config)  # fit() fixes its epochs for the budget
-        Trainer(config, samples, self.split.val, paths, self.workspace.cache, PrintHooks()).fit()
+        config = dataclasses.replace(self.config)  # training fixes its epochs for the budget
+        train_model(config, samples, self.split.val, paths, self.workspace.cache, PrintHooks())
         return load_checkpoint(paths.best, self.device)
 
     def predict(self, fitted: Fitted, samples: list[Sample]) -> Predictions:

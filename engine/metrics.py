@@ -159,3 +159,97 @@ def grading_summary(probs: np.ndarray, labels: np.ndarray, threshold: float) -> 
             "sens_at_90_spec": sensitivity_at_specificity(referable, score, 0.9),
             "ece": expected_calibration_error(probs, labels), "confident": confident,
             "confident_right": right}
+
+
+# -- screening figures and their intervals ----------------------------------------------------
+
+# The first autonomous DR system cleared in the US reported 87.2 % sensitivity: the default
+# operating point is the most specific one that keeps at least this.
+TARGET_SENSITIVITY = 0.87
+RESAMPLES = 1000
+
+
+def operating_point(positive: np.ndarray, scores: np.ndarray,
+                    sensitivity: float = TARGET_SENSITIVITY) -> float:
+    """The highest threshold (so the highest specificity) at which flagging scores >= it
+    keeps at least `sensitivity` of the positives; NaN without positives."""
+    flagged = np.sort(np.asarray(scores, np.float64)[np.asarray(positive, bool)])[::-1]
+    if len(flagged) == 0:
+        return float("nan")
+    return float(flagged[max(int(np.ceil(sensitivity * len(flagged))) - 1, 0)])
+
+
+def sensitivity_specificity(positive: np.ndarray, flagged: np.ndarray) -> tuple[float, float]:
+    """(share of positives flagged, share of negatives not flagged); NaN where a class is absent."""
+    positive, flagged = np.asarray(positive, bool), np.asarray(flagged, bool)
+    def share(mask: np.ndarray, values: np.ndarray) -> float:
+        return float(values[mask].mean()) if mask.any() else float("nan")
+    return share(positive, flagged), share(~positive, ~flagged)
+
+
+def group_resamples(groups: list | np.ndarray, resamples: int = RESAMPLES, seed: int = 0
+                    ) -> list[np.ndarray]:
+    """Index arrays of `resamples` bootstrap samples that draw whole groups (people) with
+    replacement, so that two eyes of one person count as the one draw they are. Images
+    without a group (None) are groups of their own."""
+    keys = [g if g is not None else ("\0", n) for n, g in enumerate(groups)]
+    members: dict = {}
+    for n, key in enumerate(keys):
+        members.setdefault(key, []).append(n)
+    blocks = [np.array(m) for m in members.values()]
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([blocks[b] for b in rng.integers(0, len(blocks), len(blocks))])
+            for _ in range(resamples)]
+
+
+def interval(statistic, samples: list[np.ndarray], level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of `statistic(indices)` over the resamples (NaN draws, such as an
+    AUC of a draw without positives, left out)."""
+    values = np.array([statistic(indices) for indices in samples], np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def screening_summary(probs: np.ndarray, labels: np.ndarray, groups: list, threshold: float,
+                      flagged: np.ndarray | None = None, resamples: int = RESAMPLES,
+                      seed: int = 0) -> dict:
+    """QWK, referable AUC, and sensitivity and specificity for referable DR at `threshold`
+    (flagged when P(grade >= 2) >= it, unless `flagged` says otherwise), each with its 95 %
+    bootstrap interval by person."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels).ravel()
+    grades, score, positive = probs.argmax(1), referable_score(probs), labels >= REFERABLE
+    flagged = score >= threshold if flagged is None else np.asarray(flagged, bool)
+    statistics = {
+        "qwk": lambda i: quadratic_weighted_kappa(labels[i], grades[i]),
+        "referable_auc": lambda i: roc_auc(positive[i], score[i]),
+        "sensitivity": lambda i: sensitivity_specificity(positive[i], flagged[i])[0],
+        "specificity": lambda i: sensitivity_specificity(positive[i], flagged[i])[1],
+    }
+    if not np.isfinite(threshold):  # no operating point: a model without validation
+        del statistics["sensitivity"], statistics["specificity"]
+    draws = group_resamples(groups, resamples, seed)
+    everything = np.arange(len(labels))
+    return {"images": int(len(labels)), "threshold": float(threshold), **{
+        name: {"value": statistic(everything), "interval": list(interval(statistic, draws))}
+        for name, statistic in statistics.items()}}
+
+
+def validation_screening(probs: np.ndarray, labels: np.ndarray, groups: list,
+                         folds: np.ndarray, sensitivity: float = TARGET_SENSITIVITY) -> dict:
+    """The operating point chosen on validation probabilities, with figures that do not flatter
+    it: each of the two `folds` (by person) is judged at the point chosen on the other, and
+    the intervals are drawn by person. `threshold` is the point chosen on all of them."""
+    probs, labels, folds = np.asarray(probs), np.asarray(labels).ravel(), np.asarray(folds)
+    score, positive = referable_score(probs), labels >= REFERABLE
+    flagged = np.zeros(len(labels), bool)
+    for fold in np.unique(folds):
+        other = folds != fold
+        chooser = other if positive[other].any() else np.ones(len(labels), bool)
+        point = operating_point(positive[chooser], score[chooser], sensitivity)
+        flagged[folds == fold] = score[folds == fold] >= point
+    threshold = operating_point(positive, score, sensitivity)
+    return {**screening_summary(probs, labels, groups, threshold, flagged),
+            "target_sensitivity": sensitivity, "cross_fitted": True}

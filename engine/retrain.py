@@ -31,7 +31,7 @@ def default_settings(device: torch.device | str) -> dict[str, Any]:
             "batch_size": config.batch_size, "lr": config.lr, "lrf": config.lrf,
             "optimizer": config.optimizer, "balance": config.balance, "loss": config.loss,
             "enhance": config.preprocess["enhance"], "tta": config.tta, "select": config.select,
-            "augment": config.augment,
+            "augment": config.augment, "refit": config.refit,
             "progressive": config.progressive, "pretrained": True, "weights": "",
             "processes": local_processes(torch.device(device))}
 
@@ -63,6 +63,7 @@ def train_job_args(settings: dict[str, Any]) -> list[str]:
             "--enhance", str(settings["enhance"]).lower(), "--tta", str(settings["tta"]),
             "--select", settings["select"], "--augment", settings["augment"],
             "--progressive", str(settings["progressive"]).lower(),
+            "--refit", str(settings["refit"]).lower(),
             "--pretrained", str(settings["pretrained"]).lower()]
     weights = settings["weights"].strip()
     if settings["pretrained"] and weights:

@@ -34,7 +34,8 @@ from engine.models import (WeightsMismatch, cpu_bf16_supported, default_model,
                            model_for_weights, model_sizes, pick_device)
 from engine.predictor import tta_views
 from engine.preprocess import PreprocessConfig
-from engine.trainer import Hooks, RunPaths, TrainConfig, Trainer, TrainingStopped, run_name
+from engine.refit import recorded_paths, train_model
+from engine.trainer import Hooks, RunPaths, TrainConfig, TrainingStopped, epoch_line, run_name
 from engine.workspace import Workspace
 
 # Without --epochs: the seed's 30 epochs on a GPU; on a CPU, what fits into 20 minutes.
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data-path", type=Path, help="class folders 0/ 1/ 2/ 3/ (80/20 split)")
+    data.add_argument("--data-path", type=Path, help="class folders 0/ 1/ 2/ 3/ (80/20 split "
+                      "for the validation phase)")
     data.add_argument("--from-db", action="store_true", help="the curated set in the workspace")
     parser.add_argument("--epochs", type=int, help=f"default: {GPU_EPOCHS} on a GPU; on a CPU as "
                         f"many as fit into {CPU_MINUTES:g} minutes")
@@ -95,6 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bf16", type=boolean, default=cpu_bf16_supported(),
                         help="bfloat16 autocast on a CPU too (always on a GPU; default: where "
                         "the CPU computes it natively)")
+    parser.add_argument("--refit", type=boolean, default=True,
+                        help="after validating and calibrating a model trained on the training "
+                        "split, train the run's model on training and validation images together "
+                        "(the same epochs; about twice the time); false: the validated model "
+                        "is the run's model")
     parser.add_argument("--select", choices=("last", "best"), default="last",
                         help="the epoch best.pth keeps: the last, or the highest val QWK")
     parser.add_argument("--tta", type=views_arg, default=8,
@@ -139,7 +146,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         workers=args.workers, seed=args.seed, device=str(device), loss=args.loss,
         minutes=args.minutes or (CPU_MINUTES if device.type == "cpu" and not args.epochs else None),
         tta=args.tta, select=args.select, augment=args.augment,
-        freeze_stages=args.freeze_stages, bf16=args.bf16,
+        freeze_stages=args.freeze_stages, bf16=args.bf16, refit=args.refit,
         preprocess=PreprocessConfig(size=eval_size, enhance=args.enhance).to_dict(),
     )
 
@@ -209,9 +216,14 @@ class LogHooks(RankHooks):
         super().__init__(job)
         self.db_url, self.run_id = db_url, run_id
         self.epochs, self.select = 1, "last"
+        self.phase, self.phase_index, self.phases = "", 0, 1
 
     def on_prepare(self, done: int, total: int) -> None:
         self.job.progress(0.0, f"preparing images: {done}/{total}")
+
+    def on_phase(self, name: str, index: int, count: int) -> None:
+        self.phase, self.phase_index, self.phases = f"{name.split(':')[0]}, ", index, count
+        print(name, flush=True)
 
     def on_start(self, config: TrainConfig, total_epochs: int) -> None:
         self.epochs, self.select = total_epochs, config.select
@@ -225,16 +237,13 @@ class LogHooks(RankHooks):
     def on_batch(self, epoch: int, step: int, steps: int, images_per_s: float) -> None:
         if self.job.cancelled:
             return  # the trainer stops every rank at the next batch; progress would raise here
-        self.job.progress((epoch + step / steps) / self.epochs,
-                          f"epoch {epoch + 1}/{self.epochs}, batch {step}/{steps}, "
-                          f"{images_per_s:.1f} images/s")
+        done = (self.phase_index + (epoch + step / steps) / self.epochs) / self.phases
+        self.job.progress(done, f"{self.phase}epoch {epoch + 1}/{self.epochs}, batch "
+                          f"{step}/{steps}, {images_per_s:.1f} images/s")
 
     def on_epoch(self, record: dict) -> None:
-        print(f"epoch {record['epoch']}: lr {record['lr']:.2e} train loss "
-              f"{record['train_loss']:.4f} acc {record['train_acc']:.3f} | val loss "
-              f"{record['val_loss']:.4f} acc {record['val_acc']:.3f} QWK {record['qwk']:.4f}",
-              flush=True)
-        if self.run_id is None:
+        print(epoch_line(record), flush=True)
+        if self.run_id is None or "qwk" not in record:  # the run's curves are validated epochs
             return
         with session_scope(self.db_url) as session:
             fields = {k: v for k, v in record.items() if k != "img_size"}
@@ -269,12 +278,13 @@ def run_inputs(args: argparse.Namespace, paths: RunPaths, db_url: str
                ) -> tuple[TrainConfig, list[Sample], list[Sample]]:
     """Config and samples of the run: those it recorded when resumed, else from the options."""
     if args.resume:
-        if not paths.config.is_file() or not paths.manifest.is_file():
-            raise SystemExit(f"run {paths.name} cannot be resumed: {paths.weights} holds no "
+        recorded = recorded_paths(paths)
+        if not recorded.config.is_file() or not recorded.manifest.is_file():
+            raise SystemExit(f"run {paths.name} cannot be resumed: {recorded.weights} holds no "
                              "config.json and samples.csv")
-        config = TrainConfig(**json.loads(paths.config.read_text()))
+        config = TrainConfig(**json.loads(recorded.config.read_text()))
         config.epochs = args.epochs or config.epochs  # more epochs may be asked for
-        return config, *read_manifest(paths.manifest)
+        return config, *read_manifest(recorded.manifest)
     train, val = db_samples(db_url) if args.from_db else folder_split(args.data_path, args.seed)
     return make_config(args), keep_validation_apart(train, val), val
 
@@ -316,11 +326,8 @@ def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter,
         job.attach_run(run_id)
     hooks = LogHooks(job, workspace.db_url, run_id) if rank() == 0 else RankHooks(job)
     try:
-        trainer = Trainer(config, train_samples, val_samples, RunPaths.under(workspace, name),
-                          workspace.cache, hooks)
-        if args.resume:
-            trainer.resume()
-        result = trainer.fit()
+        result = train_model(config, train_samples, val_samples, RunPaths.under(workspace, name),
+                             workspace.cache, hooks, args.resume)
     except BaseException as exc:
         if run_id is not None:
             _finish_run(workspace.db_url, run_id,

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
-from engine.calibration import calibration_summary
+from engine.calibration import apply_temperature, calibration_summary
 from engine.data import (FundusDataset, Sample, class_counts, class_weights, create_loader,
-                         stratified_split, write_manifest)
+                         person_halves, write_manifest, write_probabilities)
 from engine.distributed import (from_rank_0, gather, parallel, rank, same_as_rank_0, shard,
                                 sum_over_ranks, world_size)
-from engine.metrics import classification_report
+from engine.metrics import classification_report, validation_screening
 from engine.models import (create_model, freeze_all_but_classifier, freeze_stages, load_checkpoint,
                            model_mean_std, save_checkpoint)
 from engine.predictor import tta_logits, tta_views
@@ -77,6 +77,9 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast on a CPU too (always on CUDA)
     progressive: bool = False  # EfficientNetV2: size and regularisation grow over 4 stages
     freeze_layers: bool = False
+    # Train a second model on every image (validation included) once the first, trained on
+    # the training split alone, has been validated and calibrated; the second is the model.
+    refit: bool = False
     pretrained: str | bool = True  # True: offline ImageNet weights; a path; False: random
     drop_rate: float = 0.2
     workers: int = 1
@@ -86,6 +89,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.tta = tta_views(self.tta)  # a resumed older run may say true or false
+
+
+VALIDATION_FILE = "validation.csv"
 
 
 @dataclass
@@ -122,6 +128,14 @@ class RunPaths:
     def manifest(self) -> Path:  # every training and validation image with its label
         return self.weights / "samples.csv"
 
+    @property
+    def validation(self) -> Path:  # the kept model's calibrated validation probabilities
+        return self.weights / VALIDATION_FILE
+
+    def phase(self, name: str) -> "RunPaths":
+        """Where a run's validation phase writes, inside the run's own folders."""
+        return RunPaths(self.name, self.weights / name, self.tensorboard / name, self.report)
+
 
 class Hooks:
     """Callbacks from the loop; raising from one stops the run. A stop asked for (a cancel)
@@ -129,6 +143,7 @@ class Hooks:
     every rank."""
 
     def on_prepare(self, done: int, total: int) -> None: ...
+    def on_phase(self, name: str, index: int, count: int) -> None: ...
     def on_start(self, config: TrainConfig, total_epochs: int) -> None: ...
     def on_batch(self, epoch: int, step: int, steps: int, images_per_s: float) -> None: ...
     def on_epoch(self, record: dict) -> None: ...
@@ -145,16 +160,28 @@ class Hooks:
 class PrintHooks(Hooks):
     """Each epoch as one line on stdout, for the commands that train without a job."""
 
+    def on_phase(self, name: str, index: int, count: int) -> None:
+        print(f" {name}:", flush=True)
+
     def on_epoch(self, record: dict) -> None:
-        print(f"  epoch {record['epoch']}: train loss {record['train_loss']:.3f} | val loss "
-              f"{record['val_loss']:.3f} QWK {record['qwk']:.3f}", flush=True)
+        print(f"  {epoch_line(record)}", flush=True)
+
+
+def epoch_line(record: dict) -> str:
+    """An epoch's record in one line; an epoch without validation has its training half."""
+    line = (f"epoch {record['epoch']}: lr {record['lr']:.2e} train loss "
+            f"{record['train_loss']:.4f} acc {record['train_acc']:.3f}")
+    if "qwk" not in record:
+        return line
+    return (f"{line} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f} QWK "
+            f"{record['qwk']:.4f}")
 
 
 @dataclass
 class TrainResult:
     best_checkpoint: Path
-    best_qwk: float
-    epochs: list[dict]
+    best_qwk: float  # on validation (of the validation phase, when the model was refitted)
+    epochs: list[dict]  # with validation figures (the validation phase's, when refitted)
     calibration: dict
 
 
@@ -228,14 +255,16 @@ class Trainer:
         # channels_last speeds up convolutions on CPUs (oneDNN) as well as on GPUs.
         self.model.to(self.device, memory_format=torch.channels_last)
         self.net = self.model  # what trains: under torchrun, `parallel` wraps it in fit()
-        # Augmentation and dropout draw from here: each rank its own numbers.
-        torch.manual_seed(config.seed * 65_537 + rank())
         self.optimizer = _optimizer(config, self.model)
         power = BALANCE_POWER.get(config.balance)
         self.loss_weights = (class_weights(self.train_samples, power).to(self.device)
                              if power is not None else None)
         self.history: list[dict] = []
         self.start_epoch = 0
+        # Without validation samples: the epoch best.pth keeps (default the last), and the
+        # calibration that another model's validation made for it.
+        self.keep_epoch: int | None = None
+        self.calibration: dict | None = None
 
     # -- one pass ---------------------------------------------------------------------------
 
@@ -419,35 +448,42 @@ class Trainer:
         return SummaryWriter(str(self.paths.tensorboard))
 
     def fit(self) -> TrainResult:
+        """Train the config's epochs (fixed from its minutes first, if it has them); with
+        validation samples, calibrate the kept model on them."""
         if self.config.minutes and self.start_epoch == 0:
             self.config.epochs = self.epochs_in_budget(self.config.minutes)
+        # Augmentation and dropout draw from here: each rank its own numbers.
+        torch.manual_seed(self.config.seed * 65_537 + rank() + self.start_epoch)
         self.net = parallel(self.model, self.device)
         writer = self._open_outputs() if self.main else None
         self.hooks.on_start(self.config, self.config.epochs)
         try:
             for epoch in range(self.start_epoch, self.config.epochs):
                 train = self.train_epoch(epoch)
-                val, errors = self._validate()
+                val, errors = self._validate() if self.val_samples else (None, [])
                 record = self._record(epoch, train, val, errors)
                 if writer is not None:
-                    self._write_report(epoch, train, val, errors)
+                    if val is not None:
+                        self._write_report(epoch, train, val, errors)
                     self._write_scalars(writer, record)
                     self._save(epoch, record)
                 self.hooks.on_epoch(record)
         finally:
             if writer is not None:
                 writer.close()
+        if not self.val_samples:
+            return TrainResult(self.paths.best, float("nan"), self.history, self.calibration or {})
         return self._calibrate()
 
-    def _record(self, epoch: int, train: dict, val: dict,
+    def _record(self, epoch: int, train: dict, val: dict | None,
                 errors: list[tuple[str, int, int]]) -> dict:
-        record = {
-            "epoch": epoch + 1, "lr": train["lr"], "img_size": train["size"],
-            "train_loss": train["loss"], "train_acc": train["accuracy"],
-            "val_loss": val["loss"], "val_acc": val["accuracy"], "qwk": val["qwk"],
-            "precision": val["precision"], "recall": val["recall"],
-            "confusion": val["confusion"], "errors": [list(e) for e in errors],
-        }
+        record = {"epoch": epoch + 1, "lr": train["lr"], "img_size": train["size"],
+                  "train_loss": train["loss"], "train_acc": train["accuracy"]}
+        if val is not None:
+            record.update(
+                val_loss=val["loss"], val_acc=val["accuracy"], qwk=val["qwk"],
+                precision=val["precision"], recall=val["recall"], confusion=val["confusion"],
+                errors=[list(e) for e in errors])
         self.history.append(record)
         return record
 
@@ -456,7 +492,8 @@ class Trainer:
         for tag, key in (("train_loss", "train_loss"), ("train_acc", "train_acc"),
                          ("val_loss", "val_loss"), ("val_acc", "val_acc"),
                          ("learning_rate", "lr"), ("val_qwk", "qwk")):
-            writer.add_scalar(tag, record[key], step)
+            if key in record:
+                writer.add_scalar(tag, record[key], step)
         writer.flush()
 
     def _write_report(self, epoch: int, train: dict, val: dict,
@@ -480,11 +517,16 @@ class Trainer:
                 "train_size": self.config.img_size, "mean": list(self.mean),
                 "std": list(self.std), "preprocess": self.prep.to_dict(),
                 "train_config": asdict(self.config), "metrics": record, "epoch": epoch + 1,
-                "run": self.paths.name, "train_counts": class_counts(self.train_samples)}
+                "run": self.paths.name, "train_counts": class_counts(self.train_samples),
+                **({"temperature": self.calibration["temperature"],
+                    "calibration": self.calibration} if self.calibration else {})}
 
     def _selected(self) -> dict:
         """The epoch record that best.pth holds. "last" leaves the validation set unused by the
-        choice, so the temperature fitted on it afterwards is fitted on unseen data."""
+        choice, so the temperature fitted on it afterwards is fitted on unseen data. Without
+        validation, `keep_epoch` (chosen by another run's validation) or the last."""
+        if not self.val_samples:
+            return self.history[min(self.keep_epoch or len(self.history), len(self.history)) - 1]
         if self.config.select == "last":
             return self.history[-1]
         return max(self.history, key=lambda r: r["qwk"])
@@ -516,16 +558,23 @@ class Trainer:
         self.start_epoch, self.history = state["epoch"], state["history"]
 
     def _calibrate(self) -> TrainResult:
-        """Fit a temperature on the validation logits of the best model; store it with it."""
+        """Fit a temperature on the validation logits of the best model, and choose the
+        operating point on its calibrated probabilities; store both with it, and the
+        probabilities beside it."""
         meta = from_rank_0(lambda: self._load(self.paths.best))  # evaluate shares the weights
+        # In the precision that inference computes in: float32 on a CPU.
+        self.amp = self.device.type == "cuda"
         logits, labels, indices = self.evaluate(self.val_samples, self.config.tta)
-        # Two folds that keep each person whole, for the cross-fitted calibration error.
-        _, second = stratified_split(self.val_samples, 0.5, self.config.seed)
-        second_paths = {s.path for s in second}
-        folds = np.array([self.val_samples[i].path in second_paths for i in indices], int)
+        samples = [self.val_samples[i] for i in indices]
+        folds = person_halves(samples, self.config.seed)  # for the cross-fitted figures
         summary = calibration_summary(logits, labels, folds)
+        probs = apply_temperature(logits, summary["temperature"]).numpy()
+        summary["screening"] = {**validation_screening(probs, labels.numpy(),
+                                                       [s.group for s in samples], folds),
+                                "seed": self.config.seed}
         meta.update(temperature=summary["temperature"], calibration=summary)
         if self.main:
             save_checkpoint(self.paths.best, self.model, meta)
+            write_probabilities(self.paths.validation, samples, probs)
         return TrainResult(self.paths.best, self._selected()["qwk"], self.history, summary)
 

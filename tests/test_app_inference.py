@@ -207,3 +207,36 @@ def test_submission_matches_the_predictions(predicted):
     assert dict(zip(frame.id_code, frame.diagnosis)) == expected
     assert list(frame.diagnosis) == [0, 0, 2, 3, 1]  # in import order
     assert frame.to_csv(index=False).splitlines()[:2] == ["id_code,diagnosis", "id0,0"]
+
+
+def test_the_csv_says_referable_at_the_runs_operating_point(predicted):
+    db_url, run_id, pool_id = predicted
+    # P(grade >= 2) of the five images: 0.067, 0.333, 0.8, 1.0 and 0.207
+    frame = submission_frame(db_url, run_id, pool_id, referable_at=0.3)
+    assert list(frame.columns) == ["id_code", "diagnosis", "referable"]
+    assert list(frame.referable) == ["no", "yes", "yes", "yes", "no"]
+    assert list(submission_frame(db_url, run_id, pool_id, 0.9).referable) == \
+        ["no", "no", "no", "yes", "no"]
+
+
+def test_the_page_counts_referable_images_and_warns_of_uncalibrated_views(workspace, tiny_data):
+    import_source(workspace.db_url, "aptos", tiny_data / "aptos", "unlabelled", "pool")
+    run_id = tiny_model(workspace)
+    with session_scope(workspace.db_url) as session:
+        run = session.get(Run, run_id)
+        run.config = {**(run.config or {}), "tta": 8}
+        run.calibration = {"temperature": 1.0, "screening": {"threshold": 0.25}}
+    at = open_page("inference")
+    assert not at.warning
+    at.radio(key="infer_tta").set_value(2).run()
+    assert [w.value for w in at.warning] == [
+        "tiny was calibrated with 8 test-time views: with 2 its confidences, the review "
+        "threshold and the operating point for referable DR are not calibrated."]
+    at.radio(key="infer_tta").set_value(None).run()
+    at.button(key="start_inference").click().run()
+    wait_for(workspace.db_url, infer_job(workspace.db_url).id, ("done",))
+    at.run()
+    expected = (submission_frame(workspace.db_url, run_id, source_id(workspace.db_url, "pool"),
+                                 0.25).referable == "yes").sum()
+    (metric,) = [m for m in at.metric if m.label == "Referable DR (grade ≥ 2)"]
+    assert metric.value == f"{expected} of 8"

@@ -1,18 +1,20 @@
 """The Retrain page (AppTest), its queries (db/runs.py), the training arguments and tables
 (engine/retrain.py) and the figures (engine/curves.py)."""
 
+import re
 import shlex
 import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from sqlalchemy import select
 
 from conftest import CALIBRATION, open_page, page_text, tiny_checkpoint
 from db.queries import curated_set
-from db.runs import (active_run_id, best_epoch, epochs_frame,
+from db.runs import (active_run_id, best_epoch, epochs_frame, referable_threshold,
                      runs_frame, validation_size)
 from db.schema import Epoch, Image, Job, Review, Run, Source, utcnow
 from db.session import session_scope
@@ -22,6 +24,8 @@ from engine.curves import (CURVES, confusion_figure, curated_figure, curve_figur
                            per_class_figure, reliability_figure)
 from engine.retrain import (contribution_table, curated_counts, default_settings,
                             original_counts, runs_table, settings_problem, train_job_args)
+from engine.data import folder_samples, person_halves, write_probabilities
+from engine.metrics import validation_screening
 from engine.sources import import_source
 from engine.train import make_config, parse_args
 from engine.workspace import Workspace
@@ -29,7 +33,7 @@ from engine.workspace import Workspace
 TINY = {"name": "tiny", "model": "test_efficientnet", "img_size": 64, "epochs": 1,
         "batch_size": 8, "lr": 0.05, "lrf": 0.1, "optimizer": "adamw", "balance": "sampler",
         "loss": "ordinal", "enhance": False, "tta": 8, "select": "best", "augment": "light",
-        "progressive": False, "pretrained": False, "weights": ""}
+        "progressive": False, "pretrained": False, "weights": "", "refit": True}
 
 
 @pytest.fixture
@@ -359,9 +363,10 @@ def test_train_job_args_are_what_the_training_cli_reads():
     assert (config.loss, config.tta, config.select, config.augment) == \
         ("ordinal", 8, "best", "light")
     assert config.preprocess["enhance"] is False
-    assert config.pretrained == "/w/v2s.pth"
+    assert config.pretrained == "/w/v2s.pth" and config.refit is True
     assert make_config(parse_args(train_job_args({**settings, "pretrained": False}))
                        ).pretrained is False
+    assert make_config(parse_args(train_job_args({**settings, "refit": False}))).refit is False
     args = parse_args(train_job_args(TINY))
     assert args.from_db and args.name == "tiny"
 
@@ -454,3 +459,68 @@ def test_a_run_that_finishes_later_joins_the_comparison_and_the_promote_picker(d
     at.run()
     assert at.multiselect(key="compare_runs").value == [second, first]
     assert at.selectbox(key="promote_run").value == second
+
+
+# -- screening: the operating point, its intervals, and run differences ------------------------
+
+def validated_run(workspace: Workspace, tiny_data: Path, name: str, skill: float) -> int:
+    """A finished run whose checkpoint folder holds validation probabilities of the 16 tiny
+    validation images (right with probability `skill`), and the screening the trainer stores."""
+    samples = folder_samples(tiny_data / "validation")
+    rng = np.random.default_rng(int(skill * 100))
+    grades = np.array([s.grade for s in samples])
+    guessed = np.where(rng.random(len(samples)) < skill, grades, rng.integers(0, 4, len(samples)))
+    probs = np.eye(4)[guessed] * 0.6 + 0.1
+    folder = workspace.weights / name
+    (folder / "validation").mkdir(parents=True)
+    write_probabilities(folder / "validation" / "validation.csv", samples, probs)
+    screening = validation_screening(probs, grades, [s.group for s in samples],
+                                     person_halves(samples, 0))
+    run_id = add_run(workspace.db_url, name, [0.5])
+    with session_scope(workspace.db_url) as session:
+        session.get(Run, run_id).checkpoint = str(folder / "best.pth")
+    set_calibration(workspace.db_url, run_id, {**CALIBRATION, "screening": {**screening,
+                                                                           "seed": 0}})
+    return run_id
+
+
+def test_the_operating_point_shows_with_intervals_beside_the_roc_curve(data, tiny_data):
+    run_id = validated_run(data, tiny_data, "screened", 0.8)
+    at = open_page("retrain")
+    text = page_text(at)
+    stored = referable_threshold(data.db_url, run_id)
+    assert f"Referable when P(grade ≥ 2) ≥ **{stored:.3f}**" in text
+    assert "keeps a sensitivity of 87% on the 16 validation images" in text
+    assert re.search(r"sensitivity \*\*\d+\.\d% \(95 % CI \d+\.\d% to \d+\.\d%\)\*\*", text)
+    assert re.search(r"specificity \*\*\d+\.\d% \(95 % CI", text)
+    roc = [c for c in at.get("plotly_chart") if "roc" in c.proto.id]
+    assert len(roc) == 1 and '"operating point"' in roc[0].proto.spec
+    # An admin asks for a more sensitive point: a lower threshold is stored and shown.
+    at.number_input(key=f"target_sensitivity_{run_id}").set_value(0.99).run()
+    at.button(key=f"set_point_{run_id}").click().run()
+    assert not at.exception, at.exception
+    lower = referable_threshold(data.db_url, run_id)
+    assert lower < stored and f"≥ **{lower:.3f}**" in page_text(at)
+    assert "keeps a sensitivity of 99%" in page_text(at)
+
+
+def test_two_runs_differ_beyond_the_noise_or_not(data, tiny_data):
+    validated_run(data, tiny_data, "weak", 0.3)
+    validated_run(data, tiny_data, "strong", 0.95)
+    at = open_page("retrain")
+    at.multiselect(key="compare_runs").set_value([]).run()
+    at.multiselect(key="compare_runs").select(data_run_id(data, "strong")) \
+        .select(data_run_id(data, "weak")).run()
+    text = page_text(at)
+    match = re.search(r"\*\*strong − weak\*\* on 16 shared validation images: QWK "
+                      r"([+-]\d\.\d{3}) \(95 % CI ([+-]\d\.\d{3}) to ([+-]\d\.\d{3})\), "
+                      r"(larger than its interval|within the noise)", text)
+    assert match, text
+    value, low, high = map(float, match.groups()[:3])
+    assert low <= value <= high
+    assert (match.group(4) == "larger than its interval") == (low > 0 or high < 0)
+
+
+def data_run_id(workspace: Workspace, name: str) -> int:
+    with session_scope(workspace.db_url) as session:
+        return session.scalar(select(Run.id).where(Run.name == name))

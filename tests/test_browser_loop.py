@@ -127,8 +127,9 @@ def retrain_ui(page, db_url: str) -> Run:
     page.get_by_text(f"{RUN}, best epoch").wait_for()  # the page reran when the job ended
     wait_until_idle(page)
     curves = len(curve_figures(epochs_frame(db_url, [run.id])))
-    # The curated set, the curves, per class, confusion, and the reliability diagram.
-    charts(page, 1 + curves + 3)
+    # The curated set, the curves, per class, confusion, the reliability diagram and the ROC
+    # curve with the operating point.
+    charts(page, 1 + curves + 4)
     screenshot(page, "loop-4-retrained")
     return run
 

@@ -37,7 +37,7 @@ RECIPE = ["--from-db", "--model", "test_efficientnet_gn", "--img-size", "64",
           "--pretrained", "false", "--workers", "0", "--optimizer", "sgd", "--lr", "0.01",
           "--lrf", "1", "--warmup-epochs", "0", "--balance", "sampler", "--loss", "ce",
           "--augment", "none", "--drop-rate", "0", "--tta", "false", "--bf16", "false",
-          "--freeze-stages", "0", "--batch-size", "8"]
+          "--freeze-stages", "0", "--batch-size", "8", "--refit", "false"]
 TOLERANCE = 1e-3  # relative: float sums in another order
 
 
@@ -113,6 +113,20 @@ def test_two_processes_train_as_one_cancel_as_one_and_resume(tiny_data, tmp_path
     truth = [val[i].grade for i in graded.indices]
     assert len(graded.indices) == 16
     assert (graded.grades == truth).mean() == pytest.approx(meta["metrics"]["val_acc"])
+
+
+def test_two_processes_validate_then_train_on_every_image(tiny_data, tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    migrate(workspace.db_url)
+    import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train")  # 24 images
+    import_source(workspace.db_url, "folders", tiny_data / "validation", "validation")  # 16
+    done = torchrun(workspace, "--refit", "true", "--epochs", "1", "--name", "all")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, final = load_checkpoint(workspace.weights / "all" / "best.pth")
+    _, checked = load_checkpoint(workspace.weights / "all" / "validation" / "best.pth")
+    assert sum(final["train_counts"]) == 40 and sum(checked["train_counts"]) == 24
+    assert final["calibration"] == checked["calibration"]
+    assert epochs_recorded(workspace, "all") == [1]  # the validated epoch, once
 
 
 @pytest.mark.parametrize("count", [24, 25])

@@ -15,11 +15,16 @@ from engine.metrics import (
     confusion_matrix,
     expected_calibration_error,
     grading_summary,
+    group_resamples,
+    operating_point,
     per_class_precision_recall,
     quadratic_weighted_kappa,
     referable_score,
     roc_auc,
+    screening_summary,
     sensitivity_at_specificity,
+    sensitivity_specificity,
+    validation_screening,
 )
 
 
@@ -237,3 +242,60 @@ def test_calibration_single_class_has_no_nan():
     assert all(math.isfinite(v) for v in summary.values() if isinstance(v, float))
     assert 0.25 <= summary["temperature"] <= 4.0
     assert fit_temperature(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)) == 1.0
+
+
+# --- screening: operating point, intervals by person -----------------------------------------
+
+def test_operating_point_is_the_most_specific_that_keeps_the_sensitivity():
+    positive = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
+    scores = np.array([.9, .8, .7, .6, .5, .4, .3, .2, .65, .35, .1, .05])
+    threshold = operating_point(positive, scores, 0.75)  # 6 of 8 positives flagged
+    assert threshold == 0.4
+    sensitivity, specificity = sensitivity_specificity(positive, scores >= threshold)
+    assert sensitivity == 0.75 and specificity == 0.75
+    assert operating_point(positive, scores, 1.0) == 0.2
+    assert np.isnan(operating_point(np.zeros(3, bool), np.ones(3)))
+
+
+def test_resamples_draw_whole_people():
+    groups = ["a", "a", "b", "b", "c", None, None]
+    for indices in group_resamples(groups, resamples=50, seed=1):
+        drawn = [groups[i] for i in indices]
+        assert drawn.count("a") % 2 == 0 and drawn.count("b") % 2 == 0  # both eyes or neither
+        assert len(indices) >= 5  # five draws of one or two images each
+    assert all(np.array_equal(x, y) for x, y in zip(group_resamples(groups, 5, 3),
+                                                      group_resamples(groups, 5, 3)))
+
+
+def test_intervals_cover_the_value_and_shrink_with_more_people():
+    rng = np.random.default_rng(0)
+    def summary(n: int) -> dict:
+        labels = rng.integers(0, 4, n)
+        probs = np.eye(4)[np.where(rng.random(n) < 0.7, labels, rng.integers(0, 4, n))] * 0.7 + 0.075
+        return screening_summary(probs, labels, [f"p{i // 2}" for i in range(n)], 0.5,
+                                 resamples=300)
+    small, large = summary(60), summary(1200)
+    for name in ("qwk", "referable_auc", "sensitivity", "specificity"):
+        for figures in (small, large):
+            low, high = figures[name]["interval"]
+            assert low <= figures[name]["value"] <= high
+        widths = [f[name]["interval"][1] - f[name]["interval"][0] for f in (large, small)]
+        assert widths[0] < widths[1] / 2
+
+
+def test_validation_screening_judges_each_half_at_the_others_point():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 400)
+    score = np.clip((labels >= 2) * 0.3 + rng.random(400) * 0.7, 0, 1)
+    probs = np.stack([(1 - score) / 2, (1 - score) / 2, score / 2, score / 2], 1)
+    folds = np.arange(400) % 2
+    result = validation_screening(probs, labels, [str(i) for i in range(400)], folds)
+    positive = labels >= 2
+    assert result["threshold"] == operating_point(positive, score, 0.87)
+    # Chosen on the other half, a half's sensitivity is not forced to 0.87 or above.
+    expected = np.zeros(400, bool)
+    for fold in (0, 1):
+        point = operating_point(positive[folds != fold], score[folds != fold], 0.87)
+        expected[folds == fold] = score[folds == fold] >= point
+    assert result["sensitivity"]["value"] == sensitivity_specificity(positive, expected)[0]
+    assert result["specificity"]["value"] == sensitivity_specificity(positive, expected)[1]

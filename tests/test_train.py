@@ -52,10 +52,13 @@ def test_cli_writes_checkpoints_tensorboard_and_estimate_info(tiny_data, tmp_pat
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
     assert (tmp_path / "weights" / "t1" / "last.pth").is_file()
 
-    events = EventAccumulator(str(tmp_path / "runs" / "t1")).Reload()
+    # The validation phase's curves, then the final model's training on every image.
+    events = EventAccumulator(str(tmp_path / "runs" / "t1" / "validation")).Reload()
     tags = set(events.Tags()["scalars"])
     assert tags == {"train_loss", "train_acc", "val_loss", "val_acc", "learning_rate", "val_qwk"}
     assert [e.step for e in events.Scalars("val_qwk")] == [1, 2]
+    events = EventAccumulator(str(tmp_path / "runs" / "t1")).Reload()
+    assert set(events.Tags()["scalars"]) == {"train_loss", "train_acc", "learning_rate"}
 
     report = (tmp_path / "estimate_info" / "t1.txt").read_text().splitlines()
     assert report[0] == "[epoch(train): 1 ]"
@@ -66,6 +69,36 @@ def test_cli_writes_checkpoints_tensorboard_and_estimate_info(tiny_data, tmp_pat
     for line in errors:
         path, true, pred = line.removeprefix("path: ").split("    ")
         assert path.split("/")[0] == true and true != pred
+
+
+def test_the_final_model_learns_from_every_image(tiny_data, tmp_path):
+    """The validation phase learns from the training split and calibrates on the rest; the
+    run's model learns from both, for the same epochs, and carries that calibration."""
+    done = train_cli(tmp_path, "--data-path", str(tiny_data / "validation"), "--epochs", "2",
+                     "--name", "all")
+    images = folder_samples(tiny_data / "validation")
+    run = tmp_path / "weights" / "all"
+    train, val = read_manifest(run / "validation" / "samples.csv")
+    assert train and val and {s.path for s in train} | {s.path for s in val} == \
+        {s.path for s in images}
+    learned, judged = read_manifest(run / "samples.csv")
+    assert sorted(s.path for s in learned) == sorted(s.path for s in images) and judged == []
+    _, final = load_checkpoint(run / "best.pth")
+    _, checked = load_checkpoint(run / "validation" / "best.pth")
+    assert sum(final["train_counts"]) == len(images) > sum(checked["train_counts"]) == len(train)
+    assert final["epoch"] == checked["epoch"] == 2
+    assert final["temperature"] == checked["temperature"] and \
+        final["calibration"] == checked["calibration"]
+    screening = final["calibration"]["screening"]
+    assert 0 <= screening["threshold"] <= 1 and screening["target_sensitivity"] == 0.87
+    assert (run / "validation" / "validation.csv").is_file()
+    assert done.stdout.index("validation phase") < done.stdout.index("final model")
+    # false: the validated model is the run's model, as before
+    train_cli(tmp_path, "--data-path", str(tiny_data / "validation"), "--epochs", "1",
+              "--name", "one", "--refit", "false")
+    _, meta = load_checkpoint(tmp_path / "weights" / "one" / "best.pth")
+    assert sum(meta["train_counts"]) == len(train)
+    assert not (tmp_path / "weights" / "one" / "validation").exists()
 
 
 def test_resume_continues_the_epoch_count(tiny_data, tmp_path):

@@ -10,7 +10,7 @@ import streamlit as st
 
 from db.predictions import (Model, Pool, confidence_histogram, grade_counts, models, pools,
                             submission_frame)
-from db.runs import active_run_id
+from db.runs import active_run_id, referable_threshold, run_config
 from db.users import NotAllowed
 from engine import jobs
 from engine.distributed import local_processes
@@ -77,6 +77,11 @@ def start_ui(model: Model, pool: Pool) -> None:
     batch_size = right.number_input("Batch size", min_value=1, max_value=1024,
                                     value=default_batch_size(pick_device()),
                                     step=1, key="infer_batch_size")
+    calibrated_views = run_config(workspace.db_url, model.id).get("tta")
+    if tta and calibrated_views and tta != calibrated_views:
+        st.warning(f"{model.name} was calibrated with {calibrated_views} test-time views: with "
+                   f"{tta} its confidences, the review threshold and the operating point for "
+                   "referable DR are not calibrated.")
     if st.button("Start inference", key="start_inference", type="primary"):
         start(model, pool, tta, redo, int(batch_size))
 
@@ -135,7 +140,23 @@ def download_ui(model: Model, pool: Pool) -> None:
     st.download_button(
         "Download submission CSV", key="download_submission", mime="text/csv",
         file_name=f"{model.name}-{pool.name}.csv", on_click="ignore",
-        data=lambda: submission_frame(workspace.db_url, model.id, pool.id).to_csv(index=False))
+        data=lambda: submission_frame(workspace.db_url, model.id, pool.id,
+                                      referable_threshold(workspace.db_url, model.id)
+                                      ).to_csv(index=False))
+
+
+def referable_ui(model: Model, pool: Pool) -> None:
+    """How many images the model refers at its operating point."""
+    threshold = referable_threshold(workspace.db_url, model.id)
+    if threshold is None:
+        st.caption(f"{model.name} has no operating point for referable DR (trained before they "
+                   "were chosen on validation, or imported): the CSV has no referable column.")
+        return
+    frame = submission_frame(workspace.db_url, model.id, pool.id, threshold)
+    referred = int((frame["referable"] == "yes").sum())
+    st.metric("Referable DR (grade ≥ 2)", f"{referred} of {len(frame)}",
+              help=f"At the model's operating point: P(grade ≥ 2) ≥ {threshold:.3f}, chosen on "
+              "validation (the Retrain page shows its sensitivity and specificity).")
 
 
 def results_ui(model: Model, pool: Pool, counts: dict[int, int]) -> None:
@@ -143,6 +164,7 @@ def results_ui(model: Model, pool: Pool, counts: dict[int, int]) -> None:
         st.info(f"No predictions yet of {model.name} for {pool.name}: start inference above.")
         return
     charts_ui(model, pool, counts)
+    referable_ui(model, pool)
     candidates_ui(model, pool)
     if current_user().is_admin:
         download_ui(model, pool)

@@ -24,6 +24,7 @@ from engine.retrain import (MODELS, contribution_table, curated_counts, default_
 from engine.trainer import run_name
 from views.common import (cancel_ui, current_user, explainer, get_workspace, image_pair_ui,
                           job_status_ui, next_step_info, reset_on_new_options)
+from views.screening import difference_ui, screening_ui
 from views.viewer import grading_viewer
 
 ERRORS_PER_PAGE = 4
@@ -91,6 +92,12 @@ def settings_form(defaults: dict) -> dict | None:
             processes = right.number_input("GPUs", 1, defaults["processes"],
                                            defaults["processes"], key="train_gpus",
                                            help="The batch is shared among them.")
+        refit = st.checkbox("Then train the model on every image, validation images too",
+                            defaults["refit"], key="train_refit",
+                            help="The run is validated and calibrated on a model trained "
+                            "without the validation images; a second training on all of them, "
+                            "for the same epochs, is the run's model and takes that "
+                            "calibration and operating point. About twice the time.")
         pretrained = st.checkbox("Start from pretrained weights", defaults["pretrained"],
                                  key="train_pretrained")
         weights = st.text_input("Pretrained weights file", key="train_weights",
@@ -104,6 +111,7 @@ def settings_form(defaults: dict) -> dict | None:
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "lrf": lrf,
             "optimizer": optimizer, "balance": balance, "loss": loss, "select": select,
             "enhance": enhance, "tta": tta, "augment": augment, "progressive": progressive,
+            "refit": refit,
             "pretrained": pretrained, "weights": weights, "processes": processes}
 
 
@@ -270,6 +278,7 @@ def best_epoch_ui(run_id: int, name: str) -> None:
     left.plotly_chart(per_class_figure(best["precision"], best["recall"]), key="per_class")
     right.plotly_chart(confusion_figure(best["confusion"]), key="confusion")
     calibration_ui(run_id)
+    screening_ui(run_id)
     errors_ui(best["errors"], run_id)
 
 
@@ -286,6 +295,7 @@ def compare_ui(runs: pd.DataFrame) -> None:
         st.info("Choose one or more runs to compare their curves.")
         return
     curves_ui(epochs_frame(workspace.db_url, chosen), "compare")
+    difference_ui(names, chosen)
     run_id = st.selectbox("Best epoch of", chosen, format_func=names.get, key="inspect_run")
     best_epoch_ui(run_id, names[run_id])
 

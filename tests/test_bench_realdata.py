@@ -1,0 +1,57 @@
+"""bench.realdata end to end on a small labelled set in the realdata layout: validation
+figures for the defaults, the test split read once per finished recipe (never by a screen),
+intervals on every figure and paired differences."""
+
+import csv
+import json
+from pathlib import Path
+
+from bench.realdata import main
+from engine.data import folder_samples
+
+TINY = ("--model test_efficientnet --pretrained false --img-size 64 --batch-size 8 "
+        "--workers 0 --lr 0.05")
+
+
+def labelled_folder(tiny_data: Path, out: Path) -> Path:
+    """labels.csv over the 40 synthetic APTOS training and class-folder images, two
+    datasets, one person per image."""
+    out.mkdir()
+    with open(tiny_data / "aptos" / "train.csv", newline="") as file:
+        rows = [(str(tiny_data / "aptos" / "train_images" / f"{r['id_code']}.png"),
+                 int(r["diagnosis"])) for r in csv.DictReader(file)]
+    rows += [(s.path, s.grade) for s in folder_samples(tiny_data / "validation")]
+    with open(out / "labels.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["file", "grade", "dataset", "group"])
+        for n, (path, grade) in enumerate(rows):
+            writer.writerow([path, grade, ("messidor-2", "eyepacs-2015-test")[n % 2], f"p{n}"])
+    return out
+
+
+def test_the_benchmark_reads_validation_for_screens_and_test_once_per_recipe(tiny_data,
+                                                                            tmp_path):
+    data = labelled_folder(tiny_data, tmp_path / "labelled")
+    screen = tmp_path / "screen.json"
+    assert main(["--data", str(data), "--minutes", "0.02", "--screen", "--train-args",
+                 f"{TINY} --epochs 1", "--out", str(screen)]) == 0
+    report = json.loads(screen.read_text())
+    assert "reference" not in report and "test" not in report["defaults"]
+    assert "test_probs" not in report["defaults"]
+    validation = report["defaults"]["validation"]
+    assert set(validation) == {"pooled", "messidor-2", "eyepacs-2015-test"}
+    for figure in ("qwk", "referable_auc", "sensitivity", "specificity"):
+        low, high = validation["pooled"][figure]["interval"]
+        assert low <= validation["pooled"][figure]["value"] <= high
+    assert report["defaults"]["config"]["refit"] is False
+
+    full = tmp_path / "full.json"
+    assert main(["--data", str(data), "--minutes", "0.02", "--train-args", TINY,
+                 "--out", str(full)]) == 0
+    report = json.loads(full.read_text())
+    assert report["defaults"]["config"]["refit"] is True
+    assert report["defaults"]["test"]["pooled"]["images"] == report["split"]["test"]
+    assert {"test_1_views", "test_8_views"} <= report["reference"].keys()
+    assert "sensitivity" not in report["reference"]["test_8_views"]["pooled"]  # no validation
+    difference = report["defaults_minus_reference"]["pooled"]["qwk"]
+    assert difference["interval"][0] <= difference["value"] <= difference["interval"][1]
