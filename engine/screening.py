@@ -12,7 +12,8 @@ import numpy as np
 
 from engine.data import Sample, person_halves, read_probabilities
 from engine.metrics import (REFERABLE, group_resamples, interval, quadratic_weighted_kappa,
-                            referable_score, roc_auc, validation_screening)
+                            referable_score, roc_auc, sensitivity_specificity,
+                            validation_screening)
 from engine.refit import VALIDATION
 from engine.trainer import VALIDATION_FILE
 
@@ -47,6 +48,16 @@ def roc_points(samples: list[Sample], probs: np.ndarray) -> tuple[np.ndarray, np
     hits = np.concatenate([[0], np.cumsum(positive[order])])
     misses = np.concatenate([[0], np.cumsum(~positive[order])])
     return misses / max(misses[-1], 1), hits / max(hits[-1], 1)
+
+
+def validation_roc(path: Path, threshold: float
+                   ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """The ROC curve of a run's stored validation probabilities, and (sensitivity,
+    specificity) at `threshold` on all of them."""
+    samples, probs = read_probabilities(path)
+    positive = np.array([s.grade >= REFERABLE for s in samples])
+    return (*roc_points(samples, probs),
+            sensitivity_specificity(positive, referable_score(probs) >= threshold))
 
 
 def paired_difference(first: tuple[list[Sample], np.ndarray],

@@ -11,9 +11,8 @@ import streamlit as st
 from db.runs import run_calibration, run_checkpoint, set_screening
 from db.users import NotAllowed
 from engine.data import read_probabilities
-from engine.metrics import REFERABLE, referable_score, sensitivity_specificity
-from engine.screening import (choose_operating_point, paired_difference, roc_points,
-                              validation_file)
+from engine.screening import (choose_operating_point, paired_difference, validation_file,
+                              validation_roc)
 from views.common import current_user, get_workspace
 
 
@@ -61,10 +60,7 @@ def screening_ui(run_id: int) -> None:
         f"**{figure_text(screening['sensitivity'], '.1%')}**, specificity "
         f"**{figure_text(screening['specificity'], '.1%')}**; referable AUC "
         f"{figure_text(screening['referable_auc'])}, QWK {figure_text(screening['qwk'])}.")
-    samples, probs = read_probabilities(path)
-    positive = np.array([s.grade >= REFERABLE for s in samples])
-    at_point = sensitivity_specificity(positive, referable_score(probs) >= screening["threshold"])
-    st.plotly_chart(roc_figure(*roc_points(samples, probs), at_point), key="roc")
+    st.plotly_chart(roc_figure(*validation_roc(path, screening["threshold"])), key="roc")
     if current_user().is_admin:
         target_ui(run_id, checkpoint, screening)
 
