@@ -192,6 +192,8 @@ class Job(Base):
     error: Mapped[str | None]
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
     account: Mapped[str | None] = mapped_column(String(100))  # who started it; None: a terminal
+    host: Mapped[str | None] = mapped_column(String(255))  # the machine its process runs on
+    cancel_requested_at: Mapped[datetime | None]  # Cancel, from any machine; the job obeys it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -221,3 +223,17 @@ class Account(Base):
     failures: Mapped[int] = mapped_column(default=0)  # failed sign-ins since the last success
     locked_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SignIn(Base):
+    """A browser's local sign-in, held by a cookie. Only the token's SHA-256 is stored: the
+    database alone signs no one in."""
+
+    __tablename__ = "sign_ins"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account: Mapped[str] = mapped_column(ForeignKey("accounts.name"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]  # the absolute limit; the idle one counts from last_seen_at
+    revoked_at: Mapped[datetime | None]
