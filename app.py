@@ -1,8 +1,9 @@
 """DR grading: `streamlit run app.py`.
 
 `streamlit run` finds `app` below and serves it: the pages, and beside them the routes of the
-grading viewer (its library and tiles, views/tile_server.py). Each browser session's script
-run executes this file as __main__, which draws the page (views/shell.py)."""
+grading viewer (its library and tiles, views/tile_server.py) and of the sign-in cookie
+(views/sign_in_cookie.py). Each browser session's script run executes this file as __main__,
+which draws the page (views/shell.py)."""
 
 import streamlit as st
 
@@ -11,6 +12,6 @@ if __name__ == "__main__":
 
     main()
 else:
-    from views.tile_server import ROUTES
+    from views import sign_in_cookie, tile_server
 
-    app = st.App("app.py", routes=ROUTES)
+    app = st.App("app.py", routes=tile_server.ROUTES + sign_in_cookie.ROUTES)

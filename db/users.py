@@ -18,9 +18,9 @@ from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
-from db.schema import Account, utcnow
+from db.schema import Account, SignIn, utcnow
 from db.session import database_url, migrate, read_scope, session_scope, workspace_root
 
 ROLES = ("reviewer", "admin")
@@ -28,6 +28,9 @@ MIN_PASSWORD = 8
 MAX_FAILURES = 5  # in a row: the account locks for LOCK_FOR
 LOCK_FOR = timedelta(minutes=15)
 # Before the lock, failure n makes the next try wait 2**(n-1) s: 1, 2, 4, 8 s.
+REFUSED = ("Wrong name or password, or the account may not sign in now: after a failed try "
+           f"the next waits a few seconds, and {MAX_FAILURES} in a row lock it for "
+           f"{LOCK_FOR.seconds // 60} minutes (an admin lifts a lock by setting a new password)")
 _hasher = PasswordHasher()
 
 
@@ -122,18 +125,30 @@ def add_account(db_url: str, name: str, role: str, password: str | None, *,
 
 
 def set_password(db_url: str, name: str, password: str, *, user: User | None) -> None:
-    """A new password, set by `user`, an admin, or TERMINAL; it also lifts a lock and clears
-    the failed sign-ins."""
+    """A new password, set by `user`, an admin, or TERMINAL; it also lifts a lock, clears
+    the failed sign-ins and ends the account's open sign-ins."""
     require_admin(db_url, user, "set passwords")
     _check_password(password)
     hashed = _hasher.hash(password)
     _change(db_url, name, password_hash=hashed, failures=0, locked_until=None)
+    _end_sign_ins(db_url, name)
 
 
 def set_disabled(db_url: str, name: str, disabled: bool, *, user: User | None) -> None:
-    """Disable or enable an account, as `user`, an admin, or TERMINAL."""
+    """Disable or enable an account, as `user`, an admin, or TERMINAL; disabling ends its open
+    sign-ins."""
     require_admin(db_url, user, "disable or enable accounts")
     _change(db_url, name, disabled=disabled)
+    if disabled:
+        _end_sign_ins(db_url, name)
+
+
+def _end_sign_ins(db_url: str, name: str) -> None:
+    """Every open sign-in of the account ends (db.sign_ins keeps them)."""
+    with session_scope(db_url) as session:
+        session.execute(update(SignIn).where(SignIn.account == normalise(name),
+                                             SignIn.revoked_at.is_(None))
+                        .values(revoked_at=utcnow()))
 
 
 def _change(db_url: str, name: str, **values) -> None:
@@ -190,43 +205,49 @@ def _wait_after(failures: int) -> timedelta:
     return timedelta(seconds=2 ** (failures - 1))
 
 
-def sign_in(db_url: str, name: str, password: str, now: datetime | None = None) -> User:
-    """The user, when `password` is the account's; otherwise SignInRefused saying why. Each
-    failure makes the next try wait longer; MAX_FAILURES in a row lock the account for
-    LOCK_FOR. A try during a wait or a lock is refused without looking at the password."""
-    now, name = now or utcnow(), normalise(name)
+def _take_attempt(db_url: str, name: str, now: datetime) -> Account | None:
+    """The account, if its password may be tried now. The try is counted as a failure, and
+    the wait after it set, before the password is looked at, by one conditional UPDATE: of
+    guesses sent at the same moment, one gets the attempt and the rest are refused unverified.
+    None for an unknown, disabled, provider-only, waiting or locked account."""
     with read_scope(db_url) as session:
         account = session.get(Account, name)
-    if account is not None and account.locked_until and now < account.locked_until:
-        if account.failures >= MAX_FAILURES:
-            raise SignInRefused(
-                f"{name} is locked after {account.failures} failed sign-ins, until "
-                f"{account.locked_until:%H:%M:%S} UTC; an admin can lift the lock by setting "
-                f"a new password (python -m db.users passwd {name})")
-        seconds = max(1, round((account.locked_until - now).total_seconds()))
-        raise SignInRefused(f"Too many tries: wait {seconds} s before signing in again")
-    hashed = account.password_hash if account else None
-    if not _verify(hashed, password):  # outside any transaction: hashing takes a while
-        if account is not None:
-            failures = _record_failure(db_url, name, now)
-            if failures >= MAX_FAILURES:
-                raise SignInRefused(f"Wrong password, {failures} times in a row: {name} is "
-                                    f"locked for {LOCK_FOR.seconds // 60} minutes")
-        raise SignInRefused("Wrong name or password")
-    if account.disabled:
-        raise SignInRefused(f"{name} is disabled; ask an admin to enable it")
-    rehash = _hasher.check_needs_rehash(hashed)
+    if (account is None or account.disabled or account.password_hash is None
+            or (account.locked_until is not None and now < account.locked_until)):
+        return None
+    failures = account.failures + 1
+    with session_scope(db_url) as session:
+        taken = session.execute(
+            update(Account).where(Account.name == name, Account.failures == account.failures,
+                                  or_(Account.locked_until.is_(None),
+                                      Account.locked_until <= now))
+            .values(failures=failures, locked_until=now + _wait_after(failures))).rowcount
+    return account if taken == 1 else None
+
+
+def sign_in(db_url: str, name: str, password: str, now: datetime | None = None) -> User:
+    """The user, when `password` is the account's; otherwise SignInRefused. Each failure
+    makes the next try wait longer; MAX_FAILURES in a row lock the account for LOCK_FOR.
+    Every refusal has the same words and verifies one hash (a dummy one when the password is
+    not tried), so neither the message nor the time tells whether the name exists."""
+    now, name = now or utcnow(), normalise(name)
+    account = _take_attempt(db_url, name, now)
+    if not _verify(account.password_hash if account else None, password):
+        raise SignInRefused(REFUSED)
+    rehash = _hasher.check_needs_rehash(account.password_hash)
     _change(db_url, name, failures=0, locked_until=None,
             **({"password_hash": _hasher.hash(password)} if rehash else {}))
     return User(account.name, account.role)
 
 
-def _record_failure(db_url: str, name: str, now: datetime) -> int:
-    with session_scope(db_url) as session:
-        account = session.get(Account, name)
-        account.failures += 1
-        account.locked_until = now + _wait_after(account.failures)
-        return account.failures
+def find_provider_user(db_url: str, email: str, verified: bool) -> User | None:
+    """The enabled account the identity provider's `email` signs in as: only an e-mail the
+    provider verified, and only an account made for the provider (no password)."""
+    with read_scope(db_url) as session:
+        account = session.get(Account, normalise(email)) if verified and email else None
+        if account is None or account.disabled or account.password_hash is not None:
+            return None
+        return User(account.name, account.role)
 
 
 # The command line

@@ -10,12 +10,9 @@ enhancement, mean = std = 0.5. Inference, review and Grad-CAM use it as they use
 """
 
 import argparse
-import re
 import shutil
 import sys
 from pathlib import Path
-
-from sqlalchemy import select
 
 from db.schema import Run
 from db.session import migrate, read_scope, session_scope
@@ -26,12 +23,9 @@ from engine.models import (NUM_CLASSES, WeightsMismatch, create_model, read_weig
 from engine.preprocess import PreprocessConfig
 from engine.seed_weights import (SEED_MEAN_STD, SEED_MODEL_ARGS, SEED_MODELS, is_seed_state_dict,
                                  seed_classes, seed_model_name)
+from engine.train import run_name_problem, run_taken
 from engine.trainer import RunPaths, run_name
 from engine.workspace import Workspace
-
-
-# A run name becomes a folder name under the workspace.
-RUN_NAME = re.compile(r"[\w-][\w.-]*")
 
 
 class ImportRefused(ValueError):
@@ -89,11 +83,10 @@ def import_seed_model(workspace: Workspace, file: Path, name: str | None = None,
 
 def check_new_run_name(workspace: Workspace, name: str) -> None:
     """`ImportRefused` unless `name` can name a new run: a folder name no run holds yet."""
-    if not RUN_NAME.fullmatch(name):
-        raise ImportRefused(f"run name {name!r}: use letters, digits, '-', '_' and '.' only")
-    with read_scope(workspace.db_url) as session:
-        taken = session.scalar(select(Run.id).where(Run.name == name)) is not None
-    if taken or RunPaths.under(workspace, name).weights.exists():
+    problem = run_name_problem(name)
+    if problem:
+        raise ImportRefused(problem)
+    if run_taken(workspace.db_url, RunPaths.under(workspace, name)):
         raise ImportRefused(f"a run named {name!r} exists already; choose another name")
 
 

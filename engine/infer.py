@@ -11,6 +11,7 @@ the rest finish.
 """
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -155,6 +156,13 @@ def predict_share(args: argparse.Namespace, workspace: Workspace, device: torch.
     return predicted, skipped
 
 
+def submission_path(workspace: Workspace, run: str, source: str) -> Path:
+    """Where the app keeps the submission of `run` for `source`: a file right in the
+    workspace's submissions folder, whatever the names hold (a source's name is free text,
+    and a run registered from a checkpoint keeps the name its file gave)."""
+    return workspace.root / "submissions" / (re.sub(r"[^\w.-]", "_", f"{run}-{source}") + ".csv")
+
+
 def write_submission(path: Path, db_url: str, plan: Plan) -> None:
     """The whole pool's submission, from the database: this run's predictions and those that
     an earlier run of the model made."""
@@ -169,7 +177,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pool = parser.add_mutually_exclusive_group(required=True)
     pool.add_argument("--source", help="an imported source, by name")
     pool.add_argument("--images", type=Path, help="a folder of images (imported as a pool)")
-    parser.add_argument("--out", type=Path, help="submission CSV (default: in the workspace)")
+    parser.add_argument("--out", type=Path, help="submission CSV (default: "
+                        "submissions/<run>-<source>.csv in the workspace)")
     parser.add_argument("--tta", type=int, choices=tuple(TTA_VIEWS), nargs="?", const=2,
                         help="test-time views to average: 1, 2 (the mirror image too; a bare "
                         "--tta) or 8 (the mirrors of the four quarter turns); default: those the "
@@ -193,7 +202,7 @@ def infer(args: argparse.Namespace, workspace: Workspace, job: JobReporter,
     predicted, skipped = sum_over_ranks(list(done), device, report)  # every rank has finished
     if rank() != 0:
         return
-    out = args.out or workspace.root / "submissions" / f"{meta.get('run', 'model')}-{plan.source}.csv"
+    out = args.out or submission_path(workspace, meta.get("run", "model"), plan.source)
     write_submission(out, workspace.db_url, plan)
     print(f"{predicted} predicted, {skipped} skipped, {plan.done_before} already predicted; "
           f"submission: {out}")

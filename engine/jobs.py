@@ -2,11 +2,14 @@
 
 The app starts a job with `start_job`; the job process wraps its work in `JobReporter`.
 A click in the browser can interrupt a Streamlit script run, never a job.
+Several app instances, on several machines, may share one database: a job's pid means
+something only on its own host, so a cancel travels through the database.
 """
 
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +29,7 @@ from engine.workspace import Workspace
 
 PROJECT = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 5.0
+CANCEL_POLL_S = 0.5  # how often a job looks for a cancel request: a read, no lock
 STALE_AFTER = timedelta(seconds=30)
 _children: dict[tuple[str, int], subprocess.Popen] = {}  # (db, job id) -> process we started
 
@@ -35,7 +39,13 @@ class JobRefused(Exception):
 
 
 class JobCancelled(Exception):
-    """Raised inside a job between steps once SIGTERM has arrived."""
+    """Raised inside a job between steps once it was cancelled (SIGTERM or a request)."""
+
+
+def this_host() -> str:
+    """This machine's name in the jobs table: `DR_HOST`, else the host name. App instances
+    that share a database need distinct names (DR_HOST where their host names clash)."""
+    return os.environ.get("DR_HOST") or socket.gethostname()
 
 
 def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | None = None,
@@ -52,7 +62,7 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
             if running is not None:
                 raise JobRefused(f"another {kind} job (#{running.id}) is already running; "
                                  "wait for it or cancel it first")
-            job = Job(kind=kind, params=params or {}, account=user.name)
+            job = Job(kind=kind, params=params or {}, account=user.name, host=this_host())
             session.add(job)
             session.flush()
             job.log_path = str(workspace.logs / f"{kind}-{job.id}.log")
@@ -78,24 +88,22 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
 
 
 def cancel_job(db_url: str, job_id: int, *, user: User | None) -> None:
-    """Ask the job to stop, for `user`, an admin, or db.users.TERMINAL (NotAllowed otherwise);
-    a running job finishes the current step and records 'cancelled'.
-    A job still queued is recorded as cancelled here: its process, still starting, has no
-    SIGTERM handler yet and dies of the signal without a word."""
+    """Ask the job to stop, for `user`, an admin, or db.users.TERMINAL (NotAllowed otherwise),
+    from any machine that shares the database: the request is written to the job's row. A
+    running job reads it within CANCEL_POLL_S, finishes the current batch and records
+    'cancelled'; a job still queued is recorded as cancelled here, and its process stops at
+    its first check.
+    No signal is sent from here, even on the job's own host: the job signals its own processes
+    once it reads the request (see JobReporter), and a second SIGTERM would cut short
+    torchrun's shutdown of its ranks."""
     require_admin(db_url, user, "cancel a job")
+    now = utcnow()
     with session_scope(db_url) as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status not in ACTIVE:
-            return
-        if job.status == "queued":
-            job.status, job.message, job.finished_at = "cancelled", "cancelled", utcnow()
-        pid = job.pid
-    if pid is None:
-        return  # its process, once started, finds the job cancelled
-    try:
-        os.killpg(pid, signal.SIGTERM)  # the whole session: torchrun workers too
-    except ProcessLookupError:
-        pass
+        session.execute(update(Job).where(  # the first request's time is kept
+            Job.id == job_id, Job.status.in_(ACTIVE), Job.cancel_requested_at.is_(None))
+            .values(cancel_requested_at=now))
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                        .values(status="cancelled", message="cancelled", finished_at=now))
 
 
 def log_tail(path: str | None, lines: int = 20) -> str:
@@ -119,12 +127,15 @@ def _runs_here(pid: int, job_id: int) -> bool:
 
 def _is_dead(db_url: str, job: Job, now: datetime) -> bool:
     """The process we started has exited; or, for any other, the heartbeat went stale while
-    no process of the job runs here (a busy database can delay a heartbeat, not end a job)."""
+    no process of the job runs here (a busy database can delay a heartbeat, not end a job).
+    A job of another host is judged by its heartbeat alone: its pid names no process here.
+    Jobs from before hosts were recorded (host NULL) count as this host's."""
     child = _children.get((db_url, job.id))
     if child is not None:
         return child.poll() is not None
     stale = now - (job.heartbeat_at or job.created_at) > STALE_AFTER
-    return stale and not (job.pid is not None and _runs_here(job.pid, job.id))
+    here = job.host in (None, this_host())
+    return stale and not (here and job.pid is not None and _runs_here(job.pid, job.id))
 
 
 def mark_dead_jobs(db_url: str, now: datetime | None = None) -> list[int]:
@@ -171,8 +182,8 @@ class JobReporter:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.job_id is not None:
             if not self._mark_running():
-                self.cancelled = True  # while the process was starting: stop at the first check
-            threading.Thread(target=self._beat, daemon=True).start()
+                self._take_cancel()  # while the process was starting: stop at the first check
+            threading.Thread(target=self._watch, daemon=True).start()
         return self
 
     def __exit__(self, kind: type | None, exc: BaseException | None,
@@ -203,6 +214,24 @@ class JobReporter:
     def _on_sigterm(self, _signum, _frame) -> None:
         self.cancelled = True
 
+    def _take_cancel(self) -> None:
+        """Act on a cancel found in the database: SIGTERM to the process group that start_job
+        began, as Cancel on this machine once sent it, so that torchrun stops every rank (only
+        this one reads the database); the flag alone where that group is not known to run
+        here. A job that SIGTERM reached already is stopping."""
+        if self.cancelled:
+            return
+        with read_scope(self.db_url) as session:
+            pid = session.get(Job, self.job_id).pid
+        if pid is not None and _runs_here(pid, self.job_id):
+            os.killpg(pid, signal.SIGTERM)  # before the flag, which can end this process
+        self.cancelled = True
+
+    def _cancel_requested(self) -> bool:
+        with read_scope(self.db_url) as session:
+            return session.scalar(select(Job.cancel_requested_at)
+                                  .where(Job.id == self.job_id)) is not None
+
     def check_cancel(self) -> None:
         if self.cancelled:
             raise JobCancelled()
@@ -230,12 +259,19 @@ class JobReporter:
             if job.kind == "train":
                 session.get(Run, run_id).account = job.account
 
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+    def _watch(self) -> None:
+        """The heartbeat, and a cancel requested in the database taken up as SIGTERM is: the
+        job stops at its next check, busy between progress reports or not."""
+        beat = time.monotonic()
+        while not self._stop.wait(CANCEL_POLL_S):
             try:
-                self._update(heartbeat_at=utcnow())
-            except OperationalError as exc:  # e.g. "database is locked": try at the next beat
-                print(f"heartbeat not recorded: {exc.orig}", file=sys.stderr, flush=True)
+                if time.monotonic() - beat >= HEARTBEAT_S:
+                    self._update(heartbeat_at=utcnow())
+                    beat = time.monotonic()
+                if not self.cancelled and self._cancel_requested():
+                    self._take_cancel()
+            except OperationalError as exc:  # e.g. "database is locked": try again soon
+                print(f"database not reached: {exc.orig}", file=sys.stderr, flush=True)
 
     def _update(self, **values) -> None:
         with session_scope(self.db_url) as session:

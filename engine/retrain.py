@@ -11,7 +11,7 @@ from engine.balance import every_grade
 from engine.distributed import local_processes
 from grades import GRADE_NAMES, GRADES
 from engine.models import LITE_PACKAGES
-from engine.train import make_config, parse_args
+from engine.train import make_config, parse_args, run_name_problem
 
 # The model list of the form; any other timm name can be typed in.
 MODELS = (*LITE_PACKAGES, "tf_efficientnetv2_s", "tf_efficientnetv2_m", "efficientnetv2_rw_t")
@@ -38,6 +38,9 @@ def default_settings(device: torch.device | str) -> dict[str, Any]:
 
 def settings_problem(settings: dict[str, Any], taken: set[str]) -> str | None:
     """Why these settings cannot start a run, as a sentence; None when they can."""
+    problem = run_name_problem(settings["name"])
+    if problem:
+        return f"{problem[0].upper()}{problem[1:]}."
     if settings["name"] in taken:
         return (f"A run named {settings['name']!r} exists already; choose another name "
                 "(or leave it empty for the date and time).")

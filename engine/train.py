@@ -15,6 +15,7 @@ the global batch, shared among the processes; rank 0 alone writes the database a
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,29 @@ from engine.workspace import Workspace
 # Without --epochs: the seed's 30 epochs on a GPU; on a CPU, what fits into 20 minutes.
 GPU_EPOCHS, CPU_MINUTES = 30, 20.0
 TRUE, FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
+# A run's name becomes folder and file names under the workspace (weights/<name>/,
+# runs/<name>/, estimate_info/<name>.txt): no separator, nor '.' first (so neither '..' nor an
+# absolute path), nor '-' first (an option to a command line), and short enough for any file
+# system.
+RUN_NAME, RUN_NAME_MAX = re.compile(r"\w[\w.-]*"), 100
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run, naming it; None when it can. The one check of every run
+    name: engine.train --name, the Retrain page's form, engine.import_model."""
+    if not RUN_NAME.fullmatch(name) or len(name) > RUN_NAME_MAX:
+        return (f"run name {name!r}: use letters, digits, '-', '_' and '.' only, starting with a "
+                f"letter, digit or '_', at most {RUN_NAME_MAX} characters (it names the run's "
+                "folders in the workspace)")
+    return None
+
+
+def run_name_arg(text: str) -> str:
+    """--name, checked as argparse reads it: a bad one stops the command before it writes."""
+    problem = run_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def views_arg(text: str) -> int:
@@ -115,7 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", help="run name (default: the date and time)")
+    parser.add_argument("--name", type=run_name_arg,
+                        help="run name: letters, digits, '-', '_' and '.' (default: the date and "
+                        "time)")
     parser.add_argument("--resume", action="store_true", help="continue run --name from last.pth")
     parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
     args = parser.parse_args(argv)
@@ -289,11 +315,16 @@ def run_inputs(args: argparse.Namespace, paths: RunPaths, db_url: str
     return make_config(args), keep_validation_apart(train, val), val
 
 
-def refuse_existing_run(db_url: str, paths: RunPaths) -> None:
-    """A new run must not write over the checkpoints and records of an earlier one."""
+def run_taken(db_url: str, paths: RunPaths) -> bool:
+    """Whether the database records a run of this name, or its weights folder exists."""
     with read_scope(db_url) as session:
         recorded = session.scalar(select(Run.id).where(Run.name == paths.name)) is not None
-    if recorded or paths.weights.exists():
+    return recorded or paths.weights.exists()
+
+
+def refuse_existing_run(db_url: str, paths: RunPaths) -> None:
+    """A new run must not write over the checkpoints and records of an earlier one."""
+    if run_taken(db_url, paths):
         raise FileExistsError(f"a run named {paths.name} exists already; choose another --name, "
                               "or add --resume to continue it")
 

@@ -42,10 +42,12 @@ def _free_port() -> int:
 
 
 @contextmanager
-def streamlit_server(workspace: Path, log: Path, **env: str) -> Iterator[str]:
-    """`streamlit run app.py` on a free port; yields its URL and stops it afterwards."""
+def streamlit_server(workspace: Path, log: Path, script: str = "app.py",
+                     **env: str) -> Iterator[str]:
+    """`streamlit run app.py` (or another `script`) on a free port; yields its URL and stops
+    it afterwards."""
     port = _free_port()
-    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+    command = [sys.executable, "-m", "streamlit", "run", script, "--server.headless", "true",
                "--server.port", str(port), "--server.fileWatcherType", "none",
                "--browser.gatherUsageStats", "false"]
     environment = {**os.environ, "DR_WORKSPACE": str(workspace), "DR_DEMO": "0", **env}
@@ -72,15 +74,16 @@ def streamlit_server(workspace: Path, log: Path, **env: str) -> Iterator[str]:
 
 @contextmanager
 def chromium_page():
-    """A Playwright page in headless Debian chromium (a fresh profile), 1400x1000."""
+    """A Playwright page in headless Debian chromium (a fresh profile), 1400x1000; its
+    context opens further tabs (`page.context.new_page()`)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            yield page
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            context.set_default_timeout(60_000)
+            yield context.new_page()
         finally:
             browser.close()
 

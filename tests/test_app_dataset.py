@@ -13,6 +13,7 @@ from db.users import LOCAL
 from engine import jobs
 from db.queries import sources_frame
 from engine.sources import import_source
+from views.common import literal
 
 
 def test_empty_workspace_shows_a_sentence(workspace):
@@ -91,14 +92,15 @@ def test_import_a_folder_chosen_under_the_data_roots(workspace, tmp_path):
     assert job.params == {"kind": "folders", "role": "validation", "root": str(folder)}
     wait_for_job(workspace, job.id, lambda j: j.status not in jobs.ACTIVE)
     at.run()
-    assert "Import #1 finished. hq-validation: 4 imported, 0 already present, 1 skipped" in \
-        page_text(at)
+    assert f"Import #1 finished. {literal('hq-validation')}: 4 imported, 0 already present, " \
+        "1 skipped" in page_text(at)
     assert "unreadable or not an image" in page_text(at)  # the bad file, by name
 
     at.button(key="import_start").click().run()  # the same source again
     wait_for_job(workspace, import_jobs(workspace)[-1].id, lambda j: j.status not in jobs.ACTIVE)
     at.run()
-    assert "Import #2 finished. hq-validation: 0 imported, 4 already present" in page_text(at)
+    assert f"Import #2 finished. {literal('hq-validation')}: 0 imported, 4 already present" in \
+        page_text(at)
     assert sources_frame(workspace.db_url)["images"].tolist() == [4]
 
 
@@ -119,7 +121,8 @@ def test_import_an_upload_unpacks_it_into_the_workspace(workspace, tmp_path):
         ("evil.zip", zipped({"pool/a.png": png, "../../escape.png": png}), "application/zip"))
     at.run()
     at.button(key="import_upload_start").click().run()
-    assert "evil.zip was not imported: '../../escape.png' points outside" in page_text(at)
+    reason = "'../../escape.png' points outside"
+    assert f"{literal('evil.zip')} was not imported: {literal(reason)}" in page_text(at)
     assert import_jobs(workspace) == [] and not (tmp_path / "escape.png").exists()
 
     at.file_uploader(key="import_upload").set_value(
@@ -134,4 +137,22 @@ def test_import_an_upload_unpacks_it_into_the_workspace(workspace, tmp_path):
     assert job.params["kind"] == "unlabelled" and job.params["role"] == "unlabelled"
     wait_for_job(workspace, job.id, lambda j: j.status not in jobs.ACTIVE)
     at.run()
-    assert f"Import #{job.id} finished. pool-unlabelled: 2 imported" in page_text(at)
+    assert f"Import #{job.id} finished. {literal('pool-unlabelled')}: 2 imported" in \
+        page_text(at)
+
+
+def test_names_from_users_and_files_show_as_written(workspace, tmp_path):
+    source = "**bold** _x_ [link](http://e) <b> $y$ :red[z]"
+    photo, broken = "#1 *a* `b`.png", "[c](d) <i>.png"
+    write_image(tmp_path / "train" / "0" / photo)
+    for grade in (1, 2, 3):
+        write_image(tmp_path / "train" / str(grade) / f"g{grade}.png")
+    (tmp_path / "train" / "0" / broken).write_text("oops")
+    import_source(workspace.db_url, "folders", tmp_path / "train", "train", source)
+
+    at = open_page()
+    assert at.main.metric[0].label == f"{literal(source)}: largest / smallest class"
+    assert any(e.label.startswith(f"Import report of {literal(source)}: ") for e in at.expander)
+    assert f"{literal('0/' + broken)}: unreadable" in page_text(at)
+    captions = [caption for image in at.image for caption in image.captions]
+    assert literal(f"{Path(photo).stem} · grade 0 (0)") in captions

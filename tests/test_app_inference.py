@@ -17,6 +17,7 @@ from engine.models import create_model, model_mean_std, save_checkpoint
 from engine.preprocess import PreprocessConfig
 from engine.sources import import_source
 from engine.workspace import Workspace
+from views.common import literal
 
 
 def tiny_model(workspace: Workspace, name: str = "tiny") -> int:
@@ -123,7 +124,7 @@ def test_second_start_is_refused_and_cancel_stops_the_job(workspace, tiny_data, 
     at.button(key="start_inference").click().run()
     assert not at.exception, at.exception
     assert "Inference not started:" in page_text(at)
-    assert f"(#{job.id}) is already running" in page_text(at)
+    assert literal(f"(#{job.id}) is already running") in page_text(at)
     assert infer_job(workspace.db_url).id == job.id  # still the only one
 
     wait_for(workspace.db_url, job.id, ("running",))  # its SIGTERM handler is in place
@@ -240,3 +241,18 @@ def test_the_page_counts_referable_images_and_warns_of_uncalibrated_views(worksp
                                  0.25).referable == "yes").sum()
     (metric,) = [m for m in at.metric if m.label == "Referable DR (grade ≥ 2)"]
     assert metric.value == f"{expected} of 8"
+
+
+def test_names_show_as_written_and_the_submission_stays_in_the_workspace(workspace, tiny_data):
+    pool = "../../../../escaped/**pool** $x$"  # a source's name is free text
+    import_source(workspace.db_url, "aptos", tiny_data / "aptos", "unlabelled", pool)
+    tiny_model(workspace, "tiny_run_")
+    at = open_page("inference")
+    assert f"No predictions yet of {literal('tiny_run_')} for {literal(pool)}" in page_text(at)
+    assert at.caption[0].value.startswith(f"Model **{literal('tiny_run_')}** · ")
+
+    at.button(key="start_inference").click().run()
+    job = wait_for(workspace.db_url, infer_job(workspace.db_url).id, ("done",))
+    out = Path(job.params["out"])
+    assert out.parent == workspace.root / "submissions" and out.is_file()
+    assert [p.name for p in workspace.root.parent.iterdir()] == ["ws"]  # nothing beside it

@@ -29,6 +29,7 @@ from engine.metrics import validation_screening
 from engine.sources import import_source
 from engine.train import make_config, parse_args
 from engine.workspace import Workspace
+from views.common import literal
 
 TINY = {"name": "tiny", "model": "test_efficientnet", "img_size": 64, "epochs": 1,
         "batch_size": 8, "lr": 0.05, "lrf": 0.1, "optimizer": "adamw", "balance": "sampler",
@@ -136,7 +137,8 @@ def test_form_starts_a_training_job_and_cancel_stops_it(data):
     assert not at.exception, at.exception
     job = jobs.latest_job(data.db_url, "train")
     try:
-        assert job is not None and f"Training job #{job.id} started: run ui-run" in page_text(at)
+        assert job is not None and \
+            f"Training job #{job.id} started: run {literal('ui-run')}" in page_text(at)
         assert job.params["model"] == "tf_efficientnet_lite0"  # the CPU's default
         assert job.params["img_size"] == 64 and job.params["epochs"] == 2
         command = shlex.split(Path(job.log_path).read_text().splitlines()[0].removeprefix("$ "))
@@ -158,12 +160,16 @@ def test_form_starts_a_training_job_and_cancel_stops_it(data):
     assert "cancel_training" not in [b.key for b in at.button]
 
 
-def test_a_name_in_use_is_refused_with_a_sentence(data):
+@pytest.mark.parametrize("name, refusal", [
+    ("taken", "A run named 'taken' exists already"),
+    ("../x", "Run name '../x': use letters, digits, '-', '_' and '.' only"),
+    ("/tmp/x", "Run name '/tmp/x': use letters")])
+def test_a_name_in_use_or_outside_the_workspace_is_refused_with_a_sentence(data, name, refusal):
     add_run(data.db_url, "taken", [0.4])
     at = open_page("retrain")
-    at.text_input(key="train_name").input("taken")
+    at.text_input(key="train_name").input(name)
     at.button(key="start_training").click().run()
-    assert "A run named 'taken' exists already" in page_text(at)
+    assert literal(refusal) in page_text(at)
     assert jobs.latest_job(data.db_url, "train") is None
 
 
@@ -182,8 +188,8 @@ def test_finished_run_shows_table_curves_metrics_and_error_gallery(data, tiny_da
     assert "best epoch 2: val QWK 0.620, accuracy 45.0%" in page_text(at)
     assert "Misclassified validation images** (6)" in page_text(at)
     assert len(at.image) == 2 * 4  # a page of four, each beside its preprocessed view
-    assert at.image[0].captions == [f"{Path(errors[0][0]).name}: true 0 · no DR → predicted "
-                                     "1 · mild"]
+    assert at.image[0].captions == [literal(f"{Path(errors[0][0]).name}: true 0 · no DR → "
+                                             "predicted 1 · mild")]
     at.number_input(key=[w.key for w in at.number_input if w.key.startswith("errors_page")][0]
                     ).set_value(2).run()
     assert not at.exception and len(at.image) == 2 * 2
@@ -195,8 +201,8 @@ def test_the_gallery_shows_grad_cam_on_request(data, tiny_data):
     at = open_page("retrain")
     at.toggle(key="errors_evidence").set_value(True).run()
     assert not at.exception, at.exception
-    assert "No evidence: the model's checkpoint /weights/explained/best.pth is gone." in \
-        page_text(at)
+    assert f"No evidence: the model's checkpoint {literal('/weights/explained/best.pth')} is " \
+        "gone." in page_text(at)
     assert len(at.image) == 2 * 4
     with session_scope(data.db_url) as session:
         session.get(Run, run_id).checkpoint = str(tiny_checkpoint(data.weights / "best.pth"))

@@ -1,6 +1,8 @@
 """Sign-in in a real browser: Debian's chromium against `streamlit run app.py` with one local
 account made by the command line; a wrong password is refused in words, the right one lets the
-reviewer in, who sees no admin control on the Retrain page, and signing out closes the app."""
+reviewer in, who sees no admin control on the Retrain page. The sign-in outlasts a reload and
+holds in a new tab; signing out in one tab signs the other out at its next click, and so does
+disabling the account."""
 
 import os
 import subprocess
@@ -17,11 +19,10 @@ from engine.workspace import Workspace
 PASSWORD = "correct horse"
 
 
-def add_account(workspace: Workspace, name: str, role: str) -> None:
-    """`python -m db.users add`, the password piped in as a script does."""
-    subprocess.run([sys.executable, "-m", "db.users", "add", name, "--role", role], cwd=ROOT,
-                   input=f"{PASSWORD}\n", text=True, check=True,
-                   env={**os.environ, "DR_WORKSPACE": str(workspace.root)})
+def users_cli(workspace: Workspace, *args: str) -> None:
+    """`python -m db.users ...`, a password piped in as a script does."""
+    subprocess.run([sys.executable, "-m", "db.users", *args], cwd=ROOT, input=f"{PASSWORD}\n",
+                   text=True, check=True, env={**os.environ, "DR_WORKSPACE": str(workspace.root)})
 
 
 def sign_in(page, name: str, password: str) -> None:
@@ -38,7 +39,7 @@ def test_a_reviewer_signs_in_with_a_password(tmp_path: Path, tiny_data: Path):
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train", "train")
     import_source(workspace.db_url, "folders", tiny_data / "validation", "validation",
                   "validation")
-    add_account(workspace, "ana", "reviewer")
+    users_cli(workspace, "add", "ana", "--role", "reviewer")
 
     with streamlit_server(workspace.root, tmp_path / "server.log") as url, \
             chromium_page() as page:
@@ -50,7 +51,7 @@ def test_a_reviewer_signs_in_with_a_password(tmp_path: Path, tiny_data: Path):
         screenshot(page, "signin-form")
 
         sign_in(page, "ana", "wrong password")
-        page.get_by_text("Wrong name or password.").wait_for()
+        page.get_by_text("Wrong name or password, or the account may not sign in now").wait_for()
         page.wait_for_timeout(1200)  # the wait after one failure is 1 s
 
         sign_in(page, "ana", PASSWORD)
@@ -63,6 +64,31 @@ def test_a_reviewer_signs_in_with_a_password(tmp_path: Path, tiny_data: Path):
 
         go_to(page, "Review")
         page.get_by_text("every decision is stored with this account").wait_for()
+        cookie = next(c for c in page.context.cookies() if c["name"] == "dr_sign_in")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert page.evaluate("document.cookie").find("dr_sign_in") == -1  # no script reads it
+
+        page.reload()  # F5: the same page, still signed in
+        page.get_by_role("heading", name="Review", level=1).wait_for()
+        wait_until_idle(page)
+        assert sidebar.get_by_text("Signed in as").is_visible()
+
+        other = page.context.new_page()  # a second tab of the same browser
+        other.goto(f"{url}/retrain")
+        other.get_by_role("heading", name="Retrain", level=1).wait_for()
+        wait_until_idle(other)
 
         sidebar.get_by_role("button", name="Sign out").click()
+        page.get_by_role("heading", name="Sign in", level=1).wait_for()
+        wait_until_idle(page)
+        other.locator("[data-testid='stSidebar']").get_by_role("link", name="Review").click()
+        other.get_by_role("heading", name="Sign in", level=1).wait_for()  # at its next click
+        page.reload()
+        page.get_by_role("heading", name="Sign in", level=1).wait_for()  # the cookie is gone
+
+        sign_in(page, "ana", PASSWORD)
+        page.get_by_role("heading", name="Review", level=1).wait_for()
+        wait_until_idle(page)
+        users_cli(workspace, "disable", "ana")
+        sidebar.get_by_role("link", name="Dataset").click()  # the open tab's next click
         page.get_by_role("heading", name="Sign in", level=1).wait_for()

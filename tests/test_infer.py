@@ -88,6 +88,21 @@ def test_source_inference_stores_probabilities_and_writes_submission(tiny_data, 
         assert session.scalar(select(func.count()).select_from(Prediction)) == 8
 
 
+def test_a_source_name_cannot_lead_the_submission_out_of_the_workspace(
+        tiny_data, tmp_path, checkpoint):
+    workspace = Workspace(tmp_path / "ws")
+    migrate(workspace.db_url)
+    name = "../../../../escaped/**pool**"  # a source's name is free text
+    import_source(workspace.db_url, "aptos", tiny_data / "aptos", "unlabelled", name)
+    done = infer_cli(workspace.root, "--checkpoint", str(checkpoint), "--source", name)
+    assert done.returncode == 0, done.stderr
+    out = workspace.root / "submissions" / "tiny-.._.._.._.._escaped___pool__.csv"
+    assert done.stdout.strip().endswith(f"submission: {out}") and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "ws"]
+    assert infer.submission_path(workspace, "tiny", "/etc/x") == \
+        workspace.root / "submissions" / "tiny-_etc_x.csv"
+
+
 def test_two_processes_share_the_pool_and_rank_0_writes_the_whole_submission(
         tiny_data, tmp_path, checkpoint):
     workspace = pool_workspace(tmp_path, tiny_data)

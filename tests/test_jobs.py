@@ -1,4 +1,5 @@
-"""Jobs: separate processes with progress, cancel by SIGTERM, dead-job detection, one per kind."""
+"""Jobs: separate processes with progress, cancel through the database from any host, dead-job
+detection, one per kind."""
 
 import os
 import signal
@@ -12,6 +13,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
+from streamlit.testing.v1 import AppTest
 
 from conftest import BOTH_BACKENDS, job_row, wait_for_job
 from db.schema import Job, Run, utcnow
@@ -102,12 +104,65 @@ def test_cancel_stops_training_between_batches(workspace, tiny_data):
 def test_a_cancel_while_the_job_starts_is_recorded_as_cancelled(workspace):
     job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"],
                             user=LOCAL)
-    # its process is still starting: no handler yet
+    # its process is still starting: no reporter yet
     jobs.cancel_job(workspace.db_url, job_id, user=LOCAL)
-    assert jobs._children[(workspace.db_url, job_id)].wait(timeout=60) != 0
+    jobs._children[(workspace.db_url, job_id)].wait(timeout=60)
     jobs.mark_dead_jobs(workspace.db_url)
     job = job_row(workspace, job_id)
     assert job.status == "cancelled" and job.error is None, jobs.log_tail(job.log_path)
+
+
+@BOTH_BACKENDS
+def test_a_cancel_from_another_host_reaches_the_job_through_the_database(workspace, monkeypatch):
+    monkeypatch.setenv("DR_HOST", "a")
+    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"],
+                            user=LOCAL)
+    job = wait_for_job(workspace, job_id, lambda j: j.status == "running")
+    assert job.host == "a"
+    monkeypatch.setenv("DR_HOST", "b")  # Cancel clicked on another machine
+    signals = []
+    monkeypatch.setattr(jobs.os, "killpg", lambda *args: signals.append(args))
+    jobs.cancel_job(workspace.db_url, job_id, user=LOCAL)
+    assert job_row(workspace, job_id).cancel_requested_at is not None
+    job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE, timeout=60)
+    assert job.status == "cancelled" and job.error is None, jobs.log_tail(job.log_path)
+    assert signals == []  # the pid means nothing on this machine: the job read the request
+
+
+@BOTH_BACKENDS
+def test_a_job_busy_between_progress_reports_takes_up_a_cancel_request(workspace, monkeypatch):
+    monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM
+    with session_scope(workspace.db_url) as session:
+        session.add(job := Job(kind="demo", host="a"))
+    steps = 0
+    with jobs.JobReporter(workspace.db_url, job.id) as reporter:
+        jobs.cancel_job(workspace.db_url, job.id, user=LOCAL)
+        while steps < 100:  # a step that reports no progress, for 5 s
+            reporter.check_cancel()
+            steps += 1
+            time.sleep(0.05)
+    assert steps < 100 and job_row(workspace, job.id).status == "cancelled"
+
+
+def job_status(db_url: str, job_id: int) -> None:
+    """A page that shows one job's status."""
+    from db.schema import Job
+    from db.session import read_scope
+    from views.common import job_status_ui
+
+    with read_scope(db_url) as session:
+        job_status_ui(session.get(Job, job_id))
+
+
+def test_the_page_says_that_a_cancel_was_requested(workspace):
+    with session_scope(workspace.db_url) as session:
+        session.add(job := Job(kind="train", status="running", host="a", heartbeat_at=utcnow()))
+    jobs.cancel_job(workspace.db_url, job.id, user=LOCAL)
+    page = AppTest.from_function(job_status, args=(workspace.db_url, job.id),
+                                 default_timeout=60).run()
+    assert not page.exception, page.exception
+    assert [info.value for info in page.info] == [
+        f"Cancel requested: train job #{job.id} stops at its next batch."]
 
 
 def test_a_job_cancelled_before_its_reporter_starts_stops_at_its_first_check(workspace,
@@ -153,26 +208,60 @@ def test_a_stale_heartbeat_marks_a_foreign_job_failed(workspace):
     assert job_row(workspace, fresh.id).status == "running"
 
 
+def job_process(job_id: int) -> subprocess.Popen:
+    """A process on this machine with the command line of job `job_id`'s, not started by
+    start_job in this process (another server process's, or a stranger's)."""
+    process = subprocess.Popen([sys.executable, "-c", "print('up', flush=True); "
+                                "import time; time.sleep(60)", "--job-id", str(job_id)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "up\n"  # past exec, with its command line
+    return process
+
+
+def set_pids(workspace, pids: dict[int, int]) -> None:
+    with session_scope(workspace.db_url) as session:
+        for job_id, pid in pids.items():
+            session.get(Job, job_id).pid = pid
+
+
 def test_a_live_process_is_never_marked_dead_however_old_its_heartbeat(workspace):
     with session_scope(workspace.db_url) as session:
         job = Job(kind="train", status="running", heartbeat_at=utcnow() - timedelta(minutes=5))
         reused = Job(kind="infer", status="running", pid=os.getpid(),  # a pid used again since
                      heartbeat_at=utcnow() - timedelta(minutes=5))
         session.add_all([job, reused])
-    # Started by another server process: not one of this process's children.
-    process = subprocess.Popen([sys.executable, "-c", "print('up', flush=True); "
-                                "import time; time.sleep(60)", "--job-id", str(job.id)],
-                               stdout=subprocess.PIPE, text=True)
+    process = job_process(job.id)
     try:
-        assert process.stdout.readline() == "up\n"  # past exec, with its command line
-        with session_scope(workspace.db_url) as session:
-            session.get(Job, job.id).pid = process.pid
+        set_pids(workspace, {job.id: process.pid})
         assert jobs.mark_dead_jobs(workspace.db_url) == [reused.id]
         assert job_row(workspace, job.id).status == "running"
     finally:
         process.kill()
         process.communicate()
     assert jobs.mark_dead_jobs(workspace.db_url) == [job.id]
+
+
+@BOTH_BACKENDS
+def test_a_job_of_another_host_is_judged_by_its_heartbeat_alone(workspace, monkeypatch):
+    monkeypatch.setenv("DR_HOST", "b")
+    with session_scope(workspace.db_url) as session:
+        jobs_by_host = {host: Job(kind=f"k{host}", status="running", host=host,
+                                  heartbeat_at=utcnow()) for host in ("a", "b", None)}
+        session.add_all(jobs_by_host.values())
+    ids = {host: job.id for host, job in jobs_by_host.items()}
+    # Each id's command line runs here; for host a's job that is a stranger that happens to
+    # have its pid (host a's own counter) and its id (a workspace of this machine, say).
+    processes = [job_process(job_id) for job_id in ids.values()]
+    try:
+        set_pids(workspace, {job_id: p.pid for job_id, p in zip(ids.values(), processes)})
+        assert jobs.mark_dead_jobs(workspace.db_url) == []  # fresh heartbeats
+        later = utcnow() + timedelta(minutes=5)  # every heartbeat stale
+        # NULL: a job from before hosts were recorded, of this host as it always was
+        assert jobs.mark_dead_jobs(workspace.db_url, later) == [ids["a"]]
+    finally:
+        for process in processes:
+            process.kill()
+            process.communicate()
 
 
 def test_a_locked_database_does_not_stop_the_heartbeat(workspace, monkeypatch):

@@ -26,6 +26,7 @@ from grades import REVIEW_THRESHOLD
 from engine.infer import register_model
 from engine.sources import import_source
 from engine.workspace import Workspace
+from views.common import literal
 
 # The pool's eight images get these (confidence, predicted grade), in import order: six reach
 # the default threshold 0.70; least confident first they come as pool images 5, 4, 3, 2, 1, 0.
@@ -508,8 +509,8 @@ def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_imag
     assert on_screen(at) == names[pool[5]]
     decide(db, "ben", pool[5], run_id, "reject")  # in ben's browser, while local looks
     click(at, "accept")
-    assert f"{names[pool[5]]} was decided by ben after it was shown here (now rejected)" in \
-        page_text(at)
+    assert literal(f"{names[pool[5]]} was decided by ben after it was shown here (now "
+                   "rejected)") in page_text(at)
     assert reviews(db) == [(pool[5], "reject", None, "ben", run_id)]
     assert on_screen(at) == names[pool[4]]  # moved on
     for image_id in pool[:4]:
@@ -571,3 +572,14 @@ def test_a_decision_stores_the_seconds_its_card_was_on_screen_and_the_pace_shows
         seconds = session.scalar(select(Review.seconds))
     assert 0.5 <= seconds < 60
     assert "left at the team's pace" in page_text(at)
+
+
+def test_names_from_files_show_as_written(predicted):
+    workspace, run_id, pool = predicted
+    photo, source = "**a** [b](c) $d$", "_pool_ :red[x] <b>"
+    with session_scope(workspace.db_url) as session:
+        session.execute(update(Image).where(Image.id == pool[5]).values(name=photo))
+        session.execute(update(Source).where(Source.name == "pool").values(name=source))
+    at = sign_in(open_page("review"))
+    assert on_screen(at) == literal(photo)
+    assert f"Source {literal(source)} · predicted" in page_text(at)

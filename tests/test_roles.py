@@ -28,6 +28,7 @@ from test_db_copy import rows
 from test_review import predicted  # noqa: F401 (a fixture)
 from test_upload import aptos_zip
 from test_users import sign_in_form
+from views.common import literal
 from views.signin import served_locally
 
 PASSWORD = "correct horse"
@@ -204,7 +205,7 @@ def test_an_admin_demoted_meanwhile_is_refused_adjudicating_in_words(team):
     stale_admin(workspace.db_url, "demoted")
     at.button(key="adjudicate_1").click().run()
     assert not at.exception, at.exception
-    assert "ana is a reviewer: only an admin may adjudicate." in page_text(at)
+    assert literal("ana is a reviewer: only an admin may adjudicate.") in page_text(at)
     assert len(adjudication_queue(workspace.db_url)) == 2
     assert "adjudicate_1" not in controls(at)  # the page drew itself for a reviewer
 
@@ -277,15 +278,19 @@ def test_institutional_sign_in_takes_roles_from_the_accounts(workspace):
     at.run()
     assert at.button(key="signin_provider").label == "Sign in with your institution"
     assert not at.sidebar.get("metric")
-    at.user = {"is_logged_in": True, "email": "Cleo@Clinic.org"}
+    at.user = {"is_logged_in": True, "email": "Cleo@Clinic.org", "email_verified": True}
     at.run()
-    assert "Ask an admin to add you: `python -m db.users add Cleo@Clinic.org --role " \
-           "reviewer --sso`" in page_text(at)
+    assert "python -m db.users add Cleo@Clinic.org --role reviewer --sso" in page_text(at)
+    assert "signed in as Cleo\\@Clinic\\.org," in page_text(at)  # as written, not markdown
     assert not at.sidebar.get("metric")
     add_account(workspace.db_url, "cleo@clinic.org", "reviewer", None, user=TERMINAL)
     at.run()
     assert not at.exception, at.exception
-    assert "Signed in as **cleo@clinic.org** (reviewer)" in [c.value for c in at.sidebar.caption]
+    assert "Signed in as **cleo\\@clinic\\.org** (reviewer)" in \
+        [c.value for c in at.sidebar.caption]
+    at.user = {"is_logged_in": True, "email": "cleo@clinic.org", "email_verified": False}
+    at.run()  # an e-mail the provider did not verify signs in as no one
+    assert not at.sidebar.get("metric")
 
 
 def test_exports_write_only_under_the_workspace_or_named_roots(workspace, tmp_path,
@@ -318,7 +323,7 @@ def test_the_review_page_refuses_an_export_outside_in_words(predicted, tmp_path)
     at.text_input(key="export_folder").input(str(tmp_path / "elsewhere")).run()
     at.button(key="export_folders").click().run()
     assert not at.exception, at.exception
-    assert f"{tmp_path / 'elsewhere'} is outside the folders exports may write to" in \
+    assert literal(f"{tmp_path / 'elsewhere'} is outside the folders exports may write to") in \
         page_text(at)
     assert not (tmp_path / "elsewhere").exists()
 

@@ -20,7 +20,8 @@ from db.users import LOCAL
 from engine.data import Sample, augmentation, folder_samples, read_manifest, stratified_split
 from engine.models import WeightsMismatch, create_model, load_checkpoint
 from engine.sources import import_source
-from engine.train import boolean, make_config, parse_args, refuse_existing_run
+from engine.train import (boolean, make_config, parse_args, refuse_existing_run,
+                          run_name_problem)
 from engine.trainer import (Hooks, NonFiniteLoss, NoTrainingImages, RunPaths, Trainer,
                             epochs_for_budget, lr_at, soft_targets, stage_of)
 from engine.workspace import Workspace
@@ -170,6 +171,24 @@ def tiny_config(**changes):
     for key, value in changes.items():
         setattr(config, key, value)
     return config
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "ABSOLUTE"])
+def test_a_run_name_that_leads_out_of_the_workspace_is_refused_before_anything_is_written(
+        tiny_data, tmp_path, name):
+    name = str(tmp_path / "absolute") if name == "ABSOLUTE" else name
+    done = train_cli(tmp_path / "ws", "--data-path", str(tiny_data / "validation"),
+                     "--epochs", "1", "--refit", "false", "--name", name, returncode=2)
+    assert f"argument --name: run name {name!r}: use letters" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, TensorBoard run or report; no workspace
+
+
+def test_a_run_name_is_a_folder_name_of_the_workspace():
+    for name in ("t1", "seed-20240101-120000", "run_2.b", "_x", "café", "r" * 100):
+        assert run_name_problem(name) is None, name
+    for name in ("", ".", "..", "../x", "a/b", "/abs", ".hidden", "-x", "a b", "x\n", "a\\b",
+                 "r" * 101):
+        assert run_name_problem(name).startswith(f"run name {name!r}: use letters"), name
 
 
 def test_a_run_recorded_in_the_database_is_not_written_over(tmp_path):

@@ -13,7 +13,7 @@ from db.users import NotAllowed
 from engine.agreement import (CATEGORIES, REJECT, between_reviewers, confusion, per_grade,
                               per_reviewer, read_pairs, with_model)
 from grades import GRADE_NAMES
-from views.common import current_user, get_workspace
+from views.common import current_user, get_workspace, literal
 from views.viewer import grading_viewer
 
 workspace = get_workspace()
@@ -97,7 +97,7 @@ def reviewers_ui() -> None:
 def adjudication_ui() -> None:
     st.header("Adjudication")
     if "adjudication_refusal" in st.session_state:
-        st.warning(st.session_state.pop("adjudication_refusal"))
+        st.warning(literal(st.session_state.pop("adjudication_refusal")))
     conflicts = adjudication_queue(workspace.db_url)
     if not conflicts:
         st.success("No conflicting reads wait for adjudication.")
@@ -112,12 +112,12 @@ def adjudication_ui() -> None:
     with photo:
         grading_viewer(conflict.path, conflict.run_id, key="adjudication_viewer")
     with side:
-        st.subheader(conflict.name)
+        st.subheader(literal(conflict.name))
         if conflict.predicted is not None:
             st.caption(f"The model predicted {GRADE_NAMES[conflict.predicted]}.")
         for reviewer, decision, grade in conflict.reads:
-            st.markdown(f"**{reviewer}** {describe(decision, grade)}")
-        st.caption(f"The final grade is stored with your account, {current_user().name}.")
+            st.markdown(f"**{literal(reviewer)}** {describe(decision, grade)}")
+        st.caption(f"The final grade is stored with your account, {literal(current_user().name)}.")
         for grade in CATEGORIES:
             final = None if grade == REJECT else grade
             st.button("Reject" if final is None else GRADE_NAMES[grade],

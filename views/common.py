@@ -1,6 +1,8 @@
 """What every page shares: the workspace, the signed-in user, job progress widgets,
 thumbnails and the models' evidence."""
 
+import re
+import string
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,23 @@ from engine.preprocess import PreprocessCache, PreprocessConfig
 from engine.quality import model_warnings
 from engine.saliency import Explainer
 from engine.workspace import Workspace
+
+# CommonMark turns a backslash before any ASCII punctuation mark into that plain mark, and
+# Streamlit's own markdown ($ math, :red[...] colours, :material/...: icons) starts at one of
+# them too; it looks up :emoji: names only in a text that holds an unescaped :name:.
+_PUNCTUATION = re.compile(f"([{re.escape(string.punctuation)}])")
+_LINE_BREAKS = re.compile(r"\r\n|\r|\n")
+
+
+def literal(text: object) -> str:
+    """`text` (a name, a value or a message that users or files wrote) for use inside
+    Streamlit's markdown (st.markdown, captions, alerts, labels), where it shows as written:
+    no emphasis, heading, list, table, HTML, math, emoji, colour, icon or link text that hides
+    its address. A bare web address or e-mail still links to itself (GFM finds them after the
+    escapes are read; only an invisible character, which a copy would carry, could stop it).
+    Line breaks become spaces, so that it stays on the line it is put in; show text whose
+    lines matter with st.code."""
+    return _LINE_BREAKS.sub(" ", _PUNCTUATION.sub(r"\\\1", str(text)))
 
 
 @st.cache_resource
@@ -58,9 +77,12 @@ def reset_on_new_options(key: str, options: list, default) -> None:
 def job_status_ui(job) -> None:
     """One job's progress bar with its message, or its outcome."""
     if job.status in jobs.ACTIVE:
-        st.progress(job.progress, text=f"{job.kind} #{job.id}: {job.message or job.status}")
+        st.progress(job.progress,
+                    text=f"{job.kind} #{job.id}: {literal(job.message or job.status)}")
+        if job.cancel_requested_at is not None:  # from any machine: the job reads it itself
+            st.info(f"Cancel requested: {job.kind} job #{job.id} stops at its next batch.")
     elif job.status == "failed":
-        st.error(f"{job.kind} job #{job.id} failed: {job.error}")
+        st.error(f"{job.kind} job #{job.id} failed: {literal(job.error)}")
         tail = jobs.log_tail(job.log_path)
         if tail:
             st.code(tail, language=None)
@@ -79,7 +101,7 @@ def cancel_ui(job: Job, label: str, key: str) -> bool:
     try:
         jobs.cancel_job(db_url, job.id, user=user)
     except NotAllowed as exc:
-        st.warning(f"{exc}.")
+        st.warning(f"{literal(exc)}.")
         return False
     return True
 
@@ -108,23 +130,24 @@ def explainer(checkpoint: str | None) -> Explainer | None:
     anew gets a new one); None, said in words, when the checkpoint is gone or its model has no
     layer to explain."""
     if not checkpoint or not Path(checkpoint).is_file():
-        st.warning(f"No evidence: the model's checkpoint {checkpoint or ''} is gone.")
+        st.warning(f"No evidence: the model's checkpoint {literal(checkpoint or '')} is gone.")
         return None
     try:
         return _explainer(checkpoint, Path(checkpoint).stat().st_mtime, get_workspace().cache)
     except ValueError as exc:
-        st.warning(f"No evidence: {exc}.")
+        st.warning(f"No evidence: {literal(exc)}.")
         return None
 
 
 def image_pair_ui(path: str, caption: str, width: int = 240, fill: bool = False,
                   explain: tuple[Explainer, int] | None = None) -> None:
     """The photograph beside its preprocessed view, or a sentence if the file is gone.
-    `width` is the thumbnail's resolution; `fill` shows both as wide as their columns.
+    `caption` is plain text (a file name in it shows as it is); `width` is the thumbnail's
+    resolution; `fill` shows both as wide as their columns.
     `explain` (a model's Explainer and a grade) adds the Grad-CAM of that grade."""
     try:
         mtime = Path(path).stat().st_mtime
-        panels = [(_thumbnail(path, mtime, width), caption),
+        panels = [(_thumbnail(path, mtime, width), literal(caption)),
                   (PreprocessCache(get_workspace().cache).load(Path(path), PreprocessConfig()),
                    "preprocessed")]
         if explain:
@@ -132,7 +155,7 @@ def image_pair_ui(path: str, caption: str, width: int = 240, fill: bool = False,
             panels.append((model.saliency(Path(path), grade).overlay(),
                            f"Grad-CAM of grade {grade}"))
     except (OSError, ImageError) as exc:
-        st.warning(f"{caption}: cannot show this image ({exc}).")
+        st.warning(literal(f"{caption}: cannot show this image ({exc})."))
         return
     shown = "stretch" if fill else width
     for column, (image, text) in zip(st.columns(len(panels)), panels):

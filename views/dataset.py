@@ -15,7 +15,8 @@ from engine.balance import balance_table, imbalance_ratios
 from engine.sources import KIND_ROLES, KINDS, data_roots, folder_choices
 from engine.upload import MAX_FILES, MAX_UNPACKED_BYTES, UnsafeUpload, unpack_zip
 from grades import GRADE_NAMES
-from views.common import cancel_ui, current_user, get_workspace, image_pair_ui, job_status_ui
+from views.common import (cancel_ui, current_user, get_workspace, image_pair_ui, job_status_ui,
+                          literal)
 
 PAGE_SIZE = 4
 KIND_NAMES = {"aptos": "APTOS 2019 (train.csv, test.csv, train_images/, test_images/)",
@@ -59,12 +60,14 @@ def balance_ui() -> None:
         st.plotly_chart(figure, key=f"balance_{role}")
         columns = st.columns(len(part["source"].unique()))
         for column, source in zip(columns, part["source"].unique()):
-            column.metric(f"{source}: largest / smallest class", f"{ratios[source]:.1f}×")
+            column.metric(f"{literal(source)}: largest / smallest class",
+                          f"{ratios[source]:.1f}×")
 
 
 def report_summary(name: str, report: dict) -> str:
-    return (f"{name}: {report.get('added', 0)} imported, {report.get('already', 0)} already "
-            f"present, {len(report.get('problems', []))} skipped")
+    return (f"{literal(name)}: {report.get('added', 0)} imported, "
+            f"{report.get('already', 0)} already present, "
+            f"{len(report.get('problems', []))} skipped")
 
 
 def problems_ui(report: dict) -> None:
@@ -72,7 +75,7 @@ def problems_ui(report: dict) -> None:
     if not problems:
         st.write("Every listed image was imported.")
     for problem in problems:
-        st.write(f"- `{problem['where']}`: {problem['reason']}")
+        st.write(f"- {literal(problem['where'])}: {literal(problem['reason'])}")
 
 
 def sources_ui(sources: pd.DataFrame) -> None:
@@ -86,12 +89,12 @@ def sources_ui(sources: pd.DataFrame) -> None:
 
 def start_import(kind: str, role: str, name: str, folder: Path) -> None:
     args = ["import", "--kind", kind, "--path", str(folder), "--role", role,
-            *(["--name", name] if name else [])]
+            *([f"--name={name}"] if name else [])]  # a name may start with '-'
     params = {"kind": kind, "role": role, "root": str(folder.resolve())}
     try:
         jobs.start_job(workspace, "import", "engine.sources", args, params, user=current_user())
     except (jobs.JobRefused, NotAllowed) as exc:
-        st.warning(f"Import not started: {exc}.")
+        st.warning(f"Import not started: {literal(exc)}.")
         return
     st.rerun()  # the page, now with the job's progress
 
@@ -120,11 +123,11 @@ def unpacked_upload_ui() -> Path | None:
     if upload is None or not st.button("Import", key="import_upload_start", type="primary"):
         return None
     try:
-        with st.spinner(f"Unpacking {upload.name}…"):
+        with st.spinner(f"Unpacking {literal(upload.name)}…"):
             return unpack_zip(upload, upload.name, uploads, db_url=workspace.db_url,
                               user=current_user())
     except (UnsafeUpload, NotAllowed) as exc:
-        st.error(f"{upload.name} was not imported: {exc}.")
+        st.error(f"{literal(upload.name)} was not imported: {literal(exc)}.")
         return None
 
 
@@ -197,7 +200,7 @@ def gallery_ui(sources) -> None:
     rows, total = image_page(workspace.db_url, names[name], grade, PAGE_SIZE,
                              (page - 1) * PAGE_SIZE)
     if not rows:
-        st.info(f"{name} has no images{' of this grade' if grade is not None else ''}"
+        st.info(f"{literal(name)} has no images{' of this grade' if grade is not None else ''}"
                 f"{' on this page' if total else ''}.")
         return
     st.caption(f"{total} images; page {page} of {-(-total // PAGE_SIZE)}")

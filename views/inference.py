@@ -14,10 +14,11 @@ from db.runs import active_run_id, referable_threshold, run_config
 from db.users import NotAllowed
 from engine import jobs
 from engine.distributed import local_processes
+from engine.infer import submission_path
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from engine.models import pick_device
 from engine.predictor import TTA_VIEWS, default_batch_size
-from views.common import (cancel_ui, current_user, get_workspace, job_status_ui,
+from views.common import (cancel_ui, current_user, get_workspace, job_status_ui, literal,
                           model_quality_ui, next_step_info)
 
 workspace = get_workspace()
@@ -48,10 +49,12 @@ def choice_ui(choices: list[Model], sources: list[Pool]) -> tuple[Model, Pool]:
 
 def start(model: Model, pool: Pool, tta: int | None, redo: bool, batch_size: int) -> None:
     if not Path(model.checkpoint).is_file():
-        st.error(f"The checkpoint of {model.name} is gone: `{model.checkpoint}` does not exist.")
+        st.error(f"The checkpoint of {literal(model.name)} is gone: {literal(model.checkpoint)} "
+                 "does not exist.")
         return
-    out = workspace.root / "submissions" / f"{model.name}-{pool.name}.csv"
-    args = ["--checkpoint", model.checkpoint, "--source", pool.name, "--out", str(out),
+    out = submission_path(workspace, model.name, pool.name)
+    # --source=NAME: a name that starts with '-' stays the option's value.
+    args = ["--checkpoint", model.checkpoint, f"--source={pool.name}", "--out", str(out),
             "--batch-size", str(batch_size), *(["--tta", str(tta)] if tta else []),
             *(["--redo"] if redo else [])]
     processes = local_processes(pick_device())  # one per GPU, the pool shared among them
@@ -61,7 +64,7 @@ def start(model: Model, pool: Pool, tta: int | None, redo: bool, batch_size: int
         jobs.start_job(workspace, "infer", "engine.infer", args, params, processes,
                        user=current_user())
     except (jobs.JobRefused, NotAllowed) as exc:
-        st.warning(f"Inference not started: {exc}.")
+        st.warning(f"Inference not started: {literal(exc)}.")
 
 
 def start_ui(model: Model, pool: Pool) -> None:
@@ -79,9 +82,9 @@ def start_ui(model: Model, pool: Pool) -> None:
                                     step=1, key="infer_batch_size")
     calibrated_views = run_config(workspace.db_url, model.id).get("tta")
     if tta and calibrated_views and tta != calibrated_views:
-        st.warning(f"{model.name} was calibrated with {calibrated_views} test-time views: with "
-                   f"{tta} its confidences, the review threshold and the operating point for "
-                   "referable DR are not calibrated.")
+        st.warning(f"{literal(model.name)} was calibrated with {calibrated_views} test-time "
+                   f"views: with {tta} its confidences, the review threshold and the operating "
+                   "point for referable DR are not calibrated.")
     if st.button("Start inference", key="start_inference", type="primary"):
         start(model, pool, tta, redo, int(batch_size))
 
@@ -139,7 +142,7 @@ def download_ui(model: Model, pool: Pool) -> None:
     # Built from the database when clicked, so it works even if the job's file is gone.
     st.download_button(
         "Download submission CSV", key="download_submission", mime="text/csv",
-        file_name=f"{model.name}-{pool.name}.csv", on_click="ignore",
+        file_name=submission_path(workspace, model.name, pool.name).name, on_click="ignore",
         data=lambda: submission_frame(workspace.db_url, model.id, pool.id,
                                       referable_threshold(workspace.db_url, model.id)
                                       ).to_csv(index=False))
@@ -149,8 +152,9 @@ def referable_ui(model: Model, pool: Pool) -> None:
     """How many images the model refers at its operating point."""
     threshold = referable_threshold(workspace.db_url, model.id)
     if threshold is None:
-        st.caption(f"{model.name} has no operating point for referable DR (trained before they "
-                   "were chosen on validation, or imported): the CSV has no referable column.")
+        st.caption(f"{literal(model.name)} has no operating point for referable DR (trained "
+                   "before they were chosen on validation, or imported): the CSV has no "
+                   "referable column.")
         return
     frame = submission_frame(workspace.db_url, model.id, pool.id, threshold)
     referred = int((frame["referable"] == "yes").sum())
@@ -161,7 +165,8 @@ def referable_ui(model: Model, pool: Pool) -> None:
 
 def results_ui(model: Model, pool: Pool, counts: dict[int, int]) -> None:
     if not counts:
-        st.info(f"No predictions yet of {model.name} for {pool.name}: start inference above.")
+        st.info(f"No predictions yet of {literal(model.name)} for {literal(pool.name)}: start "
+                "inference above.")
         return
     charts_ui(model, pool, counts)
     referable_ui(model, pool)
@@ -183,7 +188,7 @@ if not sources:
 if choices and sources:
     chosen_model, chosen_pool = choice_ui(choices, sources)
     predicted = grade_counts(workspace.db_url, chosen_model.id, chosen_pool.id)
-    model_quality_ui(f"Model **{chosen_model.name}**", chosen_model.best_qwk, predicted,
+    model_quality_ui(f"Model **{literal(chosen_model.name)}**", chosen_model.best_qwk, predicted,
                      "The chosen model")
     if current_user().is_admin:
         start_ui(chosen_model, chosen_pool)

@@ -23,7 +23,7 @@ from engine.retrain import (MODELS, contribution_table, curated_counts, default_
                             original_counts, runs_table, settings_problem, train_job_args)
 from engine.trainer import run_name
 from views.common import (cancel_ui, current_user, explainer, get_workspace, image_pair_ui,
-                          job_status_ui, next_step_info, reset_on_new_options)
+                          job_status_ui, literal, next_step_info, reset_on_new_options)
 from views.screening import difference_ui, screening_ui
 from views.viewer import grading_viewer
 
@@ -122,16 +122,16 @@ def start_ui(taken: set[str]) -> None:
         return
     problem = settings_problem(settings, taken)
     if problem:
-        st.warning(problem)
+        st.warning(literal(problem))
         return
     try:
         job_id = jobs.start_job(workspace, "train", "engine.train", train_job_args(settings),
                                 params=settings, processes=settings["processes"],
                                 user=current_user())
     except (jobs.JobRefused, NotAllowed) as exc:
-        st.warning(f"Training did not start: {exc}.")
+        st.warning(f"Training did not start: {literal(exc)}.")
         return
-    st.success(f"Training job #{job_id} started: run {settings['name']}.")
+    st.success(f"Training job #{job_id} started: run {literal(settings['name'])}.")
 
 
 def import_model_ui() -> None:
@@ -153,13 +153,14 @@ def import_model_ui() -> None:
             st.warning("Choose a .pth file to import.")
             return
         try:
-            with st.spinner(f"Importing {upload.name}…"):
+            with st.spinner(f"Importing {literal(upload.name)}…"):
                 import_upload(workspace, current_user(), upload.name, upload.getvalue(),
                               name.strip() or None)
         except (ImportRefused, WeightsMismatch, NotAllowed) as exc:
-            st.error(f"{upload.name} was not imported: {exc}")
+            st.error(f"{literal(upload.name)} was not imported: {literal(exc)}")
             return
-        st.success(f"{upload.name} is a run now; promote it below to review its predictions.")
+        st.success(f"{literal(upload.name)} is a run now; promote it below to review its "
+                   "predictions.")
 
 
 def curves_ui(epochs: pd.DataFrame, prefix: str) -> None:
@@ -210,13 +211,14 @@ def promote_ui(runs: pd.DataFrame) -> None:
                 promote(workspace.db_url, run_id, current_user())
                 active = run_id
             except (ValueError, NotAllowed) as exc:
-                st.error(f"Cannot promote {names[run_id]}: {exc}.")
-    st.markdown(f"Active model: **{names[active]}**" if active in names
+                st.error(f"Cannot promote {literal(names[run_id])}: {literal(exc)}.")
+    st.markdown(f"Active model: **{literal(names[active])}**" if active in names
                 else "No active model yet.")
     history = promotions(workspace.db_url)
     if history:
         name, account, when = history[-1]
-        st.caption(f"Last promotion: {name}, by {account}, {when:%Y-%m-%d %H:%M} UTC.")
+        st.caption(f"Last promotion: {literal(name)}, by {literal(account)}, "
+                   f"{when:%Y-%m-%d %H:%M} UTC.")
 
 
 def errors_ui(errors: list, run_id: int) -> None:
@@ -272,7 +274,7 @@ def calibration_ui(run_id: int) -> None:
 
 def best_epoch_ui(run_id: int, name: str) -> None:
     best = best_epoch(workspace.db_url, run_id)
-    st.markdown(f"**{name}**, best epoch {best['epoch']}: val QWK {best['qwk']:.3f}, "
+    st.markdown(f"**{literal(name)}**, best epoch {best['epoch']}: val QWK {best['qwk']:.3f}, "
                 f"accuracy {best['val_acc']:.1%}")
     left, right = st.columns(2)
     left.plotly_chart(per_class_figure(best["precision"], best["recall"]), key="per_class")

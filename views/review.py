@@ -31,7 +31,8 @@ from engine.predictor import TTA_VIEWS
 from engine.quality import threshold_accuracy
 from engine.saliency import Explainer
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from views.common import current_user, explainer, get_workspace, model_quality_ui, next_step_info
+from views.common import (current_user, explainer, get_workspace, literal, model_quality_ui,
+                          next_step_info)
 from views.pace import time_left_text
 from views.viewer import KEYS as VIEWER_KEYS, grading_viewer, prefetch
 
@@ -125,7 +126,7 @@ def active_model_ui() -> None:
     if run_id is None:
         return  # the queue says how to get one
     name, val_qwk = run_score(workspace.db_url, run_id)
-    model_quality_ui(f"Active model **{name}**", val_qwk,
+    model_quality_ui(f"Active model **{literal(name)}**", val_qwk,
                      run_grade_counts(workspace.db_url, run_id), "The active model")
 
 
@@ -203,9 +204,9 @@ def card_ui(candidate: Candidate, upcoming: str | None) -> None:
                        candidate.grade if st.session_state.get("evidence_on") else None,
                        decides=True, upcoming=upcoming)
     with side:
-        st.subheader(candidate.name)
-        st.caption(f"Source {candidate.source} · predicted {GRADE_NAMES[candidate.grade]} · "
-                   f"confidence {candidate.confidence:.2f}")
+        st.subheader(literal(candidate.name))
+        st.caption(f"Source {literal(candidate.source)} · predicted "
+                   f"{GRADE_NAMES[candidate.grade]} · confidence {candidate.confidence:.2f}")
         decision_buttons_ui(candidate)
         st.plotly_chart(probability_figure(candidate.probs), key="probabilities")
         if st.session_state.get("evidence_on"):
@@ -302,7 +303,7 @@ def queue_ui(reviewer: str) -> None:
         if not progress_ui(queue):
             return
     if "refusal" in st.session_state:
-        st.warning(st.session_state.pop("refusal"))
+        st.warning(literal(st.session_state.pop("refusal")))
     skipped = st.session_state.setdefault("skipped", [])
     candidate = claim_next(workspace.db_url, reviewer, queue, skipped,
                            st.session_state.get("current"))
@@ -339,9 +340,9 @@ def recent_ui(reviewer: str) -> None:
         since = "" if item.is_current else (
             " (since undone)" if item.current_decision == "undo" else
             f" (since {describe(item.current_decision, item.current_grade)} by "
-            f"{item.current_reviewer})")
+            f"{literal(item.current_reviewer)})")
         text, change = st.columns([3, 1])
-        text.write(f"{item.time:%Y-%m-%d %H:%M} UTC · **{item.name}** · "
+        text.write(f"{item.time:%Y-%m-%d %H:%M} UTC · **{literal(item.name)}** · "
                    f"{describe(item.decision, item.grade)}{since}")
         if item.settled:
             change.caption("settled", help="Adjudicated, or both blind reads are in: it "
@@ -382,18 +383,19 @@ def write_folders_ui(target: str, replace: bool) -> None:
                                       db_url=workspace.db_url, user=current_user(),
                                       roots=export_roots(workspace.root))
     except EarlierExport as exc:
-        st.error(f"{exc}: tick “Replace an earlier export” or choose another folder.")
+        st.error(f"{literal(exc)}: tick “Replace an earlier export” or choose another folder.")
         return
     except (ExportRefused, NotAllowed) as exc:
-        st.error(f"{exc}.")
+        st.error(f"{literal(exc)}.")
         return
     except OSError as exc:
-        st.error(f"Cannot write into {out}: {exc.strerror or exc}.")
+        st.error(f"Cannot write into {literal(out)}: {literal(exc.strerror or exc)}.")
         return
-    st.success(f"Wrote {result.written} files into {out}/0-3.")
+    st.success(f"Wrote {result.written} files into {literal(out)}/0-3.")
     if result.missing:
         st.warning(f"{len(result.missing)} files could not be read and were left out: "
-                   + ", ".join(result.missing[:5]) + ("…" if len(result.missing) > 5 else ""))
+                   + literal(", ".join(result.missing[:5]))
+                   + ("…" if len(result.missing) > 5 else ""))
 
 
 @st.fragment
@@ -407,7 +409,7 @@ def review_ui(reviewer: str) -> None:
 reviewer = current_user().name
 st.title("Review")
 active_model_ui()  # and its warnings: reasons not to trust its grades stay in sight
-st.caption(f"Reviewing as **{reviewer}**: every decision is stored with this account.")
+st.caption(f"Reviewing as **{literal(reviewer)}**: every decision is stored with this account.")
 review_ui(reviewer)
 if current_user().is_admin:
     export_ui()

@@ -13,7 +13,7 @@ from db.users import NotAllowed
 from engine.data import read_probabilities
 from engine.screening import (choose_operating_point, paired_difference, validation_file,
                               validation_roc)
-from views.common import current_user, get_workspace
+from views.common import current_user, get_workspace, literal
 
 
 def figure_text(figure: dict | None, form: str = ".3f") -> str:
@@ -79,7 +79,7 @@ def target_ui(run_id: int, checkpoint: str, screening: dict) -> None:
                           choose_operating_point(checkpoint, target, screening.get("seed", 0)),
                           current_user())
         except NotAllowed as exc:
-            st.error(f"Not changed: {exc}.")
+            st.error(f"Not changed: {literal(exc)}.")
             return
         st.rerun()
 
@@ -92,12 +92,14 @@ def difference_ui(names: dict[int, str], chosen: list[int]) -> None:
     first, second = chosen[:2]
     files = [validation_file(run_checkpoint(get_workspace().db_url, run) or "") for run in (first, second)]
     if None in files:
-        st.caption(f"No difference with an interval for {names[first]} and {names[second]}: "
+        st.caption(f"No difference with an interval for {literal(names[first])} and "
+                   f"{literal(names[second])}: "
                    "one of them has no stored validation probabilities.")
         return
     difference = paired_difference(*(read_probabilities(f) for f in files))
     if difference["images"] == 0:
-        st.caption(f"{names[first]} and {names[second]} were validated on different images.")
+        st.caption(f"{literal(names[first])} and {literal(names[second])} were validated on "
+                   "different images.")
         return
     verdicts = []
     for key, label in (("qwk", "QWK"), ("referable_auc", "referable AUC")):
@@ -105,5 +107,5 @@ def difference_ui(names: dict[int, str], chosen: list[int]) -> None:
         verdict = "larger than its interval" if figure["beyond_noise"] else \
             "within the noise: the interval holds 0"
         verdicts.append(f"{label} {figure_text(figure, '+.3f')}, {verdict}")
-    st.markdown(f"**{names[first]} − {names[second]}** on {difference['images']} shared "
-                f"validation images: " + "; ".join(verdicts) + ".")
+    st.markdown(f"**{literal(names[first])} − {literal(names[second])}** on "
+                f"{difference['images']} shared validation images: " + "; ".join(verdicts) + ".")

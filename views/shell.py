@@ -11,7 +11,7 @@ from db.users import LOCAL, User
 from engine import jobs
 from engine.demo import is_empty
 from grades import REVIEW_THRESHOLD
-from views.common import device_label, get_workspace, job_status_ui
+from views.common import device_label, get_workspace, job_status_ui, literal
 from views.signin import sign_out_ui, signed_in_user
 
 
@@ -76,8 +76,8 @@ def sidebar_ui(user: User) -> None:
         if user == LOCAL:
             st.caption("No accounts: used on this machine only, as its one admin.")
         else:
-            st.caption(f"Signed in as **{user.name}** ({user.role})")
-            sign_out_ui()
+            st.caption(f"Signed in as **{literal(user.name)}** ({user.role})")
+            sign_out_ui(get_workspace().db_url)
         st.caption(f"Workspace: `{get_workspace().root}`")
         st.caption(f"Device: {device_label()}")
         overview_ui()

@@ -2,14 +2,21 @@
 
 - `[auth]` in .streamlit/secrets.toml: the identity provider's sign-in (st.login); the account
   is the e-mail, which an admin adds with a role (`python -m db.users add EMAIL --sso ...`).
-- Local accounts (`python -m db.users add NAME ...`): a name and password form.
+- Local accounts (`python -m db.users add NAME ...`): a name and password form; the sign-in
+  lasts across reloads and tabs in a cookie (views/sign_in_cookie.py, db/sign_ins.py).
 - Neither, and only this machine can reach the app: the single local admin, as without
   accounts. Reachable from elsewhere: no data, and how to add an account.
 """
 
+import shlex
+
 import streamlit as st
 
-from db.users import LOCAL, SignInRefused, User, find_user, has_accounts, has_passwords, sign_in
+from db import sign_ins
+from db.users import (LOCAL, SignInRefused, User, find_provider_user, has_accounts,
+                      has_passwords, sign_in)
+from views.common import literal
+from views.sign_in_cookie import COOKIE, END_URL, HANDOVERS, begin_url, can_keep
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 # Headers a reverse proxy adds: the browser is then on another machine, whatever Host says.
@@ -42,6 +49,14 @@ def auth_configured() -> bool:
     return st.secrets.load_if_toml_exists() and "auth" in st.secrets
 
 
+# Sends the browser to a cookie route of this server, which sends it back to this page.
+_GO = st.components.v2.component("go_to", js="""
+export default function ({ data }) {
+  const next = encodeURIComponent(location.pathname + location.search);
+  location.replace(`${data.url}${data.url.includes("?") ? "&" : "?"}next=${next}`);
+}""")
+
+
 def _sign_in(db_url: str) -> None:
     password, st.session_state.signin_password = st.session_state.signin_password, ""
     try:
@@ -49,15 +64,32 @@ def _sign_in(db_url: str) -> None:
     except SignInRefused as exc:
         st.session_state.signin_refusal = f"{exc}."
         return
-    st.session_state.signed_in = user.name
+    token = sign_ins.begin(db_url, user.name)
+    st.session_state.sign_in_token = token  # this tab's, until the cookie takes over
+    if can_keep(st.context.url):
+        max_age = int(sign_ins.limits(db_url).absolute.total_seconds())
+        st.session_state.go_to = begin_url(HANDOVERS.put(token, max_age))
 
 
-def sign_out_ui() -> None:
+def _sign_out(db_url: str, token: str) -> None:
+    sign_ins.end(db_url, token)  # every tab of this sign-in, at its next rerun
+    st.session_state.pop("sign_in_token", None)  # after a reload, only the cookie holds it
+    if _cookie():
+        st.session_state.go_to = END_URL
+
+
+def _cookie() -> str | None:
+    return st.context.cookies.to_dict().get(COOKIE)
+
+
+def _token() -> str | None:
+    return st.session_state.get("sign_in_token") or _cookie()
+
+
+def sign_out_ui(db_url: str) -> None:
     """The sidebar's sign-out: a local account's, or the identity provider's."""
-    if st.session_state.get("signed_in"):
-        if st.button("Sign out", key="signout"):
-            del st.session_state.signed_in
-            st.rerun()
+    if token := _token():
+        st.button("Sign out", key="signout", on_click=_sign_out, args=(db_url, token))
     elif st.user.get("is_logged_in") and st.button("Sign out", key="signout"):
         st.logout()
 
@@ -69,19 +101,27 @@ def _form_ui(db_url: str) -> None:
                       autocomplete="current-password")
         st.form_submit_button("Sign in", key="signin_submit", type="primary",
                               on_click=_sign_in, args=(db_url,))
+    if st.context.url and not can_keep(st.context.url):
+        st.caption("This page comes over plain HTTP from another machine, so a sign-in lasts "
+                   "only until the page is reloaded: served over HTTPS, it lasts across reloads "
+                   "and tabs (see the README's accounts section).")
     if "signin_refusal" in st.session_state:
-        st.error(st.session_state.pop("signin_refusal"))
+        st.error(literal(st.session_state.pop("signin_refusal")))
 
 
 def _provider_user(db_url: str) -> User | None:
-    """The identity provider's user, if an admin has added their e-mail."""
+    """The identity provider's user, if the provider verified their e-mail and an admin has
+    added it as an account of the provider."""
     email = st.user.get("email") or ""
-    user = find_user(db_url, email) if email else None
+    user = find_provider_user(db_url, email, verified=st.user.get("email_verified") is True)
     if user is None:
         st.title("Not added yet")
-        st.warning(f"You are signed in as {email or 'a user without an e-mail'}, but no enabled "
-                   "account of that e-mail exists here. Ask an admin to add you: "
-                   f"`python -m db.users add {email or 'EMAIL'} --role reviewer --sso`.")
+        st.warning(f"You are signed in as {literal(email or 'a user without an e-mail')}, but "
+                   "no enabled account of the identity provider has that e-mail, or the "
+                   "provider has not verified it. Ask an admin to add you:")
+        st.code(f"python -m db.users add {shlex.quote(email) if email else 'EMAIL'} --role "
+                "reviewer --sso",
+                language="bash")
         if st.button("Sign out", key="signout_provider"):
             st.logout()
     return user
@@ -103,11 +143,13 @@ def signed_in_user(db_url: str) -> User | None:
     provider = auth_configured()
     if provider and st.user.get("is_logged_in"):
         return _provider_user(db_url)
-    name = st.session_state.get("signed_in")
-    user = find_user(db_url, name) if name else None
+    if url := st.session_state.pop("go_to", None):
+        _GO(data={"url": url}, key="go_to")
+    token = _token()
+    user = sign_ins.visit(db_url, token) if token else None
     if user is not None:
         return user
-    st.session_state.pop("signed_in", None)  # disabled meanwhile: signed out
+    st.session_state.pop("sign_in_token", None)  # ended, expired or disabled meanwhile
     if not provider and not has_accounts(db_url):
         if served_locally(st.get_option("server.address"), st.context.headers):
             return LOCAL

@@ -16,7 +16,7 @@ from db.runs import run_checkpoint, run_preprocess
 from engine.images import ImageError, image_size
 from engine.preprocess import PreprocessCache, PreprocessConfig
 from engine.tiles import OVERLAP, TILE_SIZE, photo_input_box
-from views.common import explainer, get_workspace
+from views.common import explainer, get_workspace, literal
 from views.tile_server import LIBRARY, PREFETCHER, PREFIX, REGISTRY, tile_cache
 
 HEIGHT = 620  # px: the photograph and the grading buttons fit one 1000-px screen
@@ -126,7 +126,7 @@ def grading_viewer(photo: str, run_id: int | None = None, gradcam_of: int | None
         overlays = _overlays(path, run_id, preprocess, gradcam_of) if preprocess else []
         box = _input_box(path, preprocess) if preprocess else None
     except (OSError, ImageError) as exc:
-        st.warning(f"{path.name}: cannot show this image ({exc}).")
+        st.warning(literal(f"{path.name}: cannot show this image ({exc})."))
         return
     token = REGISTRY.show(path)
     layers = [{"name": view.layers[-1], "box": list(box),
