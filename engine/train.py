@@ -31,6 +31,7 @@ from engine.data import (AUGMENTATIONS, Sample, class_counts, default_workers, f
                          same_content, shared_groups, stratified_split)
 from engine.distributed import from_rank_0, process_group, rank, world_size
 from engine.jobs import JobCancelled, JobReporter
+from engine.model_card import RunUnusable, write_model_card
 from engine.models import (WeightsMismatch, cpu_bf16_supported, default_model,
                            model_for_weights, model_sizes, pick_device)
 from engine.predictor import tta_views
@@ -300,6 +301,15 @@ def _finish_run(db_url: str, run_id: int, status: str, result=None) -> None:
             activate_first(session, run)
 
 
+def write_card(db_url: str, run_id: int) -> None:
+    """MODEL_CARD.md beside the finished run's checkpoint; a card that cannot be written is
+    said, and leaves the run done."""
+    try:
+        print(f"model card: {write_model_card(db_url, run_id)}")
+    except (OSError, RunUnusable) as exc:
+        print(f"model card not written: {exc}", file=sys.stderr)
+
+
 def run_inputs(args: argparse.Namespace, paths: RunPaths, db_url: str
                ) -> tuple[TrainConfig, list[Sample], list[Sample]]:
     """Config and samples of the run: those it recorded when resumed, else from the options."""
@@ -366,6 +376,7 @@ def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter,
         raise
     if run_id is not None:
         _finish_run(workspace.db_url, run_id, "done", result)
+        write_card(workspace.db_url, run_id)
     if rank() != 0:
         return result.best_checkpoint
     cal = result.calibration

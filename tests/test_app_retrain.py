@@ -258,7 +258,8 @@ def test_running_job_shows_progress_and_live_curves_then_the_finished_run(data):
         session.add(job)
     at = open_page("retrain")
     assert "Training now" in [h.value for h in at.subheader]
-    assert at.main.get("progress")[0].proto.text == "train #1: epoch 3/5, batch 2/4, 12.0 images/s"
+    assert at.main.get("progress")[0].proto.text == \
+        f"train #1: {literal('epoch 3/5, batch 2/4, 12.0 images/s')}"
     live = [c for c in at.get("plotly_chart") if "live_curve" in c.proto.id]
     assert len(live) == len(CURVES)
 
@@ -278,7 +279,7 @@ def test_failed_training_job_shows_its_error_and_log(data):
         session.add(Job(kind="train", status="failed", error="RuntimeError: out of memory",
                         log_path=str(log)))
     at = open_page("retrain")
-    assert "train job #1 failed: RuntimeError: out of memory" in page_text(at)
+    assert f"train job #1 failed: {literal('RuntimeError: out of memory')}" in page_text(at)
     assert "epoch 1: lr 1.00e-02" in at.code[0].value
 
 

@@ -34,7 +34,8 @@ from views.signin import served_locally
 PASSWORD = "correct horse"
 BEN = User("ben", "reviewer")
 # The controls only an admin gets, page by page.
-ADMIN_ONLY = {"dataset": ["import_kind"], "retrain": ["start_training", "promote"],
+ADMIN_ONLY = {"dataset": ["import_kind"],
+              "retrain": ["start_training", "promote", "export_onnx", "export_safetensors"],
               "inference": ["start_inference"], "review": ["export_folders", "double_read"],
               "agreement": ["adjudicate_1"]}
 

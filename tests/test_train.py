@@ -163,6 +163,9 @@ def test_database_mode_records_the_run_and_its_epochs(tiny_data, tmp_path):
         assert len(epochs[0].confusion) == 4 and len(epochs[0].recall) == 4
         assert sum(run.config["train_counts"]) == 24
     assert f"val QWK {run.best_qwk:.4f}" in done.stdout
+    card = Path(run.checkpoint).parent / "MODEL_CARD.md"  # beside best.pth, said where
+    assert f"model card: {card}" in done.stdout
+    assert card.read_text().startswith(f"# Model card: db1\n\nRun {run.id} of the DR grading app")
 
 
 def tiny_config(**changes):

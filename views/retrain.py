@@ -24,6 +24,7 @@ from engine.retrain import (MODELS, contribution_table, curated_counts, default_
 from engine.trainer import run_name
 from views.common import (cancel_ui, current_user, explainer, get_workspace, image_pair_ui,
                           job_status_ui, literal, next_step_info, reset_on_new_options)
+from views.model_export import model_export_ui
 from views.screening import difference_ui, screening_ui
 from views.viewer import grading_viewer
 
@@ -306,6 +307,7 @@ def runs_ui(runs: pd.DataFrame) -> None:
     st.subheader("Runs")
     promote_ui(runs)
     st.dataframe(runs_table(runs), hide_index=True)
+    model_export_ui(runs)
     compare_ui(runs)
 
 
