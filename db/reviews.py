@@ -117,7 +117,9 @@ def describe(decision: str, grade: int | None) -> str:
 
 def double_read(image_id, share: float):
     """Whether an image is read by two reviewers; `image_id` is an int or a column."""
-    return image_id * DOUBLE_READ_FACTOR % 1000 < round(share * 1000)
+    # Reduced before the product, so that it stays below 8 million in any integer type:
+    # id × factor leaves PostgreSQL's 32-bit integer past id 271,181.
+    return image_id % 1000 * DOUBLE_READ_FACTOR % 1000 < round(share * 1000)
 
 
 def _share(session: Session) -> float:

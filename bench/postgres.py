@@ -1,9 +1,9 @@
-"""A throwaway PostgreSQL server for the tests: `initdb` into a temporary folder, `pg_ctl` on a
-free localhost port, one server per test session and one database per test.
+"""A throwaway PostgreSQL server for the tests and the benchmarks: `initdb` into a temporary
+folder, `pg_ctl` on a free localhost port; the tests start one per session and make one
+database per test.
 
-initdb refuses to run as root, so when the tests run as root the server runs as the `postgres`
-account that Debian's package creates. Without PostgreSQL (or psycopg) the PostgreSQL tests
-skip, unless REQUIRE_POSTGRES=1 says they must run (CI), in which case they fail.
+initdb refuses to run as root, so when run as root the server runs as the `postgres` account
+that Debian's package creates. Without PostgreSQL (or psycopg) Server.start raises Unavailable.
 """
 
 import glob
@@ -15,9 +15,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import NoReturn
 
-import pytest
 from sqlalchemy import NullPool, create_engine, text
 
 from db.session import get_engine, migrate
@@ -40,11 +38,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def unavailable(reason: str) -> NoReturn:
-    """Skip the test, or fail it where REQUIRE_POSTGRES=1."""
-    if os.environ.get("REQUIRE_POSTGRES") == "1":
-        pytest.fail(f"REQUIRE_POSTGRES=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
+class Unavailable(RuntimeError):
+    """No server can start here; the message says what is missing."""
 
 
 class Server:
@@ -59,18 +54,20 @@ class Server:
     def start(cls) -> "Server":
         bin_dir = _bin_dir()
         if bin_dir is None:
-            unavailable("PostgreSQL is not installed (no initdb; apt-get install postgresql)")
+            raise Unavailable("PostgreSQL is not installed (no initdb; apt-get install "
+                              "postgresql)")
         try:
             import psycopg  # noqa: F401  (the driver the URLs name)
         except ImportError:
-            unavailable("psycopg is not installed (pip install -r requirements.txt)")
+            raise Unavailable("psycopg is not installed (pip install -r requirements.txt)")
         account = SERVICE_ACCOUNT if os.geteuid() == 0 else None
         folder = Path(tempfile.mkdtemp(prefix="dr-postgres-"))
         if account is not None:
             try:
                 user = pwd.getpwnam(account)
             except KeyError:
-                unavailable(f"running as root and there is no {account!r} account for initdb")
+                raise Unavailable(f"running as root and there is no {account!r} account for "
+                                  "initdb")
             os.chown(folder, user.pw_uid, user.pw_gid)
         server = cls(bin_dir, folder, _free_port(), account)
         server._run("initdb", "-D", str(folder / "data"), "-A", "trust", "-U", "postgres",
