@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from conftest import ROOT, tiny_checkpoint
+from db import sign_ins
 from db.copy import CopyRefused, copy_database
 from db.reviews import QueueFilter, claim_next, decide, set_double_read_share
 from db.schema import (Account, Base, Epoch, Image, Job, Prediction, Promotion, Review, Run,
@@ -49,6 +50,7 @@ def fill(workspace, tiny_data: Path) -> None:
         session.add(Job(kind="infer", status="done", params={"source": "pool"}, progress=1.0))
         session.add(Promotion(run_id=run_id, account="admin"))
         session.add(Account(name="ana", role="reviewer", password_hash=None, disabled=True))
+    sign_ins.end(db, sign_ins.begin(db, "ana"))  # a sign-in, ended: every column filled
     set_double_read_share(db, 0.25, user=TERMINAL)
     shown = claim_next(db, "ana", QueueFilter(run_id))
     decide(db, "ben", pool[1], run_id, "relabel", 2)
