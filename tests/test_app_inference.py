@@ -146,7 +146,7 @@ def test_a_failed_job_shows_its_error_and_log(workspace, tiny_data):
                         log_path=str(log), params={"run_id": run_id, "source_id": source_id(
                             workspace.db_url, "demo APTOS test")}))
     at = open_page("inference")
-    assert "infer job #1 failed: RuntimeError: out of memory" in page_text(at)
+    assert f"infer job #1 failed: {literal('RuntimeError: out of memory')}" in page_text(at)
     assert "RuntimeError: out of memory" in at.code[0].value
 
 
