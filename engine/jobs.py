@@ -215,16 +215,17 @@ class JobReporter:
         self.cancelled = True
 
     def _take_cancel(self) -> None:
-        """Act on a cancel found in the database: SIGTERM to the process group that start_job
-        began, as Cancel on this machine once sent it, so that torchrun stops every rank (only
-        this one reads the database); the flag alone where that group is not known to run
-        here. A job that SIGTERM reached already is stopping."""
+        """Act on a cancel found in the database. The flag stops this process at its next
+        check. Under torchrun (the recorded pid is torchrun's, not ours) only this rank reads
+        the database, so SIGTERM goes to the process group that start_job began and torchrun
+        stops every rank. A job that runs alone sends no signal: it would reach its DataLoader
+        workers, whose death would fail the job."""
         if self.cancelled:
             return
         with read_scope(self.db_url) as session:
             pid = session.get(Job, self.job_id).pid
-        if pid is not None and _runs_here(pid, self.job_id):
-            os.killpg(pid, signal.SIGTERM)  # before the flag, which can end this process
+        if pid is not None and pid != os.getpid() and _runs_here(pid, self.job_id):
+            os.killpg(pid, signal.SIGTERM)  # before the flag, which can end this rank first
         self.cancelled = True
 
     def _cancel_requested(self) -> bool:
