@@ -16,6 +16,7 @@ another's. PostgreSQL runs writers side by side: there a claim locks the candida
 adjudication locks its image's row before its check. Reads run in read_scope and take no lock.
 """
 
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -23,10 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import BigInteger, and_, case, cast, delete, func, or_, select, union_all
+from sqlalchemy import (BigInteger, Integer, and_, bindparam, case, cast, delete, func, or_, select,
+                        union_all)
 from sqlalchemy.orm import Session, aliased
 
-from db.queries import curated_set, latest_reviews, live_reads, open_conflicts
+from db.queries import curated_set, live_reads, open_conflicts
 from db.schema import Claim, Image, Prediction, Review, Run, Setting, Source, utcnow
 from db.session import read_scope, session_scope, upsert_insert
 from db.settings import write_setting
@@ -141,24 +143,35 @@ def set_double_read_share(db_url: str, share: float, *, user: User | None) -> No
     write_setting(db_url, DOUBLE_READ_KEY, {"share": share})
 
 
-def _decided_images():
-    """Ids of images whose current decision is not 'undo'."""
-    latest = latest_reviews().subquery()
-    return select(latest.c.image_id).where(latest.c.decision != "undo")
+def _newest_is_no(decision: str):
+    """A HAVING condition on a group of review rows: its newest row is no `decision`. One pass
+    over the rows, where a join with each group's newest id would read them twice."""
+    return func.coalesce(func.max(case((Review.decision == decision, Review.id))), 0) \
+        < func.max(Review.id)
 
 
-def _done_for(reviewer: str, share: float) -> list:
+def _decided_images(*where):
+    """Ids of images whose current decision (newest review row) is not 'undo', of the review
+    rows that meet `where`."""
+    return select(Review.image_id).where(*where).group_by(Review.image_id) \
+        .having(_newest_is_no("undo"))
+
+
+def _done_for(reviewer: str, share: float, image_id=None) -> list:
     """Conditions that keep out of `reviewer`'s queue a single-read image with a current
-    decision, and a double-read one that this reviewer or two others have read."""
-    latest = latest_reviews().subquery()
-    reads = live_reads().subquery()
+    decision, and a double-read one that this reviewer or two others have read (each reader's
+    newest read, adjudications aside, is no undo: live_reads); with `image_id` (a number or a
+    bound parameter), reading that image's reviews alone."""
+    this = [] if image_id is None else [Review.image_id == image_id]
+    reads = (select(Review.image_id, Review.reviewer)
+             .where(*this, Review.decision != "adjudicate", double_read(Review.image_id, share))
+             .group_by(Review.image_id, Review.reviewer).having(_newest_is_no("undo"))
+             .subquery())
     read_by = func.sum(case((reads.c.reviewer == reviewer, 1), else_=0))
     return [
-        Prediction.image_id.not_in(select(latest.c.image_id).where(
-            latest.c.decision != "undo", ~double_read(latest.c.image_id, share))),
-        Prediction.image_id.not_in(
-            select(reads.c.image_id).where(double_read(reads.c.image_id, share))
-            .group_by(reads.c.image_id).having(or_(func.count() > 1, read_by > 0))),
+        Prediction.image_id.not_in(_decided_images(*this, ~double_read(Review.image_id, share))),
+        Prediction.image_id.not_in(select(reads.c.image_id).group_by(reads.c.image_id)
+                                   .having(or_(func.count() > 1, read_by > 0))),
     ]
 
 
@@ -211,20 +224,34 @@ def _order(queue: QueueFilter) -> tuple:
 
 
 def _claimed_by_others(reviewer: str):
-    return select(Claim.image_id).where(Claim.reviewer != reviewer,
-                                        Claim.claimed_at >= utcnow() - CLAIM_TTL)
+    # The time is taken when the statement runs: _free's statements are made once and kept.
+    live_after = bindparam("live_after", callable_=lambda: utcnow() - CLAIM_TTL)
+    return select(Claim.image_id).where(Claim.reviewer != reviewer, Claim.claimed_at >= live_after)
+
+
+@functools.lru_cache(maxsize=None)
+def _claim_upsert(insert):
+    """The claim statement for the database's INSERT construct (upsert_insert): a new claim on
+    `:claim_image` for `:claim_reviewer` at `:claim_time`, or that reviewer's claim renewed,
+    or another reviewer's claim taken over once it is older than `:live_after`."""
+    values = insert(Claim).values(image_id=bindparam("claim_image"),
+                                  reviewer=bindparam("claim_reviewer"),
+                                  claimed_at=bindparam("claim_time"))
+    return values.on_conflict_do_update(
+        index_elements=["image_id"],
+        set_={"reviewer": values.excluded.reviewer, "claimed_at": values.excluded.claimed_at},
+        where=or_(Claim.reviewer == bindparam("claim_reviewer"),
+                  Claim.claimed_at < bindparam("live_after"))
+    ).returning(Claim.image_id)  # psycopg reports no rowcount for an upsert
 
 
 def _hold(session: Session, reviewer: str, image_id: int) -> bool:
     """Claim the image for `reviewer`, or renew the claim; False when another reviewer's claim
     on it is live."""
-    insert = upsert_insert(session)(Claim).values(image_id=image_id, reviewer=reviewer,
-                                                  claimed_at=utcnow())
-    held = session.execute(insert.on_conflict_do_update(
-        index_elements=["image_id"],
-        set_={"reviewer": insert.excluded.reviewer, "claimed_at": insert.excluded.claimed_at},
-        where=or_(Claim.reviewer == reviewer, Claim.claimed_at < utcnow() - CLAIM_TTL))
-        .returning(Claim.image_id))  # psycopg reports no rowcount for an upsert
+    now = utcnow()
+    held = session.execute(_claim_upsert(upsert_insert(session)), {
+        "claim_image": image_id, "claim_reviewer": reviewer, "claim_time": now,
+        "live_after": now - CLAIM_TTL})
     return held.first() is not None
 
 
@@ -232,10 +259,13 @@ def _newest_review(session: Session, image_id: int) -> int | None:
     return session.scalar(select(func.max(Review.id)).where(Review.image_id == image_id))
 
 
-def _free(session: Session, reviewer: str, queue: QueueFilter) -> list:
+# Making the queue's statements costs SQLAlchemy more time than PostgreSQL takes to run them
+# (bench.pool): they are made once per reviewer, queue and share, and kept.
+@functools.lru_cache(maxsize=256)
+def _free(reviewer: str, queue: QueueFilter, share: float) -> tuple:
     """Conditions on a prediction: in the reviewer's queue, and no one else holds it."""
-    return [*_queue(queue, reviewer, _share(session)),
-            Prediction.image_id.not_in(_claimed_by_others(reviewer))]
+    return (*_queue(queue, reviewer, share),
+            Prediction.image_id.not_in(_claimed_by_others(reviewer)))
 
 
 def _pick(session: Session, free: list, queue: QueueFilter, skip: Sequence[int],
@@ -259,24 +289,33 @@ def _pick(session: Session, free: list, queue: QueueFilter, skip: Sequence[int],
     return image_id
 
 
-def _still_free(session: Session, free: list, image_id: int) -> bool:
-    """Whether a picked image is still `free` once its claim is in. On PostgreSQL another
-    reviewer may have claimed or decided it after the pick's snapshot was taken: a fresh
-    statement looks again. On SQLite BEGIN IMMEDIATE has kept every other writer out since."""
-    return session.bind.dialect.name == "sqlite" or session.scalar(
-        select(Prediction.image_id).where(*free, Prediction.image_id == image_id)) is not None
+@functools.lru_cache(maxsize=256)
+def _card(reviewer: str, run_id: int, share: float):
+    """What the reviewer's screen shows of the run's prediction on image `:image_id`, while
+    that image is undecided for `reviewer`; it reads that image's reviews alone."""
+    image_id = bindparam("image_id", type_=Integer)
+    newest = select(func.max(Review.id)).where(Review.image_id == image_id).scalar_subquery()
+    return (select(Image.name, Source.name, Source.root, Image.path, Prediction.p0,
+                   Prediction.p1, Prediction.p2, Prediction.p3, Prediction.grade,
+                   Prediction.confidence, newest)
+            .join(Image, Image.id == Prediction.image_id).join(Source)
+            .where(Prediction.run_id == run_id, Prediction.image_id == image_id,
+                   *_done_for(reviewer, share, image_id)))
 
 
-def _candidate(session: Session, run_id: int, image_id: int) -> Candidate:
-    row = session.execute(
-        select(Image.name, Source.name, Source.root, Image.path, Prediction.p0, Prediction.p1,
-               Prediction.p2, Prediction.p3, Prediction.grade, Prediction.confidence)
-        .join(Image, Image.id == Prediction.image_id).join(Source)
-        .where(Prediction.run_id == run_id, Prediction.image_id == image_id)
-    ).one()
-    name, source, root, path, p0, p1, p2, p3, grade, confidence = row
+def _claimed_card(session: Session, reviewer: str, run_id: int, share: float,
+                  image_id: int) -> Candidate | None:
+    """The picked image for the screen, read once the claim is in; None when it is no longer
+    undecided for `reviewer`. On PostgreSQL another reviewer may have decided it after the
+    pick's snapshot was taken, and this fresh statement sees it (nothing else about a
+    prediction changes meanwhile, and the claim is in). On SQLite BEGIN IMMEDIATE has kept
+    every other writer out since the pick."""
+    row = session.execute(_card(reviewer, run_id, share), {"image_id": image_id}).first()
+    if row is None:
+        return None
+    name, source, root, path, p0, p1, p2, p3, grade, confidence, seen = row
     return Candidate(image_id, run_id, name, source, f"{root}/{path}", (p0, p1, p2, p3),
-                     grade, confidence, _newest_review(session, image_id))
+                     grade, confidence, seen)
 
 
 def claim_next(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int] = (),
@@ -288,11 +327,13 @@ def claim_next(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[in
     out (held_by_others counts them). The reviewer's other claims are released."""
     with session_scope(db_url) as session:
         session.execute(delete(Claim).where(Claim.reviewer == reviewer))
-        free, lost = _free(session, reviewer, queue), []
+        share, lost = _share(session), []
+        free = _free(reviewer, queue, share)
         while (image_id := _pick(session, [*free, Prediction.image_id.not_in(lost)], queue,
                                  skip, keep)) is not None:
-            if _hold(session, reviewer, image_id) and _still_free(session, free, image_id):
-                return _candidate(session, queue.run_id, image_id)
+            if _hold(session, reviewer, image_id) and (card := _claimed_card(
+                    session, reviewer, queue.run_id, share, image_id)):
+                return card
             session.execute(delete(Claim).where(Claim.reviewer == reviewer))
             lost.append(image_id)
         return None
@@ -307,7 +348,7 @@ def upcoming(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int]
         row = session.execute(
             select(Source.root, Image.path).select_from(Prediction)
             .join(Image, Image.id == Prediction.image_id).join(Source)
-            .where(*_free(session, reviewer, queue), Prediction.image_id != after,
+            .where(*_free(reviewer, queue, _share(session)), Prediction.image_id != after,
                    Prediction.image_id.not_in(skip))
             .order_by(*_order(queue)).limit(1)).first()
     return None if row is None else f"{row.root}/{row.path}"

@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import (BOTH_BACKENDS, CALIBRATION, open_page, page_text, tiny_checkpoint,
                       write_image)
 from db.queries import curated_set
+import db.reviews as db_reviews
 from db.reviews import (CLAIM_TTL, DecidedMeanwhile, QueueFilter, claim_next, curated_csv,
                         decide, held_by_others, loop_overview, progress, recent_decisions,
                         renew_claim, undo_last)
@@ -26,7 +27,7 @@ from grades import REVIEW_THRESHOLD
 from engine.infer import register_model
 from engine.sources import import_source
 from engine.workspace import Workspace
-from views.common import literal
+from engine.markdown import literal
 
 # The pool's eight images get these (confidence, predicted grade), in import order: six reach
 # the default threshold 0.70; least confident first they come as pool images 5, 4, 3, 2, 1, 0.
@@ -182,6 +183,20 @@ def test_claims_keep_two_reviewers_apart_to_the_last_image(predicted):
     assert claim_next(db, "ana", queue) is None and held_by_others(db, "ana", queue) == 0
     with session_scope(db) as session:
         assert session.scalars(select(Claim)).all() == []
+
+
+@BOTH_BACKENDS
+def test_a_claim_lapses_by_the_clock_of_each_query_not_of_the_first(predicted, monkeypatch):
+    """The queue's statements are made once and kept (db.reviews._free): the time that says
+    whether a claim is live must be read at each run, not frozen at the first."""
+    workspace, run_id, pool = predicted
+    db = workspace.db_url
+    queue = QueueFilter(run_id)
+    assert claim_next(db, "ana", queue).image_id == pool[5]
+    assert claim_next(db, "ben", queue).image_id == pool[4]  # the statements exist now
+    later = utcnow() + CLAIM_TTL + timedelta(minutes=1)
+    monkeypatch.setattr(db_reviews, "utcnow", lambda: later)  # ana's tab slept since
+    assert claim_next(db, "ben", queue, skip=[pool[4]]).image_id == pool[5]
 
 
 @BOTH_BACKENDS
