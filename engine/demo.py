@@ -28,6 +28,20 @@ def is_empty(db_url: str) -> bool:
         return session.scalar(select(func.count()).select_from(Source)) == 0
 
 
+def demo_args(setting: str) -> list[str]:
+    """engine.demo's arguments for the DR_DEMO setting: "1", the full demo; a number of
+    training photographs above 1, a smaller one (half as many to predict, a quarter to
+    validate), which builds in seconds. ValueError for anything else ("0" starts no demo)."""
+    if setting == "1":
+        return []
+    if not setting.isdigit() or int(setting) < 8:
+        raise ValueError(f"DR_DEMO is 0 (no demo), 1 (the demo) or a number of training "
+                         f"photographs of at least 8, not {setting!r}")
+    train = int(setting)
+    return ["--train", str(train), "--test", str(max(train // 2, 4)),
+            "--val", str(max(train // 4, 4))]
+
+
 def build_demo(workspace: Workspace, job: JobReporter, **sizes: int) -> None:
     """Generate the synthetic datasets (70% of the progress bar), then import them."""
     out = workspace.datasets / "demo"

@@ -11,7 +11,6 @@ engine.export_model writes the same card into every export.
 import argparse
 import importlib.metadata
 import json
-import re
 import subprocess
 import sys
 from collections import Counter
@@ -26,6 +25,7 @@ from db.runs import best_epoch, run_calibration
 from db.schema import Image, Run, Source
 from db.session import migrate, read_scope
 from engine.data import read_manifest
+from engine.markdown import literal
 from engine.predictor import TTA_VIEWS, model_views
 from engine.refit import VALIDATION
 from engine.workspace import Workspace
@@ -38,7 +38,6 @@ MANIFEST = "samples.csv"  # trainer.RunPaths.manifest
 # markdown ($ math, :colour[...], :emoji:) starts at one of them too. Spared, so that names and
 # paths stay legible in the file: - . , / which mark nothing inside a line, and a name in the
 # card never starts one.
-_MARKUP = re.compile(r"""([!"#$%&'()*+:;<=>?@[\\\]^_`{|}~])""")
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "opencv-python-headless", "safetensors",
             "onnx", "onnxscript", "onnxruntime")
 
@@ -215,12 +214,6 @@ def views_text(views: int) -> str:
             "softmax probabilities")
 
 
-def md(text: object) -> str:
-    """`text` that people or files wrote (a run's or source's name, a path) for the card's
-    Markdown, where it shows as written, on one line, table cells included."""
-    return re.sub(r"\s*[\r\n]+\s*", " ", _MARKUP.sub(r"\\\1", str(text)))
-
-
 def fmt_list(values: list[float]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
@@ -239,7 +232,7 @@ def model_card(facts: RunFacts, environment: dict | None = None) -> str:
     """The model card of a run, as Markdown; `environment`: software() (read now if None)."""
     environment = environment or software()
     sections = [
-        f"# Model card: {md(facts.name)}",
+        f"# Model card: {literal(facts.name)}",
         f"Run {facts.id} of the DR grading app: `{facts.meta['model_name']}` grading colour "
         f"fundus photographs on the Messidor scale 0-3 ({', '.join(GRADE_NAMES.values())}).",
         _intended_use(), _data(facts), _metrics(facts), _calibration(facts),
@@ -259,7 +252,7 @@ def _intended_use() -> str:
 def _data(facts: RunFacts) -> str:
     head = "## Training data\n\n"
     if not facts.data:
-        origin = (f" (imported from {md(facts.config['imported_from'])})" if facts.imported
+        origin = (f" (imported from {literal(facts.config['imported_from'])})" if facts.imported
                   else "")
         return head + f"Not recorded: no samples.csv beside the checkpoint{origin}."
     refit = facts.config.get("refit")
@@ -272,7 +265,7 @@ def _data(facts: RunFacts) -> str:
              " | reviewed pseudo-labels |",
              "|---|---|---|" + "---|" * len(GRADES) + "---|"]
     for row in facts.data:
-        lines.append(f"| {md(row.source)} | {row.split} | {sum(row.grades)} | " +
+        lines.append(f"| {literal(row.source)} | {row.split} | {sum(row.grades)} | " +
                      " | ".join(str(n) for n in row.grades) + f" | {row.reviewed} |")
     totals = Counter()
     for row in facts.data:
@@ -364,7 +357,7 @@ def _training(facts: RunFacts) -> str:
     config = facts.config
     if facts.imported:
         return ("## Training\n\n"
-                f"Trained outside this app; imported from {md(config['imported_from'])} on "
+                f"Trained outside this app; imported from {literal(config['imported_from'])} on "
                 f"{facts.started:%Y-%m-%d %H:%M} UTC.")
     # A run trained --from-db has its row from start to finish; one trained from class
     # folders got its row when first used, so its times say nothing of the training.
@@ -388,7 +381,7 @@ def _training(facts: RunFacts) -> str:
 def _start(pretrained: bool | str | None) -> str:
     if pretrained is True:
         return "ImageNet weights (found offline)"
-    return f"the weight file {md(pretrained)}" if pretrained else "random weights"
+    return f"the weight file {literal(pretrained)}" if pretrained else "random weights"
 
 
 def _software(environment: dict) -> str:

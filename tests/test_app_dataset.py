@@ -11,9 +11,10 @@ from db.schema import Job
 from db.session import session_scope
 from db.users import LOCAL
 from engine import jobs
+from engine.demo import demo_args
 from db.queries import sources_frame
 from engine.sources import import_source
-from views.common import literal
+from engine.markdown import literal
 
 
 def test_empty_workspace_shows_a_sentence(workspace):
@@ -36,6 +37,23 @@ def test_first_start_launches_the_demo_job(workspace, monkeypatch):
             assert len(session.scalars(select(Job)).all()) == 1
     finally:
         jobs.cancel_job(workspace.db_url, job.id, user=LOCAL)
+
+
+def test_a_smaller_demo_takes_its_counts_and_a_bad_setting_is_an_error(workspace, monkeypatch):
+    assert demo_args("60") == ["--train", "60", "--test", "30", "--val", "15"]
+    monkeypatch.setenv("DR_DEMO", "lots")
+    at = open_page()
+    assert literal("DR_DEMO is 0 (no demo), 1 (the demo) or a number of training photographs "
+                   "of at least 8, not 'lots'") in page_text(at)
+    assert jobs.latest_job(workspace.db_url, "demo") is None
+    monkeypatch.setenv("DR_DEMO", "12")
+    open_page()
+    job = wait_for_job(workspace, jobs.latest_job(workspace.db_url, "demo").id,
+                       lambda j: j.status not in jobs.ACTIVE)
+    assert job.status == "done", jobs.log_tail(job.log_path)
+    frame = sources_frame(workspace.db_url)
+    assert dict(zip(frame["name"], frame["images"])) == {
+        "demo APTOS train": 12, "demo APTOS test": 6, "demo high-quality validation": 4}
 
 
 def test_dataset_page_shows_balance_reports_and_gallery(workspace, tmp_path):

@@ -17,7 +17,7 @@ from engine.models import create_model, model_mean_std, save_checkpoint
 from engine.preprocess import PreprocessConfig
 from engine.sources import import_source
 from engine.workspace import Workspace
-from views.common import literal
+from engine.markdown import literal
 
 
 def tiny_model(workspace: Workspace, name: str = "tiny") -> int:

@@ -29,7 +29,7 @@ from engine.metrics import validation_screening
 from engine.sources import import_source
 from engine.train import make_config, parse_args
 from engine.workspace import Workspace
-from views.common import literal
+from engine.markdown import literal
 
 TINY = {"name": "tiny", "model": "test_efficientnet", "img_size": 64, "epochs": 1,
         "batch_size": 8, "lr": 0.05, "lrf": 0.1, "optimizer": "adamw", "balance": "sampler",

@@ -25,6 +25,7 @@ from engine import export_model
 from engine.data import Sample
 from engine.export_model import ExportRefused, check_onnx, export_run, main, write_onnx
 from engine.infer import register_model
+from engine.markdown import literal
 from engine.model_card import (DataRow, RunUnusable, figure, model_card, run_facts,
                                write_model_card)
 from engine.models import (CLASSES, create_model, default_model, load_checkpoint,
@@ -174,9 +175,9 @@ def test_the_model_card_holds_its_sections_and_the_runs_figures(workspace, tiny,
     with read_scope(workspace.db_url) as session:
         sources = dict(session.execute(select(Source.role, Source.name)).all())
     counts = config["train_counts"]
-    assert (f"| {sources['train']} | training | {sum(counts)} | "
+    assert (f"| {literal(sources['train'])} | training | {sum(counts)} | "
             + " | ".join(map(str, counts)) + " | 0 |") in card
-    assert f"| {sources['validation']} | validation | 16 | 4 | 4 | 4 | 4 | 0 |" in card
+    assert f"| {literal(sources['validation'])} | validation | 16 | 4 | 4 | 4 | 4 | 0 |" in card
     for name in ("qwk", "referable_auc", "sensitivity", "specificity"):
         assert figure(screening[name]) in card
     assert f"**{screening['threshold']:.4f}**" in card
@@ -199,7 +200,7 @@ def test_names_that_people_wrote_show_as_written_in_the_card(workspace):
                     data=[DataRow("clinic | <b>2024</b> $5", "training", [1, 2, 3, 4], 0)])
     card = model_card(facts)
     assert card.startswith("# Model card: v2\\_\\*final\\*\n")
-    assert ("| clinic \\| \\<b\\>2024\\</b\\> \\$5 | training | 10 | 1 | 2 | 3 | 4 | 0 |"
+    assert ("| clinic \\| \\<b\\>2024\\<\\/b\\> \\$5 | training | 10 | 1 | 2 | 3 | 4 | 0 |"
             in card)
 
 

@@ -17,7 +17,7 @@ from db.session import get_engine, session_scope
 from db.users import TERMINAL
 
 CANDIDATES = 60  # what the stale screens decide
-REVIEWERS, DECISIONS = ("ana", "ben", "cid", "dan"), 250  # each reviewer's loop
+REVIEWERS, DECISIONS = ("ana", "ben", "cid", "dan"), 100  # each reviewer's loop
 # One reviewer's loop, as the page runs it: claim the next image, look, decide, repeat.
 REVIEWER = """
 import sys, time
@@ -99,7 +99,7 @@ def test_four_reviewers_at_once_lose_nothing_and_share_no_image(db_url):
     for name, images in decided.items():  # every decision is in the database, in order
         assert [i for i, who, _, _ in rows if who == name] == images
     assert {(decision, run) for _, _, decision, run in rows} == {("accept", run_id)}
-    # 1000 decisions over 1000 candidates: one decided twice would leave another undecided.
+    # 400 decisions over 400 candidates: one decided twice would leave another undecided.
     assert sorted(i for i, *_ in rows) == image_ids
     assert claims == []  # every decision released its claim
 

@@ -28,7 +28,7 @@ from test_db_copy import rows
 from test_review import predicted  # noqa: F401 (a fixture)
 from test_upload import aptos_zip
 from test_users import sign_in_form
-from views.common import literal
+from engine.markdown import literal
 from views.signin import served_locally
 
 PASSWORD = "correct horse"

@@ -8,7 +8,8 @@ from db import sign_ins
 from db.schema import utcnow
 from db.users import (MAX_FAILURES, MIN_PASSWORD, ROLES, AccountError, NotAllowed, accounts,
                       add_account, set_disabled, set_password)
-from views.common import current_user, get_workspace, literal
+from engine.markdown import literal
+from views.common import current_user, get_workspace
 
 workspace = get_workspace()
 

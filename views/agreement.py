@@ -13,7 +13,8 @@ from db.users import NotAllowed
 from engine.agreement import (CATEGORIES, REJECT, between_reviewers, confusion, per_grade,
                               per_reviewer, read_pairs, with_model)
 from grades import GRADE_NAMES
-from views.common import current_user, get_workspace, literal
+from engine.markdown import literal
+from views.common import current_user, get_workspace
 from views.viewer import grading_viewer
 
 workspace = get_workspace()

@@ -1,8 +1,6 @@
 """What every page shares: the workspace, the signed-in user, job progress widgets,
 thumbnails and the models' evidence."""
 
-import re
-import string
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +12,12 @@ from db.users import NotAllowed, User, is_admin_now
 from engine import jobs
 from grades import GRADES
 from engine.images import ImageError, thumbnail
+from engine.markdown import literal
 from engine.models import describe_device, pick_device
 from engine.preprocess import PreprocessCache, PreprocessConfig
 from engine.quality import model_warnings
 from engine.saliency import Explainer
 from engine.workspace import Workspace
-
-# CommonMark turns a backslash before any ASCII punctuation mark into that plain mark, and
-# Streamlit's own markdown ($ math, :red[...] colours, :material/...: icons) starts at one of
-# them too; it looks up :emoji: names only in a text that holds an unescaped :name:.
-_PUNCTUATION = re.compile(f"([{re.escape(string.punctuation)}])")
-_LINE_BREAKS = re.compile(r"\r\n|\r|\n")
-
-
-def literal(text: object) -> str:
-    """`text` (a name, a value or a message that users or files wrote) for use inside
-    Streamlit's markdown (st.markdown, captions, alerts, labels), where it shows as written:
-    no emphasis, heading, list, table, HTML, math, emoji, colour, icon or link text that hides
-    its address. A bare web address or e-mail still links to itself (GFM finds them after the
-    escapes are read; only an invisible character, which a copy would carry, could stop it).
-    Line breaks become spaces, so that it stays on the line it is put in; show text whose
-    lines matter with st.code."""
-    return _LINE_BREAKS.sub(" ", _PUNCTUATION.sub(r"\\\1", str(text)))
-
 
 @st.cache_resource
 def _opened(workspace: Workspace) -> Workspace:

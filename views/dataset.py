@@ -15,8 +15,8 @@ from engine.balance import balance_table, imbalance_ratios
 from engine.sources import KIND_ROLES, KINDS, data_roots, folder_choices
 from engine.upload import MAX_FILES, MAX_UNPACKED_BYTES, UnsafeUpload, unpack_zip
 from grades import GRADE_NAMES
-from views.common import (cancel_ui, current_user, get_workspace, image_pair_ui, job_status_ui,
-                          literal)
+from engine.markdown import literal
+from views.common import cancel_ui, current_user, get_workspace, image_pair_ui, job_status_ui
 
 PAGE_SIZE = 4
 KIND_NAMES = {"aptos": "APTOS 2019 (train.csv, test.csv, train_images/, test_images/)",

@@ -18,8 +18,9 @@ from engine.infer import submission_path
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from engine.models import pick_device
 from engine.predictor import TTA_VIEWS, default_batch_size
-from views.common import (cancel_ui, current_user, get_workspace, job_status_ui, literal,
-                          model_quality_ui, next_step_info)
+from engine.markdown import literal
+from views.common import (cancel_ui, current_user, get_workspace, job_status_ui, model_quality_ui,
+                          next_step_info)
 
 workspace = get_workspace()
 

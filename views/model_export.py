@@ -14,8 +14,8 @@ from engine import jobs
 from engine.export_model import (DESCRIPTION, KIND, check_line, export_folder, latest_export,
                                  zipped)
 from engine.model_card import CARD, RunUnusable, model_card, run_facts, software
-from views.common import (current_user, get_workspace, job_status_ui, literal,
-                          reset_on_new_options)
+from engine.markdown import literal
+from views.common import current_user, get_workspace, job_status_ui, reset_on_new_options
 
 FORMATS = {"onnx": "Export ONNX", "safetensors": "Export safetensors"}
 

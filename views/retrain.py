@@ -22,8 +22,9 @@ from engine.quality import calibration_lines, clipped_warning
 from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,
                             original_counts, runs_table, settings_problem, train_job_args)
 from engine.trainer import run_name
+from engine.markdown import literal
 from views.common import (cancel_ui, current_user, explainer, get_workspace, image_pair_ui,
-                          job_status_ui, literal, next_step_info, reset_on_new_options)
+                          job_status_ui, next_step_info, reset_on_new_options)
 from views.model_export import model_export_ui
 from views.screening import difference_ui, screening_ui
 from views.viewer import grading_viewer

@@ -31,8 +31,8 @@ from engine.predictor import TTA_VIEWS
 from engine.quality import threshold_accuracy
 from engine.saliency import Explainer
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from views.common import (current_user, explainer, get_workspace, literal, model_quality_ui,
-                          next_step_info)
+from engine.markdown import literal
+from views.common import current_user, explainer, get_workspace, model_quality_ui, next_step_info
 from views.pace import time_left_text
 from views.viewer import KEYS as VIEWER_KEYS, grading_viewer, prefetch
 

@@ -13,7 +13,8 @@ from db.users import NotAllowed
 from engine.data import read_probabilities
 from engine.screening import (choose_operating_point, paired_difference, validation_file,
                               validation_roc)
-from views.common import current_user, get_workspace, literal
+from engine.markdown import literal
+from views.common import current_user, get_workspace
 
 
 def figure_text(figure: dict | None, form: str = ".3f") -> str:

@@ -9,9 +9,10 @@ from db.reviews import loop_overview
 from db.runs import active_run_id
 from db.users import LOCAL, User
 from engine import jobs
-from engine.demo import is_empty
+from engine.demo import demo_args, is_empty
 from grades import REVIEW_THRESHOLD
-from views.common import device_label, get_workspace, job_status_ui, literal
+from engine.markdown import literal
+from views.common import device_label, get_workspace, job_status_ui
 from views.signin import sign_out_ui, signed_in_user
 
 
@@ -30,14 +31,16 @@ def start_demo_if_empty(user: User) -> None:
     """A first start with an empty workspace builds the demo data in a background job, once
     an admin uses the app."""
     workspace = get_workspace()
-    if (os.environ.get("DR_DEMO", "1") == "0" or not user.is_admin
-            or not is_empty(workspace.db_url)):
+    setting = os.environ.get("DR_DEMO", "1")
+    if setting == "0" or not user.is_admin or not is_empty(workspace.db_url):
         return
     if jobs.latest_job(workspace.db_url, "demo") is None:
         try:
-            jobs.start_job(workspace, "demo", "engine.demo", user=user)
+            jobs.start_job(workspace, "demo", "engine.demo", demo_args(setting), user=user)
         except jobs.JobRefused:
             pass  # another browser session started it a moment ago
+        except ValueError as exc:
+            st.error(literal(exc))
 
 
 def jobs_panel() -> None:

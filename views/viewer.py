@@ -16,7 +16,8 @@ from db.runs import run_checkpoint, run_preprocess
 from engine.images import ImageError, image_size
 from engine.preprocess import PreprocessCache, PreprocessConfig
 from engine.tiles import OVERLAP, TILE_SIZE, photo_input_box
-from views.common import explainer, get_workspace, literal
+from engine.markdown import literal
+from views.common import explainer, get_workspace
 from views.tile_server import LIBRARY, PREFETCHER, PREFIX, REGISTRY, tile_cache
 
 HEIGHT = 620  # px: the photograph and the grading buttons fit one 1000-px screen
