@@ -7,6 +7,7 @@ from pathlib import Path
 from engine.data import Sample
 from engine.synth import write_dataset
 
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"  # never in the repository
 REPEATS = 3  # each figure is the best of these, so a busy moment elsewhere does not count
 
 

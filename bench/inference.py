@@ -14,9 +14,23 @@ spends its time.
 (c) Warm end-to-end over a one-image-at-a-time loop like the seed's predict.py (PIL open,
     resize, normalise, forward one image).
 Synthetic photographs `--size` px high (1440: 2.2-3.0 Mpx), written as JPEG (quality 95) or PNG.
+
+    .venv/bin/python -m bench.inference --cpu-runtimes [--photos 24] [--checkpoint FILE]
+
+(d) What could run the network on a CPU, side by side on real photographs (../shared/realdata,
+    preprocessed once, 8 test-time views, batch --batch-size): PyTorch as inference ran it
+    before (channels_last), PyTorch on contiguous tensors, torch.compile, onnxruntime in fp32
+    (what engine.infer now uses on a CPU) and onnxruntime in int8 (static QDQ, per channel,
+    calibrated on 8 other photographs; dynamic). Each: images/s, its ratio to the first row,
+    the share of photographs with the first row's grade, and the largest probability
+    difference. PyTorch's dynamic int8 quantises only the Linear head of a convolutional
+    network, so it has no row. The model: --checkpoint, else the CPU default with its
+    ImageNet weights and a new head.
 """
 
 import argparse
+import copy
+import csv
 import statistics
 import tempfile
 import time
@@ -25,16 +39,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
+import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
 
 import engine.preprocess as pp
-from bench.common import photographs, rate
+from bench.common import REALDATA, photographs, rate
 from engine.data import Sample, create_loader, default_workers
 from engine.images import load_rgb
-from engine.models import create_model, default_model, model_mean_std, pick_device
-from engine.predictor import dataset_for, predict
+from engine.models import (create_model, default_model, load_checkpoint, model_mean_std,
+                           pick_device)
+from engine.onnx_network import OnnxNetwork, to_onnx
+from engine.predictor import (calibrated, dataset_for, mean_probability_logits, predict,
+                              view_logits)
 from engine.preprocess import PreprocessConfig, decode_for, find_field, preprocess
 
 
@@ -151,6 +169,110 @@ def print_cold_read(steps: dict[str, dict[str, float]], factor: float, forward_m
     print(f"  {'forward, per image':44} {forward_ms:8.1f} {forward_ms:14.1f}")
 
 
+def real_photographs(count: int, skip: int = 0) -> list[Sample]:
+    """`count` of ../shared/realdata's photographs, both datasets in turn, after `skip`."""
+    with open(REALDATA / "labels.csv", newline="") as file:
+        rows = sorted(csv.DictReader(file), key=lambda row: (row["dataset"], row["file"]))
+    by_dataset = [[row for row in rows if row["dataset"] == name]
+                  for name in sorted({row["dataset"] for row in rows})]
+    chosen = [row for group in zip(*by_dataset) for row in group][skip:skip + count]
+    return [Sample(str(REALDATA / row["file"]), None, row["file"]) for row in chosen]
+
+
+def preprocessed(meta: dict, samples: list[Sample]) -> torch.Tensor:
+    dataset = dataset_for(meta, samples, None)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+@torch.no_grad()
+def graded(network: Callable, meta: dict, images: torch.Tensor, batch: int) -> np.ndarray:
+    """Calibrated probabilities with 8 views, as predict_batches computes them."""
+    return np.concatenate([
+        calibrated(mean_probability_logits(torch.stack(view_logits(network, chunk, 8), 1)),
+                   meta).numpy() for chunk in images.split(batch)])
+
+
+def int8_network(fp32: Path, calibration: torch.Tensor, static: bool) -> OnnxNetwork:
+    """onnxruntime's int8 quantisation of the exported network."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    ready, out = fp32.with_suffix(".pre.onnx"), fp32.with_suffix(f".int8{static:d}.onnx")
+    quant_pre_process(str(fp32), str(ready))
+    if not static:
+        quantize_dynamic(str(ready), str(out), weight_type=QuantType.QInt8)
+        return OnnxNetwork(out)
+
+    class Photographs(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": image[None].numpy()} for image in calibration])
+
+        def get_next(self):
+            return next(self.batches, None)
+    quantize_static(str(ready), str(out), Photographs(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return OnnxNetwork(out)
+
+
+def cpu_runtimes(model: torch.nn.Module, meta: dict, images: torch.Tensor,
+                 calibration: torch.Tensor, batch: int, folder: Path) -> None:
+    """Section (d), printed row by row as each finishes."""
+    before = model.to(memory_format=torch.channels_last).eval()
+    contiguous = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    fp32 = folder / "model.onnx"
+    to_onnx(contiguous, meta["image_size"], fp32, "image", "logits")
+    candidates = {
+        "PyTorch, channels_last (inference before)":
+            lambda: lambda x: before(x.contiguous(memory_format=torch.channels_last)),
+        "PyTorch, contiguous tensors": lambda: contiguous,
+        "PyTorch, torch.compile (channels_last)": lambda: compiled(before, images[:batch]),
+        "onnxruntime, fp32 (engine.infer on a CPU)": lambda: OnnxNetwork(fp32),
+        "onnxruntime, int8 static": lambda: int8_network(fp32, calibration, static=True),
+        "onnxruntime, int8 dynamic": lambda: int8_network(fp32, calibration, static=False),
+    }
+    print(f"{len(images)} real photographs, 8 views, batch {batch}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  {'runtime':44} {'images/s':>9} {'ratio':>6} {'same grade':>11} {'max |dp|':>9}")
+    reference = first_rate = None
+    for name, make in candidates.items():
+        started = time.perf_counter()
+        network = make()
+        graded(network, meta, images[:batch], batch)  # warm-up (and compilation)
+        ready = time.perf_counter() - started
+        started = time.perf_counter()
+        probs = graded(network, meta, images, batch)
+        speed = len(images) / (time.perf_counter() - started)
+        if reference is None:
+            reference, first_rate = probs, speed
+        same = float((probs.argmax(1) == reference.argmax(1)).mean())
+        print(f"  {name:44} {speed:9.2f} {speed / first_rate:6.2f} {same:11.3f} "
+              f"{np.abs(probs - reference).max():9.1e}   (ready in {ready:.0f} s)", flush=True)
+
+
+def compiled(model: torch.nn.Module, example: torch.Tensor) -> Callable:
+    network = torch.compile(model)
+    return lambda x: network(x.contiguous(memory_format=torch.channels_last))
+
+
+def runtimes_main(args: argparse.Namespace) -> None:
+    if args.checkpoint:
+        model, meta = load_checkpoint(args.checkpoint)
+    else:
+        name, _, size = default_model("cpu")
+        mean, std = model_mean_std(name)
+        torch.manual_seed(0)
+        model = create_model(name, pretrained=True)
+        meta = {"preprocess": PreprocessConfig(size=size).to_dict(), "mean": mean, "std": std,
+                "image_size": size, "temperature": 1.0}
+    print(f"{meta.get('model_name', 'the CPU default')} at {meta['image_size']} px")
+    images = preprocessed(meta, real_photographs(args.photos))
+    calibration = preprocessed(meta, real_photographs(8, skip=args.photos))
+    with tempfile.TemporaryDirectory() as folder:
+        cpu_runtimes(model.eval(), meta, images, calibration, args.batch_size, Path(folder))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,7 +282,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--device", help="default: cuda if present, else cpu")
+    parser.add_argument("--cpu-runtimes", action="store_true",
+                        help="section (d) alone: CPU runtimes on real photographs")
+    parser.add_argument("--photos", type=int, default=24,
+                        help="real photographs that (d) times (default 24)")
+    parser.add_argument("--checkpoint", type=Path, help="(d)'s model (default: the CPU default "
+                        "with ImageNet weights)")
     args = parser.parse_args()
+    if args.cpu_runtimes:
+        return runtimes_main(args)
 
     device = pick_device(args.device)
     name, _, size = default_model(device)

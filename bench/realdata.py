@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import REALDATA
 from bench.reference import reference_probs, train_reference
 from engine.data import Sample, labels_csv_samples, read_probabilities, train_val_test_split
 from engine.metrics import expected_calibration_error, screening_summary
@@ -41,7 +42,6 @@ from engine.trainer import PrintHooks, RunPaths
 from engine.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
-REALDATA = ROOT.parent / "shared" / "realdata"
 OUT = ROOT / "bench" / "out" / "realdata.json"
 DATASETS = ("messidor-2", "eyepacs-2015-test")
 SOURCES = ("pooled", *DATASETS)

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import cv2
 
-from bench.common import REPEATS
+from bench.common import REALDATA, REPEATS
 from engine.images import load_rgb
 from engine.preprocess import find_field
 from engine.tiles import ENCODE_THREADS, VIEWS, TileCache, contrast, red_free, write_pyramid
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
 
 def best_s(work: Callable[[int], object]) -> float:

@@ -45,6 +45,7 @@ from engine.model_card import (CARD, RunFacts, RunUnusable, model_card, preproce
                                run_facts, software, views_text)
 from engine.jobs import JobReporter
 from engine.models import load_checkpoint
+from engine.onnx_network import OPSET, to_onnx
 from engine.predictor import (TTA_VIEWS, calibrated, dataset_for, mean_probability_logits,
                               model_views, tta_logits, view_logits)
 from engine.screening import validation_file
@@ -55,7 +56,6 @@ KIND = "export"  # the jobs table's kind of an export started by the app
 WEIGHTS = {"onnx": "model.onnx", "safetensors": "model.safetensors"}
 DESCRIPTION = "model.json"
 INPUT, OUTPUT = "image", "probabilities"
-OPSET = 18  # onnxruntime 1.14 (2023) and later run it
 TOLERANCE = 1e-4  # largest difference of a probability between onnxruntime and PyTorch
 CHECK_IMAGES = 16
 CHECK_BATCH = 4  # images per run of the check: 8 views of 4 images at 448 px fit any machine
@@ -83,13 +83,8 @@ class Graded(nn.Module):
 
 def write_onnx(model: nn.Module, meta: dict, path: Path) -> None:
     """The model with the checkpoint's views and temperature as an ONNX graph (batch size free)."""
-    graded = Graded(model, model_views(meta), float(meta.get("temperature", 1.0))).eval()
-    size = meta["image_size"]
-    # torch.export fixes a dimension that is 1 in the example, so the example has two images.
-    example = torch.zeros(2, 3, size, size)
-    torch.onnx.export(graded, (example,), path, input_names=[INPUT], output_names=[OUTPUT],
-                      dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
-                      dynamo=True, external_data=False, verbose=False)
+    graded = Graded(model, model_views(meta), float(meta.get("temperature", 1.0)))
+    to_onnx(graded, meta["image_size"], path, INPUT, OUTPUT)
 
 
 @torch.no_grad()

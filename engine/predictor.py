@@ -97,17 +97,22 @@ def model_views(meta: dict) -> int:
     return tta_views(meta.get("train_config", {}).get("tta"))
 
 
+Network = torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]  # images in, logits out
+
+
 @torch.no_grad()
-def predict_batches(model: torch.nn.Module, meta: dict, samples: Sequence[Sample],
+def predict_batches(model: Network, meta: dict, samples: Sequence[Sample],
                     device: torch.device, batch_size: int = 32, workers: int = 1,
                     tta: int = 1, cache_root: Path | None = None) -> Iterator[Predictions]:
     """Calibrated class probabilities of every readable sample, one batch at a time as it is
     made (indices into `samples`), so that a caller can keep each before the next. `tta`:
-    how many test-time views (TTA_VIEWS) to average."""
+    how many test-time views (TTA_VIEWS) to average. `model`: a PyTorch network, or one that
+    runs elsewhere on the CPU (engine.onnx_network)."""
     cuda = device.type == "cuda"
     tta = tta_views(tta)
-    # channels_last speeds up convolutions on CPUs (oneDNN) as well as on GPUs.
-    model = model.to(device, memory_format=torch.channels_last).eval()
+    if isinstance(model, torch.nn.Module):
+        # channels_last speeds up convolutions on CPUs (oneDNN) as well as on GPUs.
+        model = model.to(device, memory_format=torch.channels_last).eval()
     loader = create_loader(dataset_for(meta, samples, cache_root), batch_size, workers, device)
     for images, _, indices, failed in loader:
         batch = Predictions(indices.tolist(), failures=list(failed))
@@ -120,7 +125,7 @@ def predict_batches(model: torch.nn.Module, meta: dict, samples: Sequence[Sample
         yield batch
 
 
-def predict(model: torch.nn.Module, meta: dict, samples: Sequence[Sample],
+def predict(model: Network, meta: dict, samples: Sequence[Sample],
             device: torch.device, batch_size: int = 32, workers: int = 1, tta: int = 1,
             cache_root: Path | None = None) -> Predictions:
     """Calibrated class probabilities of every readable sample, all at once."""

@@ -10,6 +10,9 @@ from PIL import Image as PILImage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Exporting a network to ONNX takes seconds even for a tiny one: the tests that are not about
+# the CPU runtime run PyTorch, and those that are (test_onnx_network) say so.
+os.environ["DR_CPU_RUNTIME"] = "pytorch"
 
 from bench.postgres import Server, Unavailable  # noqa: E402
 from db.session import get_engine, migrate  # noqa: E402

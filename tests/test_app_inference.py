@@ -67,7 +67,8 @@ def test_empty_workspace_shows_sentences(workspace):
     assert not at.button  # nothing to start
 
 
-def test_inference_job_runs_and_the_results_show(workspace, tiny_data):
+def test_inference_job_runs_and_the_results_show(workspace, tiny_data, monkeypatch):
+    monkeypatch.setenv("DR_CPU_RUNTIME", "onnxruntime")  # the default outside the tests
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train", "demo APTOS train")
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "unlabelled", "demo APTOS test")
     run_id = tiny_model(workspace)
@@ -86,6 +87,7 @@ def test_inference_job_runs_and_the_results_show(workspace, tiny_data):
 
     job = wait_for(workspace.db_url, job.id, ("done",))
     assert job.run_id == run_id  # the predictions went under the chosen run
+    assert "onnxruntime grades the images" in jobs.log_tail(job.log_path)  # the CPU's fast path
     assert Path(job.params["out"]).is_file()
     at.run()
     assert not at.exception, at.exception

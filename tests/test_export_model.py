@@ -1,5 +1,6 @@
 """A model that leaves the app: ONNX and safetensors exports of a tiny trained run, model.json
-beside them, the model card, and the refusals; ONNX against PyTorch on real photographs."""
+beside them, the model card, and the refusals. (The default model on onnxruntime against
+PyTorch on real photographs: test_onnx_network.)"""
 
 import json
 import subprocess
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-import pandas as pd
 import pytest
 import timm
 import torch
@@ -23,22 +23,18 @@ from db.schema import Run, Source
 from db.session import migrate, read_scope, session_scope
 from engine import export_model
 from engine.data import Sample
-from engine.export_model import ExportRefused, check_onnx, export_run, main, write_onnx
+from engine.export_model import ExportRefused, export_run, main
 from engine.infer import register_model
 from engine.markdown import literal
 from engine.model_card import (DataRow, RunUnusable, figure, model_card, run_facts,
                                write_model_card)
-from engine.models import (CLASSES, create_model, default_model, load_checkpoint,
-                           model_mean_std, save_checkpoint)
+from engine.models import (load_checkpoint)
 from engine.predictor import dataset_for, model_views, predict, tta_logits
-from engine.preprocess import PreprocessConfig
 from engine.sources import import_source
 from engine.workspace import Workspace
-from grades import from_aptos
 
 TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "false",
         "--batch-size", "8", "--workers", "0", "--lr", "0.05"]
-REALDATA = ROOT.parent / "shared" / "realdata"
 SECTIONS = ["## Intended use", "## Training data", "## Validation figures", "## Calibration",
             "## Operating point", "## Input and preprocessing", "## Training", "## Software",
             "## Known limits"]
@@ -262,27 +258,3 @@ def test_an_onnx_file_that_disagrees_with_pytorch_is_not_kept(workspace, tmp_pat
     with pytest.raises(ExportRefused, match="does not reproduce the run's"):
         export_run(workspace.db_url, "tiny", "onnx", tmp_path / "out", check_images=2)
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging copy
-
-
-@pytest.mark.skipif(not (REALDATA / "labels.csv").is_file(), reason="../shared/realdata is not here")
-def test_onnx_agrees_with_pytorch_on_real_photographs_with_the_default_model(tmp_path):
-    """The CPU default (EfficientNet-Lite0 at 448 px, ImageNet weights, a new 4-class head)
-    with 8 views and a temperature, on 16 real photographs of both datasets."""
-    name, _, size = default_model("cpu")
-    torch.manual_seed(0)
-    mean, std = model_mean_std(name)
-    save_checkpoint(tmp_path / "best.pth", create_model(name, pretrained=True), {
-        "model_name": name, "image_size": size, "mean": list(mean), "std": list(std),
-        "temperature": 1.3, "preprocess": PreprocessConfig(size=size).to_dict(),
-        "train_config": {"tta": 8}, "classes": CLASSES})
-    model, meta = load_checkpoint(tmp_path / "best.pth")
-    labels = pd.read_csv(REALDATA / "labels.csv").groupby("dataset").head(8)
-    samples = [Sample(str(REALDATA / row.file), from_aptos(row.grade), row.file)
-               for row in labels.itertuples()]
-    images = preprocessed(meta, samples)
-    write_onnx(model, meta, tmp_path / "model.onnx")
-    check = check_onnx(tmp_path / "model.onnx", model, meta, images)
-    print(f"\n{name} at {size} px, 8 views, T 1.3, {check['images']} real photographs: largest "
-          f"probability difference {check['max_abs_difference']:.2e}, grades agree: "
-          f"{check['grades_agree']}")
-    assert check["images"] == 16 and check["passed"]

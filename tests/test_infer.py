@@ -38,8 +38,12 @@ def checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-def infer_cli(workspace: Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1"}
+def infer_cli(workspace: Path, *args: str, processes: int = 1,
+              runtime: str = "pytorch") -> subprocess.CompletedProcess:
+    """engine.infer in a process of its own; on PyTorch unless `runtime` says onnxruntime, the
+    default outside the tests (conftest)."""
+    env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1",
+           "DR_CPU_RUNTIME": runtime}
     launcher = [sys.executable] if processes == 1 else [
         str(Path(sys.executable).with_name("torchrun")), "--standalone",
         f"--nproc-per-node={processes}"]
@@ -65,8 +69,9 @@ def test_source_inference_stores_probabilities_and_writes_submission(tiny_data, 
     workspace = pool_workspace(tmp_path, tiny_data)
     out = tmp_path / "submission.csv"
     done = infer_cli(workspace.root, "--checkpoint", str(checkpoint), "--source", "pool",
-                     "--out", str(out), "--tta")
+                     "--out", str(out), "--tta", runtime="onnxruntime")
     assert done.returncode == 0, done.stderr
+    assert "onnxruntime grades the images" in done.stdout  # the default on a CPU
     with session_scope(workspace.db_url) as session:
         run = session.scalar(select(Run))
         rows = session.scalars(select(Prediction)).all()

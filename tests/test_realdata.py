@@ -120,8 +120,9 @@ def test_real_photographs_go_through_import_preprocess_training_and_inference(la
                "--name", "real")
     assert "people kept apart" in done.stdout and "val QWK" in done.stdout
     checkpoint = workspace.weights / "real" / "best.pth"
-    run("engine.infer", workspace.root, "--checkpoint", str(checkpoint), "--source", "pool",
-        "--out", str(tmp_path / "submission.csv"), "--workers", "0")
+    done = run("engine.infer", workspace.root, "--checkpoint", str(checkpoint), "--source",
+               "pool", "--out", str(tmp_path / "submission.csv"), "--workers", "0")
+    assert "onnxruntime grades the images" in done.stdout  # the default on a CPU
     submission = pd.read_csv(tmp_path / "submission.csv")
     assert len(submission) == 8 and submission["diagnosis"].between(0, 3).all()
     with session_scope(workspace.db_url) as session:

@@ -86,6 +86,10 @@ def start_ui(model: Model, pool: Pool) -> None:
         st.warning(f"{literal(model.name)} was calibrated with {calibrated_views} test-time "
                    f"views: with {tta} its confidences, the review threshold and the operating "
                    "point for referable DR are not calibrated.")
+    if pick_device().type == "cpu":
+        st.caption("On this CPU onnxruntime grades the images, several times as fast as PyTorch "
+                   "with the same grades; a model's first job exports it for that (up to a "
+                   "minute).")
     if st.button("Start inference", key="start_inference", type="primary"):
         start(model, pool, tta, redo, int(batch_size))
 
