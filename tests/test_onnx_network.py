@@ -85,7 +85,7 @@ def test_infer_grades_on_onnxruntime_and_falls_back_to_pytorch_in_words(
 @pytest.mark.skipif(not (REALDATA / "labels.csv").is_file(), reason="../shared/realdata is not here")
 def test_onnxruntime_grades_real_photographs_as_pytorch_does_with_the_default_model(tmp_path):
     """The CPU default (EfficientNet-Lite0 at 448 px, ImageNet weights, a new 4-class head)
-    with 8 views and a temperature, on 12 real photographs of both datasets."""
+    with 8 views and a temperature, on 6 real photographs of both datasets."""
     name, _, size = default_model("cpu")
     torch.manual_seed(0)
     mean, std = model_mean_std(name)
@@ -95,11 +95,11 @@ def test_onnxruntime_grades_real_photographs_as_pytorch_does_with_the_default_mo
         "temperature": 1.3, "preprocess": PreprocessConfig(size=size).to_dict(),
         "train_config": {"tta": 8}, "classes": CLASSES})
     model, meta = load_checkpoint(checkpoint)
-    labels = pd.read_csv(REALDATA / "labels.csv").groupby("dataset").head(6)
+    labels = pd.read_csv(REALDATA / "labels.csv").groupby("dataset").head(3)
     samples = [Sample(str(REALDATA / row.file), from_aptos(row.grade), row.file)
                for row in labels.itertuples()]
     want, got = side_by_side(model, meta, onnx_network(model, meta, checkpoint, tmp_path), samples)
     difference = np.abs(got - want).max()
     print(f"\n{name} at {size} px, 8 views, T 1.3, {len(samples)} real photographs: largest "
           f"probability difference {difference:.2e}")
-    assert len(got) == 12 and difference <= 1e-4 and (got.argmax(1) == want.argmax(1)).all()
+    assert len(got) == 6 and difference <= 1e-4 and (got.argmax(1) == want.argmax(1)).all()

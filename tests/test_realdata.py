@@ -2,9 +2,12 @@
 repository): the eye crop on all of them, and a small fixed subset through the whole path
 a user takes: import, preprocess, train, infer."""
 
+import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
@@ -62,8 +65,13 @@ def edge_error(img: np.ndarray) -> float:
     return max(matched + outside) / (2 * r)
 
 
+def file_error(file: str) -> float:
+    return edge_error(load_rgb(REALDATA / file))
+
+
 def test_the_eye_crop_finds_the_field_of_every_real_photograph(labels):
-    errors = {file: edge_error(load_rgb(REALDATA / file)) for file in labels["file"]}
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=get_context("fork")) as pool:
+        errors = dict(zip(labels["file"], pool.map(file_error, labels["file"], chunksize=50)))
     failures = {file: round(e, 3) for file, e in errors.items() if e > EDGE_TOLERANCE}
     assert len(errors) == 1500 and not failures, f"{len(failures)} failures: {failures}"
 
