@@ -45,6 +45,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import engine.preprocess as pp
+from cli import HelpFormatter
 from bench.common import REALDATA, photographs, rate
 from engine.data import Sample, create_loader, default_workers
 from engine.images import load_rgb
@@ -275,17 +276,19 @@ def runtimes_main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=64)
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--images", type=int, default=64, help="synthetic photographs (a-c)")
     parser.add_argument("--size", type=int, default=1440, help="photograph height in pixels")
-    parser.add_argument("--format", choices=("jpg", "png"), default="jpg")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--format", choices=("jpg", "png"), default="jpg",
+                        help="file format of the synthetic photographs")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="loader worker processes")
     parser.add_argument("--device", help="default: cuda if present, else cpu")
     parser.add_argument("--cpu-runtimes", action="store_true",
                         help="section (d) alone: CPU runtimes on real photographs")
     parser.add_argument("--photos", type=int, default=24,
-                        help="real photographs that (d) times (default 24)")
+                        help="real photographs that (d) times")
     parser.add_argument("--checkpoint", type=Path, help="(d)'s model (default: the CPU default "
                         "with ImageNet weights)")
     args = parser.parse_args()

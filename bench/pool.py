@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from sqlalchemy import func, insert, select, text
 
+from cli import HelpFormatter
 from bench.postgres import Server
 from bench.review_bench import queue_times
 from db.schema import Image, Prediction, Review, Run, Source, utcnow
@@ -206,15 +207,18 @@ def measure(folder: Path, db_url: str, images: int, predictions: int, size: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=100_000)
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--images", type=int, default=100_000, help="photographs in the pool")
     parser.add_argument("--predictions", type=int, default=1_000_000,
                         help="predictions in all: the inference run's and further runs' in bulk")
     parser.add_argument("--size", type=int, default=64, help="photograph height in pixels")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=default_workers())
-    parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="loader worker processes")
+    parser.add_argument("--repeat", type=int, default=30,
+                        help="calls of each query timed (the median counts)")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the database: a SQLite file, or a throwaway PostgreSQL server")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder, database(args.backend, Path(folder)) as url:
         figures = measure(Path(folder), url, args.images, args.predictions, args.size,

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli import HelpFormatter
 from bench.common import REALDATA
 from bench.reference import reference_probs, train_reference
 from engine.data import Sample, labels_csv_samples, read_probabilities, train_val_test_split
@@ -178,7 +179,7 @@ def markdown(results: dict, paired: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.realdata", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data", type=Path, default=REALDATA, help="default: %(default)s")
     parser.add_argument("--minutes", type=float, default=20.0,
                         help="training budget of each model (default: %(default)s)")

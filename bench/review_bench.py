@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sqlalchemy import insert
 
+from cli import HelpFormatter
 from db.reviews import QueueFilter, claim_next, decide, progress, recent_decisions
 from db.schema import Image, Prediction, Review, Run, Source
 from db.session import migrate, session_scope
@@ -101,11 +102,13 @@ def measure(size: int, reviewed: float, repeat: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs=2, default=[1000, 100_000])
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs=2, default=[1000, 100_000],
+                        help="predictions in the small and the large database")
     parser.add_argument("--reviewed", type=float, default=0.1,
-                        help="share of the candidates already decided (default 0.1)")
-    parser.add_argument("--repeat", type=int, default=30)
+                        help="share of the candidates already decided")
+    parser.add_argument("--repeat", type=int, default=30,
+                        help="calls of each query timed (the median counts)")
     args = parser.parse_args()
     small, large = (measure(size, args.reviewed, args.repeat) for size in args.sizes)
     print(f"{'predictions (median of ' + str(args.repeat) + ' calls)':36} "

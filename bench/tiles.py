@@ -22,6 +22,7 @@ from pathlib import Path
 
 import cv2
 
+from cli import HelpFormatter
 from bench.common import REALDATA, REPEATS
 from engine.images import load_rgb
 from engine.preprocess import find_field
@@ -86,8 +87,9 @@ def measure(photo: Path, scratch: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tiles",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--photos", type=int, default=3)
+                                     description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--photos", type=int, default=3, help="real photographs to time")
     parser.add_argument("--size", default="4243x2828", help="WIDTHxHEIGHT of the upscaled photos")
     args = parser.parse_args(argv)
     width, height = map(int, args.size.lower().split("x"))

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cli import HelpFormatter
 from bench.common import rate
 from engine.data import default_workers, folder_samples
 from engine.models import create_model, default_model
@@ -38,10 +39,12 @@ def minimal(name: str, size: int, batch: int, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=default_workers())
+    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--images", type=int, default=96, help="synthetic photographs to train on")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="loader worker processes")
     args = parser.parse_args()
 
     name, size, _ = default_model(torch.device("cpu"))

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from sqlalchemy import insert, select
 
+from cli import HelpFormatter
 from db.schema import Image, Prediction, Run
 from db.session import migrate, session_scope
 from engine.sources import import_source
@@ -121,12 +122,12 @@ def run(args: argparse.Namespace) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.viewer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=int, default=12, help="cards (default 12)")
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--photos", type=int, default=12, help="cards")
     parser.add_argument("--look", type=float, default=3.0,
-                        help="seconds on each card before the keys (default 3)")
+                        help="seconds on each card before the keys")
     parser.add_argument("--pause", type=float, default=1.0,
-                        help="seconds on each view before the next key (default 1)")
+                        help="seconds on each view before the next key")
     parser.add_argument("--realdata", type=Path, default=ROOT.parent / "shared" / "realdata",
                         help="the folder of labels.csv and images/ (default ../shared/realdata)")
     args = parser.parse_args(argv)

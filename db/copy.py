@@ -20,6 +20,7 @@ from sqlalchemy import Table, func, literal, make_url, select
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from cli import HelpFormatter
 from db.schema import Base
 from db.session import migrate, read_scope, session_scope, workspace_root, workspace_sqlite
 
@@ -111,7 +112,8 @@ def copy_database(source: str, target: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m db.copy", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m db.copy", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--to", required=True, metavar="URL",
                         help="the target database, e.g. postgresql+psycopg://dr@db-host/dr")
     parser.add_argument("--from", dest="source", default=default_source(), metavar="URL",

@@ -20,6 +20,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import func, or_, select, update
 
+from cli import HelpFormatter
 from db.schema import Account, SignIn, utcnow
 from db.session import database_url, migrate, read_scope, session_scope, workspace_root
 
@@ -277,16 +278,18 @@ def _list(db_url: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m db.users", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    add = commands.add_parser("add", help="add an account")
+    add = commands.add_parser("add", formatter_class=HelpFormatter, help="add an account")
     add.add_argument("name", help="a local name, or an e-mail with --sso")
-    add.add_argument("--role", choices=ROLES, required=True)
+    add.add_argument("--role", choices=ROLES, required=True, help="what the account may do")
     add.add_argument("--sso", action="store_true",
                      help="no password: the account signs in through the identity provider")
-    commands.add_parser("list", help="list the accounts")
+    commands.add_parser("list", formatter_class=HelpFormatter, help="list the accounts")
     for command in ("disable", "enable", "passwd"):
-        commands.add_parser(command, help=f"{command} an account").add_argument("name")
+        commands.add_parser(command, formatter_class=HelpFormatter,
+                            help=f"{command} an account").add_argument(
+            "name", help="the account's name")
     args = parser.parse_args(argv)
     db_url = database_url(workspace_root())
     migrate(db_url)

@@ -8,6 +8,7 @@ import sys
 
 from sqlalchemy import func, select
 
+from cli import HelpFormatter
 from db.schema import Source
 from db.session import migrate, read_scope
 from engine import synth
@@ -61,15 +62,18 @@ def build_demo(workspace: Workspace, job: JobReporter, **sizes: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=int, dest="n_train")
-    parser.add_argument("--test", type=int, dest="n_test")
-    parser.add_argument("--val", type=int, dest="n_val")
-    parser.add_argument("--size", type=int)
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--train", type=int, dest="n_train", default=synth.DEMO_COUNTS["train"],
+                        help="labelled training photographs")
+    parser.add_argument("--test", type=int, dest="n_test", default=synth.DEMO_COUNTS["test"],
+                        help="unlabelled photographs to predict")
+    parser.add_argument("--val", type=int, dest="n_val", default=synth.DEMO_COUNTS["val"],
+                        help="validation photographs")
+    parser.add_argument("--size", type=int, default=synth.DEMO_SIZE,
+                        help="photograph height in pixels")
     parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
-    args = vars(parser.parse_args(argv))
-    job_id = args.pop("job_id")
-    sizes = {key: value for key, value in args.items() if value is not None}
+    sizes = vars(parser.parse_args(argv))
+    job_id = sizes.pop("job_id")
 
     workspace = Workspace.from_env()
     migrate(workspace.db_url)

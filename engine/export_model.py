@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import select
 from torch import nn
 
+from cli import HelpFormatter
 from db.schema import Job
 from db.session import migrate, read_scope
 from engine.data import read_probabilities
@@ -296,9 +297,10 @@ def zipped(folder: Path) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.export_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("run", help="the run's name or id")
-    parser.add_argument("--format", choices=tuple(WEIGHTS), required=True)
+    parser.add_argument("--format", choices=tuple(WEIGHTS), required=True,
+                        help="onnx: the graph with views and temperature; safetensors: the weights")
     parser.add_argument("--out", type=Path, required=True, help="a new (or empty) folder")
     parser.add_argument("--check-images", type=int, default=CHECK_IMAGES,
                         help="validation photographs to run ONNX against PyTorch on (0: none)")

@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from cli import HelpFormatter
 from db.schema import Run
 from db.session import migrate, read_scope, session_scope
 from db.users import User, require_admin
@@ -110,7 +111,7 @@ def import_upload(workspace: Workspace, user: User, filename: str, data: bytes,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.import_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("file", type=Path, help="the seed's best_model.pth (a state dict)")
     parser.add_argument("--name", help="run name (default: seed-<date and time>)")
     parser.add_argument("--classes", type=int, default=NUM_CLASSES,

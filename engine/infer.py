@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
+from cli import HelpFormatter
 from db.predictions import predicted_count, submission_frame
 from db.queries import unused_name
 from db.runs import activate_first
@@ -175,8 +176,9 @@ def write_submission(path: Path, db_url: str, plan: Plan) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.infer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True)
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="a run's best.pth (or last.pth)")
     pool = parser.add_mutually_exclusive_group(required=True)
     pool.add_argument("--source", help="an imported source, by name")
     pool.add_argument("--images", type=Path, help="a folder of images (imported as a pool)")
@@ -189,8 +191,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redo", action="store_true",
                         help="predict again the images that the model has predicted already")
     parser.add_argument("--batch-size", type=int, help="default: 64 on a GPU, 8 on a CPU")
-    parser.add_argument("--workers", type=int, default=default_workers())
-    parser.add_argument("--device")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="loader worker processes")
+    parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
     parser.add_argument("--cpu-runtime", choices=CPU_RUNTIMES,
                         default=os.environ.get("DR_CPU_RUNTIME", CPU_RUNTIMES[0]),
                         help="what runs the network on a CPU: onnxruntime (several times as "

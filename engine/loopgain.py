@@ -47,6 +47,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from cli import HelpFormatter
 from engine.data import (Sample, class_counts, folder_samples, labels_csv_samples,
                          stratified_split, train_val_test_split)
 from engine.metrics import grading_summary
@@ -338,7 +339,7 @@ def gains_table(gained: dict) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.loopgain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", type=Path, help="labelled set (default: ../shared/realdata "
                         f"when present, else {SYNTHETIC_IMAGES} synthetic photographs)")
@@ -362,9 +363,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "decides every candidate)")
     parser.add_argument("--threshold", type=float, default=REVIEW_THRESHOLD,
                         help="confidence that makes a prediction a review candidate")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--train-args", default="", help="extra engine.train options")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=OUT, help="the report (JSON)")
     args = parser.parse_args(argv)
     for name, value, low, high in (("--labelled-share", args.labelled_share, 0, 1),
                                    ("--error-rate", args.error_rate, 0, 1),

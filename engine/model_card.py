@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
+from cli import HelpFormatter
 from db.runs import best_epoch, run_calibration
 from db.schema import Image, Run, Source
 from db.session import migrate, read_scope
@@ -430,7 +431,7 @@ def write_model_card(db_url: str, run: str | int, folder: Path | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.model_card", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("run", help="the run's name or id")
     args = parser.parse_args(argv)
     workspace = Workspace.from_env()

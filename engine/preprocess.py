@@ -26,6 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from cli import HelpFormatter
 from engine.images import IMAGE_SUFFIXES, ImageError, load_rgb
 
 # Bump when the pipeline's output changes, so that cached results made by the old code miss.
@@ -350,10 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engine.preprocess",
         description="Preprocess every fundus photograph under a folder (Ben Graham).",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--in", dest="src", metavar="DIR", type=Path, required=True)
-    parser.add_argument("--out", dest="dst", metavar="DIR", type=Path, required=True)
-    parser.add_argument("--size", metavar="PX", type=int, default=PreprocessConfig.size)
+    parser.add_argument("--in", dest="src", metavar="DIR", type=Path, required=True,
+                        help="the folder of photographs (read recursively)")
+    parser.add_argument("--out", dest="dst", metavar="DIR", type=Path, required=True,
+                        help="where the preprocessed images go, in the same sub-folders")
+    parser.add_argument("--size", metavar="PX", type=int, default=PreprocessConfig.size,
+                        help="side of the square output")
     parser.add_argument("--no-crop", action="store_true", help="squeeze the whole image instead")
     parser.add_argument("--no-enhance", action="store_true", help="skip Ben Graham's contrast")
     parser.add_argument("--no-mask", action="store_true", help="keep the field's rim")

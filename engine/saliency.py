@@ -23,6 +23,7 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
+from cli import HelpFormatter
 from engine.data import Sample
 from engine.images import ImageError
 from engine.models import load_checkpoint
@@ -125,11 +126,12 @@ class Explainer:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.saliency", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path("saliency"))
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pth")
+    parser.add_argument("--out", type=Path, default=Path("saliency"),
+                        help="folder for the heat-map images")
     parser.add_argument("--grade", type=int, help="default: the grade the model predicts")
-    parser.add_argument("images", type=Path, nargs="+")
+    parser.add_argument("images", type=Path, nargs="+", help="photographs to explain")
     args = parser.parse_args(argv)
     explainer = Explainer(args.checkpoint, Workspace.from_env().cache)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import select
 
+from cli import HelpFormatter
 from db.queries import unused_name
 from db.schema import Image, Source
 from db.session import migrate, read_scope, session_scope
@@ -440,17 +441,20 @@ def _roots_command(args: argparse.Namespace, workspace: Workspace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.sources", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    imp = commands.add_parser("import", help="import one dataset into the workspace")
-    imp.add_argument("--kind", required=True, choices=KINDS)
-    imp.add_argument("--path", required=True, type=Path)
-    imp.add_argument("--role", required=True, choices=ROLES)
+    imp = commands.add_parser("import", formatter_class=HelpFormatter,
+                              help="import one dataset into the workspace")
+    imp.add_argument("--kind", required=True, choices=KINDS, help="the dataset's layout")
+    imp.add_argument("--path", required=True, type=Path, help="the dataset's folder")
+    imp.add_argument("--role", required=True, choices=ROLES,
+                     help="what the app does with its images")
     imp.add_argument("--name", help="name shown in the app (default: folder-role)")
     imp.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
-    roots = commands.add_parser("roots", help="show, or --set, the folders the app may "
-                                              "import from")
-    roots.add_argument("--set", nargs="+", type=Path, metavar="DIR")
+    roots = commands.add_parser("roots", formatter_class=HelpFormatter,
+                                help="show, or --set, the folders the app may import from")
+    roots.add_argument("--set", nargs="+", type=Path, metavar="DIR",
+                       help="the folders the Dataset page may import from (default: show them)")
     args = parser.parse_args(argv)
 
     workspace = Workspace.from_env()

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from cli import HelpFormatter
 from grades import GRADES
 
 # Grade probabilities over the Messidor scale: APTOS-like imbalance, and Messidor-1's own.
@@ -613,11 +614,14 @@ def _lesion_table(jobs: Iterable[_Job], out: Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic fundus dataset.")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="python -m engine.synth",
+                                     description="Write a synthetic fundus dataset.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the APTOS, Messidor and validation layouts")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the drawings")
     for name, default in DEMO_COUNTS.items():
-        parser.add_argument(f"--{name}", type=int, default=default)
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"{name} photographs")
     parser.add_argument("--size", type=int, default=DEMO_SIZE, help="image height in px")
     args = parser.parse_args(argv)
     if args.seed < 0:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
+from cli import HelpFormatter
 from db.queries import curated_set, labelled_images
 from db.runs import activate_first
 from db.schema import Epoch, Run, utcnow
@@ -87,22 +88,27 @@ def boolean(text: str) -> bool:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-path", type=Path, help="class folders 0/ 1/ 2/ 3/ (80/20 split "
                       "for the validation phase)")
     data.add_argument("--from-db", action="store_true", help="the curated set in the workspace")
     parser.add_argument("--epochs", type=int, help=f"default: {GPU_EPOCHS} on a GPU; on a CPU as "
                         f"many as fit into {CPU_MINUTES:g} minutes")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lrf", type=float, default=0.01)
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
-    parser.add_argument("--warmup-epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--lrf", type=float, default=0.01,
+                        help="the cosine schedule ends at lr times this")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw",
+                        help="adamw, or SGD with momentum 0.9 as the seed trained")
+    parser.add_argument("--warmup-epochs", type=float, default=1.0,
+                        help="linear warm-up (at most a fifth of the epochs)")
     parser.add_argument("--weights", default="", help="pretrained weight file (default: the "
                         "model's ImageNet weights found offline)")
-    parser.add_argument("--pretrained", type=boolean, default=True)
-    parser.add_argument("--freeze-layers", type=boolean, default=False)
+    parser.add_argument("--pretrained", type=boolean, default=True,
+                        help="start from pretrained weights (false: random ones)")
+    parser.add_argument("--freeze-layers", type=boolean, default=False,
+                        help="train the classifier alone, as the seed's option did")
     parser.add_argument("--model", help="timm model name (default by device)")
     parser.add_argument("--img-size", type=int, help="training image size (default by model)")
     parser.add_argument("--eval-size", type=int, help="validation and inference image size "
@@ -134,21 +140,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "or 8 (mirrors of the four quarter turns); epochs validate on at most 2")
     parser.add_argument("--enhance", type=boolean, default=True,
                         help="Ben Graham's local contrast enhancement")
-    parser.add_argument("--progressive", type=boolean, default=False)
+    parser.add_argument("--progressive", type=boolean, default=False,
+                        help="EfficientNetV2's progressive learning: image size and "
+                        "regularisation grow over four stages")
     parser.add_argument("--drop-rate", type=float, default=0.2,
                         help="dropout before the classifier")
     parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
-    parser.add_argument("--workers", type=int, default=default_workers())
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="loader worker processes")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the split, the sampler, augmentation and the new head")
     parser.add_argument("--name", type=run_name_arg,
                         help="run name: letters, digits, '-', '_' and '.' (default: the date and "
                         "time)")
     parser.add_argument("--resume", action="store_true", help="continue run --name from last.pth")
+    parser.add_argument("--config", type=Path, help="a finished run's config.json "
+                        "(weights/<run>/config.json): a new run with its settings, which the "
+                        "options given beside it override (default: none)")
     parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
     args = parser.parse_args(argv)
+    if args.config:
+        try:
+            parser.set_defaults(**run_settings(args.config))
+        except (OSError, ValueError, TypeError) as exc:
+            parser.error(f"--config {args.config}: {exc}")
+        args = parser.parse_args(argv)
     if args.resume and not args.name:
         parser.error("--resume needs the --name of the run to continue")
     return args
+
+
+# TrainConfig fields that are options of the same name (preprocess and pretrained are not).
+REPEATED = ("model", "img_size", "eval_size", "epochs", "batch_size", "lr", "lrf", "optimizer",
+            "warmup_epochs", "balance", "loss", "tta", "select", "augment",
+            "freeze_stages", "bf16", "progressive", "freeze_layers", "refit", "drop_rate",
+            "workers", "seed", "device")
+
+
+def run_settings(path: Path) -> dict:
+    """The option values that repeat the run whose TrainConfig is in `path` (config.json):
+    the epochs it trained, not its budget of minutes (--minutes beside it sets one again)."""
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError("not a run's config.json (no model)")
+    values = {key: config[key] for key in REPEATED if key in config}
+    pretrained = config.get("pretrained", True)
+    weights = pretrained if isinstance(pretrained, str) else ""
+    return {**values, "weights": weights, "pretrained": bool(pretrained),
+            "enhance": config.get("preprocess", {}).get("enhance", True)}
 
 
 def make_config(args: argparse.Namespace) -> TrainConfig:

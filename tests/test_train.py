@@ -72,6 +72,24 @@ def test_cli_writes_checkpoints_tensorboard_and_estimate_info(tiny_data, tmp_pat
         path, true, pred = line.removeprefix("path: ").split("    ")
         assert path.split("/")[0] == true and true != pred
 
+    # A new run with t1's settings from its config.json; an option beside it overrides.
+    first = tmp_path / "weights" / "t1" / "config.json"
+    train_cli(tmp_path, "--data-path", str(tiny_data / "validation"), "--config", str(first),
+              "--lr", "0.02", "--name", "t2")
+    settings, repeated = (json.loads(p.read_text()) for p in (first, first.parent.parent / "t2" /
+                                                             "config.json"))
+    assert repeated == {**settings, "lr": 0.02} and settings["lr"] != 0.02
+
+
+def test_a_config_that_is_no_runs_config_is_an_error_in_words(tmp_path, capsys):
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    for path, words in ((tmp_path / "nope.json", "No such file"),
+                        (tmp_path / "other.json", "not a run's config.json")):
+        with pytest.raises(SystemExit):
+            parse_args(["--from-db", "--config", str(path)])
+        error = capsys.readouterr().err
+        assert f"--config {path}: " in error and words in error
+
 
 def test_the_final_model_learns_from_every_image(tiny_data, tmp_path):
     """The validation phase learns from the training split and calibrates on the rest; the

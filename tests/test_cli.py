@@ -1,0 +1,69 @@
+"""Command lines that explain themselves: every option of every `python -m` command has help
+text, and --help shows its default."""
+
+import argparse
+import importlib
+import inspect
+import sys
+
+import pytest
+
+from cli import HelpFormatter
+
+COMMANDS = ["engine.demo", "engine.export_model", "engine.import_model", "engine.infer",
+            "engine.loopgain", "engine.model_card", "engine.preprocess", "engine.saliency",
+            "engine.sources", "engine.synth", "engine.train", "db.copy", "db.users",
+            "bench.inference", "bench.pool", "bench.realdata", "bench.review_bench",
+            "bench.tiles", "bench.training", "bench.viewer"]
+
+
+class Parsed(Exception):
+    """Raised in place of parsing: the parser is what the test wants."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+
+
+def parser_of(module_name: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser that the command's main() builds, taken before it parses anything."""
+    def capture(self, *_args, **_kwargs):
+        raise Parsed(self)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    monkeypatch.setattr(sys, "argv", [module_name])
+    main = importlib.import_module(module_name).main
+    with pytest.raises(Parsed) as parsed:
+        main([]) if inspect.signature(main).parameters else main()
+    return parsed.value.parser
+
+
+def parsers(parser: argparse.ArgumentParser):
+    """The parser and those of its subcommands."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from parsers(sub)
+
+
+@pytest.mark.parametrize("module_name", COMMANDS)
+def test_every_option_has_help_and_shows_its_default(module_name, monkeypatch):
+    for parser in parsers(parser_of(module_name, monkeypatch)):
+        assert parser.formatter_class is HelpFormatter, parser.prog
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            assert action.help, f"{parser.prog} {name} has no help text"
+            if action.option_strings and not action.required:
+                assert "default" in formatter._get_help_string(action), \
+                    f"{parser.prog} {name} does not show its default"
+
+
+def test_the_help_shows_values_none_and_defaults_in_words(monkeypatch, capsys):
+    parser = parser_of("engine.train", monkeypatch)
+    text = parser.format_help()
+    assert "images per step (default: 16)" in " ".join(text.split())
+    assert "report to this job row (set by the app) (default: none)" in " ".join(text.split())
+    assert "(default: the date and time)" in " ".join(text.split())
