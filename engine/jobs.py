@@ -179,7 +179,7 @@ class JobReporter:
         self._last_write = 0.0
 
     def __enter__(self) -> "JobReporter":
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.job_id is not None:
             if not self._mark_running():
                 self._take_cancel()  # while the process was starting: stop at the first check
@@ -189,7 +189,8 @@ class JobReporter:
     def __exit__(self, kind: type | None, exc: BaseException | None,
                  tb: TracebackType | None) -> bool:
         self._stop.set()
-        if self.job_id is None:
+        if self.job_id is None:  # nothing to record: the caller's handler again (a test's)
+            signal.signal(signal.SIGTERM, self._handler)
             return False
         if exc is None:
             self._update(status="done", progress=1.0, finished_at=utcnow())

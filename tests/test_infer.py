@@ -94,15 +94,15 @@ def test_source_inference_stores_probabilities_and_writes_submission(tiny_data, 
 
 
 def test_a_source_name_cannot_lead_the_submission_out_of_the_workspace(
-        tiny_data, tmp_path, checkpoint):
+        tiny_data, tmp_path, checkpoint, monkeypatch, capsys):
     workspace = Workspace(tmp_path / "ws")
     migrate(workspace.db_url)
     name = "../../../../escaped/**pool**"  # a source's name is free text
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "unlabelled", name)
-    done = infer_cli(workspace.root, "--checkpoint", str(checkpoint), "--source", name)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.setenv("DR_WORKSPACE", str(workspace.root))  # in this process: no start-up
+    assert infer.main(["--checkpoint", str(checkpoint), "--source", name, "--workers", "0"]) == 0
     out = workspace.root / "submissions" / "tiny-.._.._.._.._escaped___pool__.csv"
-    assert done.stdout.strip().endswith(f"submission: {out}") and out.is_file()
+    assert capsys.readouterr().out.strip().endswith(f"submission: {out}") and out.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "ws"]
     assert infer.submission_path(workspace, "tiny", "/etc/x") == \
         workspace.root / "submissions" / "tiny-_etc_x.csv"
@@ -204,15 +204,20 @@ def test_a_corrupt_image_is_reported_and_the_rest_are_predicted(tiny_data, tmp_p
     assert predicted == {p.stem for p in pool.iterdir()} - {victim.stem}
 
 
-def test_images_folder_and_clear_errors(tiny_data, tmp_path, checkpoint):
+def test_a_folder_of_images_is_imported_and_predicted(tiny_data, tmp_path, checkpoint):
     done = infer_cli(tmp_path / "ws", "--checkpoint", str(checkpoint), "--images",
                      str(tiny_data / "aptos" / "test_images"))
     assert done.returncode == 0, done.stderr
     assert "8 predicted" in done.stdout
-    missing = infer_cli(tmp_path / "ws", "--checkpoint", str(tmp_path / "nope.pth"), "--source", "x")
-    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
-    unknown = infer_cli(tmp_path / "ws", "--checkpoint", str(checkpoint), "--source", "nope")
-    assert unknown.returncode == 2 and "no source named 'nope'" in unknown.stderr
+
+
+def test_a_missing_checkpoint_and_an_unknown_source_are_errors_in_words(
+        tmp_path, checkpoint, monkeypatch, capsys):
+    monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))  # in this process: no start-up
+    assert infer.main(["--checkpoint", str(tmp_path / "nope.pth"), "--source", "x"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert infer.main(["--checkpoint", str(checkpoint), "--source", "nope"]) == 2
+    assert "no source named 'nope'" in capsys.readouterr().err
 
 
 def test_temperature_softens_the_probabilities(tiny_data, checkpoint):

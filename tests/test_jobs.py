@@ -286,3 +286,12 @@ def test_a_locked_database_does_not_stop_the_heartbeat(workspace, monkeypatch):
         while job_row(workspace, job.id).heartbeat_at == first and time.monotonic() < deadline:
             time.sleep(0.05)
         assert failures and job_row(workspace, job.id).heartbeat_at > first
+
+
+def test_a_run_outside_a_job_gives_back_the_callers_sigterm_handler(workspace):
+    """engine.train and engine.infer run in a test's own process too: once they end, SIGTERM
+    is the caller's again."""
+    before = signal.getsignal(signal.SIGTERM)
+    with jobs.JobReporter(workspace.db_url, None) as job:
+        assert signal.getsignal(signal.SIGTERM) == job._on_sigterm
+    assert signal.getsignal(signal.SIGTERM) is before
