@@ -4,8 +4,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.data import Sample
-from engine.synth import write_dataset
+from engine.data.datasets import Sample
+from engine.data.synth import write_dataset
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"  # never in the repository
 REPEATS = 3  # each figure is the best of these, so a busy moment elsewhere does not count

@@ -20,7 +20,7 @@ Synthetic photographs `--size` px high (1440: 2.2-3.0 Mpx), written as JPEG (qua
 (d) What could run the network on a CPU, side by side on real photographs (../shared/realdata,
     preprocessed once, 8 test-time views, batch --batch-size): PyTorch as inference ran it
     before (channels_last), PyTorch on contiguous tensors, torch.compile, onnxruntime in fp32
-    (what engine.infer now uses on a CPU) and onnxruntime in int8 (static QDQ, per channel,
+    (what engine.model.infer now uses on a CPU) and onnxruntime in int8 (static QDQ, per channel,
     calibrated on 8 other photographs; dynamic). Each: images/s, its ratio to the first row,
     the share of photographs with the first row's grade, and the largest probability
     difference. PyTorch's dynamic int8 quantises only the Linear head of a convolutional
@@ -44,17 +44,17 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-import engine.preprocess as pp
+import engine.data.preprocess as pp
 from cli import HelpFormatter
 from bench.common import REALDATA, photographs, rate
-from engine.data import Sample, create_loader, default_workers
-from engine.images import load_rgb
-from engine.models import (create_model, default_model, load_checkpoint, model_mean_std,
+from engine.data.datasets import Sample, create_loader, default_workers
+from engine.data.images import load_rgb
+from engine.model.networks import (create_model, default_model, load_checkpoint, model_mean_std,
                            pick_device)
-from engine.onnx_network import OnnxNetwork, to_onnx
-from engine.predictor import (calibrated, dataset_for, mean_probability_logits, predict,
+from engine.model.onnx_network import OnnxNetwork, to_onnx
+from engine.model.predictor import (calibrated, dataset_for, mean_probability_logits, predict,
                               view_logits)
-from engine.preprocess import PreprocessConfig, decode_for, find_field, preprocess
+from engine.data.preprocess import PreprocessConfig, decode_for, find_field, preprocess
 
 
 def as_jpeg(samples: list[Sample], quality: int = 95) -> list[Sample]:
@@ -229,7 +229,7 @@ def cpu_runtimes(model: torch.nn.Module, meta: dict, images: torch.Tensor,
             lambda: lambda x: before(x.contiguous(memory_format=torch.channels_last)),
         "PyTorch, contiguous tensors": lambda: contiguous,
         "PyTorch, torch.compile (channels_last)": lambda: compiled(before, images[:batch]),
-        "onnxruntime, fp32 (engine.infer on a CPU)": lambda: OnnxNetwork(fp32),
+        "onnxruntime, fp32 (engine.model.infer on a CPU)": lambda: OnnxNetwork(fp32),
         "onnxruntime, int8 static": lambda: int8_network(fp32, calibration, static=True),
         "onnxruntime, int8 dynamic": lambda: int8_network(fp32, calibration, static=False),
     }

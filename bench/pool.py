@@ -8,7 +8,7 @@
    high, linked under `--images` names, and one database row each, in a SQLite file or, with
    `--backend postgresql`, on a throwaway PostgreSQL server on localhost (bench/postgres.py).
 2. Predicts every image with a tiny model (timm's test_efficientnet, random weights) the way
-   engine.infer does: through the preprocessing cache, each batch stored as it is made. The
+   engine.model.infer does: through the preprocessing cache, each batch stored as it is made. The
    resident memory of this process is sampled after every batch, and the time at every tenth
    of the pool: memory should stay flat and the rate steady (time growing linearly).
 3. Inserts in bulk the predictions of further runs up to `--predictions` in all, decides 10 %
@@ -35,12 +35,12 @@ from bench.postgres import Server
 from bench.review_bench import queue_times
 from db.schema import Image, Prediction, Review, Run, Source, utcnow
 from db.session import get_engine, migrate, session_scope
-from engine.data import default_workers
-from engine.infer import source_samples, store_predictions
-from engine.models import create_model, model_mean_std
-from engine.predictor import predict_batches
-from engine.preprocess import PreprocessConfig
-from engine.synth import write_dataset
+from engine.data.datasets import default_workers
+from engine.model.infer import source_samples, store_predictions
+from engine.model.networks import create_model, model_mean_std
+from engine.model.predictor import predict_batches
+from engine.data.preprocess import PreprocessConfig
+from engine.data.synth import write_dataset
 from grades import REVIEW_THRESHOLD
 
 MODEL = "test_efficientnet"
@@ -86,7 +86,7 @@ def new_run(db_url: str, name: str, size: int) -> int:
 
 def infer_pool(db_url: str, cache: Path, size: int, batch_size: int, workers: int
                ) -> tuple[int, list[tuple[int, float, float]]]:
-    """Predict the pool as engine.infer does; the run id and, at every tenth of the pool,
+    """Predict the pool as engine.model.infer does; the run id and, at every tenth of the pool,
     (images done, seconds, the largest RSS in MB sampled after each batch of that tenth)."""
     mean, std = model_mean_std(MODEL)
     meta = {"preprocess": PreprocessConfig(size=size).to_dict(), "mean": mean, "std": std,

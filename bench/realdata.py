@@ -5,8 +5,8 @@ same split, from the same pretrained start, in the same budget of minutes for th
                                        [--train-args "--img-size 384 ..."] [--screen]
 
 ../shared/realdata (labels.csv: file, grade 0-4, dataset, group) is split by group, stratified
-by grade: 25 % test, then 20 % of the rest for validation (the split `engine.train
---data-path` makes). The defaults are what `python -m engine.train` does with no options but
+by grade: 25 % test, then 20 % of the rest for validation (the split `engine.training.train
+--data-path` makes). The defaults are what `python -m engine.training.train` does with no options but
 `--minutes` (plus --train-args, for trying a change): a validation phase trained on the
 training split gives the validation figures, the temperature and the operating point, and
 the model is then trained on training and validation images together. The reference loop
@@ -32,15 +32,15 @@ import torch
 from cli import HelpFormatter
 from bench.common import REALDATA
 from bench.reference import reference_probs, train_reference
-from engine.data import Sample, labels_csv_samples, read_probabilities, train_val_test_split
-from engine.metrics import expected_calibration_error, screening_summary
-from engine.models import load_checkpoint
-from engine.predictor import predict
-from engine.refit import VALIDATION, train_model
-from engine.screening import paired_difference
-from engine.train import make_config, parse_args
-from engine.trainer import PrintHooks, RunPaths
-from engine.workspace import Workspace
+from engine.data.datasets import Sample, labels_csv_samples, read_probabilities, train_val_test_split
+from engine.model.metrics import expected_calibration_error, screening_summary
+from engine.model.networks import load_checkpoint
+from engine.model.predictor import predict
+from engine.training.refit import VALIDATION, train_model
+from engine.training.screening import paired_difference
+from engine.training.train import make_config, parse_args
+from engine.training.trainer import PrintHooks, RunPaths
+from engine.runtime.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "realdata.json"
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="split and training seed "
                         "(default: %(default)s)")
     parser.add_argument("--only", choices=("defaults", "reference"), help="one method alone")
-    parser.add_argument("--train-args", default="", help="extra engine.train options")
+    parser.add_argument("--train-args", default="", help="extra engine.training.train options")
     parser.add_argument("--screen", action="store_true",
                         help="validation figures of the defaults alone; the test split unread")
     parser.add_argument("--out", type=Path, default=OUT, help="default: %(default)s")

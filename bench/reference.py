@@ -19,11 +19,11 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset
 
-from engine.data import Sample, class_weights
-from engine.images import load_rgb
-from engine.models import create_model, model_mean_std
-from engine.predictor import tta_logits
-from engine.preprocess import crop_to_eye
+from engine.data.datasets import Sample, class_weights
+from engine.data.images import load_rgb
+from engine.model.networks import create_model, model_mean_std
+from engine.model.predictor import tta_logits
+from engine.data.preprocess import crop_to_eye
 
 
 class Photos(Dataset):

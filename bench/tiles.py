@@ -1,4 +1,4 @@
-"""Seconds to build the grading viewer's tile pyramids (engine/tiles.py) of a 12-Mpx photograph.
+"""Seconds to build the grading viewer's tile pyramids (engine/data/tiles.py) of a 12-Mpx photograph.
 
     .venv/bin/python -m bench.tiles [--photos 3] [--size 4243x2828]
 
@@ -24,9 +24,9 @@ import cv2
 
 from cli import HelpFormatter
 from bench.common import REALDATA, REPEATS
-from engine.images import load_rgb
-from engine.preprocess import find_field
-from engine.tiles import ENCODE_THREADS, VIEWS, TileCache, contrast, red_free, write_pyramid
+from engine.data.images import load_rgb
+from engine.data.preprocess import find_field
+from engine.data.tiles import ENCODE_THREADS, VIEWS, TileCache, contrast, red_free, write_pyramid
 
 
 

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from cli import HelpFormatter
 from bench.common import rate
-from engine.data import default_workers, folder_samples
-from engine.models import create_model, default_model
-from engine.synth import write_dataset
-from engine.trainer import RunPaths, TrainConfig, Trainer
-from engine.workspace import Workspace
+from engine.data.datasets import default_workers, folder_samples
+from engine.model.networks import create_model, default_model
+from engine.data.synth import write_dataset
+from engine.training.trainer import RunPaths, TrainConfig, Trainer
+from engine.runtime.workspace import Workspace
 
 
 def minimal(name: str, size: int, batch: int, steps: int) -> float:

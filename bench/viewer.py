@@ -29,8 +29,8 @@ from sqlalchemy import insert, select
 from cli import HelpFormatter
 from db.schema import Image, Prediction, Run
 from db.session import migrate, session_scope
-from engine.sources import import_source
-from engine.workspace import Workspace
+from engine.data.sources import import_source
+from engine.runtime.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -80,7 +80,7 @@ def write_image(path: Path, size: tuple[int, int] = (64, 48), value: int = 120) 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic dataset in every layout, generated once per test session."""
-    from engine.synth import write_dataset
+    from engine.data.synth import write_dataset
 
     out = tmp_path_factory.mktemp("synth")
     write_dataset(out, seed=3, n_train=24, n_test=8, n_val=16, n_messidor=4, size=128)
@@ -91,7 +91,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def workspace(tmp_path: Path, monkeypatch, request, backend: str):
     """A migrated workspace of the test's own, which the app (AppTest) opens too; its
     database is on PostgreSQL where BOTH_BACKENDS says so."""
-    from engine.workspace import Workspace
+    from engine.runtime.workspace import Workspace
 
     monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.setenv("DR_DEMO", "0")
@@ -110,8 +110,8 @@ def tiny_checkpoint(path: Path, image_size: int = 64, temperature: float = 1.0) 
     that training writes: its own preprocessing, normalisation and temperature."""
     import torch
 
-    from engine.models import create_model, model_mean_std, save_checkpoint
-    from engine.preprocess import PreprocessConfig
+    from engine.model.networks import create_model, model_mean_std, save_checkpoint
+    from engine.data.preprocess import PreprocessConfig
 
     torch.manual_seed(0)
     mean, std = model_mean_std("test_efficientnet")
@@ -132,7 +132,7 @@ def job_row(workspace, job_id: int):
 
 def wait_for_job(workspace, job_id: int, done, timeout: float = 120):
     """The job's row once `done(row)` holds; its log's tail in the failure if it never does."""
-    from engine import jobs
+    from engine.runtime import jobs
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -161,7 +161,7 @@ def page_text(at) -> str:
                                       *at.success, *at.error, *at.code])
 
 
-# What engine.calibration.calibration_summary stores: 120 of the 200 validation images reach
+# What engine.model.calibration.calibration_summary stores: 120 of the 200 validation images reach
 # 0.70 after calibration, 102 of those (85 %) are right.
 CALIBRATION = {
     "temperature": 1.8, "bounded": False, "images": 200, "ece_before": 0.12,

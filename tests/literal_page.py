@@ -1,5 +1,5 @@
 """A page for tests/test_literal.py: each text of $LITERAL_TEXTS (a JSON list) through
-engine.markdown.literal into every kind of element that draws markdown, one element a container
+engine.runtime.markdown.literal into every kind of element that draws markdown, one element a container
 keyed <kind>-<index>."""
 
 import json
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import streamlit as st
 
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 
 for i, text in enumerate(json.loads(os.environ["LITERAL_TEXTS"])):
     shown = literal(text)

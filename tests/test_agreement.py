@@ -1,4 +1,4 @@
-"""Double reads, agreement and adjudication (db.reviews, engine.agreement), and the
+"""Double reads, agreement and adjudication (db.reviews, engine.loop.agreement), and the
 Agreement page run headless with AppTest on the small workspace of test_review."""
 
 import pytest
@@ -10,7 +10,7 @@ from db.reviews import (DOUBLE_READ_SHARE, DecidedMeanwhile, QueueFilter, ReadsS
                         double_read, double_read_share, progress, reads_frame,
                         recent_decisions, set_double_read_share, undo_last)
 from db.users import TERMINAL, User, add_account
-from engine.agreement import between_reviewers, confusion, per_grade, read_pairs, with_model
+from engine.loop.agreement import between_reviewers, confusion, per_grade, read_pairs, with_model
 from test_review import order, predicted, reviews  # noqa: F401 (a fixture)
 
 

@@ -10,11 +10,11 @@ from conftest import open_page, page_text, wait_for_job, write_image
 from db.schema import Job
 from db.session import session_scope
 from db.users import LOCAL
-from engine import jobs
-from engine.demo import demo_args
+from engine.runtime import jobs
+from engine.loop.demo import demo_args
 from db.queries import sources_frame
-from engine.sources import import_source
-from engine.markdown import literal
+from engine.data.sources import import_source
+from engine.runtime.markdown import literal
 
 
 def test_empty_workspace_shows_a_sentence(workspace):

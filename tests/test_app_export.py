@@ -11,8 +11,8 @@ from conftest import CALIBRATION, open_page, page_text, wait_for_job
 from db.schema import Run
 from db.session import session_scope
 from db.users import TERMINAL, add_account
-from engine import jobs
-from engine.export_model import export_folder, latest_export, zipped
+from engine.runtime import jobs
+from engine.loop.export_model import export_folder, latest_export, zipped
 from test_review import register_run
 from test_roles import PASSWORD, quick_hashes, signed_in  # noqa: F401 (a fixture)
 

@@ -11,13 +11,13 @@ from conftest import open_page, page_text, write_image
 from db.predictions import confidence_histogram, grade_counts, models, pools, submission_frame
 from db.schema import Image, Job, Prediction, Run, Source
 from db.session import session_scope
-from engine import jobs
-from engine.infer import register_model
-from engine.models import create_model, model_mean_std, save_checkpoint
-from engine.preprocess import PreprocessConfig
-from engine.sources import import_source
-from engine.workspace import Workspace
-from engine.markdown import literal
+from engine.runtime import jobs
+from engine.model.infer import register_model
+from engine.model.networks import create_model, model_mean_std, save_checkpoint
+from engine.data.preprocess import PreprocessConfig
+from engine.data.sources import import_source
+from engine.runtime.workspace import Workspace
+from engine.runtime.markdown import literal
 
 
 def tiny_model(workspace: Workspace, name: str = "tiny") -> int:

@@ -1,5 +1,5 @@
 """The Retrain page (AppTest), its queries (db/runs.py), the training arguments and tables
-(engine/retrain.py) and the figures (engine/curves.py)."""
+(engine/loop/retrain.py) and the figures (views/curves.py)."""
 
 import re
 import shlex
@@ -19,17 +19,17 @@ from db.runs import (active_run_id, best_epoch, epochs_frame, referable_threshol
 from db.schema import Epoch, Image, Job, Review, Run, Source, utcnow
 from db.session import session_scope
 from db.users import LOCAL
-from engine import jobs
-from engine.curves import (CURVES, confusion_figure, curated_figure, curve_figure,
+from engine.runtime import jobs
+from views.curves import (CURVES, confusion_figure, curated_figure, curve_figure,
                            per_class_figure, reliability_figure)
-from engine.retrain import (contribution_table, curated_counts, default_settings,
+from engine.loop.retrain import (contribution_table, curated_counts, default_settings,
                             original_counts, runs_table, settings_problem, train_job_args)
-from engine.data import folder_samples, person_halves, write_probabilities
-from engine.metrics import validation_screening
-from engine.sources import import_source
-from engine.train import make_config, parse_args
-from engine.workspace import Workspace
-from engine.markdown import literal
+from engine.data.datasets import folder_samples, person_halves, write_probabilities
+from engine.model.metrics import validation_screening
+from engine.data.sources import import_source
+from engine.training.train import make_config, parse_args
+from engine.runtime.workspace import Workspace
+from engine.runtime.markdown import literal
 
 TINY = {"name": "tiny", "model": "test_efficientnet", "img_size": 64, "epochs": 1,
         "batch_size": 8, "lr": 0.05, "lrf": 0.1, "optimizer": "adamw", "balance": "sampler",
@@ -302,7 +302,7 @@ def test_promote_changes_the_active_model(data):
 
 def test_page_args_train_one_real_epoch(data):
     """The form's arguments are what the training CLI accepts: one epoch of the tiny model."""
-    job_id = jobs.start_job(data, "train", "engine.train", train_job_args(TINY), params=TINY,
+    job_id = jobs.start_job(data, "train", "engine.training.train", train_job_args(TINY), params=TINY,
                             user=LOCAL)
     job = wait_until_stopped(data.db_url, job_id, timeout=120)
     assert job.status == "done", jobs.log_tail(job.log_path)
@@ -358,7 +358,7 @@ def test_runs_frame_picks_the_first_best_epoch_and_best_epoch_returns_its_detail
     assert table["pretrained"].isna()[0] and table["pretrained"][1] == "ImageNet (offline)"
 
 
-# -- engine/retrain.py --------------------------------------------------------------------------
+# -- engine/loop/retrain.py --------------------------------------------------------------------------
 
 def test_train_job_args_are_what_the_training_cli_reads():
     settings = {**TINY, "progressive": True, "pretrained": True, "weights": " /w/v2s.pth "}
@@ -415,7 +415,7 @@ def test_counts_and_contribution_table():
     assert table.loc[("t", "pseudo"), "total"] == 1
 
 
-# -- engine/curves.py ---------------------------------------------------------------------------
+# -- views/curves.py ---------------------------------------------------------------------------
 
 def test_curve_figures_hold_every_run_and_split():
     epochs = pd.DataFrame({"run": ["a", "a", "b"], "epoch": [1, 2, 1], "lr": [0.01, 0.005, 0.02],

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from bench.realdata import main
-from engine.data import folder_samples
+from engine.data.datasets import folder_samples
 
 TINY = ("--model test_efficientnet --pretrained false --img-size 64 --batch-size 8 "
         "--workers 0 --lr 0.05")

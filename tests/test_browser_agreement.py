@@ -11,8 +11,8 @@ from browser import chromium_page, require_chromium, screenshot, streamlit_serve
 from db.reviews import adjudication_queue
 from db.schema import Review
 from db.session import migrate, read_scope
-from engine.sources import import_source
-from engine.workspace import Workspace
+from engine.data.sources import import_source
+from engine.runtime.workspace import Workspace
 from grades import GRADE_NAMES
 from test_agreement import read_by_hand
 from test_review import POOL, add_predictions, image_ids, register_run

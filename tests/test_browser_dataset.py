@@ -1,6 +1,6 @@
 """First start in a real browser: the demo workspace builds while the server answers, then
 the Dataset page shows its class balance and gallery. A small demo (DR_DEMO=60): the full one
-differs only in its counts (engine.demo.demo_args)."""
+differs only in its counts (engine.loop.demo.demo_args)."""
 
 from browser import (chromium_page, require_chromium, screenshot, streamlit_server, wait_for_count,
                      wait_until_idle)

@@ -12,11 +12,11 @@ from browser import (chromium_page, go_to, require_chromium, screenshot, streaml
 from db.runs import active_run_id, epochs_frame
 from db.schema import Epoch, Image, Job, Prediction, Run, Source
 from db.session import migrate, session_scope
-from engine import jobs
-from engine.curves import curve_figures
+from engine.runtime import jobs
+from views.curves import curve_figures
 from grades import REVIEW_THRESHOLD
-from engine.sources import import_source
-from engine.workspace import Workspace
+from engine.data.sources import import_source
+from engine.runtime.workspace import Workspace
 from test_app_inference import tiny_model
 from test_browser_review import decide_by_key, reviews, wait_viewer
 

@@ -15,9 +15,9 @@ from browser import (chromium_page, press_on_body, require_chromium, screenshot,
                      streamlit_server, wait_for, wait_until_idle)
 from db.schema import Image, Review
 from db.session import migrate, session_scope
-from engine.sources import import_source
-from engine.synth import MESSIDOR_STYLE, draw_fundus, sample_lesions
-from engine.workspace import Workspace
+from engine.data.sources import import_source
+from engine.data.synth import MESSIDOR_STYLE, draw_fundus, sample_lesions
+from engine.runtime.workspace import Workspace
 from test_review import add_predictions, image_ids, register_run
 
 BIG = (4752, 3168)  # an EyePACS photograph's size: 13 Deep Zoom levels above the 1-px one

@@ -13,8 +13,8 @@ from browser import (chromium_page, go_to, require_chromium, screenshot, streaml
                      wait_until_idle)
 from conftest import ROOT
 from db.session import migrate
-from engine.sources import import_source
-from engine.workspace import Workspace
+from engine.data.sources import import_source
+from engine.runtime.workspace import Workspace
 
 PASSWORD = "correct horse"
 

@@ -10,9 +10,9 @@ import pytest
 
 from cli import HelpFormatter
 
-COMMANDS = ["engine.demo", "engine.export_model", "engine.import_model", "engine.infer",
-            "engine.loopgain", "engine.model_card", "engine.preprocess", "engine.saliency",
-            "engine.sources", "engine.synth", "engine.train", "db.copy", "db.users",
+COMMANDS = ["engine.loop.demo", "engine.loop.export_model", "engine.loop.import_model", "engine.model.infer",
+            "engine.loop.loopgain", "engine.training.model_card", "engine.data.preprocess", "engine.model.saliency",
+            "engine.data.sources", "engine.data.synth", "engine.training.train", "db.copy", "db.users",
             "bench.inference", "bench.pool", "bench.realdata", "bench.review_bench",
             "bench.tiles", "bench.training", "bench.viewer"]
 
@@ -62,7 +62,7 @@ def test_every_option_has_help_and_shows_its_default(module_name, monkeypatch):
 
 
 def test_the_help_shows_values_none_and_defaults_in_words(monkeypatch, capsys):
-    parser = parser_of("engine.train", monkeypatch)
+    parser = parser_of("engine.training.train", monkeypatch)
     text = parser.format_help()
     assert "images per step (default: 16)" in " ".join(text.split())
     assert "report to this job row (set by the app) (default: none)" in " ".join(text.split())

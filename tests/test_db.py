@@ -135,11 +135,11 @@ def test_reads_take_no_write_lock_and_writes_take_it_up_front(db_url: str):
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_import_inference_job_upsert_and_review_on_postgresql(workspace, tiny_data: Path):
     from db.users import LOCAL
-    from engine import jobs
-    from engine.data import Sample
-    from engine.infer import store_predictions
-    from engine.predictor import Predictions
-    from engine.sources import import_source
+    from engine.runtime import jobs
+    from engine.data.datasets import Sample
+    from engine.model.infer import store_predictions
+    from engine.model.predictor import Predictions
+    from engine.data.sources import import_source
 
     db = workspace.db_url
     assert db.startswith("postgresql+psycopg://")
@@ -147,7 +147,7 @@ def test_import_inference_job_upsert_and_review_on_postgresql(workspace, tiny_da
     again = import_source(db, "aptos", tiny_data / "aptos", "unlabelled", "pool")
     assert (first.added, again.added, again.already) == (8, 0, 8)
     checkpoint = tiny_checkpoint(workspace.weights / "tiny.pth")
-    job_id = jobs.start_job(workspace, "infer", "engine.infer",
+    job_id = jobs.start_job(workspace, "infer", "engine.model.infer",
                             ["--checkpoint", str(checkpoint), "--source", "pool", "--workers", "0"],
                             user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)

@@ -16,8 +16,8 @@ from db.schema import (Account, Base, Epoch, Image, Job, Prediction, Promotion, 
                        Source)
 from db.session import get_engine, read_scope, session_scope
 from db.users import TERMINAL
-from engine.infer import register_model
-from engine.sources import import_source
+from engine.model.infer import register_model
+from engine.data.sources import import_source
 
 
 @pytest.fixture

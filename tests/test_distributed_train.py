@@ -22,14 +22,15 @@ from conftest import ROOT, wait_for_job
 from db.schema import Epoch, Job, Run
 from db.session import migrate, session_scope
 from db.users import LOCAL
-from engine import jobs, train
-from engine.data import RankShare, Sample, class_weights, folder_samples
-from engine.models import load_checkpoint
-from engine.predictor import predict
-from engine.retrain import default_settings, settings_problem
-from engine.sources import import_source
-from engine.trainer import RunPaths, TrainConfig, Trainer, soft_targets
-from engine.workspace import Workspace
+from engine.runtime import jobs
+from engine.training import train
+from engine.data.datasets import RankShare, Sample, class_weights, folder_samples
+from engine.model.networks import load_checkpoint
+from engine.model.predictor import predict
+from engine.loop.retrain import default_settings, settings_problem
+from engine.data.sources import import_source
+from engine.training.trainer import RunPaths, TrainConfig, Trainer, soft_targets
+from engine.runtime.workspace import Workspace
 
 # Every step the same for one process and for two: no augmentation, no dropout, a constant
 # learning rate (so that a run resumed with another epoch count keeps its schedule).
@@ -44,7 +45,7 @@ TOLERANCE = 1e-3  # relative: float sums in another order
 def torchrun(workspace: Workspace, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace.root), "HF_HUB_OFFLINE": "1"}
     command = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
-               "--nproc-per-node=2", "-m", "engine.train", *RECIPE, *args]
+               "--nproc-per-node=2", "-m", "engine.training.train", *RECIPE, *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -72,7 +73,7 @@ def test_two_processes_train_as_one_cancel_as_one_and_resume(tiny_data, tmp_path
 
     # A job on two processes whose epochs come from a budget: rank 0 measures, both train
     # as many (ranks that disagreed would wait for each other forever). Cancelled after one.
-    job_id = jobs.start_job(workspace, "train", "engine.train",
+    job_id = jobs.start_job(workspace, "train", "engine.training.train",
                             [*RECIPE, "--minutes", "1", "--name", "ddp"], processes=2, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: epochs_recorded(workspace, "ddp")
                        or j.status not in jobs.ACTIVE, timeout=300)

@@ -21,17 +21,17 @@ from db.queries import labelled_images
 from db.runs import referable_threshold, run_calibration, run_config
 from db.schema import Run, Source
 from db.session import migrate, read_scope, session_scope
-from engine import export_model
-from engine.data import Sample
-from engine.export_model import ExportRefused, export_run, main
-from engine.infer import register_model
-from engine.markdown import literal
-from engine.model_card import (DataRow, RunUnusable, figure, model_card, run_facts,
+from engine.loop import export_model
+from engine.data.datasets import Sample
+from engine.loop.export_model import ExportRefused, export_run, main
+from engine.model.infer import register_model
+from engine.runtime.markdown import literal
+from engine.training.model_card import (DataRow, RunUnusable, figure, model_card, run_facts,
                                write_model_card)
-from engine.models import (load_checkpoint)
-from engine.predictor import dataset_for, model_views, predict, tta_logits
-from engine.sources import import_source
-from engine.workspace import Workspace
+from engine.model.networks import (load_checkpoint)
+from engine.model.predictor import dataset_for, model_views, predict, tta_logits
+from engine.data.sources import import_source
+from engine.runtime.workspace import Workspace
 
 TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "false",
         "--batch-size", "8", "--workers", "0", "--lr", "0.05"]
@@ -50,7 +50,7 @@ def workspace(tiny_data, tmp_path_factory) -> Workspace:
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train")
     import_source(workspace.db_url, "folders", tiny_data / "validation", "validation")
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace.root), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "engine.train", "--from-db", "--epochs", "1",
+    done = subprocess.run([sys.executable, "-m", "engine.training.train", "--from-db", "--epochs", "1",
                            "--name", "tiny", *TINY], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import ROOT, write_image
 from db.queries import curated_set, labelled_images
-from engine.data import Sample, folder_samples, same_content, shared_groups, stratified_split
-from engine.groups import group_from_name, group_of
-from engine.sources import ImportStopped, import_source
-from engine.train import db_samples, keep_validation_apart
+from engine.data.datasets import Sample, folder_samples, same_content, shared_groups, stratified_split
+from engine.data.groups import group_from_name, group_of
+from engine.data.sources import ImportStopped, import_source
+from engine.training.train import db_samples, keep_validation_apart
 
 
 def test_groups_come_from_a_column_or_an_eyepacs_name():
@@ -98,7 +98,7 @@ def test_the_training_log_says_how_people_were_kept_apart(tmp_path):
             write_image(tmp_path / "f" / str(patient % 4) / f"{patient}_{eye}.png",
                         value=patient * 20 + (eye == "left"))
     done = subprocess.run(
-        [sys.executable, "-m", "engine.train", "--model", "test_efficientnet", "--img-size", "32",
+        [sys.executable, "-m", "engine.training.train", "--model", "test_efficientnet", "--img-size", "32",
          "--pretrained", "false", "--workers", "0", "--epochs", "1", "--data-path",
          str(tmp_path / "f")], cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(tmp_path / "ws")})

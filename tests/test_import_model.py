@@ -17,11 +17,11 @@ from db.runs import promote
 from db.schema import Run
 from db.session import session_scope
 from db.users import LOCAL, NotAllowed, User
-from engine.data import Sample
-from engine.import_model import ImportRefused, import_seed_model, import_upload, main
-from engine.models import WeightsMismatch, create_model, load_checkpoint, model_for_weights
-from engine.predictor import dataset_for
-from engine.seed_weights import SEED_MODEL_ARGS, seed_model_name, seed_to_timm
+from engine.data.datasets import Sample
+from engine.loop.import_model import ImportRefused, import_seed_model, import_upload, main
+from engine.model.networks import WeightsMismatch, create_model, load_checkpoint, model_for_weights
+from engine.model.predictor import dataset_for
+from engine.model.seed_weights import SEED_MODEL_ARGS, seed_model_name, seed_to_timm
 
 # The seed's configurations: (repeats, kernel, stride, expansion, in, out, fused, squeeze-excite).
 SEED_S = [(2, 3, 1, 1, 24, 24, True, False), (4, 3, 2, 4, 24, 48, True, False),

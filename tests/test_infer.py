@@ -16,13 +16,14 @@ from conftest import ROOT, wait_for_job, write_image
 from db.schema import Image, Prediction, Run
 from db.session import migrate, session_scope
 from db.users import LOCAL
-from engine import infer, jobs
-from engine.data import Sample
-from engine.models import create_model, model_mean_std, save_checkpoint
-from engine.predictor import predict
-from engine.preprocess import PreprocessConfig
-from engine.sources import import_source
-from engine.workspace import Workspace
+from engine.model import infer
+from engine.runtime import jobs
+from engine.data.datasets import Sample
+from engine.model.networks import create_model, model_mean_std, save_checkpoint
+from engine.model.predictor import predict
+from engine.data.preprocess import PreprocessConfig
+from engine.data.sources import import_source
+from engine.runtime.workspace import Workspace
 
 
 @pytest.fixture
@@ -40,14 +41,14 @@ def checkpoint(tmp_path: Path) -> Path:
 
 def infer_cli(workspace: Path, *args: str, processes: int = 1,
               runtime: str = "pytorch") -> subprocess.CompletedProcess:
-    """engine.infer in a process of its own; on PyTorch unless `runtime` says onnxruntime, the
+    """engine.model.infer in a process of its own; on PyTorch unless `runtime` says onnxruntime, the
     default outside the tests (conftest)."""
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1",
            "DR_CPU_RUNTIME": runtime}
     launcher = [sys.executable] if processes == 1 else [
         str(Path(sys.executable).with_name("torchrun")), "--standalone",
         f"--nproc-per-node={processes}"]
-    return subprocess.run([*launcher, "-m", "engine.infer", "--workers", "0", *args],
+    return subprocess.run([*launcher, "-m", "engine.model.infer", "--workers", "0", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -167,7 +168,7 @@ def test_a_job_on_two_processes_is_one_job_that_cancels_and_resumes(tmp_path, ch
     import_source(workspace.db_url, "unlabelled", tmp_path / "big", "unlabelled", "big")
     args = ["--checkpoint", str(checkpoint), "--source", "big", "--batch-size", "1",
             "--workers", "0"]
-    job_id = jobs.start_job(workspace, "infer", "engine.infer", args, processes=2, user=LOCAL)
+    job_id = jobs.start_job(workspace, "infer", "engine.model.infer", args, processes=2, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.progress > 0 or j.status not in jobs.ACTIVE)
     assert job.status == "running", jobs.log_tail(job.log_path)
     assert "torch.distributed.run" in Path(f"/proc/{job.pid}/cmdline").read_text()  # torchrun's
@@ -178,7 +179,7 @@ def test_a_job_on_two_processes_is_one_job_that_cancels_and_resumes(tmp_path, ch
     kept = len(stored(workspace))
     assert 0 < kept < 600
 
-    job_id = jobs.start_job(workspace, "infer", "engine.infer", args, processes=2, user=LOCAL)
+    job_id = jobs.start_job(workspace, "infer", "engine.model.infer", args, processes=2, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
     assert job.status == "done" and job.progress == 1.0, jobs.log_tail(job.log_path)
     assert len(stored(workspace)) == 600
@@ -221,7 +222,7 @@ def test_a_missing_checkpoint_and_an_unknown_source_are_errors_in_words(
 
 
 def test_temperature_softens_the_probabilities(tiny_data, checkpoint):
-    from engine.models import load_checkpoint
+    from engine.model.networks import load_checkpoint
     model, meta = load_checkpoint(checkpoint)
     samples = [Sample(str(p)) for p in sorted((tiny_data / "aptos" / "test_images").iterdir())]
     hot = predict(model, meta, samples, torch.device("cpu"), workers=0)

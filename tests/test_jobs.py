@@ -19,15 +19,15 @@ from conftest import BOTH_BACKENDS, job_row, wait_for_job
 from db.schema import Job, Run, utcnow
 from db.session import get_engine, migrate, read_scope, session_scope
 from db.users import LOCAL
-from engine import jobs
-from engine.data import folder_samples
-from engine.sources import import_source
-from engine.train import LogHooks
-from engine.trainer import RunPaths, TrainConfig, Trainer
+from engine.runtime import jobs
+from engine.data.datasets import folder_samples
+from engine.data.sources import import_source
+from engine.training.train import LogHooks
+from engine.training.trainer import RunPaths, TrainConfig, Trainer
 
 
 def test_demo_job_runs_to_done_and_fills_the_workspace(workspace):
-    job_id = jobs.start_job(workspace, "demo", "engine.demo",
+    job_id = jobs.start_job(workspace, "demo", "engine.loop.demo",
                             ["--train", "8", "--test", "4", "--val", "8", "--size", "96"],
                             user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
@@ -37,10 +37,10 @@ def test_demo_job_runs_to_done_and_fills_the_workspace(workspace):
 
 def test_a_second_job_of_the_same_kind_is_refused(workspace):
     args = ["--train", "400", "--size", "256"]
-    first = jobs.start_job(workspace, "demo", "engine.demo", args, user=LOCAL)
+    first = jobs.start_job(workspace, "demo", "engine.loop.demo", args, user=LOCAL)
     try:
         with pytest.raises(jobs.JobRefused, match=f"#{first}"):
-            jobs.start_job(workspace, "demo", "engine.demo", args, user=LOCAL)
+            jobs.start_job(workspace, "demo", "engine.loop.demo", args, user=LOCAL)
     finally:
         jobs.cancel_job(workspace.db_url, first, user=LOCAL)
         wait_for_job(workspace, first, lambda j: j.status not in jobs.ACTIVE)
@@ -65,7 +65,7 @@ def test_two_admins_starting_one_kind_at_the_same_moment_start_one_job(workspace
     threading.Timer(1.0, release.set).start()
     try:
         with pytest.raises(jobs.JobRefused, match="demo job"):
-            jobs.start_job(workspace, "demo", "engine.demo", ["--train", "8"], user=LOCAL)
+            jobs.start_job(workspace, "demo", "engine.loop.demo", ["--train", "8"], user=LOCAL)
     finally:
         release.set()
         other.join()
@@ -90,7 +90,7 @@ def test_the_migration_ends_all_but_the_newest_unfinished_job_of_a_kind(tmp_path
 def test_cancel_stops_training_between_batches(workspace, tiny_data):
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train")
     import_source(workspace.db_url, "folders", tiny_data / "validation", "validation")
-    job_id = jobs.start_job(workspace, "train", "engine.train", [
+    job_id = jobs.start_job(workspace, "train", "engine.training.train", [
         "--from-db", "--epochs", "200", "--model", "test_efficientnet", "--img-size", "64",
         "--pretrained", "false", "--batch-size", "4", "--workers", "1", "--name", "c"], user=LOCAL)
     wait_for_job(workspace, job_id, lambda j: j.progress > 0)
@@ -102,7 +102,7 @@ def test_cancel_stops_training_between_batches(workspace, tiny_data):
 
 
 def test_a_cancel_while_the_job_starts_is_recorded_as_cancelled(workspace):
-    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"],
+    job_id = jobs.start_job(workspace, "demo", "engine.loop.demo", ["--train", "400", "--size", "256"],
                             user=LOCAL)
     # its process is still starting: no reporter yet
     jobs.cancel_job(workspace.db_url, job_id, user=LOCAL)
@@ -115,7 +115,7 @@ def test_a_cancel_while_the_job_starts_is_recorded_as_cancelled(workspace):
 @BOTH_BACKENDS
 def test_a_cancel_from_another_host_reaches_the_job_through_the_database(workspace, monkeypatch):
     monkeypatch.setenv("DR_HOST", "a")
-    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"],
+    job_id = jobs.start_job(workspace, "demo", "engine.loop.demo", ["--train", "400", "--size", "256"],
                             user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status == "running")
     assert job.host == "a"
@@ -191,7 +191,7 @@ def test_validation_and_calibration_stop_on_a_cancel(workspace, tiny_data):
 
 
 def test_a_killed_job_is_found_dead(workspace):
-    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--train", "400", "--size", "256"],
+    job_id = jobs.start_job(workspace, "demo", "engine.loop.demo", ["--train", "400", "--size", "256"],
                             user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status == "running")
     os.killpg(job.pid, signal.SIGKILL)  # no chance to say anything
@@ -289,7 +289,7 @@ def test_a_locked_database_does_not_stop_the_heartbeat(workspace, monkeypatch):
 
 
 def test_a_run_outside_a_job_gives_back_the_callers_sigterm_handler(workspace):
-    """engine.train and engine.infer run in a test's own process too: once they end, SIGTERM
+    """engine.training.train and engine.model.infer run in a test's own process too: once they end, SIGTERM
     is the caller's again."""
     before = signal.getsignal(signal.SIGTERM)
     with jobs.JobReporter(workspace.db_url, None) as job:

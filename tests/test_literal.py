@@ -1,5 +1,5 @@
 """Strings from users and files shown as written: the markdown escape every page uses
-(engine.markdown.literal), and what Streamlit draws of it in a real browser."""
+(engine.runtime.markdown.literal), and what Streamlit draws of it in a real browser."""
 
 import json
 import re
@@ -7,7 +7,7 @@ import string
 from pathlib import Path
 
 from browser import chromium_page, require_chromium, streamlit_server, wait_until_idle
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 
 # Each starts a markdown construct of CommonMark, GFM or Streamlit's own.
 TEXTS = [

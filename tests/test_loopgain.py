@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import tiny_checkpoint
-from engine.data import Sample, shared_groups
-from engine.loopgain import SimulatedReviewer, loop_split, main, reviewed, unreviewed
-from engine.models import load_checkpoint
-from engine.predictor import Predictions, predict
-from engine.queue_order import ORDERS, queue_order
-from engine.synth import write_dataset
+from engine.data.datasets import Sample, shared_groups
+from engine.loop.loopgain import SimulatedReviewer, loop_split, main, reviewed, unreviewed
+from engine.model.networks import load_checkpoint
+from engine.model.predictor import Predictions, predict
+from engine.loop.queue_order import ORDERS, queue_order
+from engine.data.synth import write_dataset
 
 TINY = ("--model test_efficientnet --pretrained false --img-size 64 --batch-size 8 "
         "--workers 0 --lr 0.05 --bf16 false")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.calibration import (apply_temperature, calibration_summary, fit_temperature,
+from engine.model.calibration import (apply_temperature, calibration_summary, fit_temperature,
                                 reliability)
-from engine.metrics import (
+from engine.model.metrics import (
     classification_report,
     confident_share,
     confusion_matrix,

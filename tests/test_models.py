@@ -13,8 +13,8 @@ from huggingface_hub import constants as hf_constants
 from skimage import data
 from torch import nn
 
-from engine import models
-from engine.models import (
+from engine.model import networks as models
+from engine.model.networks import (
     LITE0,
     NUM_CLASSES,
     WeightsNotFound,

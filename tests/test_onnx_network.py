@@ -1,6 +1,6 @@
 """CPU inference on onnxruntime: the same probabilities and grades as PyTorch (a tiny model,
 and the default model on real photographs), one export per checkpoint, an export that
-disagrees never used, and engine.infer that falls back to PyTorch in words."""
+disagrees never used, and engine.model.infer that falls back to PyTorch in words."""
 
 import os
 
@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_checkpoint
-from engine import infer, onnx_network as ort_module
-from engine.data import Sample, folder_samples
-from engine.models import (CLASSES, create_model, default_model, load_checkpoint, model_mean_std,
+from engine.model import infer
+from engine.model import onnx_network as ort_module
+from engine.data.datasets import Sample, folder_samples
+from engine.model.networks import (CLASSES, create_model, default_model, load_checkpoint, model_mean_std,
                            save_checkpoint)
-from engine.onnx_network import ExportMismatch, onnx_network, onnx_path
-from engine.predictor import predict
-from engine.preprocess import PreprocessConfig
-from engine.workspace import Workspace
+from engine.model.onnx_network import ExportMismatch, onnx_network, onnx_path
+from engine.model.predictor import predict
+from engine.data.preprocess import PreprocessConfig
+from engine.runtime.workspace import Workspace
 from grades import from_aptos
 
 REALDATA = ROOT.parent / "shared" / "realdata"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from skimage import data
 
-import engine.preprocess as pp
-from engine.images import load_rgb
-from engine.preprocess import (
+import engine.data.preprocess as pp
+from engine.data.images import load_rgb
+from engine.data.preprocess import (
     PreprocessCache,
     PreprocessConfig,
     apply_mask,
@@ -235,7 +235,7 @@ def test_cache_pickles_and_reports_missing_source(tmp_path):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "engine.preprocess", *args],
+        [sys.executable, "-m", "engine.data.preprocess", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

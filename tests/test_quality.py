@@ -1,4 +1,4 @@
-"""Whether a model is fit to propose grades (engine/quality.py), its calibration in sentences,
+"""Whether a model is fit to propose grades (engine/model/quality.py), its calibration in sentences,
 and the warnings the Review and Inference pages show about it."""
 
 import numpy as np
@@ -10,9 +10,9 @@ from db.predictions import run_grade_counts
 from db.runs import run_calibration, run_score
 from db.schema import Image, Prediction, Run, Source
 from db.session import session_scope
-from engine.calibration import calibration_summary, confident_at
+from engine.model.calibration import calibration_summary, confident_at
 from grades import DOMINANT_SHARE, WEAK_QWK
-from engine.quality import calibration_lines, clipped_warning, model_warnings, threshold_accuracy
+from engine.model.quality import calibration_lines, clipped_warning, model_warnings, threshold_accuracy
 
 WEAK = ("The active model's validation QWK is 0.20, below 0.40: its proposals are more often "
         "wrong than a reviewer can correct; retrain it before reviewing.")

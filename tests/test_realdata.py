@@ -20,10 +20,10 @@ from conftest import ROOT
 from db.schema import Prediction
 from db.session import migrate, session_scope
 from grades import from_aptos
-from engine.images import load_rgb
-from engine.preprocess import find_field
-from engine.sources import import_source
-from engine.workspace import Workspace
+from engine.data.images import load_rgb
+from engine.data.preprocess import find_field
+from engine.data.sources import import_source
+from engine.runtime.workspace import Workspace
 
 REALDATA = ROOT.parent / "shared" / "realdata"
 pytestmark = pytest.mark.skipif(not (REALDATA / "labels.csv").is_file(),
@@ -115,7 +115,7 @@ def test_real_photographs_go_through_import_preprocess_training_and_inference(la
         report = import_source(workspace.db_url, kind, tmp_path / folder, role, folder)
         assert report.added > 0 and not report.problems, report
 
-    run("engine.preprocess", workspace.root, "--in", str(tmp_path / "pool"),
+    run("engine.data.preprocess", workspace.root, "--in", str(tmp_path / "pool"),
         "--out", str(tmp_path / "pre"), "--size", "128")
     for file in (tmp_path / "pool").iterdir():
         preprocessed = load_rgb(tmp_path / "pre" / file.name)
@@ -123,12 +123,12 @@ def test_real_photographs_go_through_import_preprocess_training_and_inference(la
         cx, cy, r = find_field(preprocessed)  # the eye now fills the square
         assert abs(cx - 63.5) < 4 and r > 0.85 * 64
 
-    done = run("engine.train", workspace.root, "--from-db", "--model", "test_efficientnet",
+    done = run("engine.training.train", workspace.root, "--from-db", "--model", "test_efficientnet",
                "--pretrained", "false", "--img-size", "64", "--epochs", "2", "--workers", "0",
                "--name", "real")
     assert "people kept apart" in done.stdout and "val QWK" in done.stdout
     checkpoint = workspace.weights / "real" / "best.pth"
-    done = run("engine.infer", workspace.root, "--checkpoint", str(checkpoint), "--source",
+    done = run("engine.model.infer", workspace.root, "--checkpoint", str(checkpoint), "--source",
                "pool", "--out", str(tmp_path / "submission.csv"), "--workers", "0")
     assert "onnxruntime grades the images" in done.stdout  # the default on a CPU
     submission = pd.read_csv(tmp_path / "submission.csv")

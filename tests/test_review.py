@@ -1,4 +1,4 @@
-"""The review queue, decisions, claims and export (db.reviews, engine.export), and the Review
+"""The review queue, decisions, claims and export (db.reviews, engine.data.export), and the Review
 page run headless with AppTest on a small workspace whose predictions are set by hand."""
 
 import io
@@ -22,12 +22,12 @@ from db.reviews import (CLAIM_TTL, DecidedMeanwhile, QueueFilter, claim_next, cu
 from db.schema import Claim, Image, Prediction, Review, Run, Source, utcnow
 from db.session import session_scope
 from db.users import TERMINAL
-from engine.export import MANIFEST, EarlierExport, ExportRefused, export_class_folders
+from engine.data.export import MANIFEST, EarlierExport, ExportRefused, export_class_folders
 from grades import REVIEW_THRESHOLD
-from engine.infer import register_model
-from engine.sources import import_source
-from engine.workspace import Workspace
-from engine.markdown import literal
+from engine.model.infer import register_model
+from engine.data.sources import import_source
+from engine.runtime.workspace import Workspace
+from engine.runtime.markdown import literal
 
 # The pool's eight images get these (confidence, predicted grade), in import order: six reach
 # the default threshold 0.70; least confident first they come as pool images 5, 4, 3, 2, 1, 0.

@@ -1,5 +1,5 @@
 """Where the reviewers' time goes: the seconds each decision stores (db.reviews.decide), the
-per-reviewer figures and the team's pace (engine.agreement), the Review page's sentence
+per-reviewer figures and the team's pace (engine.loop.agreement), the Review page's sentence
 (views.pace) and the Agreement page's table, on the small workspace of test_review."""
 
 import math
@@ -11,7 +11,7 @@ from conftest import BOTH_BACKENDS, open_page, page_text
 from db.reviews import (MAX_SECONDS, adjudicate, adjudication_queue, decide, decisions_frame,
                         reads_frame, set_double_read_share)
 from db.users import LOCAL, TERMINAL, add_account
-from engine.agreement import Pace, per_reviewer, time_left
+from engine.loop.agreement import Pace, per_reviewer, time_left
 from test_review import predicted, reviews  # noqa: F401 (a fixture)
 from test_roles import PASSWORD, quick_hashes, signed_in  # noqa: F401 (a fixture)
 from views.pace import time_left_text

@@ -19,16 +19,16 @@ from db.schema import Account, Job, Review, Run
 from db.session import session_scope
 from db.users import (LOCAL, TERMINAL, NotAllowed, User, add_account, set_disabled,
                       set_password)
-from engine import jobs
-from engine.export import ExportRefused, export_class_folders, export_roots
-from engine.import_model import import_upload
-from engine.upload import unpack_zip
+from engine.runtime import jobs
+from engine.data.export import ExportRefused, export_class_folders, export_roots
+from engine.loop.import_model import import_upload
+from engine.data.upload import unpack_zip
 from test_agreement import read_by_hand
 from test_db_copy import rows
 from test_review import predicted  # noqa: F401 (a fixture)
 from test_upload import aptos_zip
 from test_users import sign_in_form
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 from views.signin import served_locally
 
 PASSWORD = "correct horse"
@@ -126,7 +126,7 @@ def test_db_and_engine_refuse_admin_actions_to_anyone_not_an_admin_now(team, who
         "adjudicate": lambda: adjudicate(db, user, conflict, 1),
         "set the double-read share": lambda: set_double_read_share(db, 0.5, user=user),
         "cancel a job": lambda: jobs.cancel_job(db, job_id, user=user),
-        "start a train job": lambda: jobs.start_job(workspace, "train", "engine.train",
+        "start a train job": lambda: jobs.start_job(workspace, "train", "engine.training.train",
                                                     user=user),
         "promote a model": lambda: promote(db, run_id, user),
         "import a model": lambda: import_upload(workspace, user, "best.pth", b"", "seed"),
@@ -220,7 +220,7 @@ def test_jobs_runs_and_promotions_name_their_account(workspace):
         run_id = run.id
     promote(workspace.db_url, run_id, LOCAL)  # before the first account: the local admin
     admin = add_account(workspace.db_url, "ana", "admin", None, user=TERMINAL)
-    job_id = jobs.start_job(workspace, "demo", "engine.demo", ["--help"], user=admin)
+    job_id = jobs.start_job(workspace, "demo", "engine.loop.demo", ["--help"], user=admin)
     jobs._children[(workspace.db_url, job_id)].wait(timeout=60)
     with session_scope(workspace.db_url) as session:
         assert session.get(Job, job_id).account == "ana"

@@ -1,5 +1,5 @@
-"""Evidence for one image's grade (engine/saliency.py): Grad-CAM heat maps and their cache, and
-the probabilities of the flip views (engine/predictor.py)."""
+"""Evidence for one image's grade (engine/model/saliency.py): Grad-CAM heat maps and their cache, and
+the probabilities of the flip views (engine/model/predictor.py)."""
 
 from pathlib import Path
 
@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from conftest import tiny_checkpoint
-from engine import saliency
-from engine.data import Sample
-from engine.images import ImageError
-from engine.predictor import predict
-from engine.saliency import Explainer, head_layer, heat_map, layer_gradcam
-from engine.synth import Lesions, draw_fundus, plan_scene, render, sample_lesions
+from engine.model import saliency
+from engine.data.datasets import Sample
+from engine.data.images import ImageError
+from engine.model.predictor import predict
+from engine.model.saliency import Explainer, head_layer, heat_map, layer_gradcam
+from engine.data.synth import Lesions, draw_fundus, plan_scene, render, sample_lesions
 
 SIZE = 96
 

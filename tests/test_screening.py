@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import Sample, folder_samples, read_probabilities, stratified_split
-from engine.metrics import operating_point, referable_score
-from engine.models import load_checkpoint
-from engine.predictor import predict
-from engine.refit import train_model
-from engine.screening import (choose_operating_point, paired_difference, roc_points,
+from engine.data.datasets import Sample, folder_samples, read_probabilities, stratified_split
+from engine.model.metrics import operating_point, referable_score
+from engine.model.networks import load_checkpoint
+from engine.model.predictor import predict
+from engine.training.refit import train_model
+from engine.training.screening import (choose_operating_point, paired_difference, roc_points,
                               validation_file)
-from engine.train import make_config, parse_args
-from engine.trainer import Hooks, RunPaths
-from engine.workspace import Workspace
+from engine.training.train import make_config, parse_args
+from engine.training.trainer import Hooks, RunPaths
+from engine.runtime.workspace import Workspace
 
 TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "false",
         "--batch-size", "8", "--workers", "0", "--lr", "0.05", "--epochs", "1"]

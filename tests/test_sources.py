@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from conftest import ROOT, write_image
 from db.schema import Image, Source
 from db.session import session_scope
-from engine.sources import ImportStopped, import_source
+from engine.data.sources import ImportStopped, import_source
 
 
 def images_of(db_url: str, source_name: str) -> dict[str, Image]:
@@ -161,7 +161,7 @@ def test_whole_source_problems_stop_with_one_message(tmp_path, db_url):
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(tmp_path / "ws")}
-    return subprocess.run([sys.executable, "-m", "engine.sources", "import", *args],
+    return subprocess.run([sys.executable, "-m", "engine.data.sources", "import", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -193,21 +193,22 @@ def linked_class_folders(tmp_path: Path) -> Path:
 
 
 def test_linked_class_folders_import_as_training_reads_them(tmp_path, db_url):
-    from engine.data import folder_samples
+    from engine.data.datasets import folder_samples
 
     folders = linked_class_folders(tmp_path)
     report = import_source(db_url, "folders", folders, "train", name="linked")
     images = images_of(db_url, "linked")
     assert {n: i.grade for n, i in images.items()} == {"a": 0, "b": 0, "c": 1, "d": 2, "e": 3}
     assert reasons(report) == {"1/gone.png": f"broken link to {tmp_path / 'photos' / 'gone.png'}"}
-    # Training on the same folder (engine.train --data-path) reads the same photographs.
+    # Training on the same folder (engine.training.train --data-path) reads the same photographs.
     trained = {s.name: s.grade for s in folder_samples(folders) if Path(s.path).exists()}
     assert trained == {n: i.grade for n, i in images.items()}
 
 
 def test_inference_on_a_folder_of_links_predicts_every_image(tmp_path, monkeypatch, capsys):
     from conftest import tiny_checkpoint
-    from engine import infer, jobs
+    from engine.model import infer
+    from engine.runtime import jobs
 
     monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM
@@ -237,7 +238,7 @@ def test_a_listed_path_with_dots_is_refused_even_through_a_link(tmp_path, db_url
 
 
 def test_data_roots_bound_the_folders_offered(tmp_path, workspace, capsys):
-    from engine.sources import data_roots, folder_choices, main, set_data_roots
+    from engine.data.sources import data_roots, folder_choices, main, set_data_roots
 
     assert data_roots(workspace) == [workspace.datasets]
     for folder in ("a/0", "a/1", "b/x/y/z/deep", ".hidden/0"):
@@ -259,7 +260,8 @@ def test_data_roots_bound_the_folders_offered(tmp_path, workspace, capsys):
 
 def test_the_import_job_reports_progress_and_outcome(aptos, workspace, monkeypatch, capsys):
     from db.schema import Job
-    from engine import jobs, sources
+    from engine.runtime import jobs
+    from engine.data import sources
 
     monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM
 

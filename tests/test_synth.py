@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from grades import from_aptos
-from engine.synth import (
+from engine.data.synth import (
     APTOS_STYLE,
     VALIDATION_STYLE,
     Lesions,

@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 
 import views.tile_server as server
 from conftest import write_image
-from engine.tiles import TileCache, tile_key
+from engine.data.tiles import TileCache, tile_key
 from views.tile_server import LIBRARY, PREFIX, ROUTES, Registry
 
 

@@ -1,4 +1,4 @@
-"""The grading viewer's Deep Zoom pyramids (engine/tiles.py): the layout OpenSeadragon reads,
+"""The grading viewer's Deep Zoom pyramids (engine/data/tiles.py): the layout OpenSeadragon reads,
 native pixels, the red-free and contrast views, and the cache (reuse, eviction, atomic builds,
 browser input, concurrency, the prefetcher)."""
 
@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 import pytest
 
-import engine.tiles as tiles
-from engine.images import ImageError
-from engine.preprocess import PreprocessCache, PreprocessConfig, find_field, preprocess
-from engine.synth import MESSIDOR_STYLE, draw_fundus, sample_lesions
-from engine.tiles import (
+import engine.data.tiles as tiles
+from engine.data.images import ImageError
+from engine.data.preprocess import PreprocessCache, PreprocessConfig, find_field, preprocess
+from engine.data.synth import MESSIDOR_STYLE, draw_fundus, sample_lesions
+from engine.data.tiles import (
     OVERLAP,
     TILE_SIZE,
     VIEWS,
@@ -397,7 +397,7 @@ def test_the_prefetcher_prepares_a_card_once_in_its_own_process(tmp_path):
 def test_a_failed_prefetch_is_logged(tmp_path, caplog):
     broken = tmp_path / "broken.jpg"
     broken.write_text("not an image")
-    with caplog.at_level(logging.WARNING, logger="engine.tiles"):
+    with caplog.at_level(logging.WARNING, logger="engine.data.tiles"):
         future = Prefetcher().submit(broken, tmp_path / "tiles", tmp_path / "cache",
                                      PreprocessConfig(size=64))
         with pytest.raises(ImageError):

@@ -17,15 +17,15 @@ from conftest import ROOT, write_image
 from db.schema import Epoch, Run
 from db.session import migrate, session_scope
 from db.users import LOCAL
-from engine.data import Sample, augmentation, folder_samples, read_manifest, stratified_split
-from engine.models import WeightsMismatch, create_model, load_checkpoint
-from engine.sources import import_source
-from engine.train import main as train_main
-from engine.train import (boolean, make_config, parse_args, refuse_existing_run,
+from engine.data.datasets import Sample, augmentation, folder_samples, read_manifest, stratified_split
+from engine.model.networks import WeightsMismatch, create_model, load_checkpoint
+from engine.data.sources import import_source
+from engine.training.train import main as train_main
+from engine.training.train import (boolean, make_config, parse_args, refuse_existing_run,
                           run_name_problem)
-from engine.trainer import (Hooks, NonFiniteLoss, NoTrainingImages, RunPaths, Trainer,
+from engine.training.trainer import (Hooks, NonFiniteLoss, NoTrainingImages, RunPaths, Trainer,
                             epochs_for_budget, lr_at, soft_targets, stage_of)
-from engine.workspace import Workspace
+from engine.runtime.workspace import Workspace
 
 TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "false",
         "--batch-size", "8", "--workers", "0", "--lr", "0.05"]
@@ -33,7 +33,7 @@ TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "fal
 
 def train_cli(workspace: Path, *args: str, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "engine.train", *TINY, *args], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "engine.training.train", *TINY, *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == returncode, done.stderr[-3000:]
     return done
@@ -415,11 +415,11 @@ def test_a_budget_of_minutes_sets_the_epochs(tiny_data, tmp_path):
 
 
 def readme_commands(marker: str) -> list[list[str]]:
-    """The `engine.train` commands of the README that follow a comment line containing
+    """The `engine.training.train` commands of the README that follow a comment line containing
     `marker`, as argument lists."""
     lines = (ROOT / "README.md").read_text().replace("\\\n", " ").splitlines()
     return [shlex.split(line)[1:] for before, line in zip(lines, lines[1:])
-            if marker in before and "-m engine.train" in line]
+            if marker in before and "-m engine.training.train" in line]
 
 
 def test_the_readmes_seed_commands_run_on_a_cpu(tiny_data, tmp_path):

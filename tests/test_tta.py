@@ -5,8 +5,8 @@ import argparse
 import pytest
 import torch
 
-from engine.predictor import TTA_VIEWS, tta_logits, tta_views, view_logits
-from engine.train import make_config, parse_args, views_arg
+from engine.model.predictor import TTA_VIEWS, tta_logits, tta_views, view_logits
+from engine.training.train import make_config, parse_args, views_arg
 
 
 def corner_net() -> torch.nn.Module:

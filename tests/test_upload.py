@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import write_image
-from engine.sources import import_source
+from engine.data.sources import import_source
 from db.users import TERMINAL
-from engine.upload import UnsafeUpload, unpack_zip
+from engine.data.upload import UnsafeUpload, unpack_zip
 
 # These tests are about the zip, not about who may upload it (test_roles.py is): they unpack
 # as the terminal, which opens no database.

@@ -20,7 +20,7 @@ from db.sign_ins import open_sign_ins
 from db.users import (LOCK_FOR, MAX_FAILURES, TERMINAL, AccountError, SignInRefused, User,
                       add_account, find_provider_user, find_user, has_accounts, main,
                       set_disabled, set_password, sign_in)
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from db import sign_ins
 from db.schema import utcnow
 from db.users import (MAX_FAILURES, MIN_PASSWORD, ROLES, AccountError, NotAllowed, accounts,
                       add_account, set_disabled, set_password)
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 from views.common import current_user, get_workspace
 
 workspace = get_workspace()

@@ -10,10 +10,10 @@ import streamlit as st
 from db.reviews import (Conflict, DecidedMeanwhile, adjudicate, adjudication_queue, describe,
                         decisions_frame, double_read_share, reads_frame)
 from db.users import NotAllowed
-from engine.agreement import (CATEGORIES, REJECT, between_reviewers, confusion, per_grade,
+from engine.loop.agreement import (CATEGORIES, REJECT, between_reviewers, confusion, per_grade,
                               per_reviewer, read_pairs, with_model)
 from grades import GRADE_NAMES
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 from views.common import current_user, get_workspace
 from views.viewer import grading_viewer
 

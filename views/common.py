@@ -9,15 +9,15 @@ import streamlit as st
 from db.schema import Job
 from db.session import migrate
 from db.users import NotAllowed, User, is_admin_now
-from engine import jobs
+from engine.runtime import jobs
 from grades import GRADES
-from engine.images import ImageError, thumbnail
-from engine.markdown import literal
-from engine.models import describe_device, pick_device
-from engine.preprocess import PreprocessCache, PreprocessConfig
-from engine.quality import model_warnings
-from engine.saliency import Explainer
-from engine.workspace import Workspace
+from engine.data.images import ImageError, thumbnail
+from engine.runtime.markdown import literal
+from engine.model.networks import describe_device, pick_device
+from engine.data.preprocess import PreprocessCache, PreprocessConfig
+from engine.model.quality import model_warnings
+from engine.model.saliency import Explainer
+from engine.runtime.workspace import Workspace
 
 @st.cache_resource
 def _opened(workspace: Workspace) -> Workspace:

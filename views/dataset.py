@@ -10,12 +10,12 @@ import streamlit as st
 
 from db.queries import class_counts, image_page, sources_frame
 from db.users import NotAllowed
-from engine import jobs
-from engine.balance import balance_table, imbalance_ratios
-from engine.sources import KIND_ROLES, KINDS, data_roots, folder_choices
-from engine.upload import MAX_FILES, MAX_UNPACKED_BYTES, UnsafeUpload, unpack_zip
+from engine.runtime import jobs
+from engine.data.balance import balance_table, imbalance_ratios
+from engine.data.sources import KIND_ROLES, KINDS, data_roots, folder_choices
+from engine.data.upload import MAX_FILES, MAX_UNPACKED_BYTES, UnsafeUpload, unpack_zip
 from grades import GRADE_NAMES
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 from views.common import cancel_ui, current_user, get_workspace, image_pair_ui, job_status_ui
 
 PAGE_SIZE = 4
@@ -32,7 +32,7 @@ def demo_progress_ui() -> None:
     job = jobs.latest_job(workspace.db_url, "demo")
     if job is None:
         st.info("No datasets yet. Import one above, or from a terminal, for example "
-                "`python -m engine.sources import --kind aptos --path /data/aptos --role train` "
+                "`python -m engine.data.sources import --kind aptos --path /data/aptos --role train` "
                 "(see the README).")
         return
     if job.status == "done":
@@ -92,7 +92,7 @@ def start_import(kind: str, role: str, name: str, folder: Path) -> None:
             *([f"--name={name}"] if name else [])]  # a name may start with '-'
     params = {"kind": kind, "role": role, "root": str(folder.resolve())}
     try:
-        jobs.start_job(workspace, "import", "engine.sources", args, params, user=current_user())
+        jobs.start_job(workspace, "import", "engine.data.sources", args, params, user=current_user())
     except (jobs.JobRefused, NotAllowed) as exc:
         st.warning(f"Import not started: {literal(exc)}.")
         return
@@ -104,7 +104,7 @@ def server_folder_ui() -> Path | None:
     roots = data_roots(workspace)
     st.caption("Folders under the data roots " + ", ".join(f"`{root}`" for root in roots)
                + "; an administrator names others with "
-               "`python -m engine.sources roots --set DIR ...`.")
+               "`python -m engine.data.sources roots --set DIR ...`.")
     choices = [str(folder) for folder in folder_choices(roots)]
     if not choices:
         st.info("No folders under the data roots yet: copy a dataset there, or upload a zip.")

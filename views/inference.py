@@ -12,13 +12,13 @@ from db.predictions import (Model, Pool, confidence_histogram, grade_counts, mod
                             submission_frame)
 from db.runs import active_run_id, referable_threshold, run_config
 from db.users import NotAllowed
-from engine import jobs
-from engine.distributed import local_processes
-from engine.infer import submission_path
+from engine.runtime import jobs
+from engine.runtime.distributed import local_processes
+from engine.model.infer import submission_path
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from engine.models import pick_device
-from engine.predictor import TTA_VIEWS, default_batch_size
-from engine.markdown import literal
+from engine.model.networks import pick_device
+from engine.model.predictor import TTA_VIEWS, default_batch_size
+from engine.runtime.markdown import literal
 from views.common import (cancel_ui, current_user, get_workspace, job_status_ui, model_quality_ui,
                           next_step_info)
 
@@ -62,7 +62,7 @@ def start(model: Model, pool: Pool, tta: int | None, redo: bool, batch_size: int
     params = {"run_id": model.id, "source_id": pool.id, "source": pool.name, "out": str(out),
               "tta": tta, "redo": redo, "batch_size": batch_size, "processes": processes}
     try:
-        jobs.start_job(workspace, "infer", "engine.infer", args, params, processes,
+        jobs.start_job(workspace, "infer", "engine.model.infer", args, params, processes,
                        user=current_user())
     except (jobs.JobRefused, NotAllowed) as exc:
         st.warning(f"Inference not started: {literal(exc)}.")
@@ -184,10 +184,10 @@ st.title("Inference")
 choices, sources = models(workspace.db_url), pools(workspace.db_url)
 if not choices:
     next_step_info("No trained models yet: train one on the Retrain page or with "
-                   "`python -m engine.train`.", "No trained models yet: an admin trains one.")
+                   "`python -m engine.training.train`.", "No trained models yet: an admin trains one.")
 if not sources:
     next_step_info("No image sources yet: import a pool on the Dataset page, or from a "
-                   "terminal, for example `python -m engine.sources import --kind aptos --path "
+                   "terminal, for example `python -m engine.data.sources import --kind aptos --path "
                    "/data/aptos --role unlabelled`.", "No image sources yet: an admin imports "
                    "a pool of images.")
 if choices and sources:

@@ -1,5 +1,5 @@
 """The Retrain page's model card of a finished run, for everyone, and its export as ONNX or
-safetensors, for admins: a background job (engine.export_model) whose folder is offered as a
+safetensors, for admins: a background job (engine.loop.export_model) whose folder is offered as a
 zip once it is done."""
 
 import json
@@ -10,11 +10,11 @@ import streamlit as st
 
 from db.schema import Job
 from db.users import NotAllowed
-from engine import jobs
-from engine.export_model import (DESCRIPTION, KIND, check_line, export_folder, latest_export,
+from engine.runtime import jobs
+from engine.loop.export_model import (DESCRIPTION, KIND, check_line, export_folder, latest_export,
                                  zipped)
-from engine.model_card import CARD, RunUnusable, model_card, run_facts, software
-from engine.markdown import literal
+from engine.training.model_card import CARD, RunUnusable, model_card, run_facts, software
+from engine.runtime.markdown import literal
 from views.common import current_user, get_workspace, job_status_ui, reset_on_new_options
 
 FORMATS = {"onnx": "Export ONNX", "safetensors": "Export safetensors"}
@@ -82,7 +82,7 @@ def start_export(run_id: int, name: str, fmt: str) -> None:
     workspace = get_workspace()
     out = export_folder(workspace, name, fmt)
     try:
-        job_id = jobs.start_job(workspace, KIND, "engine.export_model",
+        job_id = jobs.start_job(workspace, KIND, "engine.loop.export_model",
                                 [name, "--format", fmt, "--out", str(out)],
                                 {"run": run_id, "format": fmt, "out": str(out)},
                                 user=current_user())

@@ -1,7 +1,7 @@
 """The Review page's estimate of the time left at the team's pace, in one sentence."""
 
 from db.reviews import decisions_frame
-from engine.agreement import PACE_DECISIONS, time_left
+from engine.loop.agreement import PACE_DECISIONS, time_left
 
 
 def _duration(seconds: float) -> str:

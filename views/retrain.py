@@ -10,19 +10,19 @@ from db.queries import curated_set
 from db.runs import (active_run_id, best_epoch, epochs_frame, promote, promotions,
                      run_calibration, run_checkpoint, runs_frame, validation_size)
 from db.users import NotAllowed
-from engine import jobs
-from engine.curves import (confusion_figure, curated_figure, curve_figures, per_class_figure,
+from engine.runtime import jobs
+from views.curves import (confusion_figure, curated_figure, curve_figures, per_class_figure,
                            reliability_figure)
-from engine.data import AUGMENTATIONS
+from engine.data.datasets import AUGMENTATIONS
 from grades import GRADE_NAMES
-from engine.import_model import ImportRefused, import_upload
-from engine.models import WeightsMismatch, pick_device
-from engine.predictor import TTA_VIEWS
-from engine.quality import calibration_lines, clipped_warning
-from engine.retrain import (MODELS, contribution_table, curated_counts, default_settings,
+from engine.loop.import_model import ImportRefused, import_upload
+from engine.model.networks import WeightsMismatch, pick_device
+from engine.model.predictor import TTA_VIEWS
+from engine.model.quality import calibration_lines, clipped_warning
+from engine.loop.retrain import (MODELS, contribution_table, curated_counts, default_settings,
                             original_counts, runs_table, settings_problem, train_job_args)
-from engine.trainer import run_name
-from engine.markdown import literal
+from engine.training.trainer import run_name
+from engine.runtime.markdown import literal
 from views.common import (cancel_ui, current_user, explainer, get_workspace, image_pair_ui,
                           job_status_ui, next_step_info, reset_on_new_options)
 from views.model_export import model_export_ui
@@ -127,7 +127,7 @@ def start_ui(taken: set[str]) -> None:
         st.warning(literal(problem))
         return
     try:
-        job_id = jobs.start_job(workspace, "train", "engine.train", train_job_args(settings),
+        job_id = jobs.start_job(workspace, "train", "engine.training.train", train_job_args(settings),
                                 params=settings, processes=settings["processes"],
                                 user=current_user())
     except (jobs.JobRefused, NotAllowed) as exc:

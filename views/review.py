@@ -25,13 +25,13 @@ from db.reviews import (ORDERS, RENEW_EVERY, Candidate, DecidedMeanwhile, QueueF
 from db.predictions import run_grade_counts
 from db.runs import active_run_id, run_calibration, run_checkpoint, run_score
 from db.users import NotAllowed
-from engine.export import EarlierExport, ExportRefused, export_class_folders, export_roots
-from engine.images import ImageError
-from engine.predictor import TTA_VIEWS
-from engine.quality import threshold_accuracy
-from engine.saliency import Explainer
+from engine.data.export import EarlierExport, ExportRefused, export_class_folders, export_roots
+from engine.data.images import ImageError
+from engine.model.predictor import TTA_VIEWS
+from engine.model.quality import threshold_accuracy
+from engine.model.saliency import Explainer
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 from views.common import current_user, explainer, get_workspace, model_quality_ui, next_step_info
 from views.pace import time_left_text
 from views.viewer import KEYS as VIEWER_KEYS, grading_viewer, prefetch

@@ -10,10 +10,10 @@ import streamlit as st
 
 from db.runs import run_calibration, run_checkpoint, set_screening
 from db.users import NotAllowed
-from engine.data import read_probabilities
-from engine.screening import (choose_operating_point, paired_difference, validation_file,
+from engine.data.datasets import read_probabilities
+from engine.training.screening import (choose_operating_point, paired_difference, validation_file,
                               validation_roc)
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 from views.common import current_user, get_workspace
 
 

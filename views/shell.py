@@ -8,10 +8,10 @@ import streamlit as st
 from db.reviews import loop_overview
 from db.runs import active_run_id
 from db.users import LOCAL, User
-from engine import jobs
-from engine.demo import demo_args, is_empty
+from engine.runtime import jobs
+from engine.loop.demo import demo_args, is_empty
 from grades import REVIEW_THRESHOLD
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 from views.common import device_label, get_workspace, job_status_ui
 from views.signin import sign_out_ui, signed_in_user
 
@@ -36,7 +36,7 @@ def start_demo_if_empty(user: User) -> None:
         return
     if jobs.latest_job(workspace.db_url, "demo") is None:
         try:
-            jobs.start_job(workspace, "demo", "engine.demo", demo_args(setting), user=user)
+            jobs.start_job(workspace, "demo", "engine.loop.demo", demo_args(setting), user=user)
         except jobs.JobRefused:
             pass  # another browser session started it a moment ago
         except ValueError as exc:

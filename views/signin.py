@@ -15,7 +15,7 @@ import streamlit as st
 from db import sign_ins
 from db.users import (LOCAL, SignInRefused, User, find_provider_user, has_accounts,
                       has_passwords, sign_in)
-from engine.markdown import literal
+from engine.runtime.markdown import literal
 from views.sign_in_cookie import COOKIE, END_URL, HANDOVERS, begin_url, can_keep
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")

@@ -1,6 +1,6 @@
 """The grading viewer's HTTP side, served by Streamlit's own server (st.App in app.py): the
 OpenSeadragon library that `make install` fetched from npm, the Deep Zoom tiles of the
-photographs that pages have shown (engine.tiles makes and caches them), and the small layers
+photographs that pages have shown (engine.data.tiles makes and caches them), and the small layers
 laid over a photograph (the model's input, Grad-CAM).
 
 A page names a photograph to the browser by a token, an HMAC of its path under a key made
@@ -24,9 +24,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from engine.images import ImageError
-from engine.tiles import VIEWS, Prefetcher, Pyramids, TileCache
-from engine.workspace import Workspace
+from engine.data.images import ImageError
+from engine.data.tiles import VIEWS, Prefetcher, Pyramids, TileCache
+from engine.runtime.workspace import Workspace
 
 PREFIX = "/viewer"
 LIBRARY = Path(__file__).resolve().parents[1] / "node_modules" / "openseadragon" / "build" \

@@ -13,10 +13,10 @@ import numpy as np
 import streamlit as st
 
 from db.runs import run_checkpoint, run_preprocess
-from engine.images import ImageError, image_size
-from engine.preprocess import PreprocessCache, PreprocessConfig
-from engine.tiles import OVERLAP, TILE_SIZE, photo_input_box
-from engine.markdown import literal
+from engine.data.images import ImageError, image_size
+from engine.data.preprocess import PreprocessCache, PreprocessConfig
+from engine.data.tiles import OVERLAP, TILE_SIZE, photo_input_box
+from engine.runtime.markdown import literal
 from views.common import explainer, get_workspace
 from views.tile_server import LIBRARY, PREFETCHER, PREFIX, REGISTRY, tile_cache
 
@@ -84,7 +84,7 @@ def model_preprocess(run_id: int) -> PreprocessConfig:
 def _overlays(path: Path, run_id: int, preprocess: PreprocessConfig, gradcam_of: int | None
               ) -> list[tuple[View, np.ndarray]]:
     """The run's model input of the photograph and, for a grade, that grade's Grad-CAM, both
-    as the model saw the image (a square that engine.tiles.input_box places)."""
+    as the model saw the image (a square that engine.data.tiles.input_box places)."""
     workspace = get_workspace()
     overlays = [(INPUT_VIEW, PreprocessCache(workspace.cache).load(path, preprocess))]
     model = explainer(run_checkpoint(workspace.db_url, run_id)) if gradcam_of is not None \
@@ -168,7 +168,7 @@ def _input_box(photo: Path, cfg: PreprocessConfig) -> tuple[float, ...]:
 
 def prefetch(photo: str | None, run_id: int) -> None:
     """Make the next photograph's tiles, the run's model input and its place while the
-    reviewer grades this one (engine.tiles.Prefetcher): the next card then only reads them."""
+    reviewer grades this one (engine.data.tiles.Prefetcher): the next card then only reads them."""
     if not photo:
         return
     path, preprocess = Path(photo), model_preprocess(run_id)
