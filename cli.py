@@ -10,7 +10,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or not action.option_strings or action.required
-                or action.default is argparse.SUPPRESS):
+        if (
+            "default" in text
+            or not action.option_strings
+            or action.required
+            or action.default is argparse.SUPPRESS
+        ):
             return text
         return f"{text} (default: {'none' if action.default is None else '%(default)s'})"

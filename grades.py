@@ -15,6 +15,7 @@ def from_aptos(diagnosis: int) -> int:
         raise ValueError(f"APTOS diagnosis must be 0-4, got {diagnosis}")
     return min(diagnosis, 3)
 
+
 # Predictions at or above this calibrated confidence become review candidates.
 REVIEW_THRESHOLD = 0.70
 

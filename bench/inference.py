@@ -45,16 +45,14 @@ import torchvision.transforms as T
 from PIL import Image
 
 import engine.data.preprocess as pp
-from cli import HelpFormatter
 from bench.common import REALDATA, photographs, rate
+from cli import HelpFormatter
 from engine.data.datasets import Sample, create_loader, default_workers
 from engine.data.images import load_rgb
-from engine.model.networks import (create_model, default_model, load_checkpoint, model_mean_std,
-                           pick_device)
-from engine.model.onnx_network import OnnxNetwork, to_onnx
-from engine.model.predictor import (calibrated, dataset_for, mean_probability_logits, predict,
-                              view_logits)
 from engine.data.preprocess import PreprocessConfig, decode_for, find_field, preprocess
+from engine.model.networks import create_model, default_model, load_checkpoint, model_mean_std, pick_device
+from engine.model.onnx_network import OnnxNetwork, to_onnx
+from engine.model.predictor import calibrated, dataset_for, mean_probability_logits, predict, view_logits
 
 
 def as_jpeg(samples: list[Sample], quality: int = 95) -> list[Sample]:
@@ -85,8 +83,12 @@ def steps_ms(img, size: int) -> dict[str, float]:
     enhanced = best_ms(lambda: preprocess(img, PreprocessConfig(size, mask=False)))
     masked = best_ms(lambda: preprocess(img, PreprocessConfig(size)))
     field = best_ms(lambda: find_field(img))
-    return {"find the eye": field, "crop + resize": crop - field,
-            "enhancement": enhanced - crop, "mask": masked - enhanced}
+    return {
+        "find the eye": field,
+        "crop + resize": crop - field,
+        "enhancement": enhanced - crop,
+        "mask": masked - enhanced,
+    }
 
 
 def cold_read(paths: list[Path], size: int) -> tuple[dict[str, dict[str, float]], float]:
@@ -98,13 +100,16 @@ def cold_read(paths: list[Path], size: int) -> tuple[dict[str, dict[str, float]]
     for path in paths:
         whole, reduced = load_rgb(path), decode_for(path, cfg)
         factors.append(whole.shape[0] / reduced.shape[0])
-        decodes = {"whole": best_ms(lambda: load_rgb(path)),
-                   "reduced": best_ms(lambda: decode_for(path, cfg))}
+        decodes = {
+            "whole": best_ms(lambda: load_rgb(path)),
+            "reduced": best_ms(lambda: decode_for(path, cfg)),
+        }
         for kind, img in (("whole", whole), ("reduced", reduced)):
             for step, ms in {"decode": decodes[kind], **steps_ms(img, size)}.items():
                 times[kind].setdefault(step, []).append(ms)
-    medians = {kind: {step: statistics.median(v) for step, v in steps.items()}
-               for kind, steps in times.items()}
+    medians = {
+        kind: {step: statistics.median(v) for step, v in steps.items()} for kind, steps in times.items()
+    }
     return medians, statistics.median(factors)
 
 
@@ -119,10 +124,8 @@ def whole_decoding() -> Iterator[None]:
         pp.DECODE_MARGIN = margin
 
 
-def pure_forward(model: torch.nn.Module, size: int, batch: int, batches: int,
-                 device: torch.device) -> float:
-    images = torch.randn(batch, 3, size, size, device=device).contiguous(
-        memory_format=torch.channels_last)
+def pure_forward(model: torch.nn.Module, size: int, batch: int, batches: int, device: torch.device) -> float:
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     cuda = device.type == "cuda"
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         model(images)  # warm-up: first call allocates
@@ -132,23 +135,33 @@ def pure_forward(model: torch.nn.Module, size: int, batch: int, batches: int,
                 model(images)
             if cuda:
                 torch.cuda.synchronize()
+
         return rate(batch * batches, run)
 
 
-def loader_rate(meta: dict, samples: list[Sample], cache: Callable[[int], Path], batch: int,
-                workers: int, device: torch.device) -> float:
+def loader_rate(
+    meta: dict,
+    samples: list[Sample],
+    cache: Callable[[int], Path],
+    batch: int,
+    workers: int,
+    device: torch.device,
+) -> float:
     """Images/s that the loader alone delivers to `device` from a cold cache."""
+
     def run(repeat: int) -> None:
         loader = create_loader(dataset_for(meta, samples, cache(repeat)), batch, workers, device)
         for images, *_ in loader:
             images.to(device, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
+
     return rate(len(samples), run)
 
 
-def one_at_a_time(model: torch.nn.Module, paths: list[str], size: int, mean, std,
-                  device: torch.device) -> float:
+def one_at_a_time(
+    model: torch.nn.Module, paths: list[str], size: int, mean, std, device: torch.device
+) -> float:
     transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
     def run(_repeat: int) -> None:
@@ -156,13 +169,15 @@ def one_at_a_time(model: torch.nn.Module, paths: list[str], size: int, mean, std
             for path in paths:
                 image = transform(Image.open(path).convert("RGB")).unsqueeze(0).to(device)
                 torch.softmax(model(image), dim=1).cpu()
+
     return rate(len(paths), run)
 
 
-def print_cold_read(steps: dict[str, dict[str, float]], factor: float, forward_ms: float,
-                    count: int) -> None:
-    print(f"cold read of one photograph, ms (median of {count})   whole decode   "
-          f"reduced decode (1/{factor:.0f})")
+def print_cold_read(steps: dict[str, dict[str, float]], factor: float, forward_ms: float, count: int) -> None:
+    print(
+        f"cold read of one photograph, ms (median of {count})   whole decode   "
+        f"reduced decode (1/{factor:.0f})"
+    )
     for step in steps["whole"]:
         print(f"  {step:44} {steps['whole'][step]:8.1f} {steps['reduced'][step]:14.1f}")
     totals = {kind: sum(v.values()) for kind, v in steps.items()}
@@ -174,9 +189,10 @@ def real_photographs(count: int, skip: int = 0) -> list[Sample]:
     """`count` of ../shared/realdata's photographs, both datasets in turn, after `skip`."""
     with open(REALDATA / "labels.csv", newline="") as file:
         rows = sorted(csv.DictReader(file), key=lambda row: (row["dataset"], row["file"]))
-    by_dataset = [[row for row in rows if row["dataset"] == name]
-                  for name in sorted({row["dataset"] for row in rows})]
-    chosen = [row for group in zip(*by_dataset) for row in group][skip:skip + count]
+    by_dataset = [
+        [row for row in rows if row["dataset"] == name] for name in sorted({row["dataset"] for row in rows})
+    ]
+    chosen = [row for group in zip(*by_dataset) for row in group][skip : skip + count]
     return [Sample(str(REALDATA / row["file"]), None, row["file"]) for row in chosen]
 
 
@@ -188,15 +204,23 @@ def preprocessed(meta: dict, samples: list[Sample]) -> torch.Tensor:
 @torch.no_grad()
 def graded(network: Callable, meta: dict, images: torch.Tensor, batch: int) -> np.ndarray:
     """Calibrated probabilities with 8 views, as predict_batches computes them."""
-    return np.concatenate([
-        calibrated(mean_probability_logits(torch.stack(view_logits(network, chunk, 8), 1)),
-                   meta).numpy() for chunk in images.split(batch)])
+    return np.concatenate(
+        [
+            calibrated(mean_probability_logits(torch.stack(view_logits(network, chunk, 8), 1)), meta).numpy()
+            for chunk in images.split(batch)
+        ]
+    )
 
 
 def int8_network(fp32: Path, calibration: torch.Tensor, static: bool) -> OnnxNetwork:
     """onnxruntime's int8 quantisation of the exported network."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     ready, out = fp32.with_suffix(".pre.onnx"), fp32.with_suffix(f".int8{static:d}.onnx")
@@ -211,30 +235,43 @@ def int8_network(fp32: Path, calibration: torch.Tensor, static: bool) -> OnnxNet
 
         def get_next(self):
             return next(self.batches, None)
-    quantize_static(str(ready), str(out), Photographs(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+
+    quantize_static(
+        str(ready),
+        str(out),
+        Photographs(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     return OnnxNetwork(out)
 
 
-def cpu_runtimes(model: torch.nn.Module, meta: dict, images: torch.Tensor,
-                 calibration: torch.Tensor, batch: int, folder: Path) -> None:
+def cpu_runtimes(
+    model: torch.nn.Module,
+    meta: dict,
+    images: torch.Tensor,
+    calibration: torch.Tensor,
+    batch: int,
+    folder: Path,
+) -> None:
     """Section (d), printed row by row as each finishes."""
     before = model.to(memory_format=torch.channels_last).eval()
     contiguous = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     fp32 = folder / "model.onnx"
     to_onnx(contiguous, meta["image_size"], fp32, "image", "logits")
     candidates = {
-        "PyTorch, channels_last (inference before)":
-            lambda: lambda x: before(x.contiguous(memory_format=torch.channels_last)),
+        "PyTorch, channels_last (inference before)": lambda: (
+            lambda x: before(x.contiguous(memory_format=torch.channels_last))
+        ),
         "PyTorch, contiguous tensors": lambda: contiguous,
         "PyTorch, torch.compile (channels_last)": lambda: compiled(before, images[:batch]),
         "onnxruntime, fp32 (engine.model.infer on a CPU)": lambda: OnnxNetwork(fp32),
         "onnxruntime, int8 static": lambda: int8_network(fp32, calibration, static=True),
         "onnxruntime, int8 dynamic": lambda: int8_network(fp32, calibration, static=False),
     }
-    print(f"{len(images)} real photographs, 8 views, batch {batch}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"{len(images)} real photographs, 8 views, batch {batch}, {torch.get_num_threads()} threads")
     print(f"  {'runtime':44} {'images/s':>9} {'ratio':>6} {'same grade':>11} {'max |dp|':>9}")
     reference = first_rate = None
     for name, make in candidates.items():
@@ -248,8 +285,11 @@ def cpu_runtimes(model: torch.nn.Module, meta: dict, images: torch.Tensor,
         if reference is None:
             reference, first_rate = probs, speed
         same = float((probs.argmax(1) == reference.argmax(1)).mean())
-        print(f"  {name:44} {speed:9.2f} {speed / first_rate:6.2f} {same:11.3f} "
-              f"{np.abs(probs - reference).max():9.1e}   (ready in {ready:.0f} s)", flush=True)
+        print(
+            f"  {name:44} {speed:9.2f} {speed / first_rate:6.2f} {same:11.3f} "
+            f"{np.abs(probs - reference).max():9.1e}   (ready in {ready:.0f} s)",
+            flush=True,
+        )
 
 
 def compiled(model: torch.nn.Module, example: torch.Tensor) -> Callable:
@@ -265,8 +305,13 @@ def runtimes_main(args: argparse.Namespace) -> None:
         mean, std = model_mean_std(name)
         torch.manual_seed(0)
         model = create_model(name, pretrained=True)
-        meta = {"preprocess": PreprocessConfig(size=size).to_dict(), "mean": mean, "std": std,
-                "image_size": size, "temperature": 1.0}
+        meta = {
+            "preprocess": PreprocessConfig(size=size).to_dict(),
+            "mean": mean,
+            "std": std,
+            "image_size": size,
+            "temperature": 1.0,
+        }
     print(f"{meta.get('model_name', 'the CPU default')} at {meta['image_size']} px")
     images = preprocessed(meta, real_photographs(args.photos))
     calibration = preprocessed(meta, real_photographs(8, skip=args.photos))
@@ -275,22 +320,22 @@ def runtimes_main(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--images", type=int, default=64, help="synthetic photographs (a-c)")
     parser.add_argument("--size", type=int, default=1440, help="photograph height in pixels")
-    parser.add_argument("--format", choices=("jpg", "png"), default="jpg",
-                        help="file format of the synthetic photographs")
+    parser.add_argument(
+        "--format", choices=("jpg", "png"), default="jpg", help="file format of the synthetic photographs"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward")
-    parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="loader worker processes")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="loader worker processes")
     parser.add_argument("--device", help="default: cuda if present, else cpu")
-    parser.add_argument("--cpu-runtimes", action="store_true",
-                        help="section (d) alone: CPU runtimes on real photographs")
-    parser.add_argument("--photos", type=int, default=24,
-                        help="real photographs that (d) times")
-    parser.add_argument("--checkpoint", type=Path, help="(d)'s model (default: the CPU default "
-                        "with ImageNet weights)")
+    parser.add_argument(
+        "--cpu-runtimes", action="store_true", help="section (d) alone: CPU runtimes on real photographs"
+    )
+    parser.add_argument("--photos", type=int, default=24, help="real photographs that (d) times")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="(d)'s model (default: the CPU default with ImageNet weights)"
+    )
     args = parser.parse_args()
     if args.cpu_runtimes:
         return runtimes_main(args)
@@ -299,8 +344,13 @@ def main() -> None:
     name, _, size = default_model(device)
     mean, std = model_mean_std(name)
     model = create_model(name).eval().to(device, memory_format=torch.channels_last)
-    meta = {"preprocess": PreprocessConfig(size=size).to_dict(), "mean": mean, "std": std,
-            "image_size": size, "temperature": 1.0}
+    meta = {
+        "preprocess": PreprocessConfig(size=size).to_dict(),
+        "mean": mean,
+        "std": std,
+        "image_size": size,
+        "temperature": 1.0,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         samples = photographs(Path(tmp) / "data", args.images, args.size)
         if args.format == "jpg":
@@ -311,25 +361,29 @@ def main() -> None:
         def end_to_end(cache: Path) -> None:
             predict(model, meta, samples, device, args.batch_size, args.workers, cache_root=cache)
 
-        forward = pure_forward(model, size, args.batch_size,
-                               max(2, args.images // args.batch_size), device)
+        forward = pure_forward(model, size, args.batch_size, max(2, args.images // args.batch_size), device)
         steps, factor = cold_read(paths, size)
         single = one_at_a_time(model, [s.path for s in samples], size, mean, std, device)
         cold = rate(len(samples), lambda repeat: end_to_end(Path(tmp) / f"cache{repeat}"))
         warm = rate(len(samples), lambda _repeat: end_to_end(Path(tmp) / "cache0"))
         with whole_decoding():
             cold_whole = rate(len(samples), lambda repeat: end_to_end(Path(tmp) / f"whole{repeat}"))
-        loader = loader_rate(meta, samples, lambda repeat: Path(tmp) / f"loader{repeat}",
-                             args.batch_size, args.workers, device)
-    print(f"{name} at {size}px on {device.type}, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, {args.workers} loader workers, {args.images} "
-          f"{args.format.upper()} photographs {args.size}px high "
-          f"({megapixels[0]:.1f}-{megapixels[-1]:.1f} Mpx)")
+        loader = loader_rate(
+            meta, samples, lambda repeat: Path(tmp) / f"loader{repeat}", args.batch_size, args.workers, device
+        )
+    print(
+        f"{name} at {size}px on {device.type}, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, {args.workers} loader workers, {args.images} "
+        f"{args.format.upper()} photographs {args.size}px high "
+        f"({megapixels[0]:.1f}-{megapixels[-1]:.1f} Mpx)"
+    )
     print_cold_read(steps, factor, 1000 / forward, len(paths))
     print(f"pure forward               {forward:7.1f} images/s")
     print(f"end-to-end, cold           {cold:7.1f} images/s   ratio to forward {cold / forward:.2f}")
-    print(f"end-to-end, cold, whole    {cold_whole:7.1f} images/s   ratio to forward "
-          f"{cold_whole / forward:.2f}   (every JPEG decoded whole)")
+    print(
+        f"end-to-end, cold, whole    {cold_whole:7.1f} images/s   ratio to forward "
+        f"{cold_whole / forward:.2f}   (every JPEG decoded whole)"
+    )
     print(f"end-to-end, warm           {warm:7.1f} images/s   ratio to forward {warm / forward:.2f}")
     print(f"loader alone, cold         {loader:7.1f} images/s   ratio to forward {loader / forward:.2f}")
     print(f"one image at a time        {single:7.1f} images/s   warm end-to-end is {warm / single:.1f}x")

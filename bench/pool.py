@@ -30,17 +30,17 @@ import numpy as np
 import torch
 from sqlalchemy import func, insert, select, text
 
-from cli import HelpFormatter
 from bench.postgres import Server
 from bench.review_bench import queue_times
+from cli import HelpFormatter
 from db.schema import Image, Prediction, Review, Run, Source, utcnow
 from db.session import get_engine, migrate, session_scope
 from engine.data.datasets import default_workers
+from engine.data.preprocess import PreprocessConfig
+from engine.data.synth import write_dataset
 from engine.model.infer import source_samples, store_predictions
 from engine.model.networks import create_model, model_mean_std
 from engine.model.predictor import predict_batches
-from engine.data.preprocess import PreprocessConfig
-from engine.data.synth import write_dataset
 from grades import REVIEW_THRESHOLD
 
 MODEL = "test_efficientnet"
@@ -58,8 +58,9 @@ def rss_mb() -> float:
 def build_pool(folder: Path, db_url: str, images: int, size: int) -> None:
     """`images` files under folder/pool (hard links to DISTINCT synthetic photographs) and
     their rows."""
-    write_dataset(folder / "synth", seed=3, n_train=0, n_test=DISTINCT, n_val=0, n_messidor=0,
-                  size=size, workers=1)
+    write_dataset(
+        folder / "synth", seed=3, n_train=0, n_test=DISTINCT, n_val=0, n_messidor=0, size=size, workers=1
+    )
     originals = sorted((folder / "synth" / "aptos" / "test_images").iterdir())
     root = folder / "pool"
     paths = [f"{i // PER_FOLDER:03d}/{i:06d}.png" for i in range(images)]
@@ -70,41 +71,61 @@ def build_pool(folder: Path, db_url: str, images: int, size: int) -> None:
         source = Source(name="pool", kind="unlabelled", root=str(root), role="unlabelled")
         session.add(source)
         session.flush()
-        session.connection().execute(insert(Image.__table__), [
-            {"source_id": source.id, "path": path, "name": Path(path).stem, "width": size,
-             "height": size, "extra": {}} for path in paths])
+        session.connection().execute(
+            insert(Image.__table__),
+            [
+                {
+                    "source_id": source.id,
+                    "path": path,
+                    "name": Path(path).stem,
+                    "width": size,
+                    "height": size,
+                    "extra": {},
+                }
+                for path in paths
+            ],
+        )
 
 
 def new_run(db_url: str, name: str, size: int) -> int:
     with session_scope(db_url) as session:
-        run = Run(name=name, model_name=MODEL, img_size=size, status="done",
-                  checkpoint=f"/bench/{name}.pth")
+        run = Run(name=name, model_name=MODEL, img_size=size, status="done", checkpoint=f"/bench/{name}.pth")
         session.add(run)
         session.flush()
         return run.id
 
 
-def infer_pool(db_url: str, cache: Path, size: int, batch_size: int, workers: int
-               ) -> tuple[int, list[tuple[int, float, float]]]:
+def infer_pool(
+    db_url: str, cache: Path, size: int, batch_size: int, workers: int
+) -> tuple[int, list[tuple[int, float, float]]]:
     """Predict the pool as engine.model.infer does; the run id and, at every tenth of the pool,
     (images done, seconds, the largest RSS in MB sampled after each batch of that tenth)."""
     mean, std = model_mean_std(MODEL)
-    meta = {"preprocess": PreprocessConfig(size=size).to_dict(), "mean": mean, "std": std,
-            "image_size": size, "temperature": 1.0}
+    meta = {
+        "preprocess": PreprocessConfig(size=size).to_dict(),
+        "mean": mean,
+        "std": std,
+        "image_size": size,
+        "temperature": 1.0,
+    }
     model = create_model(MODEL)
     run_id = new_run(db_url, "inference", size)
     _, samples = source_samples(db_url, "pool")
     marks, done, peak = [], 0, 0.0
     started = time.perf_counter()
-    for batch in predict_batches(model, meta, samples, torch.device("cpu"), batch_size,
-                                 workers, cache_root=cache):
+    for batch in predict_batches(
+        model, meta, samples, torch.device("cpu"), batch_size, workers, cache_root=cache
+    ):
         store_predictions(db_url, run_id, samples, batch)
         done += len(batch.indices) + len(batch.failures)
         peak = max(peak, rss_mb())
         if done >= len(samples) * (len(marks) + 1) / TENTHS:
             marks.append((done, time.perf_counter() - started, peak))
-            print(f"{done}/{len(samples)} images predicted, {marks[-1][1]:.0f} s, "
-                  f"RSS up to {peak:.0f} MB", file=sys.stderr, flush=True)
+            print(
+                f"{done}/{len(samples)} images predicted, {marks[-1][1]:.0f} s, RSS up to {peak:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
             peak = 0.0
     return run_id, marks
 
@@ -117,9 +138,20 @@ def bulk_predictions(db_url: str, run_id: int, image_ids: np.ndarray, seed: int)
     probs /= probs.sum(1, keepdims=True)
     grades = probs.argmax(1)
     now = utcnow()
-    rows = [{"run_id": run_id, "image_id": int(i), "p0": float(p[0]), "p1": float(p[1]),
-             "p2": float(p[2]), "p3": float(p[3]), "grade": int(g), "confidence": float(p[g]),
-             "created_at": now} for i, p, g in zip(image_ids, probs, grades)]
+    rows = [
+        {
+            "run_id": run_id,
+            "image_id": int(i),
+            "p0": float(p[0]),
+            "p1": float(p[1]),
+            "p2": float(p[2]),
+            "p3": float(p[3]),
+            "grade": int(g),
+            "confidence": float(p[g]),
+            "created_at": now,
+        }
+        for i, p, g in zip(image_ids, probs, grades)
+    ]
     with session_scope(db_url) as session:
         session.connection().execute(insert(Prediction.__table__), rows)
 
@@ -131,19 +163,26 @@ def decide_share(db_url: str, run_id: int, share: float) -> tuple[int, int]:
         candidates = session.execute(
             select(Prediction.image_id, Prediction.grade)
             .where(Prediction.run_id == run_id, Prediction.confidence >= REVIEW_THRESHOLD)
-            .order_by(Prediction.confidence)).all()
-        done = candidates[:int(len(candidates) * share)]
+            .order_by(Prediction.confidence)
+        ).all()
+        done = candidates[: int(len(candidates) * share)]
         if done:
-            session.execute(insert(Review), [
-                {"image_id": i, "run_id": run_id, "decision": "accept", "grade": g,
-                 "reviewer": "earlier"} for i, g in done])
+            session.execute(
+                insert(Review),
+                [
+                    {"image_id": i, "run_id": run_id, "decision": "accept", "grade": g, "reviewer": "earlier"}
+                    for i, g in done
+                ],
+            )
         return len(candidates), len(done)
 
 
 def inference_figures(marks: list[tuple[int, float, float]]) -> dict[str, float]:
     """Rates and memory of the first and last tenth of the pool, from infer_pool's marks."""
-    steps = [(done - before[0], seconds - before[1], mb)
-             for before, (done, seconds, mb) in zip([(0, 0.0, 0.0), *marks], marks)]
+    steps = [
+        (done - before[0], seconds - before[1], mb)
+        for before, (done, seconds, mb) in zip([(0, 0.0, 0.0), *marks], marks)
+    ]
     total, seconds, _ = marks[-1]
     return {
         "images in the pool": total,
@@ -172,16 +211,25 @@ def database(backend: str, folder: Path) -> Iterator[str]:
             server.stop()
 
 
-def measure(folder: Path, db_url: str, images: int, predictions: int, size: int,
-            batch_size: int, workers: int, repeat: int) -> dict[str, float]:
+def measure(
+    folder: Path,
+    db_url: str,
+    images: int,
+    predictions: int,
+    size: int,
+    batch_size: int,
+    workers: int,
+    repeat: int,
+) -> dict[str, float]:
     """The benchmark's figures, by name, on the empty database `db_url`."""
     started = time.perf_counter()
     build_pool(folder, db_url, images, size)
     built = time.perf_counter() - started
     run_id, marks = infer_pool(db_url, folder / "cache", size, batch_size, workers)
     with session_scope(db_url) as session:
-        image_ids = np.array(session.scalars(
-            select(Prediction.image_id).where(Prediction.run_id == run_id)).all())
+        image_ids = np.array(
+            session.scalars(select(Prediction.image_id).where(Prediction.run_id == run_id)).all()
+        )
     started = time.perf_counter()
     for n in range(max(1, predictions // images - 1)):
         run_id = new_run(db_url, f"bulk {n}", size)
@@ -206,23 +254,38 @@ def measure(folder: Path, db_url: str, images: int, predictions: int, size: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--images", type=int, default=100_000, help="photographs in the pool")
-    parser.add_argument("--predictions", type=int, default=1_000_000,
-                        help="predictions in all: the inference run's and further runs' in bulk")
+    parser.add_argument(
+        "--predictions",
+        type=int,
+        default=1_000_000,
+        help="predictions in all: the inference run's and further runs' in bulk",
+    )
     parser.add_argument("--size", type=int, default=64, help="photograph height in pixels")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward")
-    parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="loader worker processes")
-    parser.add_argument("--repeat", type=int, default=30,
-                        help="calls of each query timed (the median counts)")
-    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
-                        help="the database: a SQLite file, or a throwaway PostgreSQL server")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="loader worker processes")
+    parser.add_argument(
+        "--repeat", type=int, default=30, help="calls of each query timed (the median counts)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the database: a SQLite file, or a throwaway PostgreSQL server",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder, database(args.backend, Path(folder)) as url:
-        figures = measure(Path(folder), url, args.images, args.predictions, args.size,
-                          args.batch_size, args.workers, args.repeat)
+        figures = measure(
+            Path(folder),
+            url,
+            args.images,
+            args.predictions,
+            args.size,
+            args.batch_size,
+            args.workers,
+            args.repeat,
+        )
     for name, value in figures.items():
         print(f"{name:48} {value:12.{0 if isinstance(value, int) else 2}f}")
 

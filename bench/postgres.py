@@ -27,8 +27,7 @@ def _bin_dir() -> Path | None:
     """Where initdb and pg_ctl are: on PATH, or in Debian's /usr/lib/postgresql/<major>/bin."""
     if found := shutil.which("initdb"):
         return Path(found).resolve().parent
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda path: int(Path(path).parts[-3]))
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda path: int(Path(path).parts[-3]))
     return Path(found[-1]).parent if found else None
 
 
@@ -54,8 +53,7 @@ class Server:
     def start(cls) -> "Server":
         bin_dir = _bin_dir()
         if bin_dir is None:
-            raise Unavailable("PostgreSQL is not installed (no initdb; apt-get install "
-                              "postgresql)")
+            raise Unavailable("PostgreSQL is not installed (no initdb; apt-get install postgresql)")
         try:
             import psycopg  # noqa: F401  (the driver the URLs name)
         except ImportError:
@@ -66,18 +64,29 @@ class Server:
             try:
                 user = pwd.getpwnam(account)
             except KeyError:
-                raise Unavailable(f"running as root and there is no {account!r} account for "
-                                  "initdb")
+                raise Unavailable(f"running as root and there is no {account!r} account for initdb")
             os.chown(folder, user.pw_uid, user.pw_gid)
         server = cls(bin_dir, folder, _free_port(), account)
-        server._run("initdb", "-D", str(folder / "data"), "-A", "trust", "-U", "postgres",
-                    "-E", "UTF8", "--no-sync")
+        server._run(
+            "initdb", "-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"
+        )
         # A throwaway cluster: durability off, which makes commits cheap.
-        options = (f"-p {server.port} -k {folder} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                   "-c max_connections=200")
-        server._run("pg_ctl", "-D", str(folder / "data"), "-l", str(folder / "server.log"),
-                    "-o", options, "-w", "start")
+        options = (
+            f"-p {server.port} -k {folder} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=200"
+        )
+        server._run(
+            "pg_ctl",
+            "-D",
+            str(folder / "data"),
+            "-l",
+            str(folder / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
         return server
 
     def _run(self, program: str, *args: str) -> None:
@@ -87,8 +96,10 @@ class Server:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             log = self.folder / "server.log"
-            raise RuntimeError(f"{program} failed ({done.returncode}): {done.stderr}"
-                               + (log.read_text() if log.is_file() else ""))
+            raise RuntimeError(
+                f"{program} failed ({done.returncode}): {done.stderr}"
+                + (log.read_text() if log.is_file() else "")
+            )
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -96,8 +107,7 @@ class Server:
     def create_database(self, template: str = "template1") -> str:
         """A new, empty (or `template`'s copy of a) database; its URL."""
         name = f"test_{next(self._names)}"
-        admin = create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT",
-                              poolclass=NullPool)
+        admin = create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool)
         with admin.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
         return self.url(name)

@@ -29,18 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import HelpFormatter
 from bench.common import REALDATA
 from bench.reference import reference_probs, train_reference
+from cli import HelpFormatter
 from engine.data.datasets import Sample, labels_csv_samples, read_probabilities, train_val_test_split
 from engine.model.metrics import expected_calibration_error, screening_summary
 from engine.model.networks import load_checkpoint
 from engine.model.predictor import predict
+from engine.runtime.workspace import Workspace
 from engine.training.refit import VALIDATION, train_model
 from engine.training.screening import paired_difference
 from engine.training.train import make_config, parse_args
 from engine.training.trainer import PrintHooks, RunPaths
-from engine.runtime.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "realdata.json"
@@ -58,12 +58,10 @@ def load_realdata(root: Path) -> tuple[list[Sample], dict[str, str]]:
 
 def per_source(samples: list[Sample], datasets: dict[str, str]) -> dict[str, np.ndarray]:
     which = np.array([datasets.get(s.path, "") for s in samples])
-    return {name: np.ones(len(samples), bool) if name == "pooled" else which == name
-            for name in SOURCES}
+    return {name: np.ones(len(samples), bool) if name == "pooled" else which == name for name in SOURCES}
 
 
-def figures(probs: np.ndarray, samples: list[Sample], datasets: dict[str, str],
-            threshold: float) -> dict:
+def figures(probs: np.ndarray, samples: list[Sample], datasets: dict[str, str], threshold: float) -> dict:
     """QWK, referable AUC, sensitivity and specificity at `threshold` (NaN: none), with their
     intervals, and the calibration error, per dataset and pooled."""
     labels = np.array([s.grade for s in samples])
@@ -71,14 +69,16 @@ def figures(probs: np.ndarray, samples: list[Sample], datasets: dict[str, str],
     out = {}
     for name, keep in per_source(samples, datasets).items():
         rows = np.flatnonzero(keep)
-        out[name] = {**screening_summary(probs[rows], labels[rows], [groups[i] for i in rows],
-                                         threshold),
-                     "ece": expected_calibration_error(probs[rows], labels[rows])}
+        out[name] = {
+            **screening_summary(probs[rows], labels[rows], [groups[i] for i in rows], threshold),
+            "ece": expected_calibration_error(probs[rows], labels[rows]),
+        }
     return out
 
 
-def differences(first: np.ndarray, second: np.ndarray, samples: list[Sample],
-                datasets: dict[str, str]) -> dict:
+def differences(
+    first: np.ndarray, second: np.ndarray, samples: list[Sample], datasets: dict[str, str]
+) -> dict:
     """first - second in QWK and referable AUC per dataset, each with its paired interval."""
     out = {}
     for name, keep in per_source(samples, datasets).items():
@@ -92,17 +92,22 @@ def test_probs(checkpoint: Path, test: list[Sample], cache: Path) -> np.ndarray:
     views it was calibrated with."""
     model, meta = load_checkpoint(checkpoint)
     views = meta["train_config"]["tta"]
-    result = predict(model, meta, test, torch.device("cpu"), batch_size=16, workers=0,
-                     tta=views, cache_root=cache)
+    result = predict(
+        model, meta, test, torch.device("cpu"), batch_size=16, workers=0, tta=views, cache_root=cache
+    )
     assert len(result.indices) == len(test), "every test image must be readable"
     return result.probs
 
 
-def run_defaults(train, val, test, datasets, minutes: float, extra: list[str], seed: int,
-                 screen: bool) -> dict:
+def run_defaults(
+    train, val, test, datasets, minutes: float, extra: list[str], seed: int, screen: bool
+) -> dict:
     refit = ["--refit", "false"] if screen else []
-    config = make_config(parse_args(["--data-path", "realdata", "--minutes", str(minutes),
-                                     "--seed", str(seed), *refit, *extra]))
+    config = make_config(
+        parse_args(
+            ["--data-path", "realdata", "--minutes", str(minutes), "--seed", str(seed), *refit, *extra]
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         workspace = Workspace(Path(tmp))
         paths = RunPaths.under(workspace, "defaults")
@@ -113,16 +118,20 @@ def run_defaults(train, val, test, datasets, minutes: float, extra: list[str], s
         checked = paths.phase(VALIDATION) if config.refit else paths
         val_samples, val_probs = read_probabilities(checked.validation)
         threshold = result.calibration["screening"]["threshold"]
-        out = {"config": vars(config), "train_args": extra, "seconds": seconds,
-               "epochs": config.epochs, "temperature": result.calibration["temperature"],
-               "threshold": threshold,
-               "validation": figures(val_probs, val_samples, datasets, threshold),
-               "validation_images": [s.path for s in val_samples],
-               "validation_probs": val_probs.tolist()}
+        out = {
+            "config": vars(config),
+            "train_args": extra,
+            "seconds": seconds,
+            "epochs": config.epochs,
+            "temperature": result.calibration["temperature"],
+            "threshold": threshold,
+            "validation": figures(val_probs, val_samples, datasets, threshold),
+            "validation_images": [s.path for s in val_samples],
+            "validation_probs": val_probs.tolist(),
+        }
         if not screen:
             probs = test_probs(result.best_checkpoint, test, workspace.cache)
-            out |= {"test": figures(probs, test, datasets, threshold),
-                    "test_probs": probs.tolist()}
+            out |= {"test": figures(probs, test, datasets, threshold), "test_probs": probs.tolist()}
     return out
 
 
@@ -161,63 +170,97 @@ def rows(results: dict) -> list[tuple[str, str, dict]]:
 
 def markdown(results: dict, paired: dict | None) -> str:
     keys = ("qwk", "referable_auc", "sensitivity", "specificity")
-    lines = ["| method | split | dataset | images | QWK [95 %] | referable AUC | sensitivity | "
-             "specificity | ECE |", "|---" * 9 + "|"]
+    lines = [
+        "| method | split | dataset | images | QWK [95 %] | referable AUC | sensitivity | "
+        "specificity | ECE |",
+        "|---" * 9 + "|",
+    ]
     for method, split, by_source in rows(results):
         for source in SOURCES:
             row = by_source[source]
-            lines.append(f"| {method} | {split} | {source} | {row['images']} | "
-                         + " | ".join(cell(row.get(k)) for k in keys) + f" | {row['ece']:.3f} |")
+            lines.append(
+                f"| {method} | {split} | {source} | {row['images']} | "
+                + " | ".join(cell(row.get(k)) for k in keys)
+                + f" | {row['ece']:.3f} |"
+            )
     if paired:
-        lines += ["", "| test split, defaults - reference (8 views) | dataset | QWK [95 %] | "
-                  "referable AUC [95 %] |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "| test split, defaults - reference (8 views) | dataset | QWK [95 %] | referable AUC [95 %] |",
+            "|---|---|---|---|",
+        ]
         for source in SOURCES:
-            lines.append(f"| difference | {source} | {cell(paired[source]['qwk'])} | "
-                         f"{cell(paired[source]['referable_auc'])} |")
+            lines.append(
+                f"| difference | {source} | {cell(paired[source]['qwk'])} | "
+                f"{cell(paired[source]['referable_auc'])} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.realdata", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.realdata", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=REALDATA, help="default: %(default)s")
-    parser.add_argument("--minutes", type=float, default=20.0,
-                        help="training budget of each model (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="split and training seed "
-                        "(default: %(default)s)")
+    parser.add_argument(
+        "--minutes", type=float, default=20.0, help="training budget of each model (default: %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed (default: %(default)s)")
     parser.add_argument("--only", choices=("defaults", "reference"), help="one method alone")
     parser.add_argument("--train-args", default="", help="extra engine.training.train options")
-    parser.add_argument("--screen", action="store_true",
-                        help="validation figures of the defaults alone; the test split unread")
+    parser.add_argument(
+        "--screen",
+        action="store_true",
+        help="validation figures of the defaults alone; the test split unread",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="default: %(default)s")
     args = parser.parse_args(argv)
 
     samples, datasets = load_realdata(args.data)
     train, val, test = train_val_test_split(samples, args.seed)
-    print(f"split by group: {len(train)} train, {len(val)} validation, {len(test)} test images",
-          flush=True)
+    print(f"split by group: {len(train)} train, {len(val)} validation, {len(test)} test images", flush=True)
     extra = shlex.split(args.train_args)
     config = make_config(parse_args(["--data-path", "realdata", *extra]))
-    runs = {"defaults": lambda: run_defaults(train, val, test, datasets, args.minutes, extra,
-                                             args.seed, args.screen),
-            "reference": lambda: run_reference(train, val, test, datasets, args.minutes, config,
-                                               args.seed)}
+    runs = {
+        "defaults": lambda: run_defaults(
+            train, val, test, datasets, args.minutes, extra, args.seed, args.screen
+        ),
+        "reference": lambda: run_reference(train, val, test, datasets, args.minutes, config, args.seed),
+    }
     wanted = ("defaults",) if args.screen else (args.only,) if args.only else tuple(runs)
     results: dict = {}
     paired = None
     for method in wanted:
-        print(f"{method}, {args.minutes:g} min ({' '.join(extra) or 'as they are'}):"
-              if method == "defaults" else f"{method} loop, {args.minutes:g} min:", flush=True)
+        print(
+            f"{method}, {args.minutes:g} min ({' '.join(extra) or 'as they are'}):"
+            if method == "defaults"
+            else f"{method} loop, {args.minutes:g} min:",
+            flush=True,
+        )
         results[method] = runs[method]()
         if {"defaults", "reference"} <= results.keys():
-            paired = differences(np.array(results["defaults"]["test_probs"]),
-                                 np.array(results["reference"]["test_probs_8_views"]), test,
-                                 datasets)
-        write(args.out, {"split": {"train": len(train), "validation": len(val),
-                                   "test": len(test), "seed": args.seed,
-                                   "test_images": [s.path for s in test]},
-                         "minutes": args.minutes, "screen": args.screen, **results,
-                         "defaults_minus_reference": paired})
+            paired = differences(
+                np.array(results["defaults"]["test_probs"]),
+                np.array(results["reference"]["test_probs_8_views"]),
+                test,
+                datasets,
+            )
+        write(
+            args.out,
+            {
+                "split": {
+                    "train": len(train),
+                    "validation": len(val),
+                    "test": len(test),
+                    "seed": args.seed,
+                    "test_images": [s.path for s in test],
+                },
+                "minutes": args.minutes,
+                "screen": args.screen,
+                **results,
+                "defaults_minus_reference": paired,
+            },
+        )
     print(markdown(results, paired))
     print(f"written to {args.out}")
     return 0

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import cv2
 
-from cli import HelpFormatter
 from bench.common import REALDATA, REPEATS
+from cli import HelpFormatter
 from engine.data.images import load_rgb
 from engine.data.preprocess import find_field
 from engine.data.tiles import ENCODE_THREADS, VIEWS, TileCache, contrast, red_free, write_pyramid
-
 
 
 def best_s(work: Callable[[int], object]) -> float:
@@ -58,8 +57,7 @@ def upscaled(out: Path, count: int, width: int, height: int) -> list[Path]:
         names = [row["file"] for row in rows if row["dataset"].startswith("eyepacs")]
     paths = []
     for name in names[:count]:
-        img = cv2.resize(cv2.imread(str(REALDATA / name)), (width, height),
-                         interpolation=cv2.INTER_CUBIC)
+        img = cv2.resize(cv2.imread(str(REALDATA / name)), (width, height), interpolation=cv2.INTER_CUBIC)
         path = out / Path(name).name
         cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
         paths.append(path)
@@ -70,40 +68,45 @@ def measure(photo: Path, scratch: Path) -> dict[str, float]:
     rgb = load_rgb(photo)
     field = find_field(rgb)
     caches = [TileCache(scratch / f"cold{repeat}") for repeat in range(REPEATS)]
-    wall, cpu = min(timed(lambda repeat: caches[repeat].pyramids(photo), repeat)
-                    for repeat in range(REPEATS))
+    wall, cpu = min(timed(lambda repeat: caches[repeat].pyramids(photo), repeat) for repeat in range(REPEATS))
     folder = caches[0].pyramids(photo).folder
     return {
-        "build": wall, "cpu": cpu,
+        "build": wall,
+        "cpu": cpu,
         "photo view": best_s(lambda repeat: photo_view_alone(photo, scratch / f"photo{repeat}")),
         "warm": best_s(lambda repeat: caches[0].pyramids(photo)),
         "tiles": sum(1 for _ in folder.rglob("*.jpeg")),
         "MB": sum(path.stat().st_size for path in folder.rglob("*.jpeg")) / 1e6,
-        "decode": best_s(lambda _: load_rgb(photo)), "field": best_s(lambda _: find_field(rgb)),
+        "decode": best_s(lambda _: load_rgb(photo)),
+        "field": best_s(lambda _: find_field(rgb)),
         "red-free": best_s(lambda _: red_free(rgb, field)),
         "contrast": best_s(lambda _: contrast(rgb, field)),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.tiles",
-                                     description=__doc__.split("\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tiles", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--photos", type=int, default=3, help="real photographs to time")
     parser.add_argument("--size", default="4243x2828", help="WIDTHxHEIGHT of the upscaled photos")
     args = parser.parse_args(argv)
     width, height = map(int, args.size.lower().split("x"))
-    print(f"{width}x{height} px ({width * height / 1e6:.1f} Mpx), views {', '.join(VIEWS)}, "
-          f"best of {REPEATS}, {cv2.getNumThreads()} OpenCV threads")
+    print(
+        f"{width}x{height} px ({width * height / 1e6:.1f} Mpx), views {', '.join(VIEWS)}, "
+        f"best of {REPEATS}, {cv2.getNumThreads()} OpenCV threads"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         photos = upscaled(Path(tmp), args.photos, width, height)
         for photo in photos:
             row = measure(photo, Path(tmp) / photo.stem)
-            print(f"{photo.name}: build all views {row['build']:.2f} s ({row['cpu']:.2f} CPU s, "
-                  f"{row['tiles']} tiles, {row['MB']:.1f} MB); the photo view alone "
-                  f"{row['photo view']:.2f} s; decode {row['decode'] * 1000:.0f} ms, eye field "
-                  f"{row['field'] * 1000:.0f} ms, red-free {row['red-free'] * 1000:.0f} ms, "
-                  f"contrast {row['contrast'] * 1000:.0f} ms; cached {row['warm'] * 1000:.1f} ms")
+            print(
+                f"{photo.name}: build all views {row['build']:.2f} s ({row['cpu']:.2f} CPU s, "
+                f"{row['tiles']} tiles, {row['MB']:.1f} MB); the photo view alone "
+                f"{row['photo view']:.2f} s; decode {row['decode'] * 1000:.0f} ms, eye field "
+                f"{row['field'] * 1000:.0f} ms, red-free {row['red-free'] * 1000:.0f} ms, "
+                f"contrast {row['contrast'] * 1000:.0f} ms; cached {row['warm'] * 1000:.1f} ms"
+            )
     return 0
 
 

@@ -57,7 +57,7 @@ def upscaled(photo: Path, out: Path) -> None:
     field = cv2.resize(img, (side, side), interpolation=cv2.INTER_CUBIC)
     canvas = np.zeros((SIZE[1], SIZE[0], 3), np.uint8)
     left = (SIZE[0] - side) // 2
-    canvas[:, left:left + side] = field
+    canvas[:, left : left + side] = field
     cv2.imwrite(str(out), canvas, [cv2.IMWRITE_JPEG_QUALITY, 92])
 
 
@@ -73,14 +73,33 @@ def workspace_with_pool(root: Path, realdata: Path, count: int) -> Workspace:
     migrate(workspace.db_url)
     import_source(workspace.db_url, "unlabelled", pool, "unlabelled", "pool")
     with session_scope(workspace.db_url) as session:
-        run = Run(name="bench", model_name="test_efficientnet", img_size=64, status="done",
-                  checkpoint=str(root / "none.pth"), active=True)
+        run = Run(
+            name="bench",
+            model_name="test_efficientnet",
+            img_size=64,
+            status="done",
+            checkpoint=str(root / "none.pth"),
+            active=True,
+        )
         session.add(run)
         session.flush()
         ids = session.scalars(select(Image.id)).all()
-        session.execute(insert(Prediction), [
-            {"run_id": run.id, "image_id": i, "p0": 0.9, "p1": 0.05, "p2": 0.03, "p3": 0.02,
-             "grade": 0, "confidence": 0.9 - i / 1000} for i in ids])
+        session.execute(
+            insert(Prediction),
+            [
+                {
+                    "run_id": run.id,
+                    "image_id": i,
+                    "p0": 0.9,
+                    "p1": 0.05,
+                    "p2": 0.03,
+                    "p3": 0.02,
+                    "grade": 0,
+                    "confidence": 0.9 - i / 1000,
+                }
+                for i in ids
+            ],
+        )
     return workspace
 
 
@@ -92,49 +111,62 @@ def timed(page, key: str, token: str | None = None) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"decision key -> next photograph drawn": [],
-                                     "decision key -> next card's name shown": [],
-                                     "n -> native pixels drawn": [], "pan at native": [],
-                                     "v -> red-free drawn": [], "shift+v -> photo drawn": []}
+    times: dict[str, list[float]] = {
+        "decision key -> next photograph drawn": [],
+        "decision key -> next card's name shown": [],
+        "n -> native pixels drawn": [],
+        "pan at native": [],
+        "v -> red-free drawn": [],
+        "shift+v -> photo drawn": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         workspace = workspace_with_pool(Path(tmp), args.realdata, args.photos)
-        with streamlit_server(workspace.root, Path(tmp) / "server.log") as url, \
-                chromium_page() as page:
+        with streamlit_server(workspace.root, Path(tmp) / "server.log") as url, chromium_page() as page:
             page.goto(f"{url}/review")
             wait_until_idle(page)
             page.evaluate(MARK_KEYS)
-            page.wait_for_function("() => window.__gradingViewer?.root.dataset.loaded === '1'",
-                                   timeout=120_000)
+            page.wait_for_function(
+                "() => window.__gradingViewer?.root.dataset.loaded === '1'", timeout=120_000
+            )
             for _ in range(args.photos - 1):
                 page.wait_for_timeout(args.look * 1000)
                 token = page.evaluate("() => window.__gradingViewer.root.dataset.photo")
-                for name, key in (("n -> native pixels drawn", "n"),
-                                  ("pan at native", "ArrowUp"), ("v -> red-free drawn", "v"),
-                                  ("shift+v -> photo drawn", "Shift+V")):
+                for name, key in (
+                    ("n -> native pixels drawn", "n"),
+                    ("pan at native", "ArrowUp"),
+                    ("v -> red-free drawn", "v"),
+                    ("shift+v -> photo drawn", "Shift+V"),
+                ):
                     times[name].append(timed(page, key))
                     page.wait_for_timeout(args.pause * 1000)  # looking at what it shows
                 name = page.locator("[data-testid='stMain'] h3").first.inner_text()
                 times["decision key -> next photograph drawn"].append(timed(page, "a", token))
-                times["decision key -> next card's name shown"].append(page.wait_for_function(
-                    CARD, arg=name, polling="raf", timeout=60_000).json_value())
+                times["decision key -> next card's name shown"].append(
+                    page.wait_for_function(CARD, arg=name, polling="raf", timeout=60_000).json_value()
+                )
     return times
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.viewer", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.viewer", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--photos", type=int, default=12, help="cards")
-    parser.add_argument("--look", type=float, default=3.0,
-                        help="seconds on each card before the keys")
-    parser.add_argument("--pause", type=float, default=1.0,
-                        help="seconds on each view before the next key")
-    parser.add_argument("--realdata", type=Path, default=ROOT.parent / "shared" / "realdata",
-                        help="the folder of labels.csv and images/ (default ../shared/realdata)")
+    parser.add_argument("--look", type=float, default=3.0, help="seconds on each card before the keys")
+    parser.add_argument("--pause", type=float, default=1.0, help="seconds on each view before the next key")
+    parser.add_argument(
+        "--realdata",
+        type=Path,
+        default=ROOT.parent / "shared" / "realdata",
+        help="the folder of labels.csv and images/ (default ../shared/realdata)",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     times = run(args)
-    print(f"{args.photos} photographs of {SIZE[0]}x{SIZE[1]} px, {args.look:g} s on each card "
-          f"({time.monotonic() - started:.0f} s in all)")
+    print(
+        f"{args.photos} photographs of {SIZE[0]}x{SIZE[1]} px, {args.look:g} s on each card "
+        f"({time.monotonic() - started:.0f} s in all)"
+    )
     print(f"{'':40} {'median ms':>10} {'slowest ms':>11}")
     for name, values in times.items():
         print(f"{name:40} {statistics.median(values):10.0f} {max(values):11.0f}")

@@ -60,12 +60,13 @@ def _check_lengths(table: Table, rows: Sequence[dict]) -> None:
         for column in limited:
             value = row[column.name]
             if value is not None and len(value) > column.type.length:
-                raise CopyRefused(f"{_row(table, row)}: {column.name} holds {len(value)} "
-                                  f"characters, more than its {column.type.length}")
+                raise CopyRefused(
+                    f"{_row(table, row)}: {column.name} holds {len(value)} "
+                    f"characters, more than its {column.type.length}"
+                )
 
 
-def _fill(source: Session, target: Session, table: Table,
-          progress: Callable[[str, int], None]) -> int:
+def _fill(source: Session, target: Session, table: Table, progress: Callable[[str, int], None]) -> int:
     copied = 0
     rows = source.execute(select(table), execution_options={"yield_per": BATCH})
     for batch in rows.partitions():
@@ -87,13 +88,14 @@ def _reset_sequences(target: Session, tables: Sequence[Table]) -> None:
     for table in tables:
         if (column := table.autoincrement_column) is not None:
             following = select(func.coalesce(func.max(column), 0) + 1).scalar_subquery()
-            target.execute(select(func.setval(
-                func.pg_get_serial_sequence(table.name, column.name), following, False)))
+            target.execute(
+                select(func.setval(func.pg_get_serial_sequence(table.name, column.name), following, False))
+            )
 
 
-def copy_database(source: str, target: str,
-                  progress: Callable[[str, int], None] = lambda table, rows: None
-                  ) -> dict[str, int]:
+def copy_database(
+    source: str, target: str, progress: Callable[[str, int], None] = lambda table, rows: None
+) -> dict[str, int]:
     """Copy every row of `source` into `target`, which must hold none; the rows per table.
     `progress(table, rows copied so far)` is called after each batch."""
     _check_source(source, target)
@@ -101,36 +103,53 @@ def copy_database(source: str, target: str,
     migrate(target)
     tables = Base.metadata.sorted_tables  # parents before the tables that refer to them
     with read_scope(source) as reading, session_scope(target) as writing:
-        filled = [table.name for table in tables if writing.scalar(
-            select(literal(1)).select_from(table).limit(1)) is not None]
+        filled = [
+            table.name
+            for table in tables
+            if writing.scalar(select(literal(1)).select_from(table).limit(1)) is not None
+        ]
         if filled:
-            raise CopyRefused(f"{shown(target)} holds rows already (in {', '.join(filled)}); "
-                              "copy into an empty database")
+            raise CopyRefused(
+                f"{shown(target)} holds rows already (in {', '.join(filled)}); copy into an empty database"
+            )
         counts = {table.name: _fill(reading, writing, table, progress) for table in tables}
         _reset_sequences(writing, tables)
     return counts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m db.copy", description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--to", required=True, metavar="URL",
-                        help="the target database, e.g. postgresql+psycopg://dr@db-host/dr")
-    parser.add_argument("--from", dest="source", default=default_source(), metavar="URL",
-                        help="the source database (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m db.copy", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="the target database, e.g. postgresql+psycopg://dr@db-host/dr",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        default=default_source(),
+        metavar="URL",
+        help="the source database (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     try:
-        counts = copy_database(args.source, args.to,
-                               lambda table, rows: print(f"{table}: {rows} rows", flush=True))
+        counts = copy_database(
+            args.source, args.to, lambda table, rows: print(f"{table}: {rows} rows", flush=True)
+        )
     except CopyRefused as error:
         print(f"Nothing copied: {error}.", file=sys.stderr)
         return 2
     except (ArgumentError, OperationalError) as error:  # a malformed URL, a server not reached
         print(f"Nothing copied: {getattr(error, 'orig', None) or error}", file=sys.stderr)
         return 2
-    print(f"Copied {sum(counts.values())} rows in {len(counts)} tables from {shown(args.source)} "
-          f"to {shown(args.to)}. Point the app and its jobs at it with "
-          f"DR_DATABASE_URL={shown(args.to)}")
+    print(
+        f"Copied {sum(counts.values())} rows in {len(counts)} tables from {shown(args.source)} "
+        f"to {shown(args.to)}. Point the app and its jobs at it with "
+        f"DR_DATABASE_URL={shown(args.to)}"
+    )
     return 0
 
 

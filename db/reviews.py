@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import (BigInteger, Integer, and_, bindparam, case, cast, delete, func, or_, select,
-                        union_all)
+from sqlalchemy import BigInteger, Integer, and_, bindparam, case, cast, delete, func, or_, select, union_all
 from sqlalchemy.orm import Session, aliased
 
 from db.queries import curated_set, live_reads, open_conflicts
@@ -111,10 +110,13 @@ class ReadsSettled(DecidedMeanwhile):
 def describe(decision: str, grade: int | None) -> str:
     """A decision in words: 'accepted grade 2', 'corrected to grade 1', 'rejected', 'undone',
     'adjudicated grade 3'."""
-    return {"accept": f"accepted grade {grade}", "relabel": f"corrected to grade {grade}",
-            "reject": "rejected", "undo": "undone",
-            "adjudicate": "adjudicated " + ("a reject" if grade is None else f"grade {grade}")
-            }[decision]
+    return {
+        "accept": f"accepted grade {grade}",
+        "relabel": f"corrected to grade {grade}",
+        "reject": "rejected",
+        "undo": "undone",
+        "adjudicate": "adjudicated " + ("a reject" if grade is None else f"grade {grade}"),
+    }[decision]
 
 
 def double_read(image_id, share: float):
@@ -146,15 +148,13 @@ def set_double_read_share(db_url: str, share: float, *, user: User | None) -> No
 def _newest_is_no(decision: str):
     """A HAVING condition on a group of review rows: its newest row is no `decision`. One pass
     over the rows, where a join with each group's newest id would read them twice."""
-    return func.coalesce(func.max(case((Review.decision == decision, Review.id))), 0) \
-        < func.max(Review.id)
+    return func.coalesce(func.max(case((Review.decision == decision, Review.id))), 0) < func.max(Review.id)
 
 
 def _decided_images(*where):
     """Ids of images whose current decision (newest review row) is not 'undo', of the review
     rows that meet `where`."""
-    return select(Review.image_id).where(*where).group_by(Review.image_id) \
-        .having(_newest_is_no("undo"))
+    return select(Review.image_id).where(*where).group_by(Review.image_id).having(_newest_is_no("undo"))
 
 
 def _done_for(reviewer: str, share: float, image_id=None) -> list:
@@ -163,15 +163,19 @@ def _done_for(reviewer: str, share: float, image_id=None) -> list:
     newest read, adjudications aside, is no undo: live_reads); with `image_id` (a number or a
     bound parameter), reading that image's reviews alone."""
     this = [] if image_id is None else [Review.image_id == image_id]
-    reads = (select(Review.image_id, Review.reviewer)
-             .where(*this, Review.decision != "adjudicate", double_read(Review.image_id, share))
-             .group_by(Review.image_id, Review.reviewer).having(_newest_is_no("undo"))
-             .subquery())
+    reads = (
+        select(Review.image_id, Review.reviewer)
+        .where(*this, Review.decision != "adjudicate", double_read(Review.image_id, share))
+        .group_by(Review.image_id, Review.reviewer)
+        .having(_newest_is_no("undo"))
+        .subquery()
+    )
     read_by = func.sum(case((reads.c.reviewer == reviewer, 1), else_=0))
     return [
         Prediction.image_id.not_in(_decided_images(*this, ~double_read(Review.image_id, share))),
-        Prediction.image_id.not_in(select(reads.c.image_id).group_by(reads.c.image_id)
-                                   .having(or_(func.count() > 1, read_by > 0))),
+        Prediction.image_id.not_in(
+            select(reads.c.image_id).group_by(reads.c.image_id).having(or_(func.count() > 1, read_by > 0))
+        ),
     ]
 
 
@@ -181,8 +185,13 @@ def _current_id(image_id, blind_to: str | None = None, share: float = 0.0):
     newest = aliased(Review)
     where = [newest.image_id == image_id]
     if blind_to is not None:
-        where.append(~and_(newest.reviewer != blind_to, newest.decision.in_(DECISIONS),
-                           double_read(newest.image_id, share)))
+        where.append(
+            ~and_(
+                newest.reviewer != blind_to,
+                newest.decision.in_(DECISIONS),
+                double_read(newest.image_id, share),
+            )
+        )
     return select(func.max(newest.id)).where(*where).scalar_subquery()
 
 
@@ -190,21 +199,29 @@ def _labelled_images():
     """Images no reviewer decides: those with an expert grade, and the validation sources'.
     Two index lookups (ix_images_graded, the sources) instead of an OR that scans every image
     of a pool: 16 ms at 100k images (bench/pool.py)."""
-    return union_all(select(Image.id).where(Image.grade.is_not(None)),
-                     select(Image.id).join(Source).where(Source.role == "validation"))
+    return union_all(
+        select(Image.id).where(Image.grade.is_not(None)),
+        select(Image.id).join(Source).where(Source.role == "validation"),
+    )
 
 
 def _candidates(run_id: int, threshold: float) -> list:
     # NOT IN over materialised sets keeps the scan on ix_predictions_run_confidence_grade.
-    return [Prediction.run_id == run_id, Prediction.confidence >= threshold,
-            Prediction.image_id.not_in(_labelled_images())]
+    return [
+        Prediction.run_id == run_id,
+        Prediction.confidence >= threshold,
+        Prediction.image_id.not_in(_labelled_images()),
+    ]
 
 
 def _filtered(queue: QueueFilter) -> list:
     low, high = queue.band
     # One lower bound: given two, SQLite may start the index range at the looser one.
-    return [*_candidates(queue.run_id, max(queue.threshold, low)), Prediction.confidence <= high,
-            Prediction.grade.in_(queue.grades)]
+    return [
+        *_candidates(queue.run_id, max(queue.threshold, low)),
+        Prediction.confidence <= high,
+        Prediction.grade.in_(queue.grades),
+    ]
 
 
 def _queue(queue: QueueFilter, reviewer: str, share: float) -> list:
@@ -229,19 +246,20 @@ def _claimed_by_others(reviewer: str):
     return select(Claim.image_id).where(Claim.reviewer != reviewer, Claim.claimed_at >= live_after)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _claim_upsert(insert):
     """The claim statement for the database's INSERT construct (upsert_insert): a new claim on
     `:claim_image` for `:claim_reviewer` at `:claim_time`, or that reviewer's claim renewed,
     or another reviewer's claim taken over once it is older than `:live_after`."""
-    values = insert(Claim).values(image_id=bindparam("claim_image"),
-                                  reviewer=bindparam("claim_reviewer"),
-                                  claimed_at=bindparam("claim_time"))
+    values = insert(Claim).values(
+        image_id=bindparam("claim_image"),
+        reviewer=bindparam("claim_reviewer"),
+        claimed_at=bindparam("claim_time"),
+    )
     return values.on_conflict_do_update(
         index_elements=["image_id"],
         set_={"reviewer": values.excluded.reviewer, "claimed_at": values.excluded.claimed_at},
-        where=or_(Claim.reviewer == bindparam("claim_reviewer"),
-                  Claim.claimed_at < bindparam("live_after"))
+        where=or_(Claim.reviewer == bindparam("claim_reviewer"), Claim.claimed_at < bindparam("live_after")),
     ).returning(Claim.image_id)  # psycopg reports no rowcount for an upsert
 
 
@@ -249,9 +267,15 @@ def _hold(session: Session, reviewer: str, image_id: int) -> bool:
     """Claim the image for `reviewer`, or renew the claim; False when another reviewer's claim
     on it is live."""
     now = utcnow()
-    held = session.execute(_claim_upsert(upsert_insert(session)), {
-        "claim_image": image_id, "claim_reviewer": reviewer, "claim_time": now,
-        "live_after": now - CLAIM_TTL})
+    held = session.execute(
+        _claim_upsert(upsert_insert(session)),
+        {
+            "claim_image": image_id,
+            "claim_reviewer": reviewer,
+            "claim_time": now,
+            "live_after": now - CLAIM_TTL,
+        },
+    )
     return held.first() is not None
 
 
@@ -264,12 +288,12 @@ def _newest_review(session: Session, image_id: int) -> int | None:
 @functools.lru_cache(maxsize=256)
 def _free(reviewer: str, queue: QueueFilter, share: float) -> tuple:
     """Conditions on a prediction: in the reviewer's queue, and no one else holds it."""
-    return (*_queue(queue, reviewer, share),
-            Prediction.image_id.not_in(_claimed_by_others(reviewer)))
+    return (*_queue(queue, reviewer, share), Prediction.image_id.not_in(_claimed_by_others(reviewer)))
 
 
-def _pick(session: Session, free: list, queue: QueueFilter, skip: Sequence[int],
-          keep: int | None) -> int | None:
+def _pick(
+    session: Session, free: list, queue: QueueFilter, skip: Sequence[int], keep: int | None
+) -> int | None:
     """The image to show: `keep` while it is still `free`; else the first free image not
     skipped; else the longest-skipped free one; else none.
 
@@ -277,8 +301,7 @@ def _pick(session: Session, free: list, queue: QueueFilter, skip: Sequence[int],
     reviewer's claim has locked are passed over (FOR UPDATE SKIP LOCKED): reviewers claiming
     at once get different images without waiting for each other. SQLite ignores the clause;
     BEGIN IMMEDIATE has serialised the claims there."""
-    pick = select(Prediction.image_id).where(*free).with_for_update(skip_locked=True,
-                                                                    of=Prediction)
+    pick = select(Prediction.image_id).where(*free).with_for_update(skip_locked=True, of=Prediction)
     if keep is not None and session.scalar(pick.where(Prediction.image_id == keep)) is not None:
         return keep
     first = pick.order_by(*_order(queue)).limit(1)
@@ -295,16 +318,33 @@ def _card(reviewer: str, run_id: int, share: float):
     that image is undecided for `reviewer`; it reads that image's reviews alone."""
     image_id = bindparam("image_id", type_=Integer)
     newest = select(func.max(Review.id)).where(Review.image_id == image_id).scalar_subquery()
-    return (select(Image.name, Source.name, Source.root, Image.path, Prediction.p0,
-                   Prediction.p1, Prediction.p2, Prediction.p3, Prediction.grade,
-                   Prediction.confidence, newest)
-            .join(Image, Image.id == Prediction.image_id).join(Source)
-            .where(Prediction.run_id == run_id, Prediction.image_id == image_id,
-                   *_done_for(reviewer, share, image_id)))
+    return (
+        select(
+            Image.name,
+            Source.name,
+            Source.root,
+            Image.path,
+            Prediction.p0,
+            Prediction.p1,
+            Prediction.p2,
+            Prediction.p3,
+            Prediction.grade,
+            Prediction.confidence,
+            newest,
+        )
+        .join(Image, Image.id == Prediction.image_id)
+        .join(Source)
+        .where(
+            Prediction.run_id == run_id,
+            Prediction.image_id == image_id,
+            *_done_for(reviewer, share, image_id),
+        )
+    )
 
 
-def _claimed_card(session: Session, reviewer: str, run_id: int, share: float,
-                  image_id: int) -> Candidate | None:
+def _claimed_card(
+    session: Session, reviewer: str, run_id: int, share: float, image_id: int
+) -> Candidate | None:
     """The picked image for the screen, read once the claim is in; None when it is no longer
     undecided for `reviewer`. On PostgreSQL another reviewer may have decided it after the
     pick's snapshot was taken, and this fresh statement sees it (nothing else about a
@@ -314,12 +354,14 @@ def _claimed_card(session: Session, reviewer: str, run_id: int, share: float,
     if row is None:
         return None
     name, source, root, path, p0, p1, p2, p3, grade, confidence, seen = row
-    return Candidate(image_id, run_id, name, source, f"{root}/{path}", (p0, p1, p2, p3),
-                     grade, confidence, seen)
+    return Candidate(
+        image_id, run_id, name, source, f"{root}/{path}", (p0, p1, p2, p3), grade, confidence, seen
+    )
 
 
-def claim_next(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int] = (),
-               keep: int | None = None) -> Candidate | None:
+def claim_next(
+    db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int] = (), keep: int | None = None
+) -> Candidate | None:
     """Claim the next image for `reviewer` and return it; None when no candidate is free.
 
     `skip` lists the images this reviewer skipped, oldest first: they come back only when
@@ -329,52 +371,70 @@ def claim_next(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[in
         session.execute(delete(Claim).where(Claim.reviewer == reviewer))
         share, lost = _share(session), []
         free = _free(reviewer, queue, share)
-        while (image_id := _pick(session, [*free, Prediction.image_id.not_in(lost)], queue,
-                                 skip, keep)) is not None:
-            if _hold(session, reviewer, image_id) and (card := _claimed_card(
-                    session, reviewer, queue.run_id, share, image_id)):
+        while (
+            image_id := _pick(session, [*free, Prediction.image_id.not_in(lost)], queue, skip, keep)
+        ) is not None:
+            if _hold(session, reviewer, image_id) and (
+                card := _claimed_card(session, reviewer, queue.run_id, share, image_id)
+            ):
                 return card
             session.execute(delete(Claim).where(Claim.reviewer == reviewer))
             lost.append(image_id)
         return None
 
 
-def upcoming(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int],
-             after: int) -> str | None:
+def upcoming(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int], after: int) -> str | None:
     """The photograph that `reviewer`'s queue most likely gives after `after` (a skipped one
     aside), for a viewer to prepare while `after` is graded; None at the queue's end. Nothing
     is claimed: someone else may take it meanwhile."""
     with read_scope(db_url) as session:
         row = session.execute(
-            select(Source.root, Image.path).select_from(Prediction)
-            .join(Image, Image.id == Prediction.image_id).join(Source)
-            .where(*_free(reviewer, queue, _share(session)), Prediction.image_id != after,
-                   Prediction.image_id.not_in(skip))
-            .order_by(*_order(queue)).limit(1)).first()
+            select(Source.root, Image.path)
+            .select_from(Prediction)
+            .join(Image, Image.id == Prediction.image_id)
+            .join(Source)
+            .where(
+                *_free(reviewer, queue, _share(session)),
+                Prediction.image_id != after,
+                Prediction.image_id.not_in(skip),
+            )
+            .order_by(*_order(queue))
+            .limit(1)
+        ).first()
     return None if row is None else f"{row.root}/{row.path}"
 
 
 def held_by_others(db_url: str, reviewer: str, queue: QueueFilter) -> int:
     """Undecided candidates of the queue that other reviewers hold now."""
     with read_scope(db_url) as session:
-        return session.scalar(select(func.count(Prediction.id)).where(
-            *_queue(queue, reviewer, _share(session)),
-            Prediction.image_id.in_(_claimed_by_others(reviewer))))
+        return session.scalar(
+            select(func.count(Prediction.id)).where(
+                *_queue(queue, reviewer, _share(session)),
+                Prediction.image_id.in_(_claimed_by_others(reviewer)),
+            )
+        )
 
 
 def _read_once(share: float, by: str | None = None):
     """Ids of double-read images that one reviewer (`by`, when given) has read so far."""
     reads = live_reads().subquery()
-    once = (select(reads.c.image_id).where(double_read(reads.c.image_id, share))
-            .group_by(reads.c.image_id).having(func.count() == 1))
+    once = (
+        select(reads.c.image_id)
+        .where(double_read(reads.c.image_id, share))
+        .group_by(reads.c.image_id)
+        .having(func.count() == 1)
+    )
     return once if by is None else once.having(func.max(reads.c.reviewer) == by)
 
 
 def awaiting_second_read(db_url: str, reviewer: str, queue: QueueFilter) -> int:
     """Double-read candidates of the queue that only this reviewer has read so far."""
     with read_scope(db_url) as session:
-        return session.scalar(select(func.count(Prediction.id)).where(
-            *_filtered(queue), Prediction.image_id.in_(_read_once(_share(session), reviewer))))
+        return session.scalar(
+            select(func.count(Prediction.id)).where(
+                *_filtered(queue), Prediction.image_id.in_(_read_once(_share(session), reviewer))
+            )
+        )
 
 
 def renew_claim(db_url: str, reviewer: str, image_id: int, seen: int | None) -> bool:
@@ -388,17 +448,20 @@ def renew_claim(db_url: str, reviewer: str, image_id: int, seen: int | None) -> 
 def _second_read(session: Session, reviewer: str, image_id: int, seen: int | None) -> bool:
     """Whether all that came after `seen` is another reviewer's blind read of a double-read
     image, which this reviewer's read completes (or replaces, for their own earlier read)."""
-    newer = session.execute(select(Review.reviewer, Review.decision).where(
-        Review.image_id == image_id, Review.id > (seen or 0))).all()
+    newer = session.execute(
+        select(Review.reviewer, Review.decision).where(Review.image_id == image_id, Review.id > (seen or 0))
+    ).all()
     readers = {read.reviewer for read in session.execute(live_reads(image_id))}
-    return (double_read(image_id, _share(session)) and len(readers - {reviewer}) < 2
-            and all(who != reviewer and what != "adjudicate" for who, what in newer))
+    return (
+        double_read(image_id, _share(session))
+        and len(readers - {reviewer}) < 2
+        and all(who != reviewer and what != "adjudicate" for who, what in newer)
+    )
 
 
 def _open(session: Session, reviewer: str, image_id: int, seen: int | None) -> bool:
     """Whether a decision of `reviewer` on an image shown at `seen` still holds."""
-    return (_newest_review(session, image_id) == seen
-            or _second_read(session, reviewer, image_id, seen))
+    return _newest_review(session, image_id) == seen or _second_read(session, reviewer, image_id, seen)
 
 
 def _lock_image(session: Session, image_id: int) -> None:
@@ -410,14 +473,17 @@ def _lock_image(session: Session, image_id: int) -> None:
 
 def _settled(session: Session, image_id: int) -> str | None:
     """Why the image's reads may no longer change, in words; None while they may."""
-    adjudicated = select(Review.id).where(Review.image_id == image_id,
-                                          Review.decision == "adjudicate").limit(1)
+    adjudicated = (
+        select(Review.id).where(Review.image_id == image_id, Review.decision == "adjudicate").limit(1)
+    )
     if session.scalar(adjudicated) is not None:
         return "has been adjudicated: the adjudicator's grade is final"
     readers = select(func.count()).select_from(live_reads(image_id).subquery())
     if double_read(image_id, _share(session)) and session.scalar(readers) > 1:
-        return ("has both of its blind reads: a read of a double-read image cannot change "
-                "once the second is in (an admin adjudicates reads that disagree)")
+        return (
+            "has both of its blind reads: a read of a double-read image cannot change "
+            "once the second is in (an admin adjudicates reads that disagree)"
+        )
     return None
 
 
@@ -435,21 +501,30 @@ def _refuse_if_decided(session: Session, reviewer: str, image_id: int, seen: int
     if _open(session, reviewer, image_id, seen):
         return
     newest_id = _newest_review(session, image_id)
-    newest = session.execute(select(Review.reviewer, Review.decision, Review.grade, Image.name)
-                             .join(Image, Image.id == Review.image_id)
-                             .where(Review.id == newest_id)).one()
+    newest = session.execute(
+        select(Review.reviewer, Review.decision, Review.grade, Image.name)
+        .join(Image, Image.id == Review.image_id)
+        .where(Review.id == newest_id)
+    ).one()
     who = "you, in another tab or window" if newest.reviewer == reviewer else newest.reviewer
-    raise DecidedMeanwhile(f"{newest.name} was decided by {who} after it was shown here (now "
-                           f"{describe(newest.decision, newest.grade)}), so this decision "
-                           "was not stored.")
+    raise DecidedMeanwhile(
+        f"{newest.name} was decided by {who} after it was shown here (now "
+        f"{describe(newest.decision, newest.grade)}), so this decision "
+        "was not stored."
+    )
 
 
 def _refuse_if_labelled(session: Session, image_id: int) -> None:
-    name = session.scalar(select(Image.name).join(Source).where(
-        Image.id == image_id, or_(Image.grade.is_not(None), Source.role == "validation")))
+    name = session.scalar(
+        select(Image.name)
+        .join(Source)
+        .where(Image.id == image_id, or_(Image.grade.is_not(None), Source.role == "validation"))
+    )
     if name is not None:
-        raise ValueError(f"{name} has an expert label or belongs to a validation source: "
-                         "only unlabelled images are reviewed")
+        raise ValueError(
+            f"{name} has an expert label or belongs to a validation source: "
+            "only unlabelled images are reviewed"
+        )
 
 
 def _card_seconds(seconds: float | None) -> float | None:
@@ -457,14 +532,22 @@ def _card_seconds(seconds: float | None) -> float | None:
     if seconds is None:
         return None
     if not (math.isfinite(seconds) and seconds >= 0):
-        raise ValueError(f"the time a card was on screen must be a number of seconds, zero or "
-                         f"more, not {seconds!r}")
+        raise ValueError(
+            f"the time a card was on screen must be a number of seconds, zero or more, not {seconds!r}"
+        )
     return min(float(seconds), MAX_SECONDS)
 
 
-def decide(db_url: str, reviewer: str, image_id: int, run_id: int, decision: str,
-           grade: int | None = None, seen: int | None = None,
-           seconds: float | None = None) -> int:
+def decide(
+    db_url: str,
+    reviewer: str,
+    image_id: int,
+    run_id: int,
+    decision: str,
+    grade: int | None = None,
+    seen: int | None = None,
+    seconds: float | None = None,
+) -> int:
     """Append a decision on the prediction of `run_id` for an image, release its claim and
     return the review id. 'accept' stores the predicted grade, 'relabel' the given one.
 
@@ -485,8 +568,9 @@ def decide(db_url: str, reviewer: str, image_id: int, run_id: int, decision: str
     if decision == "relabel" and grade not in GRADES:
         raise ValueError(f"a correction needs a grade 0-3, not {grade!r}")
     with session_scope(db_url) as session:
-        predicted = session.scalar(select(Prediction.grade).where(
-            Prediction.run_id == run_id, Prediction.image_id == image_id))
+        predicted = session.scalar(
+            select(Prediction.grade).where(Prediction.run_id == run_id, Prediction.image_id == image_id)
+        )
         if predicted is None:
             raise ValueError(f"run {run_id} has no prediction for image {image_id}")
         _refuse_if_labelled(session, image_id)
@@ -494,8 +578,14 @@ def decide(db_url: str, reviewer: str, image_id: int, run_id: int, decision: str
         _refuse_if_settled(session, image_id)
         _refuse_if_decided(session, reviewer, image_id, seen)
         stored = {"accept": predicted, "relabel": grade, "reject": None}[decision]
-        review = Review(image_id=image_id, run_id=run_id, decision=decision, grade=stored,
-                        reviewer=reviewer, seconds=seconds)
+        review = Review(
+            image_id=image_id,
+            run_id=run_id,
+            decision=decision,
+            grade=stored,
+            reviewer=reviewer,
+            seconds=seconds,
+        )
         session.add(review)
         session.execute(delete(Claim).where(Claim.image_id == image_id))
         session.flush()
@@ -509,17 +599,22 @@ def undo_last(db_url: str, reviewer: str) -> int | None:
     may no longer change."""
     with session_scope(db_url) as session:
         row = session.execute(
-            select(Review.image_id, Review.run_id).where(
-                Review.reviewer == reviewer, Review.decision.in_(DECISIONS),
-                Review.id == _current_id(Review.image_id, reviewer, _share(session)))
-            .order_by(Review.id.desc()).limit(1)
+            select(Review.image_id, Review.run_id)
+            .where(
+                Review.reviewer == reviewer,
+                Review.decision.in_(DECISIONS),
+                Review.id == _current_id(Review.image_id, reviewer, _share(session)),
+            )
+            .order_by(Review.id.desc())
+            .limit(1)
         ).first()
         if row is None:
             return None
         _lock_image(session, row.image_id)
         _refuse_if_settled(session, row.image_id)
-        session.add(Review(image_id=row.image_id, run_id=row.run_id, decision="undo",
-                           grade=None, reviewer=reviewer))
+        session.add(
+            Review(image_id=row.image_id, run_id=row.run_id, decision="undo", grade=None, reviewer=reviewer)
+        )
         return row.image_id
 
 
@@ -528,27 +623,54 @@ def recent_decisions(db_url: str, reviewer: str, limit: int = 10) -> list[Recent
     newest first, with each image's current decision (it may be an undo or someone else's;
     another reviewer's blind read of a double-read image is not shown)."""
     mine = aliased(Review)
-    newest_mine = select(func.max(mine.id)).where(
-        mine.image_id == Review.image_id, mine.reviewer == reviewer, mine.decision.in_(DECISIONS)
-    ).scalar_subquery()
+    newest_mine = (
+        select(func.max(mine.id))
+        .where(mine.image_id == Review.image_id, mine.reviewer == reviewer, mine.decision.in_(DECISIONS))
+        .scalar_subquery()
+    )
     with read_scope(db_url) as session:
         rows = session.execute(
-            select(Review.id, Review.image_id, Review.run_id, Image.name, Review.decision,
-                   Review.grade, Review.created_at).join(Image, Image.id == Review.image_id)
-            .where(Review.reviewer == reviewer, Review.decision.in_(DECISIONS),
-                   Review.id == newest_mine)
-            .order_by(Review.id.desc()).limit(limit)
+            select(
+                Review.id,
+                Review.image_id,
+                Review.run_id,
+                Image.name,
+                Review.decision,
+                Review.grade,
+                Review.created_at,
+            )
+            .join(Image, Image.id == Review.image_id)
+            .where(Review.reviewer == reviewer, Review.decision.in_(DECISIONS), Review.id == newest_mine)
+            .order_by(Review.id.desc())
+            .limit(limit)
         ).all()
-        current = {row.image_id: row for row in session.execute(
-            select(Review.id, Review.image_id, Review.decision, Review.grade, Review.reviewer)
-            .where(Review.image_id.in_([r.image_id for r in rows]),
-                   Review.id == _current_id(Review.image_id, reviewer, _share(session))))}
+        current = {
+            row.image_id: row
+            for row in session.execute(
+                select(Review.id, Review.image_id, Review.decision, Review.grade, Review.reviewer).where(
+                    Review.image_id.in_([r.image_id for r in rows]),
+                    Review.id == _current_id(Review.image_id, reviewer, _share(session)),
+                )
+            )
+        }
         settled = {r.image_id for r in rows if _settled(session, r.image_id) is not None}
-    return [RecentDecision(image_id, run_id, name, decision, grade, time,
-                           current[image_id].id == review_id, current[image_id].id,
-                           current[image_id].decision, current[image_id].grade,
-                           current[image_id].reviewer, image_id in settled)
-            for review_id, image_id, run_id, name, decision, grade, time in rows]
+    return [
+        RecentDecision(
+            image_id,
+            run_id,
+            name,
+            decision,
+            grade,
+            time,
+            current[image_id].id == review_id,
+            current[image_id].id,
+            current[image_id].decision,
+            current[image_id].grade,
+            current[image_id].reviewer,
+            image_id in settled,
+        )
+        for review_id, image_id, run_id, name, decision, grade, time in rows
+    ]
 
 
 @dataclass(frozen=True)
@@ -568,13 +690,25 @@ def _reads(session: Session, image_ids=None) -> list:
     """Current reads (of the images that the select `image_ids` lists, if given), oldest
     first, with their image and the grade their model predicted."""
     reads = live_reads().subquery()
-    query = (select(reads.c.image_id, reads.c.run_id, Image.name, Source.root, Image.path,
-                    Prediction.grade.label("predicted"), reads.c.reviewer, reads.c.decision,
-                    reads.c.grade)
-             .join(Image, Image.id == reads.c.image_id).join(Source)
-             .outerjoin(Prediction, (Prediction.run_id == reads.c.run_id)
-                        & (Prediction.image_id == reads.c.image_id))
-             .order_by(reads.c.id))
+    query = (
+        select(
+            reads.c.image_id,
+            reads.c.run_id,
+            Image.name,
+            Source.root,
+            Image.path,
+            Prediction.grade.label("predicted"),
+            reads.c.reviewer,
+            reads.c.decision,
+            reads.c.grade,
+        )
+        .join(Image, Image.id == reads.c.image_id)
+        .join(Source)
+        .outerjoin(
+            Prediction, (Prediction.run_id == reads.c.run_id) & (Prediction.image_id == reads.c.image_id)
+        )
+        .order_by(reads.c.id)
+    )
     if image_ids is not None:
         query = query.where(reads.c.image_id.in_(image_ids))
     return session.execute(query).all()
@@ -585,9 +719,10 @@ def reads_frame(db_url: str) -> pd.DataFrame:
     predicted: what agreement is measured on. `grade` is missing for a reject."""
     with read_scope(db_url) as session:
         rows = _reads(session)
-    frame = pd.DataFrame([(r.image_id, r.name, r.reviewer, r.decision, r.grade, r.predicted)
-                          for r in rows], columns=["image_id", "image", "reviewer", "decision",
-                                                   "grade", "predicted"])
+    frame = pd.DataFrame(
+        [(r.image_id, r.name, r.reviewer, r.decision, r.grade, r.predicted) for r in rows],
+        columns=["image_id", "image", "reviewer", "decision", "grade", "predicted"],
+    )
     return frame.astype({"grade": "Int64", "predicted": "Int64"})
 
 
@@ -597,17 +732,24 @@ def decisions_frame(db_url: str, last: int | None = None) -> pd.DataFrame:
     reviewers' time goes. `seconds` is missing where it was not measured (decisions made before
     it was stored), `grade` for a reject. `last`: only the newest `last` reads with seconds,
     which is what a pace needs, read backwards along the primary key."""
-    query = select(Review.id, Review.image_id, Review.reviewer, Review.decision, Review.grade,
-                   Review.seconds, Review.created_at).order_by(Review.id.desc())
+    query = select(
+        Review.id,
+        Review.image_id,
+        Review.reviewer,
+        Review.decision,
+        Review.grade,
+        Review.seconds,
+        Review.created_at,
+    ).order_by(Review.id.desc())
     if last is None:
         query = query.where(Review.decision.in_([*DECISIONS, "adjudicate"]))
     else:
-        query = query.where(Review.decision.in_(DECISIONS),
-                            Review.seconds.is_not(None)).limit(last)
+        query = query.where(Review.decision.in_(DECISIONS), Review.seconds.is_not(None)).limit(last)
     with read_scope(db_url) as session:  # plain tuples: pandas inspects each Row otherwise
         rows = [tuple(row) for row in session.connection().execute(query)]
-    frame = pd.DataFrame(rows[::-1], columns=["id", "image_id", "reviewer", "decision", "grade",
-                                              "seconds", "time"])
+    frame = pd.DataFrame(
+        rows[::-1], columns=["id", "image_id", "reviewer", "decision", "grade", "seconds", "time"]
+    )
     return frame.astype({"grade": "Int64", "seconds": float})
 
 
@@ -615,15 +757,28 @@ def adjudication_queue(db_url: str) -> list[Conflict]:
     """The images whose reads disagree and that no adjudication settled, oldest first."""
     with read_scope(db_url) as session:
         rows = _reads(session, open_conflicts())
-        seen = dict(session.execute(select(Review.image_id, func.max(Review.id)).where(
-            Review.image_id.in_({r.image_id for r in rows})).group_by(Review.image_id)).all())
+        seen = dict(
+            session.execute(
+                select(Review.image_id, func.max(Review.id))
+                .where(Review.image_id.in_({r.image_id for r in rows}))
+                .group_by(Review.image_id)
+            ).all()
+        )
     conflicts: dict[int, list] = {}
     for row in rows:
         conflicts.setdefault(row.image_id, []).append(row)
-    return [Conflict(image_id, reads[-1].run_id, reads[0].name, f"{reads[0].root}/{reads[0].path}",
-                     reads[-1].predicted, tuple((r.reviewer, r.decision, r.grade) for r in reads),
-                     seen[image_id])
-            for image_id, reads in conflicts.items()]
+    return [
+        Conflict(
+            image_id,
+            reads[-1].run_id,
+            reads[0].name,
+            f"{reads[0].root}/{reads[0].path}",
+            reads[-1].predicted,
+            tuple((r.reviewer, r.decision, r.grade) for r in reads),
+            seen[image_id],
+        )
+        for image_id, reads in conflicts.items()
+    ]
 
 
 def adjudicate(db_url: str, adjudicator: User, conflict: Conflict, grade: int | None) -> int:
@@ -636,8 +791,13 @@ def adjudicate(db_url: str, adjudicator: User, conflict: Conflict, grade: int | 
     with session_scope(db_url) as session:
         _lock_image(session, conflict.image_id)
         _refuse_if_decided(session, adjudicator.name, conflict.image_id, conflict.seen)
-        review = Review(image_id=conflict.image_id, run_id=conflict.run_id,
-                        decision="adjudicate", grade=grade, reviewer=adjudicator.name)
+        review = Review(
+            image_id=conflict.image_id,
+            run_id=conflict.run_id,
+            decision="adjudicate",
+            grade=grade,
+            reviewer=adjudicator.name,
+        )
         session.add(review)
         session.flush()
         return review.id
@@ -646,8 +806,7 @@ def adjudicate(db_url: str, adjudicator: User, conflict: Conflict, grade: int | 
 def has_predictions(db_url: str, run_id: int) -> bool:
     """Whether inference has run with this model at all."""
     with read_scope(db_url) as session:
-        return session.scalar(select(Prediction.id).where(Prediction.run_id == run_id)
-                              .limit(1)) is not None
+        return session.scalar(select(Prediction.id).where(Prediction.run_id == run_id).limit(1)) is not None
 
 
 def progress(db_url: str, run_id: int, threshold: float) -> pd.DataFrame:
@@ -658,9 +817,14 @@ def progress(db_url: str, run_id: int, threshold: float) -> pd.DataFrame:
         once = Prediction.image_id.in_(_read_once(_share(session)))
         reviewed = case((and_(Prediction.image_id.in_(_decided_images()), ~once), 1), else_=0)
         rows = session.execute(
-            select(Prediction.grade, func.count(Prediction.id), func.sum(reviewed),
-                   func.sum(case((once, 1), else_=0)))
-            .where(*_candidates(run_id, threshold)).group_by(Prediction.grade)
+            select(
+                Prediction.grade,
+                func.count(Prediction.id),
+                func.sum(reviewed),
+                func.sum(case((once, 1), else_=0)),
+            )
+            .where(*_candidates(run_id, threshold))
+            .group_by(Prediction.grade)
         ).all()
     frame = pd.DataFrame(rows, columns=["grade", "candidates", "reviewed", "read_once"])
     return frame.set_index("grade").reindex(list(GRADES), fill_value=0).astype(int)
@@ -675,11 +839,20 @@ def loop_overview(db_url: str, run_id: int | None, threshold: float) -> dict[str
     """Where the curation loop stands: expert-labelled images, predictions of the active
     model, its review candidates and how many of them are decided, training runs."""
     with read_scope(db_url) as session:
-        labelled = session.scalar(select(func.count(Image.id)).join(Source).where(
-            Source.role == "train", Image.grade.is_not(None)))
+        labelled = session.scalar(
+            select(func.count(Image.id)).join(Source).where(Source.role == "train", Image.grade.is_not(None))
+        )
         runs = session.scalar(select(func.count(Run.id)))
-        predicted = session.scalar(select(func.count(Prediction.id))
-                                   .where(Prediction.run_id == run_id)) if run_id else 0
+        predicted = (
+            session.scalar(select(func.count(Prediction.id)).where(Prediction.run_id == run_id))
+            if run_id
+            else 0
+        )
     counts = progress(db_url, run_id, threshold).sum() if run_id else {}
-    return {"labelled": labelled, "predicted": predicted, "candidates": int(counts.get("candidates", 0)),
-            "reviewed": int(counts.get("reviewed", 0)), "runs": runs}
+    return {
+        "labelled": labelled,
+        "predicted": predicted,
+        "candidates": int(counts.get("candidates", 0)),
+        "reviewed": int(counts.get("reviewed", 0)),
+        "runs": runs,
+    }

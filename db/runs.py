@@ -12,8 +12,7 @@ from db.schema import Epoch, Promotion, Run
 from db.session import read_scope, session_scope
 from db.users import User, require_admin
 
-CURVE_COLUMNS = ["run_id", "run", "epoch", "lr", "train_loss", "train_acc", "val_loss",
-                 "val_acc", "qwk"]
+CURVE_COLUMNS = ["run_id", "run", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "qwk"]
 
 
 def active_run_id(db_url: str) -> int | None:
@@ -25,8 +24,7 @@ def active_run_id(db_url: str) -> int | None:
 def run_score(db_url: str, run_id: int) -> tuple[str, float | None]:
     """The run's name and best validation QWK (None when it was never validated here)."""
     with read_scope(db_url) as session:
-        return tuple(session.execute(select(Run.name, Run.best_qwk)
-                                     .where(Run.id == run_id)).one())
+        return tuple(session.execute(select(Run.name, Run.best_qwk).where(Run.id == run_id)).one())
 
 
 def run_checkpoint(db_url: str, run_id: int) -> str | None:
@@ -53,7 +51,8 @@ def run_calibration(db_url: str, run_id: int) -> dict:
     calibration was stored, or still training."""
     with read_scope(db_url) as session:
         calibration, temperature = session.execute(
-            select(Run.calibration, Run.temperature).where(Run.id == run_id)).one()
+            select(Run.calibration, Run.temperature).where(Run.id == run_id)
+        ).one()
     return {"temperature": temperature, **calibration} if calibration else {}
 
 
@@ -96,9 +95,12 @@ def promote(db_url: str, run_id: int, user: User) -> None:
 def promotions(db_url: str) -> list[tuple[str, str, datetime]]:
     """(run name, account, time) of every promotion, oldest first."""
     with read_scope(db_url) as session:
-        return [tuple(row) for row in session.execute(
-            select(Run.name, Promotion.account, Promotion.created_at).join(Run)
-            .order_by(Promotion.id))]
+        return [
+            tuple(row)
+            for row in session.execute(
+                select(Run.name, Promotion.account, Promotion.created_at).join(Run).order_by(Promotion.id)
+            )
+        ]
 
 
 def validation_size(db_url: str) -> int:
@@ -121,28 +123,68 @@ def runs_frame(db_url: str) -> pd.DataFrame:
     with read_scope(db_url) as session:
         scores: dict[int, list[Epoch]] = {}
         # The per-image error lists can be long; the table needs only the scores.
-        for epoch in session.scalars(select(Epoch).order_by(Epoch.run_id, Epoch.epoch).options(
-                load_only(Epoch.run_id, Epoch.epoch, Epoch.qwk, Epoch.val_acc))):
+        for epoch in session.scalars(
+            select(Epoch)
+            .order_by(Epoch.run_id, Epoch.epoch)
+            .options(load_only(Epoch.run_id, Epoch.epoch, Epoch.qwk, Epoch.val_acc))
+        ):
             scores.setdefault(epoch.run_id, []).append(epoch)
         rows = []
         for run in session.scalars(select(Run).order_by(Run.id.desc())):
             best = _best(scores.get(run.id, []), run.config)
-            rows.append((run.id, run.name, run.model_name, run.img_size, run.config, run.status,
-                         run.checkpoint, run.created_at, len(scores.get(run.id, [])),
-                         best.qwk if best else run.best_qwk, best.val_acc if best else None,
-                         best.epoch if best else None))
-    return pd.DataFrame(rows, columns=["id", "name", "model", "img_size", "config", "status",
-                                       "checkpoint", "created_at", "epochs_done", "best_qwk",
-                                       "best_acc", "best_epoch"])
+            rows.append(
+                (
+                    run.id,
+                    run.name,
+                    run.model_name,
+                    run.img_size,
+                    run.config,
+                    run.status,
+                    run.checkpoint,
+                    run.created_at,
+                    len(scores.get(run.id, [])),
+                    best.qwk if best else run.best_qwk,
+                    best.val_acc if best else None,
+                    best.epoch if best else None,
+                )
+            )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "id",
+            "name",
+            "model",
+            "img_size",
+            "config",
+            "status",
+            "checkpoint",
+            "created_at",
+            "epochs_done",
+            "best_qwk",
+            "best_acc",
+            "best_epoch",
+        ],
+    )
 
 
 def epochs_frame(db_url: str, run_ids: list[int]) -> pd.DataFrame:
     """The per-epoch curves of the runs: lr, train/val loss and accuracy, val QWK."""
     with read_scope(db_url) as session:
         rows = session.execute(
-            select(Epoch.run_id, Run.name, Epoch.epoch, Epoch.lr, Epoch.train_loss,
-                   Epoch.train_acc, Epoch.val_loss, Epoch.val_acc, Epoch.qwk)
-            .join(Run).where(Epoch.run_id.in_(run_ids)).order_by(Epoch.run_id, Epoch.epoch)
+            select(
+                Epoch.run_id,
+                Run.name,
+                Epoch.epoch,
+                Epoch.lr,
+                Epoch.train_loss,
+                Epoch.train_acc,
+                Epoch.val_loss,
+                Epoch.val_acc,
+                Epoch.qwk,
+            )
+            .join(Run)
+            .where(Epoch.run_id.in_(run_ids))
+            .order_by(Epoch.run_id, Epoch.epoch)
         ).all()
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
@@ -151,11 +193,13 @@ def best_epoch(db_url: str, run_id: int) -> dict | None:
     """The epoch the run kept (see _best): its scores, per-class precision and recall, confusion
     matrix, and misclassified validation images ([path, true, predicted]); None if no epoch."""
     with read_scope(db_url) as session:
-        best = _best(session.scalars(select(Epoch).where(Epoch.run_id == run_id)
-                                     .order_by(Epoch.epoch)).all(),
-                     session.scalar(select(Run.config).where(Run.id == run_id)))
+        best = _best(
+            session.scalars(select(Epoch).where(Epoch.run_id == run_id).order_by(Epoch.epoch)).all(),
+            session.scalar(select(Run.config).where(Run.id == run_id)),
+        )
         if best is None:
             return None
-        return {key: getattr(best, key) for key in
-                ("epoch", "qwk", "val_acc", "val_loss", "precision", "recall", "confusion",
-                 "errors")}
+        return {
+            key: getattr(best, key)
+            for key in ("epoch", "qwk", "val_acc", "val_loss", "precision", "recall", "confusion", "errors")
+        }

@@ -1,7 +1,7 @@
 """The data model: sources, images, runs and their epochs, predictions, reviews, jobs, and the
 accounts that act on them."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Index, MetaData, String, UniqueConstraint, text
@@ -9,7 +9,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 # Named constraints let Alembic's batch mode drop or alter them later on SQLite.
@@ -48,10 +48,16 @@ class Image(Base):
     """One photograph; `grade` is the label training uses (Messidor 0-3), None when unknown."""
 
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("source_id", "path", name="uq_images_source_path"),
-                      # the few labelled images among a large pool, for the review queue
-                      Index("ix_images_graded", "grade", sqlite_where=text("grade IS NOT NULL"),
-                            postgresql_where=text("grade IS NOT NULL")))
+    __table_args__ = (
+        UniqueConstraint("source_id", "path", name="uq_images_source_path"),
+        # the few labelled images among a large pool, for the review queue
+        Index(
+            "ix_images_graded",
+            "grade",
+            sqlite_where=text("grade IS NOT NULL"),
+            postgresql_where=text("grade IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), index=True)
@@ -178,8 +184,11 @@ class Job(Base):
     __tablename__ = "jobs"
     # At most one unfinished job of a kind, held by the database itself: two admins who
     # start training at the same moment on PostgreSQL both pass start_job's check.
-    __table_args__ = (Index("ux_jobs_active_kind", "kind", unique=True,
-                            sqlite_where=_ACTIVE_JOB, postgresql_where=_ACTIVE_JOB),)
+    __table_args__ = (
+        Index(
+            "ux_jobs_active_kind", "kind", unique=True, sqlite_where=_ACTIVE_JOB, postgresql_where=_ACTIVE_JOB
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(20))

@@ -29,6 +29,8 @@ def workspace_sqlite(root: Path) -> str:
 def database_url(root: Path) -> str:
     """`DR_DATABASE_URL`, or the SQLite database inside the workspace at `root`."""
     return os.environ.get("DR_DATABASE_URL") or workspace_sqlite(root)
+
+
 READ_ONLY = "dr_read_only"  # an execution option: the session only reads
 MIGRATION_LOCK = 20261129  # the key of the PostgreSQL advisory lock that migrations hold
 

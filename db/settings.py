@@ -17,5 +17,6 @@ def read_setting(db_url: str, key: str) -> dict[str, Any] | None:
 def write_setting(db_url: str, key: str, value: dict[str, Any]) -> None:
     with session_scope(db_url) as session:
         insert = upsert_insert(session)(Setting).values(key=key, value=value)
-        session.execute(insert.on_conflict_do_update(index_elements=["key"],
-                                                     set_={"value": insert.excluded.value}))
+        session.execute(
+            insert.on_conflict_do_update(index_elements=["key"], set_={"value": insert.excluded.value})
+        )

@@ -43,14 +43,14 @@ def limits(db_url: str) -> Limits:
     return Limits(**(read_setting(db_url, LIMITS_KEY) or {}))
 
 
-def set_limits(db_url: str, idle_hours: float, absolute_days: float, *,
-               user: User | None) -> None:
+def set_limits(db_url: str, idle_hours: float, absolute_days: float, *, user: User | None) -> None:
     """New limits, set by `user`, an admin; they apply to sign-ins already open too."""
     require_admin(db_url, user, "set how long a sign-in lasts")
     if not 0 < idle_hours <= 24 * absolute_days:
         raise ValueError("the idle limit must be above 0 and within the absolute limit")
-    write_setting(db_url, LIMITS_KEY, {"idle_hours": float(idle_hours),
-                                       "absolute_days": float(absolute_days)})
+    write_setting(
+        db_url, LIMITS_KEY, {"idle_hours": float(idle_hours), "absolute_days": float(absolute_days)}
+    )
 
 
 def _digest(token: str) -> str:
@@ -61,16 +61,30 @@ def begin(db_url: str, account: str, now: datetime | None = None) -> str:
     """A new sign-in of `account` (already checked); returns its token, for the cookie."""
     now, token = now or utcnow(), secrets.token_urlsafe(32)
     with session_scope(db_url) as session:
-        session.add(SignIn(token_hash=_digest(token), account=account, created_at=now,
-                           last_seen_at=now, expires_at=now + limits(db_url).absolute))
+        session.add(
+            SignIn(
+                token_hash=_digest(token),
+                account=account,
+                created_at=now,
+                last_seen_at=now,
+                expires_at=now + limits(db_url).absolute,
+            )
+        )
     return token
 
 
 def _open(now: datetime, idle: timedelta):
     """The sign-ins not ended, not past their limits, of enabled accounts."""
-    return (select(SignIn).join(Account, Account.name == SignIn.account)
-            .where(SignIn.revoked_at.is_(None), SignIn.expires_at > now,
-                   SignIn.last_seen_at > now - idle, Account.disabled.is_(False)))
+    return (
+        select(SignIn)
+        .join(Account, Account.name == SignIn.account)
+        .where(
+            SignIn.revoked_at.is_(None),
+            SignIn.expires_at > now,
+            SignIn.last_seen_at > now - idle,
+            Account.disabled.is_(False),
+        )
+    )
 
 
 def visit(db_url: str, token: str, now: datetime | None = None) -> User | None:
@@ -78,39 +92,45 @@ def visit(db_url: str, token: str, now: datetime | None = None) -> User | None:
     ended. Counts as a visit for the idle limit."""
     now = now or utcnow()
     with read_scope(db_url) as session:
-        found = session.execute(_open(now, limits(db_url).idle)
-                                .where(SignIn.token_hash == _digest(token))
-                                .add_columns(Account.role)).first()
+        found = session.execute(
+            _open(now, limits(db_url).idle)
+            .where(SignIn.token_hash == _digest(token))
+            .add_columns(Account.role)
+        ).first()
     if found is None:
         return None
     sign_in, role = found
     if now - sign_in.last_seen_at >= SEEN_EVERY:
         with session_scope(db_url) as session:
-            session.execute(update(SignIn).where(SignIn.token_hash == sign_in.token_hash)
-                            .values(last_seen_at=now))
+            session.execute(
+                update(SignIn).where(SignIn.token_hash == sign_in.token_hash).values(last_seen_at=now)
+            )
     return User(sign_in.account, role)
 
 
 def end(db_url: str, token: str) -> None:
     """Sign out: the sign-in of `token` ends, in every tab that holds it."""
     with session_scope(db_url) as session:
-        session.execute(update(SignIn).where(SignIn.token_hash == _digest(token),
-                                             SignIn.revoked_at.is_(None))
-                        .values(revoked_at=utcnow()))
+        session.execute(
+            update(SignIn)
+            .where(SignIn.token_hash == _digest(token), SignIn.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
 
 
 def open_sign_ins(db_url: str, now: datetime | None = None) -> list[SignIn]:
     """Every sign-in still open, newest visit first, for the Accounts page."""
     now = now or utcnow()
     with read_scope(db_url) as session:
-        return list(session.scalars(_open(now, limits(db_url).idle)
-                                    .order_by(SignIn.last_seen_at.desc())))
+        return list(session.scalars(_open(now, limits(db_url).idle).order_by(SignIn.last_seen_at.desc())))
 
 
 def end_by_admin(db_url: str, token_hashes: list[str], *, user: User | None) -> int:
     """End the sign-ins of these hashes, as `user`, an admin; returns how many were open."""
     require_admin(db_url, user, "end sign-ins")
     with session_scope(db_url) as session:
-        return session.execute(update(SignIn).where(SignIn.token_hash.in_(token_hashes),
-                                                    SignIn.revoked_at.is_(None))
-                               .values(revoked_at=utcnow())).rowcount
+        return session.execute(
+            update(SignIn)
+            .where(SignIn.token_hash.in_(token_hashes), SignIn.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        ).rowcount

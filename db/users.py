@@ -29,9 +29,11 @@ MIN_PASSWORD = 8
 MAX_FAILURES = 5  # in a row: the account locks for LOCK_FOR
 LOCK_FOR = timedelta(minutes=15)
 # Before the lock, failure n makes the next try wait 2**(n-1) s: 1, 2, 4, 8 s.
-REFUSED = ("Wrong name or password, or the account may not sign in now: after a failed try "
-           f"the next waits a few seconds, and {MAX_FAILURES} in a row lock it for "
-           f"{LOCK_FOR.seconds // 60} minutes (an admin lifts a lock by setting a new password)")
+REFUSED = (
+    "Wrong name or password, or the account may not sign in now: after a failed try "
+    f"the next waits a few seconds, and {MAX_FAILURES} in a row lock it for "
+    f"{LOCK_FOR.seconds // 60} minutes (an admin lifts a lock by setting a new password)"
+)
 _hasher = PasswordHasher()
 
 
@@ -105,8 +107,7 @@ def _check_password(password: str) -> None:
         raise AccountError(f"the password must have at least {MIN_PASSWORD} characters")
 
 
-def add_account(db_url: str, name: str, role: str, password: str | None, *,
-                user: User | None) -> User:
+def add_account(db_url: str, name: str, role: str, password: str | None, *, user: User | None) -> User:
     """A new account, added by `user`, an admin, or TERMINAL; `password` None makes one that
     signs in through the identity provider."""
     require_admin(db_url, user, "add accounts")
@@ -120,8 +121,9 @@ def add_account(db_url: str, name: str, role: str, password: str | None, *,
     with session_scope(db_url) as session:
         if session.get(Account, name) is not None:
             raise AccountError(f"an account named {name} exists already")
-        session.add(Account(name=name, role=role,
-                            password_hash=None if password is None else _hasher.hash(password)))
+        session.add(
+            Account(name=name, role=role, password_hash=None if password is None else _hasher.hash(password))
+        )
     return User(name, role)
 
 
@@ -147,15 +149,19 @@ def set_disabled(db_url: str, name: str, disabled: bool, *, user: User | None) -
 def _end_sign_ins(db_url: str, name: str) -> None:
     """Every open sign-in of the account ends (db.sign_ins keeps them)."""
     with session_scope(db_url) as session:
-        session.execute(update(SignIn).where(SignIn.account == normalise(name),
-                                             SignIn.revoked_at.is_(None))
-                        .values(revoked_at=utcnow()))
+        session.execute(
+            update(SignIn)
+            .where(SignIn.account == normalise(name), SignIn.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
 
 
 def _change(db_url: str, name: str, **values) -> None:
     with session_scope(db_url) as session:
-        if session.execute(update(Account).where(Account.name == normalise(name))
-                           .values(**values)).rowcount == 0:
+        if (
+            session.execute(update(Account).where(Account.name == normalise(name)).values(**values)).rowcount
+            == 0
+        ):
             raise AccountError(f"no account named {normalise(name)}")
 
 
@@ -169,8 +175,14 @@ def has_accounts(db_url: str) -> bool:
 def has_passwords(db_url: str) -> bool:
     """Whether any enabled account signs in with a password (the sign-in form is needed)."""
     with read_scope(db_url) as session:
-        return session.scalar(select(func.count()).select_from(Account).where(
-            Account.password_hash.is_not(None), Account.disabled.is_(False))) > 0
+        return (
+            session.scalar(
+                select(func.count())
+                .select_from(Account)
+                .where(Account.password_hash.is_not(None), Account.disabled.is_(False))
+            )
+            > 0
+        )
 
 
 def find_user(db_url: str, name: str) -> User | None:
@@ -213,16 +225,24 @@ def _take_attempt(db_url: str, name: str, now: datetime) -> Account | None:
     None for an unknown, disabled, provider-only, waiting or locked account."""
     with read_scope(db_url) as session:
         account = session.get(Account, name)
-    if (account is None or account.disabled or account.password_hash is None
-            or (account.locked_until is not None and now < account.locked_until)):
+    if (
+        account is None
+        or account.disabled
+        or account.password_hash is None
+        or (account.locked_until is not None and now < account.locked_until)
+    ):
         return None
     failures = account.failures + 1
     with session_scope(db_url) as session:
         taken = session.execute(
-            update(Account).where(Account.name == name, Account.failures == account.failures,
-                                  or_(Account.locked_until.is_(None),
-                                      Account.locked_until <= now))
-            .values(failures=failures, locked_until=now + _wait_after(failures))).rowcount
+            update(Account)
+            .where(
+                Account.name == name,
+                Account.failures == account.failures,
+                or_(Account.locked_until.is_(None), Account.locked_until <= now),
+            )
+            .values(failures=failures, locked_until=now + _wait_after(failures))
+        ).rowcount
     return account if taken == 1 else None
 
 
@@ -236,8 +256,13 @@ def sign_in(db_url: str, name: str, password: str, now: datetime | None = None) 
     if not _verify(account.password_hash if account else None, password):
         raise SignInRefused(REFUSED)
     rehash = _hasher.check_needs_rehash(account.password_hash)
-    _change(db_url, name, failures=0, locked_until=None,
-            **({"password_hash": _hasher.hash(password)} if rehash else {}))
+    _change(
+        db_url,
+        name,
+        failures=0,
+        locked_until=None,
+        **({"password_hash": _hasher.hash(password)} if rehash else {}),
+    )
     return User(account.name, account.role)
 
 
@@ -277,19 +302,21 @@ def _list(db_url: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m db.users", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m db.users", description=__doc__, formatter_class=HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser("add", formatter_class=HelpFormatter, help="add an account")
     add.add_argument("name", help="a local name, or an e-mail with --sso")
     add.add_argument("--role", choices=ROLES, required=True, help="what the account may do")
-    add.add_argument("--sso", action="store_true",
-                     help="no password: the account signs in through the identity provider")
+    add.add_argument(
+        "--sso", action="store_true", help="no password: the account signs in through the identity provider"
+    )
     commands.add_parser("list", formatter_class=HelpFormatter, help="list the accounts")
     for command in ("disable", "enable", "passwd"):
-        commands.add_parser(command, formatter_class=HelpFormatter,
-                            help=f"{command} an account").add_argument(
-            "name", help="the account's name")
+        commands.add_parser(
+            command, formatter_class=HelpFormatter, help=f"{command} an account"
+        ).add_argument("name", help="the account's name")
     args = parser.parse_args(argv)
     db_url = database_url(workspace_root())
     migrate(db_url)

@@ -17,13 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import ROOT
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOTS = ROOT / "tests" / "screenshots"
 
 
@@ -42,18 +48,30 @@ def _free_port() -> int:
 
 
 @contextmanager
-def streamlit_server(workspace: Path, log: Path, script: str = "app.py",
-                     **env: str) -> Iterator[str]:
+def streamlit_server(workspace: Path, log: Path, script: str = "app.py", **env: str) -> Iterator[str]:
     """`streamlit run app.py` (or another `script`) on a free port; yields its URL and stops
     it afterwards."""
     port = _free_port()
-    command = [sys.executable, "-m", "streamlit", "run", script, "--server.headless", "true",
-               "--server.port", str(port), "--server.fileWatcherType", "none",
-               "--browser.gatherUsageStats", "false"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        script,
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.fileWatcherType",
+        "none",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     environment = {**os.environ, "DR_WORKSPACE": str(workspace), "DR_DEMO": "0", **env}
     with open(log, "wb") as out:
-        server = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            command, cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -126,8 +144,7 @@ def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "conditi
 def wait_for_count(locator, count: int, what: str, timeout: float = 60) -> None:
     """Until `locator` matches `count` elements: charts are drawn a moment after the script
     run ends, later still on a busy machine, so a count taken at an instant can fall short."""
-    wait_for(lambda: locator.count() == count, timeout,
-             f"{count} {what} (last seen: {locator.count()})")
+    wait_for(lambda: locator.count() == count, timeout, f"{count} {what} (last seen: {locator.count()})")
 
 
 def go_to(page, title: str) -> None:

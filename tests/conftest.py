@@ -62,8 +62,11 @@ def db_url(request, backend: str, tmp_path: Path):
 @pytest.fixture
 def empty_db_url(request, backend: str, tmp_path: Path):
     """A database of the test's own without any table."""
-    url = (request.getfixturevalue("postgres").create_database() if backend == "postgresql"
-           else f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    url = (
+        request.getfixturevalue("postgres").create_database()
+        if backend == "postgresql"
+        else f"sqlite:///{tmp_path / 'empty.sqlite'}"
+    )
     yield url
     get_engine(url).dispose()
 
@@ -110,15 +113,24 @@ def tiny_checkpoint(path: Path, image_size: int = 64, temperature: float = 1.0) 
     that training writes: its own preprocessing, normalisation and temperature."""
     import torch
 
-    from engine.model.networks import create_model, model_mean_std, save_checkpoint
     from engine.data.preprocess import PreprocessConfig
+    from engine.model.networks import create_model, model_mean_std, save_checkpoint
 
     torch.manual_seed(0)
     mean, std = model_mean_std("test_efficientnet")
-    save_checkpoint(path, create_model("test_efficientnet"), {
-        "model_name": "test_efficientnet", "image_size": image_size, "run": path.stem,
-        "mean": list(mean), "std": list(std), "temperature": temperature,
-        "preprocess": PreprocessConfig(size=image_size).to_dict()})
+    save_checkpoint(
+        path,
+        create_model("test_efficientnet"),
+        {
+            "model_name": "test_efficientnet",
+            "image_size": image_size,
+            "run": path.stem,
+            "mean": list(mean),
+            "std": list(std),
+            "temperature": temperature,
+            "preprocess": PreprocessConfig(size=image_size).to_dict(),
+        },
+    )
     return path
 
 
@@ -157,21 +169,30 @@ def open_page(page: str | None = None):
 
 def page_text(at) -> str:
     """Every sentence the page shows, for `in` checks."""
-    return " ".join(e.value for e in [*at.info, *at.markdown, *at.caption, *at.warning,
-                                      *at.success, *at.error, *at.code])
+    return " ".join(
+        e.value for e in [*at.info, *at.markdown, *at.caption, *at.warning, *at.success, *at.error, *at.code]
+    )
 
 
 # What engine.model.calibration.calibration_summary stores: 120 of the 200 validation images reach
 # 0.70 after calibration, 102 of those (85 %) are right.
 CALIBRATION = {
-    "temperature": 1.8, "bounded": False, "images": 200, "ece_before": 0.12,
-    "ece_after": 0.034, "nll_before": 0.95, "nll_after": 0.81,
-    "reliability_before": [{"lo": 0.6, "hi": 0.7, "count": 50, "confidence": 0.65,
-                            "accuracy": 0.5},
-                           {"lo": 0.9, "hi": 1.0, "count": 150, "confidence": 0.96,
-                            "accuracy": 0.8}],
-    "reliability_after": [{"lo": 0.5, "hi": 0.6, "count": 80, "confidence": 0.56,
-                           "accuracy": 0.55},
-                          {"lo": 0.8, "hi": 0.9, "count": 120, "confidence": 0.84,
-                           "accuracy": 0.85}],
-    "threshold": 0.7, "confident": 120, "confident_right": 102}
+    "temperature": 1.8,
+    "bounded": False,
+    "images": 200,
+    "ece_before": 0.12,
+    "ece_after": 0.034,
+    "nll_before": 0.95,
+    "nll_after": 0.81,
+    "reliability_before": [
+        {"lo": 0.6, "hi": 0.7, "count": 50, "confidence": 0.65, "accuracy": 0.5},
+        {"lo": 0.9, "hi": 1.0, "count": 150, "confidence": 0.96, "accuracy": 0.8},
+    ],
+    "reliability_after": [
+        {"lo": 0.5, "hi": 0.6, "count": 80, "confidence": 0.56, "accuracy": 0.55},
+        {"lo": 0.8, "hi": 0.9, "count": 120, "confidence": 0.84, "accuracy": 0.85},
+    ],
+    "threshold": 0.7,
+    "confident": 120,
+    "confident_right": 102,
+}

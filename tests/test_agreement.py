@@ -2,16 +2,30 @@
 Agreement page run headless with AppTest on the small workspace of test_review."""
 
 import pytest
-
 from conftest import BOTH_BACKENDS, open_page, page_text
+from test_review import order, predicted, reviews  # noqa: F401 (a fixture)
+
 from db.queries import curated_set
-from db.reviews import (DOUBLE_READ_SHARE, DecidedMeanwhile, QueueFilter, ReadsSettled,
-                        adjudicate, adjudication_queue, awaiting_second_read, claim_next, decide,
-                        double_read, double_read_share, progress, reads_frame,
-                        recent_decisions, set_double_read_share, undo_last)
+from db.reviews import (
+    DOUBLE_READ_SHARE,
+    DecidedMeanwhile,
+    QueueFilter,
+    ReadsSettled,
+    adjudicate,
+    adjudication_queue,
+    awaiting_second_read,
+    claim_next,
+    decide,
+    double_read,
+    double_read_share,
+    progress,
+    reads_frame,
+    recent_decisions,
+    set_double_read_share,
+    undo_last,
+)
 from db.users import TERMINAL, User, add_account
 from engine.loop.agreement import between_reviewers, confusion, per_grade, read_pairs, with_model
-from test_review import order, predicted, reviews  # noqa: F401 (a fixture)
 
 
 def admin(db: str, name: str) -> User:
@@ -76,11 +90,16 @@ def read_by_hand(db: str, run_id: int, pool: list[int]) -> None:
     grade 2 by both; 1 and 2; 0 and a reject; 3 by both (ben first); one read of 2 by ana."""
     set_double_read_share(db, 1.0, user=TERMINAL)
     for reviewer, image, decision, grade in [
-            ("ana", pool[2], "accept", None), ("ben", pool[2], "accept", None),
-            ("ana", pool[1], "accept", None), ("ben", pool[1], "relabel", 2),
-            ("ana", pool[0], "accept", None), ("ben", pool[0], "reject", None),
-            ("ben", pool[3], "accept", None), ("ana", pool[3], "accept", None),
-            ("ana", pool[5], "relabel", 2)]:
+        ("ana", pool[2], "accept", None),
+        ("ben", pool[2], "accept", None),
+        ("ana", pool[1], "accept", None),
+        ("ben", pool[1], "relabel", 2),
+        ("ana", pool[0], "accept", None),
+        ("ben", pool[0], "reject", None),
+        ("ben", pool[3], "accept", None),
+        ("ana", pool[3], "accept", None),
+        ("ana", pool[5], "relabel", 2),
+    ]:
         decide(db, reviewer, image, run_id, decision, grade)
 
 
@@ -145,8 +164,11 @@ def test_the_agreement_page_shows_the_figures_and_adjudicates(predicted):
     read_by_hand(db, run_id, pool)
     at = open_page("agreement")
     metrics = {m.label: m.value for m in at.main.get("metric")}
-    assert metrics == {"Images read twice": "4", "Exact agreement": "50%",
-                       "Quadratic-weighted kappa": "0.667"}
+    assert metrics == {
+        "Images read twice": "4",
+        "Exact agreement": "50%",
+        "Quadratic-weighted kappa": "0.667",
+    }
     # with_model, per_grade and each reviewer's figures; the confusion matrix (no read was timed)
     assert len(at.dataframe) == 3 and len(at.get("plotly_chart")) == 1
     assert "2 image(s) with conflicting reads wait" in page_text(at)
@@ -196,8 +218,7 @@ def test_reads_stay_as_given_once_both_are_in(predicted):
     with pytest.raises(ReadsSettled):  # a third reviewer, shown it before both reads
         decide(db, "cleo", pool[5], run_id, "accept", seen=None)
     assert reviews(db) == stored
-    assert [c.reads for c in adjudication_queue(db)] == [(("ana", "accept", 1),
-                                                         ("ben", "reject", None))]
+    assert [c.reads for c in adjudication_queue(db)] == [(("ana", "accept", 1), ("ben", "reject", None))]
     pairs = read_pairs(reads_frame(db))
     assert pairs.values.tolist() == [["ana", 1, "ben", "reject"]]
 
@@ -213,8 +234,7 @@ def test_an_adjudication_is_final(predicted):
     for reader in ("ana", "ben"):
         recent = recent_decisions(db, reader)[0]
         assert (recent.current_reviewer, recent.current_grade) == ("dora", 2)
-        with pytest.raises(ReadsSettled, match="has been adjudicated: the adjudicator's grade "
-                                               "is final"):
+        with pytest.raises(ReadsSettled, match="has been adjudicated: the adjudicator's grade is final"):
             decide(db, reader, pool[5], run_id, "relabel", 1, seen=recent.current_id)
         assert undo_last(db, reader) is None  # the read is no longer the image's decision
     assert adjudication_queue(db) == []

@@ -4,16 +4,16 @@ import io
 import zipfile
 from pathlib import Path
 
+from conftest import open_page, page_text, wait_for_job, write_image
 from sqlalchemy import select
 
-from conftest import open_page, page_text, wait_for_job, write_image
+from db.queries import sources_frame
 from db.schema import Job
 from db.session import session_scope
 from db.users import LOCAL
-from engine.runtime import jobs
-from engine.loop.demo import demo_args
-from db.queries import sources_frame
 from engine.data.sources import import_source
+from engine.loop.demo import demo_args
+from engine.runtime import jobs
 from engine.runtime.markdown import literal
 
 
@@ -43,17 +43,22 @@ def test_a_smaller_demo_takes_its_counts_and_a_bad_setting_is_an_error(workspace
     assert demo_args("60") == ["--train", "60", "--test", "30", "--val", "15"]
     monkeypatch.setenv("DR_DEMO", "lots")
     at = open_page()
-    assert literal("DR_DEMO is 0 (no demo), 1 (the demo) or a number of training photographs "
-                   "of at least 8, not 'lots'") in page_text(at)
+    assert literal(
+        "DR_DEMO is 0 (no demo), 1 (the demo) or a number of training photographs of at least 8, not 'lots'"
+    ) in page_text(at)
     assert jobs.latest_job(workspace.db_url, "demo") is None
     monkeypatch.setenv("DR_DEMO", "12")
     open_page()
-    job = wait_for_job(workspace, jobs.latest_job(workspace.db_url, "demo").id,
-                       lambda j: j.status not in jobs.ACTIVE)
+    job = wait_for_job(
+        workspace, jobs.latest_job(workspace.db_url, "demo").id, lambda j: j.status not in jobs.ACTIVE
+    )
     assert job.status == "done", jobs.log_tail(job.log_path)
     frame = sources_frame(workspace.db_url)
     assert dict(zip(frame["name"], frame["images"])) == {
-        "demo APTOS train": 12, "demo APTOS test": 6, "demo high-quality validation": 4}
+        "demo APTOS train": 12,
+        "demo APTOS test": 6,
+        "demo high-quality validation": 4,
+    }
 
 
 def test_dataset_page_shows_balance_reports_and_gallery(workspace, tmp_path):
@@ -69,8 +74,7 @@ def test_dataset_page_shows_balance_reports_and_gallery(workspace, tmp_path):
     assert len(at.get("plotly_chart")) == 1  # one role with labels: train
     assert [m.value for m in at.main.metric] == ["3.0×"]  # 3 images of grade 0 over 1 of grade 1
     overview = {m.label: m.value for m in at.sidebar.metric}
-    assert overview == {"Labelled": "7", "Runs": "0", "Predicted": "0", "Candidates": "0",
-                        "Reviewed": "0"}
+    assert overview == {"Labelled": "7", "Runs": "0", "Predicted": "0", "Candidates": "0", "Reviewed": "0"}
     reports = [e.label for e in at.expander]
     assert any("curated: 7 imported" in r and "1 skipped" in r for r in reports)
     assert "unreadable or not an image" in page_text(at)
@@ -110,15 +114,16 @@ def test_import_a_folder_chosen_under_the_data_roots(workspace, tmp_path):
     assert job.params == {"kind": "folders", "role": "validation", "root": str(folder)}
     wait_for_job(workspace, job.id, lambda j: j.status not in jobs.ACTIVE)
     at.run()
-    assert f"Import #1 finished. {literal('hq-validation')}: 4 imported, 0 already present, " \
+    assert (
+        f"Import #1 finished. {literal('hq-validation')}: 4 imported, 0 already present, "
         "1 skipped" in page_text(at)
+    )
     assert "unreadable or not an image" in page_text(at)  # the bad file, by name
 
     at.button(key="import_start").click().run()  # the same source again
     wait_for_job(workspace, import_jobs(workspace)[-1].id, lambda j: j.status not in jobs.ACTIVE)
     at.run()
-    assert f"Import #2 finished. {literal('hq-validation')}: 0 imported, 4 already present" in \
-        page_text(at)
+    assert f"Import #2 finished. {literal('hq-validation')}: 0 imported, 4 already present" in page_text(at)
     assert sources_frame(workspace.db_url)["images"].tolist() == [4]
 
 
@@ -136,7 +141,8 @@ def test_import_an_upload_unpacks_it_into_the_workspace(workspace, tmp_path):
     at.selectbox(key="import_kind").select("unlabelled").run()
     at.radio(key="import_origin").set_value("an upload").run()
     at.file_uploader(key="import_upload").set_value(
-        ("evil.zip", zipped({"pool/a.png": png, "../../escape.png": png}), "application/zip"))
+        ("evil.zip", zipped({"pool/a.png": png, "../../escape.png": png}), "application/zip")
+    )
     at.run()
     at.button(key="import_upload_start").click().run()
     reason = "'../../escape.png' points outside"
@@ -144,7 +150,8 @@ def test_import_an_upload_unpacks_it_into_the_workspace(workspace, tmp_path):
     assert import_jobs(workspace) == [] and not (tmp_path / "escape.png").exists()
 
     at.file_uploader(key="import_upload").set_value(
-        ("pool.zip", zipped({"pool/a.png": png, "pool/b.png": png}), "application/zip"))
+        ("pool.zip", zipped({"pool/a.png": png, "pool/b.png": png}), "application/zip")
+    )
     at.run()
     at.button(key="import_upload_start").click().run()
     assert not at.exception, at.exception
@@ -155,8 +162,7 @@ def test_import_an_upload_unpacks_it_into_the_workspace(workspace, tmp_path):
     assert job.params["kind"] == "unlabelled" and job.params["role"] == "unlabelled"
     wait_for_job(workspace, job.id, lambda j: j.status not in jobs.ACTIVE)
     at.run()
-    assert f"Import #{job.id} finished. {literal('pool-unlabelled')}: 2 imported" in \
-        page_text(at)
+    assert f"Import #{job.id} finished. {literal('pool-unlabelled')}: 2 imported" in page_text(at)
 
 
 def test_names_from_users_and_files_show_as_written(workspace, tmp_path):

@@ -5,16 +5,16 @@ import io
 import zipfile
 
 import pytest
-from streamlit.testing.v1 import AppTest
-
 from conftest import CALIBRATION, open_page, page_text, wait_for_job
+from streamlit.testing.v1 import AppTest
+from test_review import register_run
+from test_roles import PASSWORD, quick_hashes, signed_in  # noqa: F401 (a fixture)
+
 from db.schema import Run
 from db.session import session_scope
 from db.users import TERMINAL, add_account
-from engine.runtime import jobs
 from engine.loop.export_model import export_folder, latest_export, zipped
-from test_review import register_run
-from test_roles import PASSWORD, quick_hashes, signed_in  # noqa: F401 (a fixture)
+from engine.runtime import jobs
 
 
 @pytest.fixture
@@ -58,8 +58,11 @@ def test_an_admins_onnx_export_runs_as_a_job_and_offers_its_check_and_zip(worksp
     assert "largest probability difference" in text and "the same grades" in text
     assert "export_download" in download_keys(at)
     archive = zipfile.ZipFile(io.BytesIO(zipped(out)))
-    assert sorted(archive.namelist()) == ["tiny-onnx/MODEL_CARD.md", "tiny-onnx/model.json",
-                                          "tiny-onnx/model.onnx"]
+    assert sorted(archive.namelist()) == [
+        "tiny-onnx/MODEL_CARD.md",
+        "tiny-onnx/model.json",
+        "tiny-onnx/model.onnx",
+    ]
     # Another export of the run does not touch this one: it gets a folder of its own.
     assert export_folder(workspace, "tiny", "onnx").name.startswith("tiny-onnx-20")
 

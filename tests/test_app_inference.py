@@ -5,19 +5,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import open_page, page_text, write_image
 from sqlalchemy import select, text
 
-from conftest import open_page, page_text, write_image
 from db.predictions import confidence_histogram, grade_counts, models, pools, submission_frame
 from db.schema import Image, Job, Prediction, Run, Source
 from db.session import session_scope
-from engine.runtime import jobs
-from engine.model.infer import register_model
-from engine.model.networks import create_model, model_mean_std, save_checkpoint
 from engine.data.preprocess import PreprocessConfig
 from engine.data.sources import import_source
-from engine.runtime.workspace import Workspace
+from engine.model.infer import register_model
+from engine.model.networks import create_model, model_mean_std, save_checkpoint
+from engine.runtime import jobs
 from engine.runtime.markdown import literal
+from engine.runtime.workspace import Workspace
 
 
 def tiny_model(workspace: Workspace, name: str = "tiny") -> int:
@@ -27,9 +27,15 @@ def tiny_model(workspace: Workspace, name: str = "tiny") -> int:
     with torch.no_grad():  # a random head is ~uniform: sharpen it so that confidences spread
         model.get_classifier().weight.mul_(300)
     mean, std = model_mean_std("test_efficientnet")
-    meta = {"model_name": "test_efficientnet", "image_size": 64, "mean": list(mean),
-            "std": list(std), "run": name, "preprocess": PreprocessConfig(size=64).to_dict(),
-            "metrics": {"qwk": 0.5}}
+    meta = {
+        "model_name": "test_efficientnet",
+        "image_size": 64,
+        "mean": list(mean),
+        "std": list(std),
+        "run": name,
+        "preprocess": PreprocessConfig(size=64).to_dict(),
+        "metrics": {"qwk": 0.5},
+    }
     path = workspace.root / "weights" / f"{name}.pth"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, model, meta)
@@ -98,10 +104,16 @@ def test_inference_job_runs_and_the_results_show(workspace, tiny_data, monkeypat
     for value in (0.70, 0.5, 0.0):
         at.slider(key="infer_threshold").set_value(value).run()
         with session_scope(workspace.db_url) as session:
-            expected = dict(session.execute(text(
-                "SELECT p.grade, count(*) FROM predictions p JOIN images i ON i.id = p.image_id "
-                "WHERE p.run_id = :run AND i.source_id = :pool AND p.confidence >= :t "
-                "GROUP BY p.grade"), {"run": run_id, "pool": pool_id, "t": value}).all())
+            expected = dict(
+                session.execute(
+                    text(
+                        "SELECT p.grade, count(*) FROM predictions p JOIN images i ON i.id = p.image_id "
+                        "WHERE p.run_id = :run AND i.source_id = :pool AND p.confidence >= :t "
+                        "GROUP BY p.grade"
+                    ),
+                    {"run": run_id, "pool": pool_id, "t": value},
+                ).all()
+            )
         shown = [int(m.value) for m in at.main.metric]
         assert shown == [expected.get(g, 0) for g in range(4)], value
         counted[value] = sum(shown)
@@ -144,9 +156,15 @@ def test_a_failed_job_shows_its_error_and_log(workspace, tiny_data):
     log.parent.mkdir(parents=True)
     log.write_text("Traceback (most recent call last):\nRuntimeError: out of memory\n")
     with session_scope(workspace.db_url) as session:
-        session.add(Job(kind="infer", status="failed", error="RuntimeError: out of memory",
-                        log_path=str(log), params={"run_id": run_id, "source_id": source_id(
-                            workspace.db_url, "demo APTOS test")}))
+        session.add(
+            Job(
+                kind="infer",
+                status="failed",
+                error="RuntimeError: out of memory",
+                log_path=str(log),
+                params={"run_id": run_id, "source_id": source_id(workspace.db_url, "demo APTOS test")},
+            )
+        )
     at = open_page("inference")
     assert f"infer job #1 failed: {literal('RuntimeError: out of memory')}" in page_text(at)
     assert "RuntimeError: out of memory" in at.code[0].value
@@ -156,27 +174,37 @@ def test_a_failed_job_shows_its_error_and_log(workspace, tiny_data):
 def predicted(db_url: str) -> tuple[str, int, int]:
     """Two runs' hand-made predictions on two pools; (db_url, run id, pool id) of one pair."""
     with session_scope(db_url) as session:
-        pool, other = Source(kind="unlabelled", root="/p", role="unlabelled", name="pool"), \
-            Source(kind="aptos", root="/t", role="train", name="train")
-        run, older = Run(name="new", model_name="m", img_size=64, checkpoint="/w/new.pth"), \
-            Run(name="old", model_name="m", img_size=64, checkpoint="/w/old.pth")
+        pool, other = (
+            Source(kind="unlabelled", root="/p", role="unlabelled", name="pool"),
+            Source(kind="aptos", root="/t", role="train", name="train"),
+        )
+        run, older = (
+            Run(name="new", model_name="m", img_size=64, checkpoint="/w/new.pth"),
+            Run(name="old", model_name="m", img_size=64, checkpoint="/w/old.pth"),
+        )
         draft = Run(name="draft", model_name="m", img_size=64)  # no checkpoint: not a model
         session.add_all([other, pool, older, run, draft])
         session.flush()
-        for i, (grade, confidence) in enumerate([(0, 0.9), (0, 0.5), (2, 0.7), (3, 1.0),
-                                                 (1, 0.69)]):
+        for i, (grade, confidence) in enumerate([(0, 0.9), (0, 0.5), (2, 0.7), (3, 1.0), (1, 0.69)]):
             for source in (pool, other):
-                image = Image(source_id=source.id, path=f"{i}.png", name=f"id{i}", width=8,
-                              height=8)
+                image = Image(source_id=source.id, path=f"{i}.png", name=f"id{i}", width=8, height=8)
                 session.add(image)
                 session.flush()
                 for model in (run, older):
                     probs = [(1 - confidence) / 3] * 4
                     probs[grade if model is run else (grade + 1) % 4] = confidence
-                    session.add(Prediction(run_id=model.id, image_id=image.id, p0=probs[0],
-                                           p1=probs[1], p2=probs[2], p3=probs[3],
-                                           grade=probs.index(confidence),
-                                           confidence=confidence))
+                    session.add(
+                        Prediction(
+                            run_id=model.id,
+                            image_id=image.id,
+                            p0=probs[0],
+                            p1=probs[1],
+                            p2=probs[2],
+                            p3=probs[3],
+                            grade=probs.index(confidence),
+                            confidence=confidence,
+                        )
+                    )
         return db_url, run.id, pool.id
 
 
@@ -184,8 +212,10 @@ def test_models_and_pools_lists(predicted):
     db_url, run_id, pool_id = predicted
     assert [m.name for m in models(db_url)] == ["new", "old"]
     assert models(db_url)[0].id == run_id and models(db_url)[0].checkpoint == "/w/new.pth"
-    assert [(p.name, p.role, p.images) for p in pools(db_url)] == [("pool", "unlabelled", 5),
-                                                                    ("train", "train", 5)]
+    assert [(p.name, p.role, p.images) for p in pools(db_url)] == [
+        ("pool", "unlabelled", 5),
+        ("train", "train", 5),
+    ]
 
 
 def test_counts_and_histogram_of_one_model_on_one_pool(predicted):
@@ -204,9 +234,13 @@ def test_submission_matches_the_predictions(predicted):
     frame = submission_frame(db_url, run_id, pool_id)
     assert list(frame.columns) == ["id_code", "diagnosis"]
     with session_scope(db_url) as session:
-        expected = dict(session.execute(
-            select(Image.name, Prediction.grade).join(Prediction, Prediction.image_id == Image.id)
-            .where(Prediction.run_id == run_id, Image.source_id == pool_id)).all())
+        expected = dict(
+            session.execute(
+                select(Image.name, Prediction.grade)
+                .join(Prediction, Prediction.image_id == Image.id)
+                .where(Prediction.run_id == run_id, Image.source_id == pool_id)
+            ).all()
+        )
     assert dict(zip(frame.id_code, frame.diagnosis)) == expected
     assert list(frame.diagnosis) == [0, 0, 2, 3, 1]  # in import order
     assert frame.to_csv(index=False).splitlines()[:2] == ["id_code,diagnosis", "id0,0"]
@@ -218,8 +252,7 @@ def test_the_csv_says_referable_at_the_runs_operating_point(predicted):
     frame = submission_frame(db_url, run_id, pool_id, referable_at=0.3)
     assert list(frame.columns) == ["id_code", "diagnosis", "referable"]
     assert list(frame.referable) == ["no", "yes", "yes", "yes", "no"]
-    assert list(submission_frame(db_url, run_id, pool_id, 0.9).referable) == \
-        ["no", "no", "no", "yes", "no"]
+    assert list(submission_frame(db_url, run_id, pool_id, 0.9).referable) == ["no", "no", "no", "yes", "no"]
 
 
 def test_the_page_counts_referable_images_and_warns_of_uncalibrated_views(workspace, tiny_data):
@@ -234,13 +267,16 @@ def test_the_page_counts_referable_images_and_warns_of_uncalibrated_views(worksp
     at.radio(key="infer_tta").set_value(2).run()
     assert [w.value for w in at.warning] == [
         "tiny was calibrated with 8 test-time views: with 2 its confidences, the review "
-        "threshold and the operating point for referable DR are not calibrated."]
+        "threshold and the operating point for referable DR are not calibrated."
+    ]
     at.radio(key="infer_tta").set_value(None).run()
     at.button(key="start_inference").click().run()
     wait_for(workspace.db_url, infer_job(workspace.db_url).id, ("done",))
     at.run()
-    expected = (submission_frame(workspace.db_url, run_id, source_id(workspace.db_url, "pool"),
-                                 0.25).referable == "yes").sum()
+    expected = (
+        submission_frame(workspace.db_url, run_id, source_id(workspace.db_url, "pool"), 0.25).referable
+        == "yes"
+    ).sum()
     (metric,) = [m for m in at.metric if m.label == "Referable DR (grade ≥ 2)"]
     assert metric.value == f"{expected} of 8"
 

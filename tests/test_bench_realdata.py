@@ -9,8 +9,7 @@ from pathlib import Path
 from bench.realdata import main
 from engine.data.datasets import folder_samples
 
-TINY = ("--model test_efficientnet --pretrained false --img-size 64 --batch-size 8 "
-        "--workers 0 --lr 0.05")
+TINY = "--model test_efficientnet --pretrained false --img-size 64 --batch-size 8 --workers 0 --lr 0.05"
 
 
 def labelled_folder(tiny_data: Path, out: Path) -> Path:
@@ -18,8 +17,10 @@ def labelled_folder(tiny_data: Path, out: Path) -> Path:
     datasets, one person per image."""
     out.mkdir()
     with open(tiny_data / "aptos" / "train.csv", newline="") as file:
-        rows = [(str(tiny_data / "aptos" / "train_images" / f"{r['id_code']}.png"),
-                 int(r["diagnosis"])) for r in csv.DictReader(file)]
+        rows = [
+            (str(tiny_data / "aptos" / "train_images" / f"{r['id_code']}.png"), int(r["diagnosis"]))
+            for r in csv.DictReader(file)
+        ]
     rows += [(s.path, s.grade) for s in folder_samples(tiny_data / "validation")]
     with open(out / "labels.csv", "w", newline="") as file:
         writer = csv.writer(file)
@@ -29,12 +30,25 @@ def labelled_folder(tiny_data: Path, out: Path) -> Path:
     return out
 
 
-def test_the_benchmark_reads_validation_for_screens_and_test_once_per_recipe(tiny_data,
-                                                                            tmp_path):
+def test_the_benchmark_reads_validation_for_screens_and_test_once_per_recipe(tiny_data, tmp_path):
     data = labelled_folder(tiny_data, tmp_path / "labelled")
     screen = tmp_path / "screen.json"
-    assert main(["--data", str(data), "--minutes", "0.02", "--screen", "--train-args",
-                 f"{TINY} --epochs 1", "--out", str(screen)]) == 0
+    assert (
+        main(
+            [
+                "--data",
+                str(data),
+                "--minutes",
+                "0.02",
+                "--screen",
+                "--train-args",
+                f"{TINY} --epochs 1",
+                "--out",
+                str(screen),
+            ]
+        )
+        == 0
+    )
     report = json.loads(screen.read_text())
     assert "reference" not in report and "test" not in report["defaults"]
     assert "test_probs" not in report["defaults"]
@@ -46,8 +60,7 @@ def test_the_benchmark_reads_validation_for_screens_and_test_once_per_recipe(tin
     assert report["defaults"]["config"]["refit"] is False
 
     full = tmp_path / "full.json"
-    assert main(["--data", str(data), "--minutes", "0.02", "--train-args", TINY,
-                 "--out", str(full)]) == 0
+    assert main(["--data", str(data), "--minutes", "0.02", "--train-args", TINY, "--out", str(full)]) == 0
     report = json.loads(full.read_text())
     assert report["defaults"]["config"]["refit"] is True
     assert report["defaults"]["test"]["pooled"]["images"] == report["split"]["test"]

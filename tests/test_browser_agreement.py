@@ -4,25 +4,29 @@ database keeps as an appended adjudication."""
 
 from pathlib import Path
 
+from browser import chromium_page, require_chromium, screenshot, streamlit_server, wait_for, wait_until_idle
 from sqlalchemy import select
+from test_agreement import read_by_hand
+from test_review import POOL, add_predictions, image_ids, register_run
 
-from browser import chromium_page, require_chromium, screenshot, streamlit_server, wait_for, \
-    wait_until_idle
 from db.reviews import adjudication_queue
 from db.schema import Review
 from db.session import migrate, read_scope
 from engine.data.sources import import_source
 from engine.runtime.workspace import Workspace
 from grades import GRADE_NAMES
-from test_agreement import read_by_hand
-from test_review import POOL, add_predictions, image_ids, register_run
 
 
 def adjudications(db_url: str) -> list[tuple]:
     with read_scope(db_url) as session:
-        return [tuple(row) for row in session.execute(
-            select(Review.image_id, Review.grade, Review.reviewer)
-            .where(Review.decision == "adjudicate").order_by(Review.id))]
+        return [
+            tuple(row)
+            for row in session.execute(
+                select(Review.image_id, Review.grade, Review.reviewer)
+                .where(Review.decision == "adjudicate")
+                .order_by(Review.id)
+            )
+        ]
 
 
 def test_agreement_figures_and_an_adjudication_by_click(tmp_path: Path, tiny_data: Path):
@@ -38,8 +42,7 @@ def test_agreement_figures_and_an_adjudication_by_click(tmp_path: Path, tiny_dat
     conflicts = adjudication_queue(db)
     assert len(conflicts) == 2
 
-    with streamlit_server(workspace.root, tmp_path / "server.log") as url, \
-            chromium_page() as page:
+    with streamlit_server(workspace.root, tmp_path / "server.log") as url, chromium_page() as page:
         page.goto(f"{url}/agreement")
         page.get_by_role("heading", name="Agreement", level=1).wait_for()
         wait_until_idle(page)

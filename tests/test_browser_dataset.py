@@ -2,14 +2,22 @@
 the Dataset page shows its class balance and gallery. A small demo (DR_DEMO=60): the full one
 differs only in its counts (engine.loop.demo.demo_args)."""
 
-from browser import (chromium_page, require_chromium, screenshot, streamlit_server, wait_for_count,
-                     wait_until_idle)
+from browser import (
+    chromium_page,
+    require_chromium,
+    screenshot,
+    streamlit_server,
+    wait_for_count,
+    wait_until_idle,
+)
 
 
 def test_first_start_builds_and_shows_the_demo(tmp_path):
     require_chromium()
-    with streamlit_server(tmp_path / "ws", tmp_path / "server.log", DR_DEMO="60") as url, \
-            chromium_page() as page:
+    with (
+        streamlit_server(tmp_path / "ws", tmp_path / "server.log", DR_DEMO="60") as url,
+        chromium_page() as page,
+    ):
         page.goto(url)
         page.get_by_text("Building the demo workspace").wait_for()
         screenshot(page, "dataset-demo-building")

@@ -5,20 +5,28 @@ database is checked after each step."""
 
 from pathlib import Path
 
+from browser import (
+    chromium_page,
+    go_to,
+    require_chromium,
+    screenshot,
+    streamlit_server,
+    wait_for,
+    wait_for_count,
+    wait_until_idle,
+)
 from sqlalchemy import func, select
+from test_app_inference import tiny_model
+from test_browser_review import decide_by_key, reviews, wait_viewer
 
-from browser import (chromium_page, go_to, require_chromium, screenshot, streamlit_server,
-                     wait_for, wait_for_count, wait_until_idle)
 from db.runs import active_run_id, epochs_frame
 from db.schema import Epoch, Image, Job, Prediction, Run, Source
 from db.session import migrate, session_scope
-from engine.runtime import jobs
-from views.curves import curve_figures
-from grades import REVIEW_THRESHOLD
 from engine.data.sources import import_source
+from engine.runtime import jobs
 from engine.runtime.workspace import Workspace
-from test_app_inference import tiny_model
-from test_browser_review import decide_by_key, reviews, wait_viewer
+from grades import REVIEW_THRESHOLD
+from views.curves import curve_figures
 
 RUN = "browser-run"
 
@@ -26,10 +34,16 @@ RUN = "browser-run"
 def pool_predictions(db_url: str, run_id: int) -> list[tuple[int, int, float]]:
     """(image id, grade, confidence) of the run's predictions on the pool."""
     with session_scope(db_url) as session:
-        return [tuple(row) for row in session.execute(
-            select(Prediction.image_id, Prediction.grade, Prediction.confidence)
-            .join(Image).join(Source).where(Prediction.run_id == run_id, Source.name == "pool")
-            .order_by(Prediction.image_id))]
+        return [
+            tuple(row)
+            for row in session.execute(
+                select(Prediction.image_id, Prediction.grade, Prediction.confidence)
+                .join(Image)
+                .join(Source)
+                .where(Prediction.run_id == run_id, Source.name == "pool")
+                .order_by(Prediction.image_id)
+            )
+        ]
 
 
 def finished(db_url: str, kind: str) -> Job | None:
@@ -49,8 +63,7 @@ def new_run(db_url: str) -> Run | None:
 
 def epochs(db_url: str, run_id: int) -> int:
     with session_scope(db_url) as session:
-        return session.scalar(select(func.count()).select_from(Epoch)
-                              .where(Epoch.run_id == run_id))
+        return session.scalar(select(func.count()).select_from(Epoch).where(Epoch.run_id == run_id))
 
 
 def promoted(db_url: str) -> list[int]:
@@ -65,8 +78,7 @@ def chosen(page, key: str) -> str:
 
 def charts(page, count: int) -> None:
     """Until the page's main area shows `count` charts."""
-    wait_for_count(page.locator("[data-testid='stMain'] [data-testid='stPlotlyChart']"), count,
-                   "charts")
+    wait_for_count(page.locator("[data-testid='stMain'] [data-testid='stPlotlyChart']"), count, "charts")
 
 
 def infer_ui(page, db_url: str, run_id: int) -> list[tuple[int, int, float]]:
@@ -94,8 +106,9 @@ def review_ui(page, db_url: str, predictions: list[tuple[int, int, float]]) -> N
     wait_viewer(page, loaded="1")
     decide_by_key(page, db_url, "a", 1)
     decide_by_key(page, db_url, "a", 2)
-    predicted = {image_id: grade for image_id, grade, confidence in predictions
-                 if confidence >= REVIEW_THRESHOLD}
+    predicted = {
+        image_id: grade for image_id, grade, confidence in predictions if confidence >= REVIEW_THRESHOLD
+    }
     page.get_by_text(f"2 of {len(predicted)} candidates reviewed").wait_for()
     rows = reviews(db_url)
     assert [(decision, reviewer) for _, decision, _, reviewer in rows] == [("accept", "local")] * 2
@@ -155,8 +168,7 @@ def test_predict_review_retrain_promote(tmp_path: Path, tiny_data: Path):
     import_source(db, "folders", tiny_data / "validation", "validation", "validation")
     run_id = tiny_model(workspace)  # a sharpened head: some predictions reach 0.70
 
-    with streamlit_server(workspace.root, tmp_path / "server.log") as url, \
-            chromium_page() as page:
+    with streamlit_server(workspace.root, tmp_path / "server.log") as url, chromium_page() as page:
         page.goto(url)
         wait_until_idle(page)
         predictions = infer_ui(page, db, run_id)

@@ -9,16 +9,23 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from browser import (
+    chromium_page,
+    press_on_body,
+    require_chromium,
+    screenshot,
+    streamlit_server,
+    wait_for,
+    wait_until_idle,
+)
 from sqlalchemy import select
+from test_review import add_predictions, image_ids, register_run
 
-from browser import (chromium_page, press_on_body, require_chromium, screenshot,
-                     streamlit_server, wait_for, wait_until_idle)
 from db.schema import Image, Review
 from db.session import migrate, session_scope
 from engine.data.sources import import_source
 from engine.data.synth import MESSIDOR_STYLE, draw_fundus, sample_lesions
 from engine.runtime.workspace import Workspace
-from test_review import add_predictions, image_ids, register_run
 
 BIG = (4752, 3168)  # an EyePACS photograph's size: 13 Deep Zoom levels above the 1-px one
 VIEWER = ".grading-viewer"
@@ -26,9 +33,12 @@ VIEWER = ".grading-viewer"
 
 def reviews(db_url: str) -> list[tuple]:
     with session_scope(db_url) as session:
-        return [tuple(row) for row in session.execute(
-            select(Review.image_id, Review.decision, Review.grade, Review.reviewer)
-            .order_by(Review.id))]
+        return [
+            tuple(row)
+            for row in session.execute(
+                select(Review.image_id, Review.decision, Review.grade, Review.reviewer).order_by(Review.id)
+            )
+        ]
 
 
 def image_name(db_url: str, image_id: int) -> str:
@@ -84,16 +94,15 @@ def test_the_viewer_and_the_keys_in_a_browser(tmp_path: Path, tiny_data: Path):
     workspace = Workspace(tmp_path / "ws")
     db = workspace.db_url
     migrate(db)
-    import_source(db, "unlabelled", pool_with_a_big_photograph(tiny_data, tmp_path / "pool"),
-                  "unlabelled", "pool")
+    import_source(
+        db, "unlabelled", pool_with_a_big_photograph(tiny_data, tmp_path / "pool"), "unlabelled", "pool"
+    )
     run_id = register_run(workspace)
     pool = image_ids(db, "pool")
     # least confident first: the big photograph, then grades 1, 0, 3, 2, 1
-    add_predictions(db, run_id, pool[:6], [(0.70, 0), (0.95, 2), (0.85, 3), (0.80, 0),
-                                           (0.75, 1), (0.72, 1)])
+    add_predictions(db, run_id, pool[:6], [(0.70, 0), (0.95, 2), (0.85, 3), (0.80, 0), (0.75, 1), (0.72, 1)])
 
-    with streamlit_server(workspace.root, tmp_path / "server.log") as url, \
-            chromium_page() as page:
+    with streamlit_server(workspace.root, tmp_path / "server.log") as url, chromium_page() as page:
         page.goto(f"{url}/review")  # a bookmark, on a fresh server: app.py still runs
         page.get_by_role("heading", name="Review", level=1).wait_for()
         wait_until_idle(page)
@@ -160,8 +169,11 @@ def test_the_viewer_and_the_keys_in_a_browser(tmp_path: Path, tiny_data: Path):
         page.wait_for_timeout(1000)
         assert len(reviews(db)) == 2 and not page.get_by_text("was decided by").count()
         decide_by_key(page, db, "2", 3)
-        assert reviews(db) == [(pool[0], "accept", 0, "local"), (pool[5], "reject", None, "local"),
-                               (pool[4], "relabel", 2, "local")]
+        assert reviews(db) == [
+            (pool[0], "accept", 0, "local"),
+            (pool[5], "reject", None, "local"),
+            (pool[4], "relabel", 2, "local"),
+        ]
         page.get_by_text("3 of 6 candidates reviewed").wait_for()
         decide_by_key(page, db, "Backspace", 4)
         assert reviews(db)[3] == (pool[4], "undo", None, "local")

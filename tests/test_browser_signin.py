@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from browser import (chromium_page, go_to, require_chromium, screenshot, streamlit_server,
-                     wait_until_idle)
+from browser import chromium_page, go_to, require_chromium, screenshot, streamlit_server, wait_until_idle
 from conftest import ROOT
+
 from db.session import migrate
 from engine.data.sources import import_source
 from engine.runtime.workspace import Workspace
@@ -21,8 +21,14 @@ PASSWORD = "correct horse"
 
 def users_cli(workspace: Workspace, *args: str) -> None:
     """`python -m db.users ...`, a password piped in as a script does."""
-    subprocess.run([sys.executable, "-m", "db.users", *args], cwd=ROOT, input=f"{PASSWORD}\n",
-                   text=True, check=True, env={**os.environ, "DR_WORKSPACE": str(workspace.root)})
+    subprocess.run(
+        [sys.executable, "-m", "db.users", *args],
+        cwd=ROOT,
+        input=f"{PASSWORD}\n",
+        text=True,
+        check=True,
+        env={**os.environ, "DR_WORKSPACE": str(workspace.root)},
+    )
 
 
 def sign_in(page, name: str, password: str) -> None:
@@ -37,12 +43,10 @@ def test_a_reviewer_signs_in_with_a_password(tmp_path: Path, tiny_data: Path):
     workspace = Workspace(tmp_path / "ws")
     migrate(workspace.db_url)
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train", "train")
-    import_source(workspace.db_url, "folders", tiny_data / "validation", "validation",
-                  "validation")
+    import_source(workspace.db_url, "folders", tiny_data / "validation", "validation", "validation")
     users_cli(workspace, "add", "ana", "--role", "reviewer")
 
-    with streamlit_server(workspace.root, tmp_path / "server.log") as url, \
-            chromium_page() as page:
+    with streamlit_server(workspace.root, tmp_path / "server.log") as url, chromium_page() as page:
         page.goto(f"{url}/retrain")  # a bookmark: the sign-in comes first
         page.get_by_role("heading", name="Sign in", level=1).wait_for()
         wait_until_idle(page)

@@ -10,11 +10,28 @@ import pytest
 
 from cli import HelpFormatter
 
-COMMANDS = ["engine.loop.demo", "engine.loop.export_model", "engine.loop.import_model", "engine.model.infer",
-            "engine.loop.loopgain", "engine.training.model_card", "engine.data.preprocess", "engine.model.saliency",
-            "engine.data.sources", "engine.data.synth", "engine.training.train", "db.copy", "db.users",
-            "bench.inference", "bench.pool", "bench.realdata", "bench.review_bench",
-            "bench.tiles", "bench.training", "bench.viewer"]
+COMMANDS = [
+    "engine.loop.demo",
+    "engine.loop.export_model",
+    "engine.loop.import_model",
+    "engine.model.infer",
+    "engine.loop.loopgain",
+    "engine.training.model_card",
+    "engine.data.preprocess",
+    "engine.model.saliency",
+    "engine.data.sources",
+    "engine.data.synth",
+    "engine.training.train",
+    "db.copy",
+    "db.users",
+    "bench.inference",
+    "bench.pool",
+    "bench.realdata",
+    "bench.review_bench",
+    "bench.tiles",
+    "bench.training",
+    "bench.viewer",
+]
 
 
 class Parsed(Exception):
@@ -26,8 +43,10 @@ class Parsed(Exception):
 
 def parser_of(module_name: str, monkeypatch) -> argparse.ArgumentParser:
     """The parser that the command's main() builds, taken before it parses anything."""
+
     def capture(self, *_args, **_kwargs):
         raise Parsed(self)
+
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
     monkeypatch.setattr(sys, "argv", [module_name])
@@ -57,8 +76,9 @@ def test_every_option_has_help_and_shows_its_default(module_name, monkeypatch):
             name = "/".join(action.option_strings) or action.dest
             assert action.help, f"{parser.prog} {name} has no help text"
             if action.option_strings and not action.required:
-                assert "default" in formatter._get_help_string(action), \
+                assert "default" in formatter._get_help_string(action), (
                     f"{parser.prog} {name} does not show its default"
+                )
 
 
 def test_the_help_shows_values_none_and_defaults_in_words(monkeypatch, capsys):

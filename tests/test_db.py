@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BOTH_BACKENDS, ROOT, tiny_checkpoint, wait_for_job
 from sqlalchemy import func, inspect, select, text
 
-from conftest import BOTH_BACKENDS, ROOT, tiny_checkpoint, wait_for_job
 from db.queries import sources_frame
 from db.reviews import QueueFilter, claim_next, decide
 from db.schema import Base, Prediction, Review
@@ -51,19 +51,33 @@ def test_migrations_build_the_schema_from_an_empty_database(empty_db_url: str):
 def test_migration_0008_adds_the_seconds_of_each_decision(empty_db_url: str):
     migrate(empty_db_url, "0007")
     with session_scope(empty_db_url) as session:
-        session.execute(text("INSERT INTO sources (name, kind, root, role, created_at, report) "
-                             "VALUES ('s', 'folders', '/x', 'train', '2026-01-01', '{}')"))
-        session.execute(text("INSERT INTO images (source_id, path, name, width, height, extra) "
-                             "VALUES (1, 'a.png', 'a', 1, 1, '{}')"))
-        session.execute(text("INSERT INTO reviews (image_id, decision, grade, reviewer, "
-                             "created_at) VALUES (1, 'accept', 2, 'ana', '2026-01-01')"))
+        session.execute(
+            text(
+                "INSERT INTO sources (name, kind, root, role, created_at, report) "
+                "VALUES ('s', 'folders', '/x', 'train', '2026-01-01', '{}')"
+            )
+        )
+        session.execute(
+            text(
+                "INSERT INTO images (source_id, path, name, width, height, extra) "
+                "VALUES (1, 'a.png', 'a', 1, 1, '{}')"
+            )
+        )
+        session.execute(
+            text(
+                "INSERT INTO reviews (image_id, decision, grade, reviewer, "
+                "created_at) VALUES (1, 'accept', 2, 'ana', '2026-01-01')"
+            )
+        )
     migrate(empty_db_url)
-    column = next(c for c in inspect(get_engine(empty_db_url)).get_columns("reviews")
-                  if c["name"] == "seconds")
+    column = next(
+        c for c in inspect(get_engine(empty_db_url)).get_columns("reviews") if c["name"] == "seconds"
+    )
     assert column["nullable"] and column["type"].python_type is float
     with read_scope(empty_db_url) as session:  # a decision made before keeps no time
         assert session.execute(select(Review.reviewer, Review.grade, Review.seconds)).all() == [
-            ("ana", 2, None)]
+            ("ana", 2, None)
+        ]
 
 
 def test_sqlite_connections_use_wal_and_wait_for_the_lock(db_url: str):
@@ -80,14 +94,17 @@ def test_postgresql_plans_each_query_for_its_values(db_url: str):
         assert connection.connection.driver_connection.prepare_threshold is None
         for _ in range(8):  # more runs than psycopg's default threshold of 5
             connection.execute(text("SELECT count(*) FROM images WHERE id > :id"), {"id": 1})
-        assert connection.execute(text("SELECT count(*) FROM pg_prepared_statements")
-                                  ).scalar() == 0
+        assert connection.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar() == 0
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_processes_that_start_at_once_migrate_one_after_another(empty_db_url: str):
-    starts = [subprocess.Popen([sys.executable, "-c", MIGRATE, empty_db_url], cwd=ROOT,
-                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATE, empty_db_url], cwd=ROOT, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     assert [start.communicate(timeout=120)[1] for start in starts] == ["", "", ""]
     with get_engine(empty_db_url).connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
@@ -96,16 +113,22 @@ def test_processes_that_start_at_once_migrate_one_after_another(empty_db_url: st
 @BOTH_BACKENDS
 def test_four_writer_processes_lose_nothing(db_url: str):
     with session_scope(db_url) as session:
-        session.execute(text("INSERT INTO sources (name, kind, root, role, created_at, report) "
-                             "VALUES ('s', 'folders', '/x', 'train', '2026-01-01', '{}')"))
-        session.execute(text("INSERT INTO images (source_id, path, name, width, height, extra) "
-                             "VALUES (1, 'a.png', 'a', 1, 1, '{}')"))
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, db_url, f"r{n}"], cwd=ROOT)
-               for n in range(4)]
+        session.execute(
+            text(
+                "INSERT INTO sources (name, kind, root, role, created_at, report) "
+                "VALUES ('s', 'folders', '/x', 'train', '2026-01-01', '{}')"
+            )
+        )
+        session.execute(
+            text(
+                "INSERT INTO images (source_id, path, name, width, height, extra) "
+                "VALUES (1, 'a.png', 'a', 1, 1, '{}')"
+            )
+        )
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, db_url, f"r{n}"], cwd=ROOT) for n in range(4)]
     assert [w.wait(timeout=120) for w in writers] == [0, 0, 0, 0]
     with session_scope(db_url) as session:
-        counts = dict(session.execute(
-            select(Review.reviewer, func.count()).group_by(Review.reviewer)).all())
+        counts = dict(session.execute(select(Review.reviewer, func.count()).group_by(Review.reviewer)).all())
     assert counts == {f"r{n}": 100 for n in range(4)}
 
 
@@ -135,11 +158,11 @@ def test_reads_take_no_write_lock_and_writes_take_it_up_front(db_url: str):
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_import_inference_job_upsert_and_review_on_postgresql(workspace, tiny_data: Path):
     from db.users import LOCAL
-    from engine.runtime import jobs
     from engine.data.datasets import Sample
+    from engine.data.sources import import_source
     from engine.model.infer import store_predictions
     from engine.model.predictor import Predictions
-    from engine.data.sources import import_source
+    from engine.runtime import jobs
 
     db = workspace.db_url
     assert db.startswith("postgresql+psycopg://")
@@ -147,23 +170,29 @@ def test_import_inference_job_upsert_and_review_on_postgresql(workspace, tiny_da
     again = import_source(db, "aptos", tiny_data / "aptos", "unlabelled", "pool")
     assert (first.added, again.added, again.already) == (8, 0, 8)
     checkpoint = tiny_checkpoint(workspace.weights / "tiny.pth")
-    job_id = jobs.start_job(workspace, "infer", "engine.model.infer",
-                            ["--checkpoint", str(checkpoint), "--source", "pool", "--workers", "0"],
-                            user=LOCAL)
+    job_id = jobs.start_job(
+        workspace,
+        "infer",
+        "engine.model.infer",
+        ["--checkpoint", str(checkpoint), "--source", "pool", "--workers", "0"],
+        user=LOCAL,
+    )
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
     assert (job.status, job.progress) == ("done", 1.0), jobs.log_tail(job.log_path)
     assert job.heartbeat_at is not None and job.account == LOCAL.name
 
     with read_scope(db) as session:
-        run_id, image_id = session.execute(select(Prediction.run_id, Prediction.image_id)
-                                           .order_by(Prediction.id)).first()
+        run_id, image_id = session.execute(
+            select(Prediction.run_id, Prediction.image_id).order_by(Prediction.id)
+        ).first()
         assert session.scalar(select(func.count(Prediction.id))) == 8
     sure = Predictions(indices=[0], probs=np.array([[0.01, 0.97, 0.01, 0.01]]))
     store_predictions(db, run_id, [Sample("x", None, "x", image_id)], sure)  # the upsert
     with read_scope(db) as session:
         assert session.scalar(select(func.count(Prediction.id))) == 8
-        assert session.scalar(select(Prediction.confidence).where(
-            Prediction.image_id == image_id)) == pytest.approx(0.97)
+        assert session.scalar(
+            select(Prediction.confidence).where(Prediction.image_id == image_id)
+        ) == pytest.approx(0.97)
 
     candidate = claim_next(db, "ana", QueueFilter(run_id, threshold=0.9))
     assert candidate.image_id == image_id

@@ -15,37 +15,76 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, wait_for_job
 from sqlalchemy import select
 from torch.utils.data import WeightedRandomSampler
 
-from conftest import ROOT, wait_for_job
 from db.schema import Epoch, Job, Run
 from db.session import migrate, session_scope
 from db.users import LOCAL
-from engine.runtime import jobs
-from engine.training import train
 from engine.data.datasets import RankShare, Sample, class_weights, folder_samples
+from engine.data.sources import import_source
+from engine.loop.retrain import default_settings, settings_problem
 from engine.model.networks import load_checkpoint
 from engine.model.predictor import predict
-from engine.loop.retrain import default_settings, settings_problem
-from engine.data.sources import import_source
-from engine.training.trainer import RunPaths, TrainConfig, Trainer, soft_targets
+from engine.runtime import jobs
 from engine.runtime.workspace import Workspace
+from engine.training import train
+from engine.training.trainer import RunPaths, TrainConfig, Trainer, soft_targets
 
 # Every step the same for one process and for two: no augmentation, no dropout, a constant
 # learning rate (so that a run resumed with another epoch count keeps its schedule).
-RECIPE = ["--from-db", "--model", "test_efficientnet_gn", "--img-size", "64",
-          "--pretrained", "false", "--workers", "0", "--optimizer", "sgd", "--lr", "0.01",
-          "--lrf", "1", "--warmup-epochs", "0", "--balance", "sampler", "--loss", "ce",
-          "--augment", "none", "--drop-rate", "0", "--tta", "false", "--bf16", "false",
-          "--freeze-stages", "0", "--batch-size", "8", "--refit", "false"]
+RECIPE = [
+    "--from-db",
+    "--model",
+    "test_efficientnet_gn",
+    "--img-size",
+    "64",
+    "--pretrained",
+    "false",
+    "--workers",
+    "0",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.01",
+    "--lrf",
+    "1",
+    "--warmup-epochs",
+    "0",
+    "--balance",
+    "sampler",
+    "--loss",
+    "ce",
+    "--augment",
+    "none",
+    "--drop-rate",
+    "0",
+    "--tta",
+    "false",
+    "--bf16",
+    "false",
+    "--freeze-stages",
+    "0",
+    "--batch-size",
+    "8",
+    "--refit",
+    "false",
+]
 TOLERANCE = 1e-3  # relative: float sums in another order
 
 
 def torchrun(workspace: Workspace, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace.root), "HF_HUB_OFFLINE": "1"}
-    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
-               "--nproc-per-node=2", "-m", "engine.training.train", *RECIPE, *args]
+    command = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "engine.training.train",
+        *RECIPE,
+        *args,
+    ]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -61,8 +100,11 @@ def epochs_recorded(workspace: Workspace, name: str) -> list[int]:
 
 def still_running(job_id: int) -> list[int]:
     """Processes on this machine that belong to the job (torchrun and its workers)."""
-    return [int(p.name) for p in Path("/proc").iterdir()
-            if p.name.isdigit() and jobs._runs_here(int(p.name), job_id)]
+    return [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and jobs._runs_here(int(p.name), job_id)
+    ]
 
 
 def test_two_processes_train_as_one_cancel_as_one_and_resume(tiny_data, tmp_path, monkeypatch):
@@ -73,10 +115,20 @@ def test_two_processes_train_as_one_cancel_as_one_and_resume(tiny_data, tmp_path
 
     # A job on two processes whose epochs come from a budget: rank 0 measures, both train
     # as many (ranks that disagreed would wait for each other forever). Cancelled after one.
-    job_id = jobs.start_job(workspace, "train", "engine.training.train",
-                            [*RECIPE, "--minutes", "1", "--name", "ddp"], processes=2, user=LOCAL)
-    job = wait_for_job(workspace, job_id, lambda j: epochs_recorded(workspace, "ddp")
-                       or j.status not in jobs.ACTIVE, timeout=300)
+    job_id = jobs.start_job(
+        workspace,
+        "train",
+        "engine.training.train",
+        [*RECIPE, "--minutes", "1", "--name", "ddp"],
+        processes=2,
+        user=LOCAL,
+    )
+    job = wait_for_job(
+        workspace,
+        job_id,
+        lambda j: epochs_recorded(workspace, "ddp") or j.status not in jobs.ACTIVE,
+        timeout=300,
+    )
     jobs.cancel_job(workspace.db_url, job_id, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
     log = jobs.log_tail(job.log_path, 200)
@@ -144,7 +196,7 @@ def test_each_rank_takes_every_other_balanced_draw(count):
     assert len(shares[0]) == len(shares[1]) == len(RankShare(draws(), 0, 2)) == -(-count // 2)
     together = [i for pair in zip(*shares) for i in pair]
     assert together[:count] == alone  # the ranks' batches together are the one-process batch
-    assert together[count:] == alone[:len(together) - count]  # padded from the start
+    assert together[count:] == alone[: len(together) - count]  # padded from the start
     assert list(RankShare(draws(), 0, 2)) == shares[0]  # the same seed, the same share
 
 
@@ -154,14 +206,22 @@ def test_the_form_asks_for_a_batch_that_splits_over_the_gpus():
     settings = {**cpu, "name": "x", "batch_size": 10}
     assert settings_problem(settings, set()) is None
     assert settings_problem({**settings, "processes": 4}, set()) == (
-        "A batch of 10 does not split evenly over 4 GPUs: choose a multiple of 4.")
+        "A batch of 10 does not split evenly over 4 GPUs: choose a multiple of 4."
+    )
 
 
 @pytest.mark.parametrize("loss", ["ce", "ordinal"])
 def test_one_process_still_minimises_the_class_weighted_mean(tmp_path, loss):
     samples = [Sample(f"{i}.png", g) for i, g in enumerate([0] * 6 + [1, 2, 3, 3])]
-    config = TrainConfig(model="test_efficientnet", img_size=64, eval_size=64, pretrained=False,
-                         balance="loss", loss=loss, workers=0)
+    config = TrainConfig(
+        model="test_efficientnet",
+        img_size=64,
+        eval_size=64,
+        pretrained=False,
+        balance="loss",
+        loss=loss,
+        workers=0,
+    )
     trainer = Trainer(config, samples, samples, RunPaths.under(Workspace(tmp_path), "w"), None)
     logits, labels = torch.randn(5, 4), torch.tensor([0, 0, 1, 3, 2])
     targets = soft_targets(labels, 4) if loss == "ordinal" else labels

@@ -13,31 +13,50 @@ import onnxruntime
 import pytest
 import timm
 import torch
+from conftest import ROOT, tiny_checkpoint
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from conftest import ROOT, tiny_checkpoint
 from db.queries import labelled_images
 from db.runs import referable_threshold, run_calibration, run_config
 from db.schema import Run, Source
 from db.session import migrate, read_scope, session_scope
-from engine.loop import export_model
 from engine.data.datasets import Sample
+from engine.data.sources import import_source
+from engine.loop import export_model
 from engine.loop.export_model import ExportRefused, export_run, main
 from engine.model.infer import register_model
-from engine.runtime.markdown import literal
-from engine.training.model_card import (DataRow, RunUnusable, figure, model_card, run_facts,
-                               write_model_card)
-from engine.model.networks import (load_checkpoint)
+from engine.model.networks import load_checkpoint
 from engine.model.predictor import dataset_for, model_views, predict, tta_logits
-from engine.data.sources import import_source
+from engine.runtime.markdown import literal
 from engine.runtime.workspace import Workspace
+from engine.training.model_card import DataRow, RunUnusable, figure, model_card, run_facts, write_model_card
 
-TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "false",
-        "--batch-size", "8", "--workers", "0", "--lr", "0.05"]
-SECTIONS = ["## Intended use", "## Training data", "## Validation figures", "## Calibration",
-            "## Operating point", "## Input and preprocessing", "## Training", "## Software",
-            "## Known limits"]
+TINY = [
+    "--model",
+    "test_efficientnet",
+    "--img-size",
+    "64",
+    "--pretrained",
+    "false",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--lr",
+    "0.05",
+]
+SECTIONS = [
+    "## Intended use",
+    "## Training data",
+    "## Validation figures",
+    "## Calibration",
+    "## Operating point",
+    "## Input and preprocessing",
+    "## Training",
+    "## Software",
+    "## Known limits",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +69,24 @@ def workspace(tiny_data, tmp_path_factory) -> Workspace:
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train")
     import_source(workspace.db_url, "folders", tiny_data / "validation", "validation")
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace.root), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "engine.training.train", "--from-db", "--epochs", "1",
-                           "--name", "tiny", *TINY], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.training.train",
+            "--from-db",
+            "--epochs",
+            "1",
+            "--name",
+            "tiny",
+            *TINY,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return workspace
 
@@ -78,8 +112,10 @@ def safetensors_export(workspace, tiny):
 
 
 def validation_samples(workspace: Workspace) -> list[Sample]:
-    return [Sample(path, grade, name, i, group)
-            for i, path, name, grade, group in labelled_images(workspace.db_url, "validation")]
+    return [
+        Sample(path, grade, name, i, group)
+        for i, path, name, grade, group in labelled_images(workspace.db_url, "validation")
+    ]
 
 
 def preprocessed(meta: dict, samples: list[Sample]) -> torch.Tensor:
@@ -91,20 +127,31 @@ def preprocessed(meta: dict, samples: list[Sample]) -> torch.Tensor:
 def app_predictions(workspace: Workspace, tiny: Run) -> np.ndarray:
     """What the app's inference stores for the validation images."""
     model, meta = load_checkpoint(tiny.checkpoint)
-    return predict(model, meta, validation_samples(workspace), torch.device("cpu"),
-                   batch_size=8, workers=0, tta=model_views(meta)).probs
+    return predict(
+        model,
+        meta,
+        validation_samples(workspace),
+        torch.device("cpu"),
+        batch_size=8,
+        workers=0,
+        tta=model_views(meta),
+    ).probs
 
 
-def test_onnx_gives_the_probabilities_and_grades_that_the_app_stores(workspace, tiny,
-                                                                     onnx_export):
+def test_onnx_gives_the_probabilities_and_grades_that_the_app_stores(workspace, tiny, onnx_export):
     model, meta = load_checkpoint(tiny.checkpoint)
     samples = validation_samples(workspace)
     images = preprocessed(meta, samples)
-    session = onnxruntime.InferenceSession(str(onnx_export / "model.onnx"),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(onnx_export / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     # Batches of any size: one image, a few, the rest.
-    got = np.concatenate([session.run(["probabilities"], {"image": batch.numpy()})[0]
-                          for batch in (images[:1], images[1:4], images[4:])])
+    got = np.concatenate(
+        [
+            session.run(["probabilities"], {"image": batch.numpy()})[0]
+            for batch in (images[:1], images[1:4], images[4:])
+        ]
+    )
     want = app_predictions(workspace, tiny)
     assert model_views(meta) == 8 and got.shape == want.shape == (len(samples), 4)
     assert np.abs(got - want).max() <= 1e-4
@@ -115,7 +162,8 @@ def test_onnx_gives_the_probabilities_and_grades_that_the_app_stores(workspace, 
 
 
 def test_safetensors_holds_the_checkpoints_weights_and_model_json_rebuilds_the_model(
-        workspace, tiny, safetensors_export):
+    workspace, tiny, safetensors_export
+):
     model, meta = load_checkpoint(tiny.checkpoint)
     weights = load_file(str(safetensors_export / "model.safetensors"))
     state = model.state_dict()
@@ -125,8 +173,7 @@ def test_safetensors_holds_the_checkpoints_weights_and_model_json_rebuilds_the_m
     about = json.loads((safetensors_export / "model.json").read_text())
     arch, views = about["architecture"], about["test_time_views"]
     assert about["output"]["kind"] == "logits" and not views["in_graph"]
-    rebuilt = timm.create_model(arch["timm_model"], num_classes=arch["num_classes"],
-                                **arch["model_args"])
+    rebuilt = timm.create_model(arch["timm_model"], num_classes=arch["num_classes"], **arch["model_args"])
     rebuilt.load_state_dict(weights)
     images = preprocessed(meta, validation_samples(workspace))
     with torch.no_grad():
@@ -135,8 +182,7 @@ def test_safetensors_holds_the_checkpoints_weights_and_model_json_rebuilds_the_m
     assert np.abs(probs - app_predictions(workspace, tiny)).max() <= 1e-5
 
 
-def test_model_json_says_how_to_feed_the_model_and_read_its_output(workspace, tiny,
-                                                                   onnx_export):
+def test_model_json_says_how_to_feed_the_model_and_read_its_output(workspace, tiny, onnx_export):
     about = json.loads((onnx_export / "model.json").read_text())
     config = run_config(workspace.db_url, tiny.id)
     _, meta = load_checkpoint(tiny.checkpoint)
@@ -150,12 +196,12 @@ def test_model_json_says_how_to_feed_the_model_and_read_its_output(workspace, ti
     assert about["test_time_views"]["in_graph"]
     assert about["temperature"] == run_calibration(workspace.db_url, tiny.id)["temperature"]
     assert about["operating_point"]["threshold"] == referable_threshold(workspace.db_url, tiny.id)
-    assert [c["name"] for c in about["classes"]] == ["no DR", "mild", "moderate",
-                                                     "severe / proliferative"]
+    assert [c["name"] for c in about["classes"]] == ["no DR", "mild", "moderate", "severe / proliferative"]
     assert about["output"]["kind"] == "probabilities"
     assert about["exported"]["opset"] == 18 and about["exported"]["versions"]["torch"]
-    session = onnxruntime.InferenceSession(str(onnx_export / "model.onnx"),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(onnx_export / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     (given,), (taken,) = session.get_inputs(), session.get_outputs()
     assert (given.name, given.shape) == (about["input"]["name"], about["input"]["shape"])
     assert (taken.name, taken.shape) == (about["output"]["name"], about["output"]["shape"])
@@ -171,8 +217,11 @@ def test_the_model_card_holds_its_sections_and_the_runs_figures(workspace, tiny,
     with read_scope(workspace.db_url) as session:
         sources = dict(session.execute(select(Source.role, Source.name)).all())
     counts = config["train_counts"]
-    assert (f"| {literal(sources['train'])} | training | {sum(counts)} | "
-            + " | ".join(map(str, counts)) + " | 0 |") in card
+    assert (
+        f"| {literal(sources['train'])} | training | {sum(counts)} | "
+        + " | ".join(map(str, counts))
+        + " | 0 |"
+    ) in card
     assert f"| {literal(sources['validation'])} | validation | 16 | 4 | 4 | 4 | 4 | 0 |" in card
     for name in ("qwk", "referable_auc", "sensitivity", "specificity"):
         assert figure(screening[name]) in card
@@ -180,8 +229,9 @@ def test_the_model_card_holds_its_sections_and_the_runs_figures(workspace, tiny,
     assert f"T = {calibration['temperature']:.3f}" in card
     assert f"| {calibration['ece_before']:.4f} | {calibration['ece_after']:.4f} |" in card
     assert "Device `cpu`" in card and "minutes from start to finish" in card
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     assert f"commit {head}" in card and f"torch {torch.__version__.split('+')[0]}" in card
     assert "refit" in card  # the final model learned the validation images: said so
     # The same card beside the run's checkpoint, for a run that is not exported.
@@ -192,27 +242,38 @@ def test_the_model_card_holds_its_sections_and_the_runs_figures(workspace, tiny,
 
 def test_names_that_people_wrote_show_as_written_in_the_card(workspace):
     """The card escapes them: they make no emphasis, table cell, HTML or math of their own."""
-    facts = replace(run_facts(workspace.db_url, "tiny"), name="v2_*final*",
-                    data=[DataRow("clinic | <b>2024</b> $5", "training", [1, 2, 3, 4], 0)])
+    facts = replace(
+        run_facts(workspace.db_url, "tiny"),
+        name="v2_*final*",
+        data=[DataRow("clinic | <b>2024</b> $5", "training", [1, 2, 3, 4], 0)],
+    )
     card = model_card(facts)
     assert card.startswith("# Model card: v2\\_\\*final\\*\n")
-    assert ("| clinic \\| \\<b\\>2024\\<\\/b\\> \\$5 | training | 10 | 1 | 2 | 3 | 4 | 0 |"
-            in card)
+    assert "| clinic \\| \\<b\\>2024\\<\\/b\\> \\$5 | training | 10 | 1 | 2 | 3 | 4 | 0 |" in card
 
 
-def test_unknown_runs_runs_without_a_checkpoint_and_bad_folders_are_refused_in_words(
-        workspace, tmp_path):
+def test_unknown_runs_runs_without_a_checkpoint_and_bad_folders_are_refused_in_words(workspace, tmp_path):
     with session_scope(workspace.db_url) as session:
-        session.add_all([Run(name="still-training", model_name="test_efficientnet",
-                             img_size=64, status="running"),
-                         Run(name="moved", model_name="test_efficientnet", img_size=64,
-                             status="done", checkpoint=str(tmp_path / "gone" / "best.pth"))])
+        session.add_all(
+            [
+                Run(name="still-training", model_name="test_efficientnet", img_size=64, status="running"),
+                Run(
+                    name="moved",
+                    model_name="test_efficientnet",
+                    img_size=64,
+                    status="done",
+                    checkpoint=str(tmp_path / "gone" / "best.pth"),
+                ),
+            ]
+        )
     out = tmp_path / "out"
-    refusals = [("nope", out, RunUnusable, "no run named or numbered 'nope' (runs: tiny, "),
-                ("still-training", out, RunUnusable, "has no checkpoint (status: running)"),
-                ("moved", out, RunUnusable, "best.pth is not there"),
-                ("tiny", tmp_path / "a-file", ExportRefused, "is a file"),
-                ("tiny", tmp_path / "full", ExportRefused, "holds files already")]
+    refusals = [
+        ("nope", out, RunUnusable, "no run named or numbered 'nope' (runs: tiny, "),
+        ("still-training", out, RunUnusable, "has no checkpoint (status: running)"),
+        ("moved", out, RunUnusable, "best.pth is not there"),
+        ("tiny", tmp_path / "a-file", ExportRefused, "is a file"),
+        ("tiny", tmp_path / "full", ExportRefused, "holds files already"),
+    ]
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("x")
@@ -239,14 +300,22 @@ def test_a_model_validated_elsewhere_exports_with_what_its_checkpoint_says(works
     checkpoint = tiny_checkpoint(tmp_path / "elsewhere" / "best.pth", temperature=1.5)
     run_id = register_model(workspace.db_url, checkpoint, load_checkpoint(checkpoint)[1])
     steps = []
-    about = export_run(workspace.db_url, run_id, "onnx", tmp_path / "out", check_images=4,
-                       progress=lambda fraction, message: steps.append((fraction, message)))
+    about = export_run(
+        workspace.db_url,
+        run_id,
+        "onnx",
+        tmp_path / "out",
+        check_images=4,
+        progress=lambda fraction, message: steps.append((fraction, message)),
+    )
     assert about["temperature"] == 1.5 and about["test_time_views"]["count"] == 1
     assert about["operating_point"] is None
     assert about["check"]["passed"] and about["check"]["inputs"].startswith("random tensors")
-    assert steps == [(0.0, "exporting run best as onnx"),  # named after its file
-                     (0.6, f"checking on 4 {about['check']['inputs']}"),
-                     (1.0, f"done: {tmp_path / 'out'}")]
+    assert steps == [
+        (0.0, "exporting run best as onnx"),  # named after its file
+        (0.6, f"checking on 4 {about['check']['inputs']}"),
+        (1.0, f"done: {tmp_path / 'out'}"),
+    ]
     card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
     assert "None: the run was never validated in this app." in card
     assert "Not recorded: no samples.csv beside the checkpoint." in card

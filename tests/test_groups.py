@@ -7,8 +7,8 @@ import sys
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT, write_image
+
 from db.queries import curated_set, labelled_images
 from engine.data.datasets import Sample, folder_samples, same_content, shared_groups, stratified_split
 from engine.data.groups import group_from_name, group_of
@@ -24,8 +24,11 @@ def test_groups_come_from_a_column_or_an_eyepacs_name():
 
 
 def people(count: int, grades=(0, 1, 2, 3)) -> list[Sample]:
-    return [Sample(f"/d/{p}_{eye}.png", grades[p % len(grades)], f"{p}_{eye}", group=str(p))
-            for p in range(count) for eye in ("left", "right")]
+    return [
+        Sample(f"/d/{p}_{eye}.png", grades[p % len(grades)], f"{p}_{eye}", group=str(p))
+        for p in range(count)
+        for eye in ("left", "right")
+    ]
 
 
 def test_a_split_keeps_each_person_whole_and_every_grade_on_both_sides():
@@ -62,8 +65,11 @@ def test_training_leaves_out_validation_people_and_copies(tmp_path, capsys):
     copy = tmp_path / "copy.png"
     shutil.copy(image, copy)
     val.append(Sample(str(image), 2, "v"))
-    train = [Sample("/t/7_right.png", 1, "7_right", group="7"), Sample(str(copy), 2, "copy"),
-             Sample("/t/8_left.png", 0, "8_left", group="8")]
+    train = [
+        Sample("/t/7_right.png", 1, "7_right", group="7"),
+        Sample(str(copy), 2, "copy"),
+        Sample("/t/8_left.png", 0, "8_left", group="8"),
+    ]
     kept = keep_validation_apart(train, val)
     assert [s.name for s in kept] == ["8_left"]
     log = capsys.readouterr().out
@@ -73,8 +79,9 @@ def test_training_leaves_out_validation_people_and_copies(tmp_path, capsys):
 def test_importers_record_the_group_and_the_curated_set_carries_it(tmp_path, db_url):
     aptos = tmp_path / "aptos"
     aptos.mkdir()
-    pd.DataFrame({"id_code": ["a", "b"], "diagnosis": [0, 2], "patient": ["p1", "p1"]}
-                 ).to_csv(aptos / "train.csv", index=False)
+    pd.DataFrame({"id_code": ["a", "b"], "diagnosis": [0, 2], "patient": ["p1", "p1"]}).to_csv(
+        aptos / "train.csv", index=False
+    )
     for name in ("a", "b"):
         write_image(aptos / "train_images" / f"{name}.png", value=30 + ord(name))
     import_source(db_url, "aptos", aptos, "train")
@@ -95,12 +102,33 @@ def test_one_folder_cannot_be_imported_as_training_and_validation(tiny_data, db_
 def test_the_training_log_says_how_people_were_kept_apart(tmp_path):
     for patient in range(8):
         for eye in ("left", "right"):
-            write_image(tmp_path / "f" / str(patient % 4) / f"{patient}_{eye}.png",
-                        value=patient * 20 + (eye == "left"))
+            write_image(
+                tmp_path / "f" / str(patient % 4) / f"{patient}_{eye}.png",
+                value=patient * 20 + (eye == "left"),
+            )
     done = subprocess.run(
-        [sys.executable, "-m", "engine.training.train", "--model", "test_efficientnet", "--img-size", "32",
-         "--pretrained", "false", "--workers", "0", "--epochs", "1", "--data-path",
-         str(tmp_path / "f")], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(tmp_path / "ws")})
+        [
+            sys.executable,
+            "-m",
+            "engine.training.train",
+            "--model",
+            "test_efficientnet",
+            "--img-size",
+            "32",
+            "--pretrained",
+            "false",
+            "--workers",
+            "0",
+            "--epochs",
+            "1",
+            "--data-path",
+            str(tmp_path / "f"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(tmp_path / "ws")},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "people kept apart: 8 groups known" in done.stdout

@@ -7,12 +7,12 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from conftest import open_page, tiny_checkpoint
 from PIL import Image
 from sqlalchemy import select
 from torch import nn
 from torchvision import transforms as T
 
-from conftest import open_page, tiny_checkpoint
 from db.runs import promote
 from db.schema import Run
 from db.session import session_scope
@@ -24,27 +24,48 @@ from engine.model.predictor import dataset_for
 from engine.model.seed_weights import SEED_MODEL_ARGS, seed_model_name, seed_to_timm
 
 # The seed's configurations: (repeats, kernel, stride, expansion, in, out, fused, squeeze-excite).
-SEED_S = [(2, 3, 1, 1, 24, 24, True, False), (4, 3, 2, 4, 24, 48, True, False),
-          (4, 3, 2, 4, 48, 64, True, False), (6, 3, 2, 4, 64, 128, False, True),
-          (9, 3, 1, 6, 128, 160, False, True), (15, 3, 2, 6, 160, 256, False, True)]
-SEED_M = [(3, 3, 1, 1, 24, 24, True, False), (5, 3, 2, 4, 24, 48, True, False),
-          (5, 3, 2, 4, 48, 80, True, False), (7, 3, 2, 4, 80, 160, False, True),
-          (14, 3, 1, 6, 160, 176, False, True), (18, 3, 2, 6, 176, 304, False, True),
-          (5, 3, 1, 6, 304, 512, False, True)]
-SEED_L = [(4, 3, 1, 1, 32, 32, True, False), (7, 3, 2, 4, 32, 64, True, False),
-          (7, 3, 2, 4, 64, 96, True, False), (10, 3, 2, 4, 96, 192, False, True),
-          (19, 3, 1, 6, 192, 224, False, True), (25, 3, 2, 6, 224, 384, False, True),
-          (7, 3, 1, 6, 384, 640, False, True)]
+SEED_S = [
+    (2, 3, 1, 1, 24, 24, True, False),
+    (4, 3, 2, 4, 24, 48, True, False),
+    (4, 3, 2, 4, 48, 64, True, False),
+    (6, 3, 2, 4, 64, 128, False, True),
+    (9, 3, 1, 6, 128, 160, False, True),
+    (15, 3, 2, 6, 160, 256, False, True),
+]
+SEED_M = [
+    (3, 3, 1, 1, 24, 24, True, False),
+    (5, 3, 2, 4, 24, 48, True, False),
+    (5, 3, 2, 4, 48, 80, True, False),
+    (7, 3, 2, 4, 80, 160, False, True),
+    (14, 3, 1, 6, 160, 176, False, True),
+    (18, 3, 2, 6, 176, 304, False, True),
+    (5, 3, 1, 6, 304, 512, False, True),
+]
+SEED_L = [
+    (4, 3, 1, 1, 32, 32, True, False),
+    (7, 3, 2, 4, 32, 64, True, False),
+    (7, 3, 2, 4, 64, 96, True, False),
+    (10, 3, 2, 4, 96, 192, False, True),
+    (19, 3, 1, 6, 192, 224, False, True),
+    (25, 3, 2, 6, 224, 384, False, True),
+    (7, 3, 1, 6, 384, 640, False, True),
+]
 
 
 # -- the seed's architecture, rewritten from its description: the same modules, names and
 # computation (symmetric padding, BatchNorm eps 1e-3, SiLU), in eval mode only --------------
 
-def conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1,
-            act: bool = True) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-        bn=nn.BatchNorm2d(cout, eps=1e-3), act=nn.SiLU() if act else nn.Identity()))
+
+def conv_bn(
+    cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, act: bool = True
+) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+            bn=nn.BatchNorm2d(cout, eps=1e-3),
+            act=nn.SiLU() if act else nn.Identity(),
+        )
+    )
 
 
 class SqueezeExcite(nn.Module):
@@ -62,8 +83,7 @@ class Block(nn.Module):
     """MBConv (expand 1x1, depthwise, squeeze-excite, project) or FusedMBConv (expand kxk,
     project; only a kxk conv with activation when the expansion is 1)."""
 
-    def __init__(self, kernel: int, cin: int, cout: int, expand: int, stride: int,
-                 fused: bool, se: bool):
+    def __init__(self, kernel: int, cin: int, cout: int, expand: int, stride: int, fused: bool, se: bool):
         super().__init__()
         wide = cin * expand
         self.shortcut = stride == 1 and cin == cout
@@ -90,14 +110,22 @@ class SeedEfficientNetV2(nn.Module):
     def __init__(self, config: list, num_classes: int = 4, features: int = 1280):
         super().__init__()
         self.stem = conv_bn(3, config[0][4], 3, 2)
-        self.blocks = nn.Sequential(*(
-            Block(kernel, cin if i == 0 else cout, cout, expand, stride if i == 0 else 1, fused, se)
-            for repeats, kernel, stride, expand, cin, cout, fused, se in config
-            for i in range(repeats)))
-        self.head = nn.Sequential(OrderedDict(
-            project_conv=conv_bn(config[-1][5], features), avgpool=nn.AdaptiveAvgPool2d(1),
-            flatten=nn.Flatten(), dropout=nn.Dropout(0.2),
-            classifier=nn.Linear(features, num_classes)))
+        self.blocks = nn.Sequential(
+            *(
+                Block(kernel, cin if i == 0 else cout, cout, expand, stride if i == 0 else 1, fused, se)
+                for repeats, kernel, stride, expand, cin, cout, fused, se in config
+                for i in range(repeats)
+            )
+        )
+        self.head = nn.Sequential(
+            OrderedDict(
+                project_conv=conv_bn(config[-1][5], features),
+                avgpool=nn.AdaptiveAvgPool2d(1),
+                flatten=nn.Flatten(),
+                dropout=nn.Dropout(0.2),
+                classifier=nn.Linear(features, num_classes),
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
@@ -156,8 +184,9 @@ def test_seed_v2s_maps_onto_timm_with_the_same_outputs(seed_s):
     assert not torch.allclose(same_padding.eval()(image()), expected, atol=1e-3)
 
 
-@pytest.mark.parametrize("config, name, count", [(SEED_M, "tf_efficientnetv2_m", 963),
-                                                 (SEED_L, "tf_efficientnetv2_l", 1331)])
+@pytest.mark.parametrize(
+    "config, name, count", [(SEED_M, "tf_efficientnetv2_m", 963), (SEED_L, "tf_efficientnetv2_l", 1331)]
+)
 def test_seed_m_and_l_layouts_map_by_shape(config, name, count):
     with torch.device("meta"):  # shapes only: V2-L has 118M parameters
         state = SeedEfficientNetV2(config).state_dict()
@@ -170,17 +199,25 @@ def test_seed_m_and_l_layouts_map_by_shape(config, name, count):
 def test_a_mismatch_names_the_first_bad_key(seed_s):
     state = dict(seed_s.state_dict())
     state["blocks.11.se.conv_reduce.weight"] = torch.zeros(15, 512, 1, 1)
-    with pytest.raises(ValueError, match=r"tensor \d+ does not line up: "
-                       r"blocks\.11\.se\.conv_reduce\.weight \(15, 512, 1, 1\) in the file, "
-                       r"blocks\.3\.1\.se\.conv_reduce\.weight \(32, 512, 1, 1\) in tf_effici"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor \d+ does not line up: "
+        r"blocks\.11\.se\.conv_reduce\.weight \(15, 512, 1, 1\) in the file, "
+        r"blocks\.3\.1\.se\.conv_reduce\.weight \(32, 512, 1, 1\) in tf_effici",
+    ):
         seed_to_timm(state, "tf_efficientnetv2_s")
     del state["blocks.11.se.conv_reduce.weight"]
-    with pytest.raises(ValueError, match=r"blocks\.11\.se\.conv_reduce\.bias \(32,\) in the file, "
-                       r"blocks\.3\.1\.se\.conv_reduce\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"blocks\.11\.se\.conv_reduce\.bias \(32,\) in the file, "
+        r"blocks\.3\.1\.se\.conv_reduce\.weight",
+    ):
         seed_to_timm(state, "tf_efficientnetv2_s")
     short = dict(list(seed_s.state_dict().items())[:-2])
-    with pytest.raises(ValueError, match="ends after 670 tensors where tf_efficientnetv2_s has "
-                       "672: first missing classifier.weight"):
+    with pytest.raises(
+        ValueError,
+        match="ends after 670 tensors where tf_efficientnetv2_s has 672: first missing classifier.weight",
+    ):
         seed_to_timm(short, "tf_efficientnetv2_s")
 
 
@@ -189,16 +226,19 @@ def test_weights_option_takes_a_seed_file(seed_s, seed_file, tmp_path):
     assert model_for_weights(seed_file) == "tf_efficientnetv2_s"
     model = create_model("tf_efficientnetv2_s", pretrained=seed_file)
     assert torch.equal(model.conv_stem.weight, seed_s.stem.conv.weight)
-    assert torch.equal(model.blocks[5][14].bn3.running_var,
-                       seed_s.blocks[-1].project_conv.bn.running_var)
+    assert torch.equal(model.blocks[5][14].bn3.running_var, seed_s.blocks[-1].project_conv.bn.running_var)
     assert torch.equal(model.classifier.weight, seed_s.head.classifier.weight)
-    with pytest.raises(WeightsMismatch, match=r"does not fit tf_efficientnet_lite0: tensor 1 does "
-                       r"not line up: stem\.conv\.weight \(24, 3, 3, 3\) in the file, "
-                       r"conv_stem\.weight \(32, 3, 3, 3\)"):
+    with pytest.raises(
+        WeightsMismatch,
+        match=r"does not fit tf_efficientnet_lite0: tensor 1 does "
+        r"not line up: stem\.conv\.weight \(24, 3, 3, 3\) in the file, "
+        r"conv_stem\.weight \(32, 3, 3, 3\)",
+    ):
         create_model("tf_efficientnet_lite0", pretrained=seed_file)
 
 
 # -- importing best_model.pth as a run ------------------------------------------------------
+
 
 def fundus_like(path, width: int = 96, height: int = 64):
     """A wide photograph whose columns differ, so that a squeeze and a centre crop differ."""
@@ -212,22 +252,34 @@ def test_import_makes_a_run_with_the_seeds_preprocessing(workspace, seed_s, seed
     run_id = import_seed_model(workspace, seed_file, "seed-s", eval_size=64)
     with session_scope(workspace.db_url) as session:
         run = session.get(Run, run_id)
-        assert (run.name, run.model_name, run.img_size, run.status, run.active) == \
-            ("seed-s", "tf_efficientnetv2_s", 64, "done", True)  # the first model: active
+        assert (run.name, run.model_name, run.img_size, run.status, run.active) == (
+            "seed-s",
+            "tf_efficientnetv2_s",
+            64,
+            "done",
+            True,
+        )  # the first model: active
         checkpoint = run.checkpoint
     assert checkpoint == str(workspace.weights / "seed-s" / "best.pth")
     model, meta = load_checkpoint(checkpoint)
     assert (meta["mean"], meta["std"]) == ([0.5] * 3, [0.5] * 3)
-    assert meta["preprocess"] == {"size": 64, "crop": False, "enhance": False, "mask": False,
-                                  "center_crop": True}
+    assert meta["preprocess"] == {
+        "size": 64,
+        "crop": False,
+        "enhance": False,
+        "mask": False,
+        "center_crop": True,
+    }
     # The image as the seed's predict.py gave it to its model: Resize, CenterCrop, Normalize.
     photo = fundus_like(tmp_path / "wide.png")
-    seed_view = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(),
-                           T.Normalize([0.5] * 3, [0.5] * 3)])(Image.open(photo))
+    seed_view = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])(
+        Image.open(photo)
+    )
     ours = dataset_for(meta, [Sample(str(photo))], None)[0][0]
     assert (ours - seed_view).abs().mean() < 0.02
-    squeezed = dataset_for({**meta, "preprocess": {**meta["preprocess"], "center_crop": False}},
-                           [Sample(str(photo))], None)[0][0]
+    squeezed = dataset_for(
+        {**meta, "preprocess": {**meta["preprocess"], "center_crop": False}}, [Sample(str(photo))], None
+    )[0][0]
     assert (squeezed - seed_view).abs().mean() > 0.1
     with torch.no_grad():
         assert torch.allclose(model(ours[None]), seed_s(ours[None]), atol=1e-4)
@@ -240,15 +292,23 @@ def test_import_refuses_in_words(workspace, seed_s, seed_file, tmp_path):
         import_seed_model(workspace, seed_file, "taken")
     with pytest.raises(ImportRefused, match=r"run name '\.\./up': use letters"):
         import_seed_model(workspace, seed_file, "../up")
-    five = {**seed_s.state_dict(), "head.classifier.weight": torch.zeros(5, 1280),
-            "head.classifier.bias": torch.zeros(5)}
+    five = {
+        **seed_s.state_dict(),
+        "head.classifier.weight": torch.zeros(5, 1280),
+        "head.classifier.bias": torch.zeros(5),
+    }
     torch.save(five, tmp_path / "five.pth")
-    with pytest.raises(ImportRefused, match=r"five\.pth: the classifier \(head\.classifier\) "
-                       "has 5 outputs, not 4"):
+    with pytest.raises(
+        ImportRefused,
+        match=r"five\.pth: the classifier \(head\.classifier\) "
+        "has 5 outputs, not 4",
+    ):
         import_seed_model(workspace, tmp_path / "five.pth")
     ours = tiny_checkpoint(tmp_path / "ours.pth")
-    with pytest.raises(ImportRefused, match="ours.pth is not a state dict of the seed's "
-                       "EfficientNetV2 .*it starts with conv_stem.weight"):
+    with pytest.raises(
+        ImportRefused,
+        match="ours.pth is not a state dict of the seed's EfficientNetV2 .*it starts with conv_stem.weight",
+    ):
         import_seed_model(workspace, ours)
     (tmp_path / "notes.pth").write_text("not weights")
     with pytest.raises(WeightsMismatch, match="notes.pth is not a weight file that torch can read"):

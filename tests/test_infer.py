@@ -10,19 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, wait_for_job, write_image
 from sqlalchemy import func, select
 
-from conftest import ROOT, wait_for_job, write_image
 from db.schema import Image, Prediction, Run
 from db.session import migrate, session_scope
 from db.users import LOCAL
-from engine.model import infer
-from engine.runtime import jobs
 from engine.data.datasets import Sample
-from engine.model.networks import create_model, model_mean_std, save_checkpoint
-from engine.model.predictor import predict
 from engine.data.preprocess import PreprocessConfig
 from engine.data.sources import import_source
+from engine.model import infer
+from engine.model.networks import create_model, model_mean_std, save_checkpoint
+from engine.model.predictor import predict
+from engine.runtime import jobs
 from engine.runtime.workspace import Workspace
 
 
@@ -32,24 +32,50 @@ def checkpoint(tmp_path: Path) -> Path:
     model = create_model("test_efficientnet")
     mean, std = model_mean_std("test_efficientnet")
     path = tmp_path / "model.pth"
-    save_checkpoint(path, model, {"model_name": "test_efficientnet", "image_size": 64,
-                                  "mean": list(mean), "std": list(std), "run": "tiny",
-                                  "preprocess": PreprocessConfig(size=64).to_dict(),
-                                  "temperature": 2.0})
+    save_checkpoint(
+        path,
+        model,
+        {
+            "model_name": "test_efficientnet",
+            "image_size": 64,
+            "mean": list(mean),
+            "std": list(std),
+            "run": "tiny",
+            "preprocess": PreprocessConfig(size=64).to_dict(),
+            "temperature": 2.0,
+        },
+    )
     return path
 
 
-def infer_cli(workspace: Path, *args: str, processes: int = 1,
-              runtime: str = "pytorch") -> subprocess.CompletedProcess:
+def infer_cli(
+    workspace: Path, *args: str, processes: int = 1, runtime: str = "pytorch"
+) -> subprocess.CompletedProcess:
     """engine.model.infer in a process of its own; on PyTorch unless `runtime` says onnxruntime, the
     default outside the tests (conftest)."""
-    env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1",
-           "DR_CPU_RUNTIME": runtime}
-    launcher = [sys.executable] if processes == 1 else [
-        str(Path(sys.executable).with_name("torchrun")), "--standalone",
-        f"--nproc-per-node={processes}"]
-    return subprocess.run([*launcher, "-m", "engine.model.infer", "--workers", "0", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DR_WORKSPACE": str(workspace),
+        "HF_HUB_OFFLINE": "1",
+        "DR_CPU_RUNTIME": runtime,
+    }
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--standalone",
+            f"--nproc-per-node={processes}",
+        ]
+    )
+    return subprocess.run(
+        [*launcher, "-m", "engine.model.infer", "--workers", "0", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def pool_workspace(tmp_path: Path, tiny_data: Path) -> Workspace:
@@ -69,8 +95,17 @@ def stored(workspace: Workspace) -> dict[int, datetime]:
 def test_source_inference_stores_probabilities_and_writes_submission(tiny_data, tmp_path, checkpoint):
     workspace = pool_workspace(tmp_path, tiny_data)
     out = tmp_path / "submission.csv"
-    done = infer_cli(workspace.root, "--checkpoint", str(checkpoint), "--source", "pool",
-                     "--out", str(out), "--tta", runtime="onnxruntime")
+    done = infer_cli(
+        workspace.root,
+        "--checkpoint",
+        str(checkpoint),
+        "--source",
+        "pool",
+        "--out",
+        str(out),
+        "--tta",
+        runtime="onnxruntime",
+    )
     assert done.returncode == 0, done.stderr
     assert "onnxruntime grades the images" in done.stdout  # the default on a CPU
     with session_scope(workspace.db_url) as session:
@@ -95,7 +130,8 @@ def test_source_inference_stores_probabilities_and_writes_submission(tiny_data, 
 
 
 def test_a_source_name_cannot_lead_the_submission_out_of_the_workspace(
-        tiny_data, tmp_path, checkpoint, monkeypatch, capsys):
+    tiny_data, tmp_path, checkpoint, monkeypatch, capsys
+):
     workspace = Workspace(tmp_path / "ws")
     migrate(workspace.db_url)
     name = "../../../../escaped/**pool**"  # a source's name is free text
@@ -105,30 +141,45 @@ def test_a_source_name_cannot_lead_the_submission_out_of_the_workspace(
     out = workspace.root / "submissions" / "tiny-.._.._.._.._escaped___pool__.csv"
     assert capsys.readouterr().out.strip().endswith(f"submission: {out}") and out.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "ws"]
-    assert infer.submission_path(workspace, "tiny", "/etc/x") == \
-        workspace.root / "submissions" / "tiny-_etc_x.csv"
+    assert (
+        infer.submission_path(workspace, "tiny", "/etc/x")
+        == workspace.root / "submissions" / "tiny-_etc_x.csv"
+    )
 
 
-def test_two_processes_share_the_pool_and_rank_0_writes_the_whole_submission(
-        tiny_data, tmp_path, checkpoint):
+def test_two_processes_share_the_pool_and_rank_0_writes_the_whole_submission(tiny_data, tmp_path, checkpoint):
     workspace = pool_workspace(tmp_path, tiny_data)
     out = tmp_path / "submission.csv"
-    done = infer_cli(workspace.root, "--checkpoint", str(checkpoint), "--source", "pool",
-                     "--out", str(out), "--batch-size", "1", processes=2)
+    done = infer_cli(
+        workspace.root,
+        "--checkpoint",
+        str(checkpoint),
+        "--source",
+        "pool",
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        processes=2,
+    )
     assert done.returncode == 0, done.stderr
     # Summed over both ranks: an image predicted by both would count twice.
     assert "8 predicted, 0 skipped, 0 already predicted" in done.stdout, done.stderr
     assert done.stdout.count("submission:") == 1  # rank 0 alone writes it
     with session_scope(workspace.db_url) as session:
-        grades = dict(session.execute(select(Image.name, Prediction.grade)
-                                      .join(Prediction, Prediction.image_id == Image.id)).all())
+        grades = dict(
+            session.execute(
+                select(Image.name, Prediction.grade).join(Prediction, Prediction.image_id == Image.id)
+            ).all()
+        )
     assert len(grades) == 8
     submission = pd.read_csv(out)
     assert dict(zip(submission.id_code, submission.diagnosis)) == grades
 
 
 def test_a_crash_keeps_the_batches_done_and_a_rerun_predicts_only_the_rest(
-        tiny_data, tmp_path, checkpoint, monkeypatch, capsys):
+    tiny_data, tmp_path, checkpoint, monkeypatch, capsys
+):
     workspace = pool_workspace(tmp_path, tiny_data)
     monkeypatch.setenv("DR_WORKSPACE", str(workspace.root))
     monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM
@@ -140,8 +191,7 @@ def test_a_crash_keeps_the_batches_done_and_a_rerun_predicts_only_the_rest(
             raise RuntimeError("power cut")
         store(*args)
 
-    run = ["--checkpoint", str(checkpoint), "--source", "pool", "--batch-size", "2",
-           "--workers", "0"]
+    run = ["--checkpoint", str(checkpoint), "--source", "pool", "--batch-size", "2", "--workers", "0"]
     monkeypatch.setattr(infer, "store_predictions", crash_at_the_third_batch)
     with pytest.raises(RuntimeError, match="power cut"):
         infer.main(run)
@@ -166,8 +216,7 @@ def test_a_job_on_two_processes_is_one_job_that_cancels_and_resumes(tmp_path, ch
     workspace = Workspace(tmp_path / "ws")
     migrate(workspace.db_url)
     import_source(workspace.db_url, "unlabelled", tmp_path / "big", "unlabelled", "big")
-    args = ["--checkpoint", str(checkpoint), "--source", "big", "--batch-size", "1",
-            "--workers", "0"]
+    args = ["--checkpoint", str(checkpoint), "--source", "big", "--batch-size", "1", "--workers", "0"]
     job_id = jobs.start_job(workspace, "infer", "engine.model.infer", args, processes=2, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.progress > 0 or j.status not in jobs.ACTIVE)
     assert job.status == "running", jobs.log_tail(job.log_path)
@@ -206,14 +255,16 @@ def test_a_corrupt_image_is_reported_and_the_rest_are_predicted(tiny_data, tmp_p
 
 
 def test_a_folder_of_images_is_imported_and_predicted(tiny_data, tmp_path, checkpoint):
-    done = infer_cli(tmp_path / "ws", "--checkpoint", str(checkpoint), "--images",
-                     str(tiny_data / "aptos" / "test_images"))
+    done = infer_cli(
+        tmp_path / "ws", "--checkpoint", str(checkpoint), "--images", str(tiny_data / "aptos" / "test_images")
+    )
     assert done.returncode == 0, done.stderr
     assert "8 predicted" in done.stdout
 
 
 def test_a_missing_checkpoint_and_an_unknown_source_are_errors_in_words(
-        tmp_path, checkpoint, monkeypatch, capsys):
+    tmp_path, checkpoint, monkeypatch, capsys
+):
     monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))  # in this process: no start-up
     assert infer.main(["--checkpoint", str(tmp_path / "nope.pth"), "--source", "x"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
@@ -223,6 +274,7 @@ def test_a_missing_checkpoint_and_an_unknown_source_are_errors_in_words(
 
 def test_temperature_softens_the_probabilities(tiny_data, checkpoint):
     from engine.model.networks import load_checkpoint
+
     model, meta = load_checkpoint(checkpoint)
     samples = [Sample(str(p)) for p in sorted((tiny_data / "aptos" / "test_images").iterdir())]
     hot = predict(model, meta, samples, torch.device("cpu"), workers=0)

@@ -11,25 +11,29 @@ import time
 from datetime import timedelta
 
 import pytest
+from conftest import BOTH_BACKENDS, job_row, wait_for_job
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from streamlit.testing.v1 import AppTest
 
-from conftest import BOTH_BACKENDS, job_row, wait_for_job
 from db.schema import Job, Run, utcnow
 from db.session import get_engine, migrate, read_scope, session_scope
 from db.users import LOCAL
-from engine.runtime import jobs
 from engine.data.datasets import folder_samples
 from engine.data.sources import import_source
+from engine.runtime import jobs
 from engine.training.train import LogHooks
 from engine.training.trainer import RunPaths, TrainConfig, Trainer
 
 
 def test_demo_job_runs_to_done_and_fills_the_workspace(workspace):
-    job_id = jobs.start_job(workspace, "demo", "engine.loop.demo",
-                            ["--train", "8", "--test", "4", "--val", "8", "--size", "96"],
-                            user=LOCAL)
+    job_id = jobs.start_job(
+        workspace,
+        "demo",
+        "engine.loop.demo",
+        ["--train", "8", "--test", "4", "--val", "8", "--size", "96"],
+        user=LOCAL,
+    )
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE)
     assert job.status == "done" and job.progress == 1.0, jobs.log_tail(job.log_path)
     assert "demo high-quality validation: 8 listed, 8 imported" in jobs.log_tail(job.log_path)
@@ -78,21 +82,50 @@ def test_the_migration_ends_all_but_the_newest_unfinished_job_of_a_kind(tmp_path
     migrate(url, "0006")
     with get_engine(url).begin() as connection:
         for kind in ("train", "train", "train", "infer"):
-            connection.execute(text("INSERT INTO jobs (kind, status, params, progress, message, "
-                                    "created_at) VALUES (:kind, 'running', '{}', 0, '', "
-                                    "CURRENT_TIMESTAMP)"), {"kind": kind})
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (kind, status, params, progress, message, "
+                    "created_at) VALUES (:kind, 'running', '{}', 0, '', "
+                    "CURRENT_TIMESTAMP)"
+                ),
+                {"kind": kind},
+            )
     migrate(url)
     with read_scope(url) as session:
         assert session.execute(select(Job.id, Job.status).order_by(Job.id)).all() == [
-            (1, "failed"), (2, "failed"), (3, "running"), (4, "running")]
+            (1, "failed"),
+            (2, "failed"),
+            (3, "running"),
+            (4, "running"),
+        ]
 
 
 def test_cancel_stops_training_between_batches(workspace, tiny_data):
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train")
     import_source(workspace.db_url, "folders", tiny_data / "validation", "validation")
-    job_id = jobs.start_job(workspace, "train", "engine.training.train", [
-        "--from-db", "--epochs", "200", "--model", "test_efficientnet", "--img-size", "64",
-        "--pretrained", "false", "--batch-size", "4", "--workers", "1", "--name", "c"], user=LOCAL)
+    job_id = jobs.start_job(
+        workspace,
+        "train",
+        "engine.training.train",
+        [
+            "--from-db",
+            "--epochs",
+            "200",
+            "--model",
+            "test_efficientnet",
+            "--img-size",
+            "64",
+            "--pretrained",
+            "false",
+            "--batch-size",
+            "4",
+            "--workers",
+            "1",
+            "--name",
+            "c",
+        ],
+        user=LOCAL,
+    )
     wait_for_job(workspace, job_id, lambda j: j.progress > 0)
     jobs.cancel_job(workspace.db_url, job_id, user=LOCAL)
     job = wait_for_job(workspace, job_id, lambda j: j.status not in jobs.ACTIVE, timeout=60)
@@ -102,8 +135,9 @@ def test_cancel_stops_training_between_batches(workspace, tiny_data):
 
 
 def test_a_cancel_while_the_job_starts_is_recorded_as_cancelled(workspace):
-    job_id = jobs.start_job(workspace, "demo", "engine.loop.demo", ["--train", "400", "--size", "256"],
-                            user=LOCAL)
+    job_id = jobs.start_job(
+        workspace, "demo", "engine.loop.demo", ["--train", "400", "--size", "256"], user=LOCAL
+    )
     # its process is still starting: no reporter yet
     jobs.cancel_job(workspace.db_url, job_id, user=LOCAL)
     jobs._children[(workspace.db_url, job_id)].wait(timeout=60)
@@ -115,8 +149,9 @@ def test_a_cancel_while_the_job_starts_is_recorded_as_cancelled(workspace):
 @BOTH_BACKENDS
 def test_a_cancel_from_another_host_reaches_the_job_through_the_database(workspace, monkeypatch):
     monkeypatch.setenv("DR_HOST", "a")
-    job_id = jobs.start_job(workspace, "demo", "engine.loop.demo", ["--train", "400", "--size", "256"],
-                            user=LOCAL)
+    job_id = jobs.start_job(
+        workspace, "demo", "engine.loop.demo", ["--train", "400", "--size", "256"], user=LOCAL
+    )
     job = wait_for_job(workspace, job_id, lambda j: j.status == "running")
     assert job.host == "a"
     monkeypatch.setenv("DR_HOST", "b")  # Cancel clicked on another machine
@@ -158,15 +193,14 @@ def test_the_page_says_that_a_cancel_was_requested(workspace):
     with session_scope(workspace.db_url) as session:
         session.add(job := Job(kind="train", status="running", host="a", heartbeat_at=utcnow()))
     jobs.cancel_job(workspace.db_url, job.id, user=LOCAL)
-    page = AppTest.from_function(job_status, args=(workspace.db_url, job.id),
-                                 default_timeout=60).run()
+    page = AppTest.from_function(job_status, args=(workspace.db_url, job.id), default_timeout=60).run()
     assert not page.exception, page.exception
     assert [info.value for info in page.info] == [
-        f"Cancel requested: train job #{job.id} stops at its next batch."]
+        f"Cancel requested: train job #{job.id} stops at its next batch."
+    ]
 
 
-def test_a_job_cancelled_before_its_reporter_starts_stops_at_its_first_check(workspace,
-                                                                            monkeypatch):
+def test_a_job_cancelled_before_its_reporter_starts_stops_at_its_first_check(workspace, monkeypatch):
     monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM
     with session_scope(workspace.db_url) as session:
         session.add(job := Job(kind="demo", status="cancelled"))
@@ -179,11 +213,9 @@ def test_a_job_cancelled_before_its_reporter_starts_stops_at_its_first_check(wor
 
 def test_validation_and_calibration_stop_on_a_cancel(workspace, tiny_data):
     samples = folder_samples(tiny_data / "validation")
-    config = TrainConfig(model="test_efficientnet", img_size=64, eval_size=64, pretrained=False,
-                         workers=0)
+    config = TrainConfig(model="test_efficientnet", img_size=64, eval_size=64, pretrained=False, workers=0)
     reporter = jobs.JobReporter(workspace.db_url, None)
-    trainer = Trainer(config, samples, samples, RunPaths.under(workspace, "c"), None,
-                      LogHooks(reporter))
+    trainer = Trainer(config, samples, samples, RunPaths.under(workspace, "c"), None, LogHooks(reporter))
     assert len(trainer.evaluate(samples, 2)[2]) == len(samples)
     reporter.cancelled = True  # what SIGTERM does
     with pytest.raises(jobs.JobCancelled):
@@ -191,8 +223,9 @@ def test_validation_and_calibration_stop_on_a_cancel(workspace, tiny_data):
 
 
 def test_a_killed_job_is_found_dead(workspace):
-    job_id = jobs.start_job(workspace, "demo", "engine.loop.demo", ["--train", "400", "--size", "256"],
-                            user=LOCAL)
+    job_id = jobs.start_job(
+        workspace, "demo", "engine.loop.demo", ["--train", "400", "--size", "256"], user=LOCAL
+    )
     job = wait_for_job(workspace, job_id, lambda j: j.status == "running")
     os.killpg(job.pid, signal.SIGKILL)  # no chance to say anything
     job = wait_for_job(workspace, job_id, lambda j: j.status != "running", timeout=30)
@@ -211,9 +244,17 @@ def test_a_stale_heartbeat_marks_a_foreign_job_failed(workspace):
 def job_process(job_id: int) -> subprocess.Popen:
     """A process on this machine with the command line of job `job_id`'s, not started by
     start_job in this process (another server process's, or a stranger's)."""
-    process = subprocess.Popen([sys.executable, "-c", "print('up', flush=True); "
-                                "import time; time.sleep(60)", "--job-id", str(job_id)],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "print('up', flush=True); import time; time.sleep(60)",
+            "--job-id",
+            str(job_id),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline() == "up\n"  # past exec, with its command line
     return process
 
@@ -227,8 +268,12 @@ def set_pids(workspace, pids: dict[int, int]) -> None:
 def test_a_live_process_is_never_marked_dead_however_old_its_heartbeat(workspace):
     with session_scope(workspace.db_url) as session:
         job = Job(kind="train", status="running", heartbeat_at=utcnow() - timedelta(minutes=5))
-        reused = Job(kind="infer", status="running", pid=os.getpid(),  # a pid used again since
-                     heartbeat_at=utcnow() - timedelta(minutes=5))
+        reused = Job(
+            kind="infer",
+            status="running",
+            pid=os.getpid(),  # a pid used again since
+            heartbeat_at=utcnow() - timedelta(minutes=5),
+        )
         session.add_all([job, reused])
     process = job_process(job.id)
     try:
@@ -245,8 +290,10 @@ def test_a_live_process_is_never_marked_dead_however_old_its_heartbeat(workspace
 def test_a_job_of_another_host_is_judged_by_its_heartbeat_alone(workspace, monkeypatch):
     monkeypatch.setenv("DR_HOST", "b")
     with session_scope(workspace.db_url) as session:
-        jobs_by_host = {host: Job(kind=f"k{host}", status="running", host=host,
-                                  heartbeat_at=utcnow()) for host in ("a", "b", None)}
+        jobs_by_host = {
+            host: Job(kind=f"k{host}", status="running", host=host, heartbeat_at=utcnow())
+            for host in ("a", "b", None)
+        }
         session.add_all(jobs_by_host.values())
     ids = {host: job.id for host, job in jobs_by_host.items()}
     # Each id's command line runs here; for host a's job that is a stranger that happens to
@@ -275,8 +322,7 @@ def test_a_locked_database_does_not_stop_the_heartbeat(workspace, monkeypatch):
     def busy_once(self, **values):
         if not failures:  # the first beat finds the database busy
             failures.append(values)
-            raise OperationalError("UPDATE jobs", {},
-                                   sqlite3.OperationalError("database is locked"))
+            raise OperationalError("UPDATE jobs", {}, sqlite3.OperationalError("database is locked"))
         update(self, **values)
 
     monkeypatch.setattr(jobs.JobReporter, "_update", busy_once)

@@ -3,10 +3,19 @@ id times DOUBLE_READ_FACTOR leaves PostgreSQL's 32-bit integer above id 271,181,
 64-bit integers hide."""
 
 import pytest
-
 from conftest import BOTH_BACKENDS
-from db.reviews import (ORDERS, QueueFilter, claim_next, decide, double_read, loop_overview,
-                        progress, set_double_read_share, upcoming)
+
+from db.reviews import (
+    ORDERS,
+    QueueFilter,
+    claim_next,
+    decide,
+    double_read,
+    loop_overview,
+    progress,
+    set_double_read_share,
+    upcoming,
+)
 from db.schema import Image, Prediction, Run, Source
 from db.session import session_scope
 from db.users import TERMINAL
@@ -22,19 +31,36 @@ def pool(db_url: str) -> tuple[str, int, list[int]]:
     ids = list(range(FIRST_ID, FIRST_ID + COUNT))
     with session_scope(db_url) as session:
         source = Source(name="pool", kind="unlabelled", root="/pool", role="unlabelled")
-        run = Run(name="tiny", model_name="test_efficientnet", img_size=64, status="done",
-                  checkpoint="/nowhere/tiny.pth")
+        run = Run(
+            name="tiny",
+            model_name="test_efficientnet",
+            img_size=64,
+            status="done",
+            checkpoint="/nowhere/tiny.pth",
+        )
         session.add_all([source, run])
         session.flush()
-        session.add_all(Image(id=image_id, source=source, path=f"{image_id}.png",
-                              name=f"p{image_id}", width=8, height=8) for image_id in ids)
+        session.add_all(
+            Image(id=image_id, source=source, path=f"{image_id}.png", name=f"p{image_id}", width=8, height=8)
+            for image_id in ids
+        )
         session.flush()
         for n, image_id in enumerate(ids):
             confidence, grade = 0.71 + n / 100, n % 4
             probs = [(1 - confidence) / 3] * 4
             probs[grade] = confidence
-            session.add(Prediction(run_id=run.id, image_id=image_id, p0=probs[0], p1=probs[1],
-                                   p2=probs[2], p3=probs[3], grade=grade, confidence=confidence))
+            session.add(
+                Prediction(
+                    run_id=run.id,
+                    image_id=image_id,
+                    p0=probs[0],
+                    p1=probs[1],
+                    p2=probs[2],
+                    p3=probs[3],
+                    grade=grade,
+                    confidence=confidence,
+                )
+            )
         run_id = run.id
     set_double_read_share(db_url, 0.5, user=TERMINAL)
     return db_url, run_id, ids
@@ -43,14 +69,12 @@ def pool(db_url: str) -> tuple[str, int, list[int]]:
 def walk(db_url: str, queue: QueueFilter, reviewer: str) -> list[int]:
     """The queue as one reviewer walks it by skipping every image."""
     seen: list[int] = []
-    while (candidate := claim_next(db_url, reviewer, queue, skip=seen)) and \
-            candidate.image_id not in seen:
+    while (candidate := claim_next(db_url, reviewer, queue, skip=seen)) and candidate.image_id not in seen:
         seen.append(candidate.image_id)
     return seen
 
 
-def decide_queue(db_url: str, queue: QueueFilter, reviewer: str, most: int = COUNT
-                 ) -> list[int]:
+def decide_queue(db_url: str, queue: QueueFilter, reviewer: str, most: int = COUNT) -> list[int]:
     """Accept up to `most` images of the reviewer's queue in its order; the ids decided."""
     decided = []
     while len(decided) < most and (candidate := claim_next(db_url, reviewer, queue)):
@@ -68,13 +92,19 @@ def test_large_ids_are_read_once_or_twice_and_counted(pool):
 
     assert decide_queue(db, queue, "ana") == ids
     assert progress(db, run_id, 0.7).sum().to_dict() == {
-        "candidates": COUNT, "reviewed": COUNT - len(twice), "read_once": len(twice)}
+        "candidates": COUNT,
+        "reviewed": COUNT - len(twice),
+        "read_once": len(twice),
+    }
     assert loop_overview(db, run_id, 0.7)["reviewed"] == COUNT - len(twice)
 
     assert decide_queue(db, queue, "ben") == twice  # the second reads
     assert decide_queue(db, queue, "cleo") == []
     assert progress(db, run_id, 0.7).sum().to_dict() == {
-        "candidates": COUNT, "reviewed": COUNT, "read_once": 0}
+        "candidates": COUNT,
+        "reviewed": COUNT,
+        "read_once": 0,
+    }
     assert loop_overview(db, run_id, 0.7)["reviewed"] == COUNT
 
 

@@ -1,5 +1,6 @@
 """The layering that README's layout section draws: db/ below engine/, engine/'s groups in
 order, and nothing under engine/ or db/ that imports streamlit or the pages."""
+
 import ast
 from pathlib import Path
 
@@ -36,15 +37,21 @@ def test_no_import_climbs_from_a_lower_group_to_a_higher_one():
         for path in (ROOT / "engine" / group).glob("*.py"):
             for name in imported_modules(path):
                 parts = name.split(".")
-                if parts[0] == "engine" and len(parts) > 1 and parts[1] in GROUPS \
-                        and GROUPS.index(parts[1]) > GROUPS.index(group):
+                if (
+                    parts[0] == "engine"
+                    and len(parts) > 1
+                    and parts[1] in GROUPS
+                    and GROUPS.index(parts[1]) > GROUPS.index(group)
+                ):
                     climbs.append(f"{path.relative_to(ROOT)} imports {name}")
     assert climbs == []
 
 
 def test_engine_and_db_draw_nothing_and_db_knows_no_engine():
-    for folder, forbidden in (("engine", ("streamlit", "views", "plotly")),
-                              ("db", ("streamlit", "views", "engine"))):
+    for folder, forbidden in (
+        ("engine", ("streamlit", "views", "plotly")),
+        ("db", ("streamlit", "views", "engine")),
+    ):
         for path in (ROOT / folder).rglob("*.py"):
             roots = {name.split(".")[0] for name in imported_modules(path)}
             assert not roots & set(forbidden), f"{path.relative_to(ROOT)} imports {roots & set(forbidden)}"

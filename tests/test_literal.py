@@ -7,6 +7,7 @@ import string
 from pathlib import Path
 
 from browser import chromium_page, require_chromium, streamlit_server, wait_until_idle
+
 from engine.runtime.markdown import literal
 
 # Each starts a markdown construct of CommonMark, GFM or Streamlit's own.
@@ -40,11 +41,9 @@ MARKUP = "a, em, strong, code, del, img, ul, ol, li, blockquote, table, hr, h1, 
 
 def test_every_ascii_punctuation_mark_is_escaped():
     assert literal(string.punctuation) == "".join(f"\\{mark}" for mark in string.punctuation)
-    assert literal("**bold** _x_ [link](http://e) <b>") == \
-        r"\*\*bold\*\* \_x\_ \[link\]\(http\:\/\/e\) \<b\>"
+    assert literal("**bold** _x_ [link](http://e) <b>") == r"\*\*bold\*\* \_x\_ \[link\]\(http\:\/\/e\) \<b\>"
     assert literal("$x^2$") == r"\$x\^2\$"  # LaTeX
-    assert literal(":red[x] :material/home: :smile:") == \
-        r"\:red\[x\] \:material\/home\: \:smile\:"
+    assert literal(":red[x] :material/home: :smile:") == r"\:red\[x\] \:material\/home\: \:smile\:"
     assert literal("`code` a|b") == r"\`code\` a\|b"
     assert literal("# title") == r"\# title"
 
@@ -68,8 +67,12 @@ def test_the_browser_shows_escaped_text_as_written(tmp_path):
     """Streamlit's front end (react-markdown with GFM, math, emoji and its directives) draws
     each text in every kind of element as the text itself, with no markup."""
     require_chromium()
-    with streamlit_server(tmp_path / "ws", tmp_path / "server.log", "tests/literal_page.py",
-                          LITERAL_TEXTS=json.dumps(TEXTS)) as url, chromium_page() as page:
+    with (
+        streamlit_server(
+            tmp_path / "ws", tmp_path / "server.log", "tests/literal_page.py", LITERAL_TEXTS=json.dumps(TEXTS)
+        ) as url,
+        chromium_page() as page,
+    ):
         page.goto(url)
         page.locator(f".st-key-radio-{len(TEXTS) - 1}").wait_for()
         wait_until_idle(page)

@@ -7,31 +7,37 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_checkpoint
+
 from engine.data.datasets import Sample, shared_groups
+from engine.data.synth import write_dataset
 from engine.loop.loopgain import SimulatedReviewer, loop_split, main, reviewed, unreviewed
+from engine.loop.queue_order import ORDERS, queue_order
 from engine.model.networks import load_checkpoint
 from engine.model.predictor import Predictions, predict
-from engine.loop.queue_order import ORDERS, queue_order
-from engine.data.synth import write_dataset
 
-TINY = ("--model test_efficientnet --pretrained false --img-size 64 --batch-size 8 "
-        "--workers 0 --lr 0.05 --bf16 false")
+TINY = (
+    "--model test_efficientnet --pretrained false --img-size 64 --batch-size 8 "
+    "--workers 0 --lr 0.05 --bf16 false"
+)
 
-PROBS = np.array([
-    [0.70, 0.30, 0.00, 0.00],  # confidence 0.70, margin 0.40, cost 0.30
-    [0.90, 0.00, 0.00, 0.10],  # confidence 0.90, margin 0.80, cost 0.90
-    [0.00, 0.15, 0.80, 0.05],  # confidence 0.80, margin 0.65, cost 0.20
-    [0.40, 0.35, 0.25, 0.00],  # confidence 0.40, margin 0.05, cost 1.35
-])
+PROBS = np.array(
+    [
+        [0.70, 0.30, 0.00, 0.00],  # confidence 0.70, margin 0.40, cost 0.30
+        [0.90, 0.00, 0.00, 0.10],  # confidence 0.90, margin 0.80, cost 0.90
+        [0.00, 0.15, 0.80, 0.05],  # confidence 0.80, margin 0.65, cost 0.20
+        [0.40, 0.35, 0.25, 0.00],  # confidence 0.40, margin 0.05, cost 1.35
+    ]
+)
 # Expected grades of the image and of its mirror image: gaps 0.2, 0.0, 1.5, 0.6.
-VIEWS = np.array([
-    [[0.8, 0.2, 0.0, 0.0], [0.6, 0.4, 0.0, 0.0]],
-    [[0.9, 0.0, 0.0, 0.1], [0.9, 0.0, 0.0, 0.1]],
-    [[0.0, 0.0, 1.0, 0.0], [0.5, 0.0, 0.5, 0.0]],
-    [[0.4, 0.4, 0.2, 0.0], [0.1, 0.4, 0.5, 0.0]],
-])
+VIEWS = np.array(
+    [
+        [[0.8, 0.2, 0.0, 0.0], [0.6, 0.4, 0.0, 0.0]],
+        [[0.9, 0.0, 0.0, 0.1], [0.9, 0.0, 0.0, 0.1]],
+        [[0.0, 0.0, 1.0, 0.0], [0.5, 0.0, 0.5, 0.0]],
+        [[0.4, 0.4, 0.2, 0.0], [0.1, 0.4, 0.5, 0.0]],
+    ]
+)
 
 
 @pytest.fixture
@@ -44,12 +50,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("order, expected", [
-    ("confidence", [3, 0, 2, 1]),  # least confident first, as the Review page's default
-    ("margin", [3, 0, 2, 1]),
-    ("cost", [3, 1, 0, 2]),  # a 0 with 0.1 on grade 3 before a 0 with 0.3 on grade 1
-    ("flip", [2, 3, 0, 1]),
-])
+@pytest.mark.parametrize(
+    "order, expected",
+    [
+        ("confidence", [3, 0, 2, 1]),  # least confident first, as the Review page's default
+        ("margin", [3, 0, 2, 1]),
+        ("cost", [3, 1, 0, 2]),  # a 0 with 0.1 on grade 3 before a 0 with 0.3 on grade 1
+        ("flip", [2, 3, 0, 1]),
+    ],
+)
 def test_each_order_puts_first_what_it_says(order, expected):
     assert queue_order(order, PROBS, VIEWS).tolist() == expected
 
@@ -74,15 +83,17 @@ def test_predictions_with_tta_keep_each_flip_view(tiny_data, tmp_path, one_threa
     model, meta = load_checkpoint(tiny_checkpoint(tmp_path / "tiny.pth", temperature=2.0))
     samples = [Sample(str(p)) for p in sorted((tiny_data / "aptos" / "test_images").iterdir())]
     cpu = torch.device("cpu")
-    both, image = predict(model, meta, samples, cpu, workers=0, tta=True), \
-        predict(model, meta, samples, cpu, workers=0, tta=False)
+    both, image = (
+        predict(model, meta, samples, cpu, workers=0, tta=True),
+        predict(model, meta, samples, cpu, workers=0, tta=False),
+    )
     assert both.views.shape == (len(samples), 2, 4) and image.views.shape == (len(samples), 1, 4)
     np.testing.assert_allclose(both.views[:, 0], image.probs, atol=1e-6)
     np.testing.assert_allclose(image.views[:, 0], image.probs, atol=1e-6)
     assert np.abs(both.views[:, 0] - both.views[:, 1]).max() > 1e-4
     # TTA averages the views' probabilities before the temperature (T = 2): the views are
     # softmax(l / 2), so squaring and normalising them gives softmax(l).
-    square = both.views ** 2 / (both.views ** 2).sum(2, keepdims=True)
+    square = both.views**2 / (both.views**2).sum(2, keepdims=True)
     mean = np.sqrt(square.mean(1))
     np.testing.assert_allclose(both.probs, mean / mean.sum(1, keepdims=True), atol=1e-5)
     eight = predict(model, meta, samples, cpu, workers=0, tta=8)
@@ -109,16 +120,20 @@ def test_a_round_takes_the_candidates_in_queue_order_up_to_the_budget():
 def test_the_simulated_reviewer_errs_at_the_error_rate(error_rate):
     reviewer = SimulatedReviewer(error_rate, seed=0)
     draw = np.random.default_rng(1)
-    decisions = [(p, t, *reviewer.decide(f"/pool/{n}.png", p, t))
-                 for n, (p, t) in enumerate(draw.integers(0, 4, size=(20_000, 2)).tolist())]
+    decisions = [
+        (p, t, *reviewer.decide(f"/pool/{n}.png", p, t))
+        for n, (p, t) in enumerate(draw.integers(0, 4, size=(20_000, 2)).tolist())
+    ]
     wrong = [(p, t, action, grade) for p, t, action, grade in decisions if grade != t]
     assert len(wrong) / len(decisions) == pytest.approx(error_rate, abs=0.01)
     right = [d for d in decisions if d[3] == d[1]]
     # A right decision accepts a right grade and corrects a wrong one to the truth.
     assert all((action == "accept") == (p == t) for p, t, action, grade in right)
     # A slip accepts the model's wrong grade, or moves a right one to a neighbouring grade.
-    assert all((action, grade) == ("accept", p) if p != t else
-               (action == "relabel" and abs(grade - t) == 1) for p, t, action, grade in wrong)
+    assert all(
+        (action, grade) == ("accept", p) if p != t else (action == "relabel" and abs(grade - t) == 1)
+        for p, t, action, grade in wrong
+    )
     if error_rate:
         kinds = Counter(action for _, _, action, _ in wrong)
         assert kinds["accept"] > 0 and kinds["relabel"] > 0
@@ -136,7 +151,7 @@ def test_loop_split_keeps_groups_whole_and_hides_nothing_twice():
     parts = [split.labelled, split.pool, split.val, split.test]
     assert sorted(s.path for part in parts for s in part) == sorted(s.path for s in samples)
     for n, part in enumerate(parts):
-        assert all(not shared_groups(part, other) for other in parts[n + 1:])
+        assert all(not shared_groups(part, other) for other in parts[n + 1 :])
     labelled = len(split.labelled) / (len(split.labelled) + len(split.pool))
     assert labelled == pytest.approx(0.3, abs=0.03)
 
@@ -151,13 +166,34 @@ def test_too_few_images_or_a_bad_grade_stop_in_words(tmp_path, capsys):
 
 
 def test_the_command_measures_all_four_arms_end_to_end(tmp_path, capsys, one_thread):
-    write_dataset(tmp_path / "data", seed=4, n_train=60, n_test=0, n_val=0, n_messidor=0,
-                  size=80, workers=1)
+    write_dataset(tmp_path / "data", seed=4, n_train=60, n_test=0, n_val=0, n_messidor=0, size=80, workers=1)
     out = tmp_path / "loopgain.json"
-    assert main(["--data", str(tmp_path / "data" / "aptos"), "--epochs", "1",
-                 "--rounds", "2", "--decisions", "4", "--error-rate", "0", "--threshold", "0",
-                 "--order", "random", "flip", "--train-args", TINY,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--data",
+                str(tmp_path / "data" / "aptos"),
+                "--epochs",
+                "1",
+                "--rounds",
+                "2",
+                "--decisions",
+                "4",
+                "--error-rate",
+                "0",
+                "--threshold",
+                "0",
+                "--order",
+                "random",
+                "flip",
+                "--train-args",
+                TINY,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     arms, split = report["arms"], report["split"]
@@ -198,9 +234,11 @@ def test_the_command_measures_all_four_arms_end_to_end(tmp_path, capsys, one_thr
     base = arms["baseline"][0]["qwk"]
     for order, rows in arms["curated"].items():
         assert gains[order]["per_100_decisions"] == pytest.approx(
-            100 * (rows[-1]["qwk"] - base) / rows[-1]["decisions"])
+            100 * (rows[-1]["qwk"] - base) / rows[-1]["decisions"]
+        )
         assert gains[order]["per_100_over_random"] == pytest.approx(
-            gains[order]["per_100_decisions"] - gains["random"]["per_100_decisions"])
+            gains[order]["per_100_decisions"] - gains["random"]["per_100_decisions"]
+        )
     assert gains["all"]["decisions"] == split["pool"]
     assert "| pseudo-labels, unreviewed | 2 |" in printed and f"written to {out}" in printed
     assert "| curated, every candidate | 1 |" in printed and "| flip order |" in printed

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model.calibration import (apply_temperature, calibration_summary, fit_temperature,
-                                reliability)
+from engine.model.calibration import apply_temperature, calibration_summary, fit_temperature, reliability
 from engine.model.metrics import (
     classification_report,
     confident_share,
@@ -26,7 +25,6 @@ from engine.model.metrics import (
     sensitivity_specificity,
     validation_screening,
 )
-
 
 # --- quadratic weighted kappa ---------------------------------------------------------------
 
@@ -172,7 +170,8 @@ def test_calibration_is_judged_on_folds_it_was_not_fitted_on():
     scaled = torch.where(torch.from_numpy(folds == 0)[:, None], 3.0 * logits, logits / 3.0)
     summary = calibration_summary(scaled, labels, folds)
     fitted_on_all = expected_calibration_error(
-        apply_temperature(scaled, summary["temperature"]).numpy(), labels.numpy())
+        apply_temperature(scaled, summary["temperature"]).numpy(), labels.numpy()
+    )
     assert summary["ece_after"] > fitted_on_all + 0.05
 
 
@@ -183,13 +182,15 @@ def test_a_temperature_past_the_sane_bounds_is_clipped_and_said():
 
 
 def test_reliability_bins_and_the_confident_share():
-    probs = np.array([[0.95, 0.05, 0, 0], [0.9, 0.1, 0, 0], [0.2, 0.75, 0.05, 0],
-                      [0.4, 0.3, 0.3, 0]])
+    probs = np.array([[0.95, 0.05, 0, 0], [0.9, 0.1, 0, 0], [0.2, 0.75, 0.05, 0], [0.4, 0.3, 0.3, 0]])
     labels = np.array([0, 1, 1, 2])
     bins = reliability(probs, labels, bins=10)
     assert [(b["lo"], b["count"], b["accuracy"]) for b in bins] == [
-        (pytest.approx(0.3), 1, 0.0), (pytest.approx(0.7), 1, 1.0), (pytest.approx(0.8), 1, 0.0),
-        (pytest.approx(0.9), 1, 1.0)]
+        (pytest.approx(0.3), 1, 0.0),
+        (pytest.approx(0.7), 1, 1.0),
+        (pytest.approx(0.8), 1, 0.0),
+        (pytest.approx(0.9), 1, 1.0),
+    ]
     assert confident_share(probs, labels, 0.70) == (3, 2)
 
 
@@ -246,9 +247,10 @@ def test_calibration_single_class_has_no_nan():
 
 # --- screening: operating point, intervals by person -----------------------------------------
 
+
 def test_operating_point_is_the_most_specific_that_keeps_the_sensitivity():
     positive = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
-    scores = np.array([.9, .8, .7, .6, .5, .4, .3, .2, .65, .35, .1, .05])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.65, 0.35, 0.1, 0.05])
     threshold = operating_point(positive, scores, 0.75)  # 6 of 8 positives flagged
     assert threshold == 0.4
     sensitivity, specificity = sensitivity_specificity(positive, scores >= threshold)
@@ -263,17 +265,19 @@ def test_resamples_draw_whole_people():
         drawn = [groups[i] for i in indices]
         assert drawn.count("a") % 2 == 0 and drawn.count("b") % 2 == 0  # both eyes or neither
         assert len(indices) >= 5  # five draws of one or two images each
-    assert all(np.array_equal(x, y) for x, y in zip(group_resamples(groups, 5, 3),
-                                                      group_resamples(groups, 5, 3)))
+    assert all(
+        np.array_equal(x, y) for x, y in zip(group_resamples(groups, 5, 3), group_resamples(groups, 5, 3))
+    )
 
 
 def test_intervals_cover_the_value_and_shrink_with_more_people():
     rng = np.random.default_rng(0)
+
     def summary(n: int) -> dict:
         labels = rng.integers(0, 4, n)
         probs = np.eye(4)[np.where(rng.random(n) < 0.7, labels, rng.integers(0, 4, n))] * 0.7 + 0.075
-        return screening_summary(probs, labels, [f"p{i // 2}" for i in range(n)], 0.5,
-                                 resamples=300)
+        return screening_summary(probs, labels, [f"p{i // 2}" for i in range(n)], 0.5, resamples=300)
+
     small, large = summary(60), summary(1200)
     for name in ("qwk", "referable_auc", "sensitivity", "specificity"):
         for figures in (small, large):

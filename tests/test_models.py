@@ -254,8 +254,11 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 def test_freezing_stages_keeps_the_stem_and_first_stages_as_they_are():
     model = create_model(TINY, pretrained=False)
     freeze_stages(model, 1)
-    frozen = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
-              for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = {
+        n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
+        for n, p in model.named_parameters()
+        if not p.requires_grad
+    }
     assert frozen == {"conv_stem", "bn1", "blocks.0"}
     with pytest.raises(ValueError, match="no stem and blocks"):
         freeze_stages(torch.nn.Linear(2, 2), 1)

@@ -8,16 +8,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT, tiny_checkpoint
+
+from engine.data.datasets import Sample, folder_samples
+from engine.data.preprocess import PreprocessConfig
 from engine.model import infer
 from engine.model import onnx_network as ort_module
-from engine.data.datasets import Sample, folder_samples
-from engine.model.networks import (CLASSES, create_model, default_model, load_checkpoint, model_mean_std,
-                           save_checkpoint)
+from engine.model.networks import (
+    CLASSES,
+    create_model,
+    default_model,
+    load_checkpoint,
+    model_mean_std,
+    save_checkpoint,
+)
 from engine.model.onnx_network import ExportMismatch, onnx_network, onnx_path
 from engine.model.predictor import predict
-from engine.data.preprocess import PreprocessConfig
 from engine.runtime.workspace import Workspace
 from grades import from_aptos
 
@@ -27,12 +33,12 @@ CPU = torch.device("cpu")
 
 def side_by_side(model, meta: dict, network, samples: list[Sample]) -> tuple[np.ndarray, ...]:
     """The probabilities that PyTorch and `network` give the samples, with 8 test-time views."""
-    return tuple(predict(m, meta, samples, CPU, batch_size=4, workers=0, tta=8).probs
-                 for m in (model, network))
+    return tuple(
+        predict(m, meta, samples, CPU, batch_size=4, workers=0, tta=8).probs for m in (model, network)
+    )
 
 
-def test_onnxruntime_gives_pytorchs_probabilities_and_is_exported_once(tiny_data, tmp_path,
-                                                                       monkeypatch):
+def test_onnxruntime_gives_pytorchs_probabilities_and_is_exported_once(tiny_data, tmp_path, monkeypatch):
     checkpoint = tiny_checkpoint(tmp_path / "model.pth", temperature=1.5)
     model, meta = load_checkpoint(checkpoint)
     network = onnx_network(model, meta, checkpoint, tmp_path / "cache")
@@ -43,6 +49,7 @@ def test_onnxruntime_gives_pytorchs_probabilities_and_is_exported_once(tiny_data
 
     def no_export(*_args):
         raise AssertionError("exported again")
+
     monkeypatch.setattr(ort_module, "to_onnx", no_export)
     assert onnx_network(model, meta, checkpoint, tmp_path / "cache").path == network.path
     os.utime(checkpoint, ns=(1, 1))  # the checkpoint written again: a new export
@@ -60,22 +67,32 @@ def test_an_export_that_disagrees_with_pytorch_is_not_kept(tmp_path, monkeypatch
 
 
 def test_infer_grades_on_onnxruntime_and_falls_back_to_pytorch_in_words(
-        tiny_data, tmp_path, monkeypatch, capsys):
+    tiny_data, tmp_path, monkeypatch, capsys
+):
     workspace = Workspace(tmp_path / "ws")
     monkeypatch.setenv("DR_WORKSPACE", str(workspace.root))
     workspace.root.mkdir()
     checkpoint = tiny_checkpoint(tmp_path / "model.pth")
-    args = ["--checkpoint", str(checkpoint), "--images", str(tiny_data / "aptos" / "test_images"),
-            "--workers", "0"]
+    args = [
+        "--checkpoint",
+        str(checkpoint),
+        "--images",
+        str(tiny_data / "aptos" / "test_images"),
+        "--workers",
+        "0",
+    ]
     assert infer.main([*args, "--cpu-runtime", "onnxruntime"]) == 0
     assert "onnxruntime grades the images" in capsys.readouterr().out
 
     def broken(*_args):
         raise ExportMismatch("onnxruntime's logits differ from PyTorch's by 0.5")
+
     monkeypatch.setattr(infer, "onnx_network", broken)
     assert infer.main([*args, "--cpu-runtime", "onnxruntime", "--redo"]) == 0
-    assert ("onnxruntime not used, PyTorch grades the images: the export failed (ExportMismatch: "
-            "onnxruntime's logits differ from PyTorch's by 0.5)") in capsys.readouterr().out
+    assert (
+        "onnxruntime not used, PyTorch grades the images: the export failed (ExportMismatch: "
+        "onnxruntime's logits differ from PyTorch's by 0.5)"
+    ) in capsys.readouterr().out
 
     monkeypatch.setenv("DR_CPU_RUNTIME", "tpu")
     with pytest.raises(SystemExit):
@@ -91,16 +108,29 @@ def test_onnxruntime_grades_real_photographs_as_pytorch_does_with_the_default_mo
     torch.manual_seed(0)
     mean, std = model_mean_std(name)
     checkpoint = tmp_path / "best.pth"
-    save_checkpoint(checkpoint, create_model(name, pretrained=True), {
-        "model_name": name, "image_size": size, "mean": list(mean), "std": list(std),
-        "temperature": 1.3, "preprocess": PreprocessConfig(size=size).to_dict(),
-        "train_config": {"tta": 8}, "classes": CLASSES})
+    save_checkpoint(
+        checkpoint,
+        create_model(name, pretrained=True),
+        {
+            "model_name": name,
+            "image_size": size,
+            "mean": list(mean),
+            "std": list(std),
+            "temperature": 1.3,
+            "preprocess": PreprocessConfig(size=size).to_dict(),
+            "train_config": {"tta": 8},
+            "classes": CLASSES,
+        },
+    )
     model, meta = load_checkpoint(checkpoint)
     labels = pd.read_csv(REALDATA / "labels.csv").groupby("dataset").head(3)
-    samples = [Sample(str(REALDATA / row.file), from_aptos(row.grade), row.file)
-               for row in labels.itertuples()]
+    samples = [
+        Sample(str(REALDATA / row.file), from_aptos(row.grade), row.file) for row in labels.itertuples()
+    ]
     want, got = side_by_side(model, meta, onnx_network(model, meta, checkpoint, tmp_path), samples)
     difference = np.abs(got - want).max()
-    print(f"\n{name} at {size} px, 8 views, T 1.3, {len(samples)} real photographs: largest "
-          f"probability difference {difference:.2e}")
+    print(
+        f"\n{name} at {size} px, 8 views, T 1.3, {len(samples)} real photographs: largest "
+        f"probability difference {difference:.2e}"
+    )
     assert len(got) == 6 and difference <= 1e-4 and (got.argmax(1) == want.argmax(1)).all()

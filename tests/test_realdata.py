@@ -14,20 +14,21 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT
 from sqlalchemy import func, select
 
-from conftest import ROOT
 from db.schema import Prediction
 from db.session import migrate, session_scope
-from grades import from_aptos
 from engine.data.images import load_rgb
 from engine.data.preprocess import find_field
 from engine.data.sources import import_source
 from engine.runtime.workspace import Workspace
+from grades import from_aptos
 
 REALDATA = ROOT.parent / "shared" / "realdata"
-pytestmark = pytest.mark.skipif(not (REALDATA / "labels.csv").is_file(),
-                                reason="../shared/realdata is not here")
+pytestmark = pytest.mark.skipif(
+    not (REALDATA / "labels.csv").is_file(), reason="../shared/realdata is not here"
+)
 EDGE_TOLERANCE = 0.03  # of the field's diameter
 
 
@@ -96,9 +97,14 @@ def copy_into(rows: pd.DataFrame, folder: Path, by_grade: bool) -> None:
 
 
 def run(module: str, workspace: Path, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={"PATH": "/usr/bin:/bin",
-                                                       "DR_WORKSPACE": str(workspace)})
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -110,26 +116,61 @@ def test_real_photographs_go_through_import_preprocess_training_and_inference(la
     copy_into(pick(labels, 1, skip=4).head(8), tmp_path / "pool", by_grade=False)
     workspace = Workspace(tmp_path / "ws")
     migrate(workspace.db_url)
-    for folder, kind, role in (("train", "folders", "train"), ("validation", "folders", "validation"),
-                               ("pool", "unlabelled", "unlabelled")):
+    for folder, kind, role in (
+        ("train", "folders", "train"),
+        ("validation", "folders", "validation"),
+        ("pool", "unlabelled", "unlabelled"),
+    ):
         report = import_source(workspace.db_url, kind, tmp_path / folder, role, folder)
         assert report.added > 0 and not report.problems, report
 
-    run("engine.data.preprocess", workspace.root, "--in", str(tmp_path / "pool"),
-        "--out", str(tmp_path / "pre"), "--size", "128")
+    run(
+        "engine.data.preprocess",
+        workspace.root,
+        "--in",
+        str(tmp_path / "pool"),
+        "--out",
+        str(tmp_path / "pre"),
+        "--size",
+        "128",
+    )
     for file in (tmp_path / "pool").iterdir():
         preprocessed = load_rgb(tmp_path / "pre" / file.name)
         assert preprocessed.shape == (128, 128, 3)
         cx, cy, r = find_field(preprocessed)  # the eye now fills the square
         assert abs(cx - 63.5) < 4 and r > 0.85 * 64
 
-    done = run("engine.training.train", workspace.root, "--from-db", "--model", "test_efficientnet",
-               "--pretrained", "false", "--img-size", "64", "--epochs", "2", "--workers", "0",
-               "--name", "real")
+    done = run(
+        "engine.training.train",
+        workspace.root,
+        "--from-db",
+        "--model",
+        "test_efficientnet",
+        "--pretrained",
+        "false",
+        "--img-size",
+        "64",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--name",
+        "real",
+    )
     assert "people kept apart" in done.stdout and "val QWK" in done.stdout
     checkpoint = workspace.weights / "real" / "best.pth"
-    done = run("engine.model.infer", workspace.root, "--checkpoint", str(checkpoint), "--source",
-               "pool", "--out", str(tmp_path / "submission.csv"), "--workers", "0")
+    done = run(
+        "engine.model.infer",
+        workspace.root,
+        "--checkpoint",
+        str(checkpoint),
+        "--source",
+        "pool",
+        "--out",
+        str(tmp_path / "submission.csv"),
+        "--workers",
+        "0",
+    )
     assert "onnxruntime grades the images" in done.stdout  # the default on a CPU
     submission = pd.read_csv(tmp_path / "submission.csv")
     assert len(submission) == 8 and submission["diagnosis"].between(0, 3).all()

@@ -2,32 +2,42 @@
 page run headless with AppTest on a small workspace whose predictions are set by hand."""
 
 import io
-import time
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import BOTH_BACKENDS, CALIBRATION, open_page, page_text, tiny_checkpoint, write_image
 from sqlalchemy import select, update
 from streamlit.testing.v1 import AppTest
 
-from conftest import (BOTH_BACKENDS, CALIBRATION, open_page, page_text, tiny_checkpoint,
-                      write_image)
-from db.queries import curated_set
 import db.reviews as db_reviews
-from db.reviews import (CLAIM_TTL, DecidedMeanwhile, QueueFilter, claim_next, curated_csv,
-                        decide, held_by_others, loop_overview, progress, recent_decisions,
-                        renew_claim, undo_last)
+from db.queries import curated_set
+from db.reviews import (
+    CLAIM_TTL,
+    DecidedMeanwhile,
+    QueueFilter,
+    claim_next,
+    curated_csv,
+    decide,
+    held_by_others,
+    loop_overview,
+    progress,
+    recent_decisions,
+    renew_claim,
+    undo_last,
+)
 from db.schema import Claim, Image, Prediction, Review, Run, Source, utcnow
 from db.session import session_scope
 from db.users import TERMINAL
 from engine.data.export import MANIFEST, EarlierExport, ExportRefused, export_class_folders
-from grades import REVIEW_THRESHOLD
-from engine.model.infer import register_model
 from engine.data.sources import import_source
-from engine.runtime.workspace import Workspace
+from engine.model.infer import register_model
 from engine.runtime.markdown import literal
+from engine.runtime.workspace import Workspace
+from grades import REVIEW_THRESHOLD
 
 # The pool's eight images get these (confidence, predicted grade), in import order: six reach
 # the default threshold 0.70; least confident first they come as pool images 5, 4, 3, 2, 1, 0.
@@ -39,24 +49,35 @@ POOL = [(0.95, 0), (0.90, 1), (0.85, 2), (0.80, 3), (0.75, 0), (0.72, 1), (0.60,
 
 def register_run(workspace: Workspace) -> int:
     checkpoint = tiny_checkpoint(workspace.weights / "tiny.pth")
-    return register_model(workspace.db_url, checkpoint, {"model_name": "test_efficientnet",
-                                                         "image_size": 64, "run": "tiny"})
+    return register_model(
+        workspace.db_url, checkpoint, {"model_name": "test_efficientnet", "image_size": 64, "run": "tiny"}
+    )
 
 
-def add_predictions(db_url: str, run_id: int, image_ids: list[int],
-                    scores: list[tuple[float, int]]) -> None:
+def add_predictions(db_url: str, run_id: int, image_ids: list[int], scores: list[tuple[float, int]]) -> None:
     with session_scope(db_url) as session:
         for image_id, (confidence, grade) in zip(image_ids, scores):
             probs = [(1 - confidence) / 3] * 4
             probs[grade] = confidence
-            session.add(Prediction(run_id=run_id, image_id=image_id, p0=probs[0], p1=probs[1],
-                                   p2=probs[2], p3=probs[3], grade=grade, confidence=confidence))
+            session.add(
+                Prediction(
+                    run_id=run_id,
+                    image_id=image_id,
+                    p0=probs[0],
+                    p1=probs[1],
+                    p2=probs[2],
+                    p3=probs[3],
+                    grade=grade,
+                    confidence=confidence,
+                )
+            )
 
 
 def image_ids(db_url: str, source: str) -> list[int]:
     with session_scope(db_url) as session:
-        return list(session.scalars(select(Image.id).join(Source).where(Source.name == source)
-                                    .order_by(Image.id)))
+        return list(
+            session.scalars(select(Image.id).join(Source).where(Source.name == source).order_by(Image.id))
+        )
 
 
 @pytest.fixture
@@ -77,17 +98,21 @@ def predicted(workspace: Workspace, tiny_data: Path) -> tuple[Workspace, int, li
 def order(db_url: str, queue: QueueFilter, reviewer: str = "ana") -> list[int]:
     """The queue as one reviewer walks it by skipping every image."""
     seen: list[int] = []
-    while (candidate := claim_next(db_url, reviewer, queue, skip=seen)) and \
-            candidate.image_id not in seen:
+    while (candidate := claim_next(db_url, reviewer, queue, skip=seen)) and candidate.image_id not in seen:
         seen.append(candidate.image_id)
     return seen
 
 
 def reviews(db_url: str) -> list[tuple]:
     with session_scope(db_url) as session:
-        return [tuple(row) for row in session.execute(
-            select(Review.image_id, Review.decision, Review.grade, Review.reviewer,
-                   Review.run_id).order_by(Review.id))]
+        return [
+            tuple(row)
+            for row in session.execute(
+                select(
+                    Review.image_id, Review.decision, Review.grade, Review.reviewer, Review.run_id
+                ).order_by(Review.id)
+            )
+        ]
 
 
 # The queue and its filters
@@ -105,8 +130,14 @@ def test_threshold_filters_and_orders_shape_the_queue(predicted):
     assert order(db, QueueFilter(run_id, grades=(0, 3))) == [pool[4], pool[3], pool[0]]
     assert order(db, QueueFilter(run_id, band=(0.74, 0.86))) == [pool[4], pool[3], pool[2]]
     assert order(db, QueueFilter(run_id, order="most confident first")) == pool[:6]
-    assert order(db, QueueFilter(run_id, order="by grade")) == \
-        [pool[4], pool[0], pool[5], pool[1], pool[2], pool[3]]
+    assert order(db, QueueFilter(run_id, order="by grade")) == [
+        pool[4],
+        pool[0],
+        pool[5],
+        pool[1],
+        pool[2],
+        pool[3],
+    ]
     shuffled = [order(db, QueueFilter(run_id, order="random", seed=s)) for s in range(4)]
     assert all(sorted(s) == sorted(pool[:6]) for s in shuffled)
     assert order(db, QueueFilter(run_id, order="random", seed=2)) == shuffled[2]  # stable
@@ -120,16 +151,20 @@ def test_decisions_are_appended_and_leave_the_queue(predicted):
     decide(db, "ana", pool[5], run_id, "accept")
     decide(db, "ana", pool[4], run_id, "relabel", 2)
     decide(db, "ana", pool[3], run_id, "reject")
-    assert reviews(db) == [(pool[5], "accept", 1, "ana", run_id),
-                           (pool[4], "relabel", 2, "ana", run_id),
-                           (pool[3], "reject", None, "ana", run_id)]
+    assert reviews(db) == [
+        (pool[5], "accept", 1, "ana", run_id),
+        (pool[4], "relabel", 2, "ana", run_id),
+        (pool[3], "reject", None, "ana", run_id),
+    ]
     queue = QueueFilter(run_id)
     assert order(db, queue) == [pool[2], pool[1], pool[0]]
     table = progress(db, run_id, 0.70)
-    assert table.to_dict("index") == {0: {"candidates": 2, "reviewed": 1, "read_once": 0},
-                                      1: {"candidates": 2, "reviewed": 1, "read_once": 0},
-                                      2: {"candidates": 1, "reviewed": 0, "read_once": 0},
-                                      3: {"candidates": 1, "reviewed": 1, "read_once": 0}}
+    assert table.to_dict("index") == {
+        0: {"candidates": 2, "reviewed": 1, "read_once": 0},
+        1: {"candidates": 2, "reviewed": 1, "read_once": 0},
+        2: {"candidates": 1, "reviewed": 0, "read_once": 0},
+        3: {"candidates": 1, "reviewed": 1, "read_once": 0},
+    }
     with pytest.raises(ValueError, match="grade 0-3"):
         decide(db, "ana", pool[2], run_id, "relabel", 4)
     with pytest.raises(ValueError, match="no prediction"):
@@ -150,15 +185,16 @@ def test_undo_takes_back_only_the_reviewers_own_current_decisions(predicted):
     assert undo_last(db, "ana") is None  # ben's decisions are not ana's to undo
     assert undo_last(db, "ben") == pool[3]
     assert undo_last(db, "ben") == pool[4]
-    assert reviews(db)[-2:] == [(pool[3], "undo", None, "ben", run_id),
-                                (pool[4], "undo", None, "ben", run_id)]
+    assert reviews(db)[-2:] == [
+        (pool[3], "undo", None, "ben", run_id),
+        (pool[4], "undo", None, "ben", run_id),
+    ]
     assert undo_last(db, "nobody") is None
 
 
 def age_claims(db_url: str, reviewer: str, age: timedelta) -> None:
     with session_scope(db_url) as session:
-        session.execute(update(Claim).where(Claim.reviewer == reviewer)
-                        .values(claimed_at=utcnow() - age))
+        session.execute(update(Claim).where(Claim.reviewer == reviewer).values(claimed_at=utcnow() - age))
 
 
 @BOTH_BACKENDS
@@ -236,10 +272,15 @@ def test_a_decision_after_someone_elses_is_refused_in_words(predicted):
     decide(db, "ben", shown.image_id, run_id, "relabel", 3, seen=shown.seen)
     with pytest.raises(DecidedMeanwhile) as refused:
         decide(db, "ana", shown.image_id, run_id, "accept", seen=shown.seen)
-    assert "was decided by ben after it was shown here (now corrected to grade 3), so this " \
+    assert (
+        "was decided by ben after it was shown here (now corrected to grade 3), so this "
         "decision was not stored" in str(refused.value)
-    assert [r[1:4] for r in reviews(db)] == [("accept", 1, "ana"), ("undo", None, "ana"),
-                                             ("relabel", 3, "ben")]
+    )
+    assert [r[1:4] for r in reviews(db)] == [
+        ("accept", 1, "ana"),
+        ("undo", None, "ana"),
+        ("relabel", 3, "ben"),
+    ]
     recent = recent_decisions(db, "ben")[0]  # a change names the decision it changes
     decide(db, "ben", recent.image_id, run_id, "reject", seen=recent.current_id)
     with pytest.raises(DecidedMeanwhile):
@@ -305,7 +346,9 @@ def test_curated_set_and_csv(predicted):
     names = image_names(db)
     pseudo = csv[csv.origin == "pseudo"]
     assert dict(zip(pseudo.image, zip(pseudo.grade, pseudo.reviewer))) == {
-        names[pool[5]]: (1, "ana"), names[pool[4]]: (2, "ana")}
+        names[pool[5]]: (1, "ana"),
+        names[pool[4]]: (2, "ana"),
+    }
     assert pseudo.time.notna().all()
     curated = curated_set(db)
     assert len(curated) == 26 and curated.path.map(lambda p: Path(p).is_file()).all()
@@ -319,11 +362,15 @@ def test_export_class_folders_writes_grade_folders(tmp_path):
     b = write_image(tmp_path / "src" / "y" / "a.png")  # the same name from another source
     c = write_image(tmp_path / "src" / "c.png")
     out = tmp_path / "out"
-    result = export_class_folders([(str(a), 0), (str(b), 0), (str(c), 3),
-                                   (str(tmp_path / "gone.png"), 1)], out, **ANYWHERE)
+    result = export_class_folders(
+        [(str(a), 0), (str(b), 0), (str(c), 3), (str(tmp_path / "gone.png"), 1)], out, **ANYWHERE
+    )
     assert result.written == 3 and result.missing == [str(tmp_path / "gone.png")]
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == \
-        ["0/a.png", "0/a_2.png", "3/c.png"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "0/a.png",
+        "0/a_2.png",
+        "3/c.png",
+    ]
     assert (out / "3" / "c.png").read_bytes() == c.read_bytes()
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "0", "1", "2", "3"]
     with pytest.raises(EarlierExport):
@@ -357,10 +404,8 @@ def test_an_export_never_writes_into_a_datasets_folder(tmp_path):
     around = tmp_path / "around"  # its class folder 0 would be a dataset's folder
     for out, root in [(dataset, dataset), (dataset / "1", dataset), (around, around / "0" / "x")]:
         with pytest.raises(ExportRefused, match="folder of an imported dataset"):
-            export_class_folders([(str(c), 1)], out, replace=True, source_roots=[str(root)],
-                                 **ANYWHERE)
-    assert sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*")) == \
-        ["1", "1/a.png"]
+            export_class_folders([(str(c), 1)], out, replace=True, source_roots=[str(root)], **ANYWHERE)
+    assert sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*")) == ["1", "1/a.png"]
     assert kept.is_file() and not around.exists()
 
 
@@ -427,12 +472,20 @@ def test_reviewing_by_buttons(predicted):
     at = sign_in(open_page("review"))
     assert on_screen(at) == names[pool[5]]
     assert progress_text(at) == "0 of 6 candidates reviewed"
-    assert len(at.get("plotly_chart")) == 1 and view_names(at) == [
-        "photo", "red-free", "contrast", "input"]
+    assert len(at.get("plotly_chart")) == 1 and view_names(at) == ["photo", "red-free", "contrast", "input"]
     assert "pool" in page_text(at)  # the source's name
-    assert bound_keys(at) == {"accept": "a", "reject": "x", "grade_0": "0", "grade_1": "1",
-                              "grade_2": "2", "grade_3": "3", "skip": "space",
-                              "evidence": "g", "undo": "backspace", "keys_help": "h"}
+    assert bound_keys(at) == {
+        "accept": "a",
+        "reject": "x",
+        "grade_0": "0",
+        "grade_1": "1",
+        "grade_2": "2",
+        "grade_3": "3",
+        "skip": "space",
+        "evidence": "g",
+        "undo": "backspace",
+        "keys_help": "h",
+    }
     assert at.button(key="evidence").label.startswith("Show evidence")
     click(at, "keys_help")
     assert "undo your last decision" in page_text(at)
@@ -478,8 +531,7 @@ def test_evidence_shows_grad_cam_and_the_flip_views_on_the_card(predicted):
     assert not at.exception, at.exception
     assert view_names(at)[-1] == "gradcam"  # over the photograph, where the input was cut
     (heat,) = [layer for layer in viewer(at)["layers"] if layer["name"] == "gradcam"]
-    assert heat["box"] == [layer for layer in viewer(at)["layers"]
-                           if layer["name"] == "input"][0]["box"]
+    assert heat["box"] == [layer for layer in viewer(at)["layers"] if layer["name"] == "input"][0]["box"]
     flips = [c for c in at.get("plotly_chart") if "flip_views" in c.proto.id]
     assert len(flips) == 1 and '"image"' in flips[0].proto.spec
     assert '"mirror image"' in flips[0].proto.spec
@@ -500,20 +552,18 @@ def threshold_caption(at: AppTest) -> str:
 def test_the_threshold_slider_says_how_often_the_model_was_right_above_it(predicted):
     workspace, run_id, pool = predicted
     at = sign_in(open_page("review"))
-    assert threshold_caption(at) == \
-        "No measured accuracy: the active model's calibration was not stored."
+    assert threshold_caption(at) == "No measured accuracy: the active model's calibration was not stored."
     assert "lowering it sends its less sure predictions" in at.slider(key="threshold").help
     with session_scope(workspace.db_url) as session:
         session.get(Run, run_id).calibration = CALIBRATION
     at.run()
-    assert threshold_caption(at) == \
-        "Of 120 validation images at ≥ 0.70 confidence, 85 % were right."
+    assert threshold_caption(at) == "Of 120 validation images at ≥ 0.70 confidence, 85 % were right."
     at.slider(key="threshold").set_value(0.5).run()
-    assert threshold_caption(at) == \
-        "Of 200 validation images at ≥ 0.50 confidence, 73 % were right."
+    assert threshold_caption(at) == "Of 200 validation images at ≥ 0.50 confidence, 73 % were right."
     at.slider(key="threshold").set_value(0.75).run()
     assert threshold_caption(at).startswith(
-        "Of 120 validation images at ≥ 0.70 confidence, 85 % were right. (No figure for 0.75")
+        "Of 120 validation images at ≥ 0.70 confidence, 85 % were right. (No figure for 0.75"
+    )
 
 
 def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_images(predicted):
@@ -524,8 +574,9 @@ def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_imag
     assert on_screen(at) == names[pool[5]]
     decide(db, "ben", pool[5], run_id, "reject")  # in ben's browser, while local looks
     click(at, "accept")
-    assert literal(f"{names[pool[5]]} was decided by ben after it was shown here (now "
-                   "rejected)") in page_text(at)
+    assert literal(
+        f"{names[pool[5]]} was decided by ben after it was shown here (now rejected)"
+    ) in page_text(at)
     assert reviews(db) == [(pool[5], "reject", None, "ben", run_id)]
     assert on_screen(at) == names[pool[4]]  # moved on
     for image_id in pool[:4]:
@@ -534,8 +585,7 @@ def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_imag
     age_claims(db, "local", CLAIM_TTL + timedelta(minutes=1))  # until the tab sleeps too long
     assert claim_next(db, "ben", QueueFilter(run_id)).image_id == pool[4]
     click(at, "skip")
-    assert "the remaining 1 candidate(s) with these filters are being reviewed by others" in \
-        page_text(at)
+    assert "the remaining 1 candidate(s) with these filters are being reviewed by others" in page_text(at)
     assert names[pool[4]] not in [header.value for header in at.subheader]
 
 
@@ -569,12 +619,21 @@ def test_loop_overview_counts_each_stage(predicted):
     db = workspace.db_url
     candidates = sum(confidence >= REVIEW_THRESHOLD for confidence, _ in POOL)
     assert loop_overview(db, None, REVIEW_THRESHOLD) == {
-        "labelled": 24, "predicted": 0, "candidates": 0, "reviewed": 0, "runs": 1}
+        "labelled": 24,
+        "predicted": 0,
+        "candidates": 0,
+        "reviewed": 0,
+        "runs": 1,
+    }
     first = claim_next(db, "ana", QueueFilter(run_id))
     decide(db, "ana", first.image_id, run_id, "accept")
     assert loop_overview(db, run_id, REVIEW_THRESHOLD) == {
-        "labelled": 24, "predicted": len(pool) + 2, "candidates": candidates, "reviewed": 1,
-        "runs": 1}
+        "labelled": 24,
+        "predicted": len(pool) + 2,
+        "candidates": candidates,
+        "reviewed": 1,
+        "runs": 1,
+    }
 
 
 def test_a_decision_stores_the_seconds_its_card_was_on_screen_and_the_pace_shows(predicted):

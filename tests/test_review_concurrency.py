@@ -8,9 +8,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import BOTH_BACKENDS, ROOT
 from sqlalchemy import select
 
-from conftest import BOTH_BACKENDS, ROOT
 from db.reviews import QueueFilter, claim_next, set_double_read_share
 from db.schema import Claim, Image, Prediction, Review, Run, Source
 from db.session import get_engine, session_scope
@@ -49,34 +49,58 @@ print(" ".join(map(str, decided)))
 """
 
 
-def make_candidates(db_url: str, double_read_share: float = 0.0, count: int = CANDIDATES
-                    ) -> tuple[int, list[int]]:
+def make_candidates(
+    db_url: str, double_read_share: float = 0.0, count: int = CANDIDATES
+) -> tuple[int, list[int]]:
     with session_scope(db_url) as session:
         source = Source(name="pool", kind="unlabelled", root="/nowhere", role="unlabelled")
-        run = Run(name="tiny", model_name="test_efficientnet", img_size=64, status="done",
-                  checkpoint="/nowhere/tiny.pth")
-        images = [Image(source=source, path=f"{i}.png", name=f"img{i}", width=8, height=8)
-                  for i in range(count)]
+        run = Run(
+            name="tiny",
+            model_name="test_efficientnet",
+            img_size=64,
+            status="done",
+            checkpoint="/nowhere/tiny.pth",
+        )
+        images = [
+            Image(source=source, path=f"{i}.png", name=f"img{i}", width=8, height=8) for i in range(count)
+        ]
         session.add_all([run, *images])
         session.flush()
         for i, image in enumerate(images):
             confidence = 0.7 + 0.29 * i / count
-            session.add(Prediction(run_id=run.id, image_id=image.id, p0=confidence,
-                                   p1=1 - confidence, p2=0.0, p3=0.0, grade=0,
-                                   confidence=confidence))
+            session.add(
+                Prediction(
+                    run_id=run.id,
+                    image_id=image.id,
+                    p0=confidence,
+                    p1=1 - confidence,
+                    p2=0.0,
+                    p3=0.0,
+                    grade=0,
+                    confidence=confidence,
+                )
+            )
     # by default every image is read once
     set_double_read_share(db_url, double_read_share, user=TERMINAL)
     return run.id, [image.id for image in images]
 
 
-def run_all(script: str, names: tuple[str, ...], db_url: str, run_id: int,
-            *args: str) -> dict[str, list[int]]:
+def run_all(
+    script: str, names: tuple[str, ...], db_url: str, run_id: int, *args: str
+) -> dict[str, list[int]]:
     """Run `script` once per reviewer name, all starting at one moment; the image ids each
     printed."""
     start = time.time() + 3  # past every interpreter's start-up
-    workers = {name: subprocess.Popen(
-        [sys.executable, "-c", script, db_url, name, str(run_id), str(start), *args], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in names}
+    workers = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", script, db_url, name, str(run_id), str(start), *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    }
     decided = {}
     for name, worker in workers.items():
         out, err = worker.communicate(timeout=600)  # a busy machine is slow, not wrong
@@ -93,8 +117,9 @@ def test_four_reviewers_at_once_lose_nothing_and_share_no_image(db_url):
     assert [len(images) for images in decided.values()] == [DECISIONS] * len(REVIEWERS)
 
     with session_scope(db_url) as session:
-        rows = session.execute(select(Review.image_id, Review.reviewer, Review.decision,
-                                      Review.run_id).order_by(Review.id)).all()
+        rows = session.execute(
+            select(Review.image_id, Review.reviewer, Review.decision, Review.run_id).order_by(Review.id)
+        ).all()
         claims = session.scalars(select(Claim)).all()
     for name, images in decided.items():  # every decision is in the database, in order
         assert [i for i, who, _, _ in rows if who == name] == images
@@ -134,8 +159,7 @@ def test_a_claim_passes_over_an_image_that_another_claim_is_taking(db_url):
     queue = QueueFilter(run_id)
     with get_engine(db_url).connect() as other, ThreadPoolExecutor(1) as thread:
         # Another reviewer's claim of the first candidate, in the middle of its transaction.
-        other.execute(select(Prediction.id).where(Prediction.image_id == image_ids[0])
-                      .with_for_update())
+        other.execute(select(Prediction.id).where(Prediction.image_id == image_ids[0]).with_for_update())
         claim = thread.submit(claim_next, db_url, "ben", queue)
         try:  # the next one, without waiting for the other transaction to end
             assert claim.result(timeout=20).image_id == image_ids[1]

@@ -6,14 +6,21 @@ import math
 
 import pandas as pd
 import pytest
-
 from conftest import BOTH_BACKENDS, open_page, page_text
-from db.reviews import (MAX_SECONDS, adjudicate, adjudication_queue, decide, decisions_frame,
-                        reads_frame, set_double_read_share)
-from db.users import LOCAL, TERMINAL, add_account
-from engine.loop.agreement import Pace, per_reviewer, time_left
 from test_review import predicted, reviews  # noqa: F401 (a fixture)
 from test_roles import PASSWORD, quick_hashes, signed_in  # noqa: F401 (a fixture)
+
+from db.reviews import (
+    MAX_SECONDS,
+    adjudicate,
+    adjudication_queue,
+    decide,
+    decisions_frame,
+    reads_frame,
+    set_double_read_share,
+)
+from db.users import LOCAL, TERMINAL, add_account
+from engine.loop.agreement import Pace, per_reviewer, time_left
 from views.pace import time_left_text
 
 
@@ -25,12 +32,19 @@ def timed_by_hand(db: str, run_id: int, pool: list[int]) -> None:
     The conflicts on pools 1, 0 and 4 are adjudicated 1, reject and 1."""
     set_double_read_share(db, 1.0, user=LOCAL)
     for reviewer, image, decision, grade, seconds in [
-            ("ana", 2, "accept", None, 10), ("ben", 2, "accept", None, 20),
-            ("ana", 1, "accept", None, 30), ("ben", 1, "relabel", 2, 40),
-            ("ana", 0, "accept", None, 5), ("ben", 0, "reject", None, 60),
-            ("ben", 3, "accept", None, 1000), ("ana", 3, "accept", None, 15),
-            ("ana", 5, "relabel", 2, None), ("cleo", 5, "relabel", 2, 8),
-            ("ben", 4, "accept", None, 30), ("cleo", 4, "relabel", 1, 12)]:
+        ("ana", 2, "accept", None, 10),
+        ("ben", 2, "accept", None, 20),
+        ("ana", 1, "accept", None, 30),
+        ("ben", 1, "relabel", 2, 40),
+        ("ana", 0, "accept", None, 5),
+        ("ben", 0, "reject", None, 60),
+        ("ben", 3, "accept", None, 1000),
+        ("ana", 3, "accept", None, 15),
+        ("ana", 5, "relabel", 2, None),
+        ("cleo", 5, "relabel", 2, 8),
+        ("ben", 4, "accept", None, 30),
+        ("cleo", 4, "relabel", 1, 12),
+    ]:
         decide(db, reviewer, pool[image], run_id, decision, grade, seconds=seconds)
     final = {pool[1]: 1, pool[0]: None, pool[4]: 1}
     conflicts = adjudication_queue(db)
@@ -84,10 +98,18 @@ def test_a_reviewer_without_double_reads_or_times_has_counts_and_gaps(predicted)
 
 def test_the_time_left_at_the_teams_recent_pace():
     start = pd.Timestamp("2026-03-02 09:00")
-    recent = pd.DataFrame({
-        "reviewer": ["ana", "ben", "cleo", "ben"], "seconds": [10.0, 20.0, 40.0, None],
-        "time": [start, start + pd.Timedelta(hours=2), start + pd.Timedelta(minutes=150),
-                 start + pd.Timedelta(minutes=160)]})
+    recent = pd.DataFrame(
+        {
+            "reviewer": ["ana", "ben", "cleo", "ben"],
+            "seconds": [10.0, 20.0, 40.0, None],
+            "time": [
+                start,
+                start + pd.Timedelta(hours=2),
+                start + pd.Timedelta(minutes=150),
+                start + pd.Timedelta(minutes=160),
+            ],
+        }
+    )
     # Median 20 s; ana stopped more than an hour before the newest decision: two share the work.
     assert time_left(recent, 6) == Pace(seconds_left=60.0, median_seconds=20.0, reviewers=2)
     assert time_left(recent.iloc[:1], 6) == Pace(60.0, 10.0, 1)
@@ -101,8 +123,9 @@ def test_the_review_pages_sentence_on_the_time_left(predicted):
     assert time_left_text(db, 10) is None  # no history
     timed_by_hand(db, run_id, pool)
     # Eleven timed reads, median 20 s, three reviewers at once: remaining × 20 / 3 seconds.
-    assert time_left_text(db, 1170) == ("About 2 h 10 min left at the team's pace "
-                                        "(median 20 s per image, 3 reviewers).")
+    assert time_left_text(db, 1170) == (
+        "About 2 h 10 min left at the team's pace (median 20 s per image, 3 reviewers)."
+    )
     assert time_left_text(db, 540).startswith("About 1 h left")
     assert time_left_text(db, 90).startswith("About 10 min left")
     assert time_left_text(db, 1).startswith("Under a minute left")

@@ -7,43 +7,44 @@ import re
 
 import pytest
 from argon2 import PasswordHasher
+from conftest import BOTH_BACKENDS, ROOT, page_text, write_image
 from sqlalchemy import select
 from streamlit import config
 from streamlit.testing.v1 import AppTest
-
-from conftest import BOTH_BACKENDS, ROOT, page_text, write_image
-from db import users
-from db.reviews import adjudicate, adjudication_queue, set_double_read_share
-from db.runs import promote, promotions
-from db.schema import Account, Job, Review, Run
-from db.session import session_scope
-from db.users import (LOCAL, TERMINAL, NotAllowed, User, add_account, set_disabled,
-                      set_password)
-from engine.runtime import jobs
-from engine.data.export import ExportRefused, export_class_folders, export_roots
-from engine.loop.import_model import import_upload
-from engine.data.upload import unpack_zip
 from test_agreement import read_by_hand
 from test_db_copy import rows
 from test_review import predicted  # noqa: F401 (a fixture)
 from test_upload import aptos_zip
 from test_users import sign_in_form
+
+from db import users
+from db.reviews import adjudicate, adjudication_queue, set_double_read_share
+from db.runs import promote, promotions
+from db.schema import Account, Job, Review, Run
+from db.session import session_scope
+from db.users import LOCAL, TERMINAL, NotAllowed, User, add_account, set_disabled, set_password
+from engine.data.export import ExportRefused, export_class_folders, export_roots
+from engine.data.upload import unpack_zip
+from engine.loop.import_model import import_upload
+from engine.runtime import jobs
 from engine.runtime.markdown import literal
 from views.signin import served_locally
 
 PASSWORD = "correct horse"
 BEN = User("ben", "reviewer")
 # The controls only an admin gets, page by page.
-ADMIN_ONLY = {"dataset": ["import_kind"],
-              "retrain": ["start_training", "promote", "export_onnx", "export_safetensors"],
-              "inference": ["start_inference"], "review": ["export_folders", "double_read"],
-              "agreement": ["adjudicate_1"]}
+ADMIN_ONLY = {
+    "dataset": ["import_kind"],
+    "retrain": ["start_training", "promote", "export_onnx", "export_safetensors"],
+    "inference": ["start_inference"],
+    "review": ["export_folders", "double_read"],
+    "agreement": ["adjudicate_1"],
+}
 
 
 @pytest.fixture(autouse=True)
 def quick_hashes(monkeypatch):
-    monkeypatch.setattr(users, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024,
-                                                         parallelism=1))
+    monkeypatch.setattr(users, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
 
 
 @pytest.fixture
@@ -62,8 +63,7 @@ def signed_in(name: str) -> AppTest:
 
 
 def controls(at: AppTest) -> set[str]:
-    return {widget.key for kind in ("button", "slider", "selectbox")
-            for widget in at.main.get(kind)}
+    return {widget.key for kind in ("button", "slider", "selectbox") for widget in at.main.get(kind)}
 
 
 def test_a_reviewer_gets_no_admin_control_and_reviews_under_the_account(team):
@@ -75,8 +75,7 @@ def test_a_reviewer_gets_no_admin_control_and_reviews_under_the_account(team):
             assert not at.exception, at.exception
         assert set(keys) <= controls(admin), page
         assert not set(keys) & controls(reviewer), page
-    assert "An admin starts training runs" in page_text(reviewer.switch_page("views/retrain.py")
-                                                        .run())
+    assert "An admin starts training runs" in page_text(reviewer.switch_page("views/retrain.py").run())
     assert admin.switch_page("views/accounts.py").run().title[0].value == "Accounts"
     with pytest.raises(ValueError, match="Could not find a navigation page"):
         reviewer.switch_page("views/accounts.py")  # no such page for a reviewer
@@ -109,8 +108,11 @@ def queued_job(db_url: str) -> int:
         return job.id
 
 
-STANDING = {"reviewer": "ben is a reviewer", "demoted": "ana is a reviewer",
-            "disabled": "ana is no longer an enabled account"}
+STANDING = {
+    "reviewer": "ben is a reviewer",
+    "demoted": "ana is a reviewer",
+    "disabled": "ana is no longer an enabled account",
+}
 
 
 @BOTH_BACKENDS
@@ -126,23 +128,22 @@ def test_db_and_engine_refuse_admin_actions_to_anyone_not_an_admin_now(team, who
         "adjudicate": lambda: adjudicate(db, user, conflict, 1),
         "set the double-read share": lambda: set_double_read_share(db, 0.5, user=user),
         "cancel a job": lambda: jobs.cancel_job(db, job_id, user=user),
-        "start a train job": lambda: jobs.start_job(workspace, "train", "engine.training.train",
-                                                    user=user),
+        "start a train job": lambda: jobs.start_job(workspace, "train", "engine.training.train", user=user),
         "promote a model": lambda: promote(db, run_id, user),
         "import a model": lambda: import_upload(workspace, user, "best.pth", b"", "seed"),
         "export labels": lambda: export_class_folders(
-            [], workspace.root / "export", db_url=db, user=user,
-            roots=export_roots(workspace.root)),
-        "upload a dataset": lambda: unpack_zip(aptos_zip(tmp_path), "aptos.zip",
-                                               tmp_path / "uploads", db_url=db, user=user),
+            [], workspace.root / "export", db_url=db, user=user, roots=export_roots(workspace.root)
+        ),
+        "upload a dataset": lambda: unpack_zip(
+            aptos_zip(tmp_path), "aptos.zip", tmp_path / "uploads", db_url=db, user=user
+        ),
         "add accounts": lambda: add_account(db, "cleo", "admin", None, user=user),
         "set passwords": lambda: set_password(db, "ana", "another horse", user=user),
         "disable or enable accounts": lambda: set_disabled(db, "ben", True, user=user),
     }
     before = rows(db)
     for action, act in actions.items():
-        with pytest.raises(NotAllowed, match=re.escape(f"{STANDING[who]}: only an admin may "
-                                                       f"{action}")):
+        with pytest.raises(NotAllowed, match=re.escape(f"{STANDING[who]}: only an admin may {action}")):
             act()
     assert rows(db) == before  # nothing recorded, nothing started
     written = [workspace.root / "export", workspace.root / "uploads", tmp_path / "uploads"]
@@ -229,20 +230,25 @@ def test_jobs_runs_and_promotions_name_their_account(workspace):
     promote(workspace.db_url, run_id, admin)
     with session_scope(workspace.db_url) as session:
         assert session.get(Run, run_id).account == "ana"
-    assert [(name, account) for name, account, _ in promotions(workspace.db_url)] == \
-        [("r", "local"), ("r", "ana")]
+    assert [(name, account) for name, account, _ in promotions(workspace.db_url)] == [
+        ("r", "local"),
+        ("r", "ana"),
+    ]
 
 
-@pytest.mark.parametrize("address, headers, local", [
-    ("localhost", {"Host": "localhost:8501"}, True),
-    ("127.0.0.1", {"Host": "127.0.0.1:8501"}, True),
-    ("::1", {"Host": "[::1]:8501"}, True),
-    ("localhost", {}, True),
-    (None, {"Host": "localhost:8501"}, False),  # unset: Streamlit listens on every interface
-    ("0.0.0.0", {"Host": "localhost:8501"}, False),
-    ("localhost", {"Host": "dr.clinic.org"}, False),  # a proxy that passes the name on
-    ("localhost", {"Host": "127.0.0.1:8501", "X-Forwarded-For": "10.0.0.7"}, False),
-])
+@pytest.mark.parametrize(
+    "address, headers, local",
+    [
+        ("localhost", {"Host": "localhost:8501"}, True),
+        ("127.0.0.1", {"Host": "127.0.0.1:8501"}, True),
+        ("::1", {"Host": "[::1]:8501"}, True),
+        ("localhost", {}, True),
+        (None, {"Host": "localhost:8501"}, False),  # unset: Streamlit listens on every interface
+        ("0.0.0.0", {"Host": "localhost:8501"}, False),
+        ("localhost", {"Host": "dr.clinic.org"}, False),  # a proxy that passes the name on
+        ("localhost", {"Host": "127.0.0.1:8501", "X-Forwarded-For": "10.0.0.7"}, False),
+    ],
+)
 def test_served_locally(address, headers, local):
     assert served_locally(address, headers) is local
 
@@ -272,9 +278,13 @@ def test_served_to_other_machines_without_accounts_it_shows_no_data(workspace, o
 
 def test_institutional_sign_in_takes_roles_from_the_accounts(workspace):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
-    at.secrets["auth"] = {"redirect_uri": "http://localhost:8501/oauth2callback",
-                          "cookie_secret": "s" * 32, "client_id": "dr",
-                          "client_secret": "x", "server_metadata_url": "https://idp/.wk"}
+    at.secrets["auth"] = {
+        "redirect_uri": "http://localhost:8501/oauth2callback",
+        "cookie_secret": "s" * 32,
+        "client_id": "dr",
+        "client_secret": "x",
+        "server_metadata_url": "https://idp/.wk",
+    }
     at.user = {"is_logged_in": False}
     at.run()
     assert at.button(key="signin_provider").label == "Sign in with your institution"
@@ -287,34 +297,45 @@ def test_institutional_sign_in_takes_roles_from_the_accounts(workspace):
     add_account(workspace.db_url, "cleo@clinic.org", "reviewer", None, user=TERMINAL)
     at.run()
     assert not at.exception, at.exception
-    assert "Signed in as **cleo\\@clinic\\.org** (reviewer)" in \
-        [c.value for c in at.sidebar.caption]
+    assert "Signed in as **cleo\\@clinic\\.org** (reviewer)" in [c.value for c in at.sidebar.caption]
     at.user = {"is_logged_in": True, "email": "cleo@clinic.org", "email_verified": False}
     at.run()  # an e-mail the provider did not verify signs in as no one
     assert not at.sidebar.get("metric")
 
 
-def test_exports_write_only_under_the_workspace_or_named_roots(workspace, tmp_path,
-                                                              monkeypatch):
+def test_exports_write_only_under_the_workspace_or_named_roots(workspace, tmp_path, monkeypatch):
     image = write_image(tmp_path / "src" / "a.png")
     files = [(str(image), 1)]
     elsewhere = tmp_path / "elsewhere"
-    with pytest.raises(ExportRefused, match=f"{elsewhere} is outside the folders exports may "
-                                            f"write to \\({workspace.root}\\)"):
-        export_class_folders(files, elsewhere, db_url=workspace.db_url, user=LOCAL,
-                             roots=export_roots(workspace.root))
+    with pytest.raises(
+        ExportRefused, match=f"{elsewhere} is outside the folders exports may write to \\({workspace.root}\\)"
+    ):
+        export_class_folders(
+            files, elsewhere, db_url=workspace.db_url, user=LOCAL, roots=export_roots(workspace.root)
+        )
     link = workspace.root / "out"
     link.symlink_to(elsewhere, target_is_directory=True)  # inside by name, outside in fact
     with pytest.raises(ExportRefused, match="is outside the folders"):
-        export_class_folders(files, link, db_url=workspace.db_url, user=LOCAL,
-                             roots=export_roots(workspace.root))
+        export_class_folders(
+            files, link, db_url=workspace.db_url, user=LOCAL, roots=export_roots(workspace.root)
+        )
     assert not elsewhere.exists()
-    export_class_folders(files, workspace.root / "export", db_url=workspace.db_url, user=LOCAL,
-                         roots=export_roots(workspace.root))
+    export_class_folders(
+        files,
+        workspace.root / "export",
+        db_url=workspace.db_url,
+        user=LOCAL,
+        roots=export_roots(workspace.root),
+    )
     assert (workspace.root / "export" / "1" / "a.png").is_file()
     monkeypatch.setenv("DR_EXPORT_ROOTS", str(tmp_path / "shared"))
-    export_class_folders(files, tmp_path / "shared" / "x", db_url=workspace.db_url,
-                         user=LOCAL, roots=export_roots(workspace.root))
+    export_class_folders(
+        files,
+        tmp_path / "shared" / "x",
+        db_url=workspace.db_url,
+        user=LOCAL,
+        roots=export_roots(workspace.root),
+    )
     assert (tmp_path / "shared" / "x" / "1" / "a.png").is_file()
 
 
@@ -324,17 +345,18 @@ def test_the_review_page_refuses_an_export_outside_in_words(predicted, tmp_path)
     at.text_input(key="export_folder").input(str(tmp_path / "elsewhere")).run()
     at.button(key="export_folders").click().run()
     assert not at.exception, at.exception
-    assert literal(f"{tmp_path / 'elsewhere'} is outside the folders exports may write to") in \
-        page_text(at)
+    assert literal(f"{tmp_path / 'elsewhere'} is outside the folders exports may write to") in page_text(at)
     assert not (tmp_path / "elsewhere").exists()
 
 
 def test_an_empty_workspace_tells_a_reviewer_what_an_admin_does_next(workspace):
     add_account(workspace.db_url, "ben", "reviewer", PASSWORD, user=TERMINAL)
     reviewer = signed_in("ben")
-    for page, waits_for in (("review", "once an admin has trained a model"),
-                            ("inference", "an admin trains one"),
-                            ("retrain", "an admin imports a labelled training source")):
+    for page, waits_for in (
+        ("review", "once an admin has trained a model"),
+        ("inference", "an admin trains one"),
+        ("retrain", "an admin imports a labelled training source"),
+    ):
         text = page_text(reviewer.switch_page(f"views/{page}.py").run())
         assert waits_for in text, page
         # no step that needs a control a reviewer does not have

@@ -7,15 +7,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_checkpoint
 from torch import nn
 
-from conftest import tiny_checkpoint
-from engine.model import saliency
 from engine.data.datasets import Sample
 from engine.data.images import ImageError
+from engine.data.synth import Lesions, draw_fundus, plan_scene, render, sample_lesions
+from engine.model import saliency
 from engine.model.predictor import predict
 from engine.model.saliency import Explainer, head_layer, heat_map, layer_gradcam
-from engine.data.synth import Lesions, draw_fundus, plan_scene, render, sample_lesions
 
 SIZE = 96
 
@@ -31,8 +31,7 @@ def photo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def explainer(tmp_path: Path) -> Explainer:
-    return Explainer(tiny_checkpoint(tmp_path / "tiny.pth", SIZE, temperature=2.0),
-                     tmp_path / "cache")
+    return Explainer(tiny_checkpoint(tmp_path / "tiny.pth", SIZE, temperature=2.0), tmp_path / "cache")
 
 
 def cached(explainer: Explainer) -> list[Path]:
@@ -53,8 +52,7 @@ def test_the_heat_map_covers_the_image_the_model_saw_and_depends_on_the_grade(ex
     assert np.array_equal(maps[0].pixels, maps[3].pixels)
 
 
-def test_the_heat_map_is_cached_per_checkpoint_image_and_grade(explainer, photo, monkeypatch,
-                                                                tmp_path):
+def test_the_heat_map_is_cached_per_checkpoint_image_and_grade(explainer, photo, monkeypatch, tmp_path):
     first = explainer.saliency(photo, 2)
     assert len(cached(explainer)) == 1
     monkeypatch.setattr(saliency, "layer_gradcam", lambda *args: pytest.fail("recomputed"))
@@ -110,9 +108,17 @@ def test_grad_cam_points_at_a_synthetic_haemorrhage():
 def test_flip_views_are_the_image_and_its_mirror_as_the_predictor_sees_them(explainer, photo):
     views = explainer.views(photo)
     assert views.shape == (2, 4) and np.allclose(views.sum(1), 1)
-    alone, averaged = (predict(explainer.model, explainer.meta, [Sample(str(photo))],
-                               torch.device("cpu"), tta=tta, cache_root=explainer.cache_root)
-                       for tta in (1, 2))
+    alone, averaged = (
+        predict(
+            explainer.model,
+            explainer.meta,
+            [Sample(str(photo))],
+            torch.device("cpu"),
+            tta=tta,
+            cache_root=explainer.cache_root,
+        )
+        for tta in (1, 2)
+    )
     assert np.allclose(views[0], alone.probs[0], atol=1e-6)
     assert not np.allclose(views[0], views[1])
     # TTA averages the views' probabilities before the temperature (T = 2 here): p = softmax(l / T),
@@ -128,8 +134,16 @@ def test_a_missing_image_is_an_image_error(explainer, tmp_path):
 
 def test_the_command_line_writes_overlays(explainer, photo, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
-    saliency.main(["--checkpoint", str(tmp_path / "tiny.pth"), "--out", str(tmp_path / "out"),
-                   str(photo), str(tmp_path / "gone.png")])
+    saliency.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "tiny.pth"),
+            "--out",
+            str(tmp_path / "out"),
+            str(photo),
+            str(tmp_path / "gone.png"),
+        ]
+    )
     assert cv2.imread(str(tmp_path / "out" / "eye-gradcam.png")).shape == (SIZE, SIZE, 3)
     printed = capsys.readouterr().out
     assert "eye.png: grade " in printed and " s\n" in printed

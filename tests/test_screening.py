@@ -9,23 +9,35 @@ from engine.data.datasets import Sample, folder_samples, read_probabilities, str
 from engine.model.metrics import operating_point, referable_score
 from engine.model.networks import load_checkpoint
 from engine.model.predictor import predict
+from engine.runtime.workspace import Workspace
 from engine.training.refit import train_model
-from engine.training.screening import (choose_operating_point, paired_difference, roc_points,
-                              validation_file)
+from engine.training.screening import choose_operating_point, paired_difference, roc_points, validation_file
 from engine.training.train import make_config, parse_args
 from engine.training.trainer import Hooks, RunPaths
-from engine.runtime.workspace import Workspace
 
-TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "false",
-        "--batch-size", "8", "--workers", "0", "--lr", "0.05", "--epochs", "1"]
+TINY = [
+    "--model",
+    "test_efficientnet",
+    "--img-size",
+    "64",
+    "--pretrained",
+    "false",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--lr",
+    "0.05",
+    "--epochs",
+    "1",
+]
 
 
 def people(count: int, seed: int) -> tuple[list[Sample], np.ndarray]:
     """`count` images of count / 2 people, with probabilities that mostly know the grade."""
     rng = np.random.default_rng(seed)
     grades = rng.integers(0, 4, count)
-    samples = [Sample(f"/x/{n}.png", int(g), str(n), group=f"p{n // 2}")
-               for n, g in enumerate(grades)]
+    samples = [Sample(f"/x/{n}.png", int(g), str(n), group=f"p{n // 2}") for n, g in enumerate(grades)]
     guessed = np.where(rng.random(count) < 0.7, grades, rng.integers(0, 4, count))
     return samples, np.eye(4)[guessed] * 0.6 + 0.1
 
@@ -33,20 +45,19 @@ def people(count: int, seed: int) -> tuple[list[Sample], np.ndarray]:
 def test_a_run_stores_what_inference_computes_and_a_point_chosen_on_it(tiny_data, tmp_path):
     """bfloat16 trains, but the validation probabilities (and so the temperature and the
     operating point) are those of float32 inference, as the Inference page computes them."""
-    config = make_config(parse_args(["--data-path", "x", "--bf16", "true", "--refit", "false",
-                                     *TINY]))
+    config = make_config(parse_args(["--data-path", "x", "--bf16", "true", "--refit", "false", *TINY]))
     train, val = stratified_split(folder_samples(tiny_data / "validation"), 0.5)
     paths = RunPaths.under(Workspace(tmp_path), "cal")
     result = train_model(config, train, val, paths, None, Hooks())
     stored_samples, stored = read_probabilities(validation_file(result.best_checkpoint))
     model, meta = load_checkpoint(result.best_checkpoint)
-    inferred = predict(model, meta, stored_samples, torch.device("cpu"), tta=config.tta,
-                       workers=0)
+    inferred = predict(model, meta, stored_samples, torch.device("cpu"), tta=config.tta, workers=0)
     assert np.abs(inferred.probs - stored).max() < 1e-4
     screening = meta["calibration"]["screening"]
     positive = np.array([s.grade >= 2 for s in stored_samples])
     assert screening["threshold"] == pytest.approx(
-        operating_point(positive, referable_score(stored), 0.87), abs=1e-5)
+        operating_point(positive, referable_score(stored), 0.87), abs=1e-5
+    )
     # Another target, chosen later from the stored probabilities.
     strict = choose_operating_point(result.best_checkpoint, 0.5, screening["seed"])
     assert strict["threshold"] >= screening["threshold"]
@@ -73,4 +84,5 @@ def test_a_run_against_itself_differs_by_nothing_and_a_better_one_by_more_than_n
     half = paired_difference((samples[:150], truth[:150]), (samples[::-1], probs[::-1]))
     assert half["images"] == 150
     assert half["qwk"]["value"] == pytest.approx(
-        paired_difference((samples[:150], truth[:150]), (samples[:150], probs[:150]))["qwk"]["value"])
+        paired_difference((samples[:150], truth[:150]), (samples[:150], probs[:150]))["qwk"]["value"]
+    )

@@ -7,10 +7,10 @@ from datetime import timedelta
 from http.cookies import SimpleCookie
 
 import pytest
+from conftest import BOTH_BACKENDS
 from sqlalchemy import select
 from starlette.requests import Request
 
-from conftest import BOTH_BACKENDS
 from db import sign_ins
 from db.schema import SignIn, utcnow
 from db.session import read_scope
@@ -90,12 +90,25 @@ def test_an_admin_sees_and_ends_open_sign_ins(accounts):
     assert [row.account for row in sign_ins.open_sign_ins(db_url)] == ["boss"]
 
 
-def request(path: str, query: str, scheme: str = "http", host: str = "127.0.0.1:8501",
-            headers: dict[str, str] | None = None) -> Request:
-    raw = [(b"host", host.encode())] + [(k.lower().encode(), v.encode())
-                                        for k, v in (headers or {}).items()]
-    return Request({"type": "http", "method": "GET", "path": path, "scheme": scheme,
-                    "query_string": query.encode(), "headers": raw, "server": (host, 8501)})
+def request(
+    path: str,
+    query: str,
+    scheme: str = "http",
+    host: str = "127.0.0.1:8501",
+    headers: dict[str, str] | None = None,
+) -> Request:
+    raw = [(b"host", host.encode())] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return Request(
+        {
+            "type": "http",
+            "method": "GET",
+            "path": path,
+            "scheme": scheme,
+            "query_string": query.encode(),
+            "headers": raw,
+            "server": (host, 8501),
+        }
+    )
 
 
 def set_cookie(response) -> SimpleCookie:
@@ -118,9 +131,14 @@ def test_the_begin_route_sets_the_cookie_once_for_a_code_and_returns_to_the_page
 
 def test_behind_https_the_cookie_is_secure_and_next_never_leaves_the_server():
     code = HANDOVERS.put("the-token", 60)
-    response = begin(request("/auth/begin", f"code={code}&next=//evil.example/x",
-                             host="grading.clinic.org",
-                             headers={"X-Forwarded-Proto": "https"}))
+    response = begin(
+        request(
+            "/auth/begin",
+            f"code={code}&next=//evil.example/x",
+            host="grading.clinic.org",
+            headers={"X-Forwarded-Proto": "https"},
+        )
+    )
     assert set_cookie(response)[COOKIE]["secure"]
     assert response.headers["location"] == "/"
     for target in ("https://evil.example/", "evil", "//evil.example"):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import xlwt
+from conftest import ROOT, write_image
 from sqlalchemy import func, select
 
-from conftest import ROOT, write_image
 from db.schema import Image, Source
 from db.session import session_scope
 from engine.data.sources import ImportStopped, import_source
@@ -28,9 +28,11 @@ def reasons(report) -> dict[str, str]:
 
 def huge_png(path: Path, width: int = 9000, height: int = 9000) -> None:
     """A valid PNG header announcing an image far past the safe size (no pixels needed)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
 
@@ -38,9 +40,21 @@ def huge_png(path: Path, width: int = 9000, height: int = 9000) -> None:
 @pytest.fixture
 def aptos(tmp_path: Path) -> Path:
     root = tmp_path / "aptos"
-    rows = [("a1", "0"), ("a2", "1"), ("a3", "2"), ("a4", "3"), ("a5", "4"),
-            ("missing", "1"), ("big", "2"), ("trunc", "0"), ("text", "1"),
-            ("a6", "7"), ("a7", "two"), ("a1", "2"), ("../../escape", "1")]
+    rows = [
+        ("a1", "0"),
+        ("a2", "1"),
+        ("a3", "2"),
+        ("a4", "3"),
+        ("a5", "4"),
+        ("missing", "1"),
+        ("big", "2"),
+        ("trunc", "0"),
+        ("text", "1"),
+        ("a6", "7"),
+        ("a7", "two"),
+        ("a1", "2"),
+        ("../../escape", "1"),
+    ]
     root.mkdir()
     pd.DataFrame(rows, columns=["id_code", "diagnosis"]).to_csv(root / "train.csv", index=False)
     for name in ("a1", "a2", "a3", "a4", "a5", "a6", "a7"):
@@ -62,7 +76,12 @@ def test_aptos_train_imports_good_rows_and_reports_each_bad_one(aptos, db_url):
     assert sorted(images) == ["a1", "a2", "a3", "a4", "a5"]
     # ICDR 4 (proliferative) merges into Messidor 3; the original label is kept.
     assert {n: (i.grade, i.original_label) for n, i in images.items()} == {
-        "a1": (0, "0"), "a2": (1, "1"), "a3": (2, "2"), "a4": (3, "3"), "a5": (3, "4")}
+        "a1": (0, "0"),
+        "a2": (1, "1"),
+        "a3": (2, "2"),
+        "a4": (3, "3"),
+        "a5": (3, "4"),
+    }
     assert all(i.label_origin == "expert" and i.width == 64 for i in images.values())
     why = reasons(report)
     assert why["train.csv line 7 (id_code missing)"] == "missing file"
@@ -98,12 +117,13 @@ def write_messidor(folder: Path, form: str) -> None:
         write_image(folder / name)
     rows = [("m1.tif", 0, 0), ("m2.tif", 3, 2), ("m3.tif", 5, 0), ("gone.tif", 1, 1)]
     if form == "seed":
-        table = pd.DataFrame([(n, 1, "PP", g, e) for n, g, e in rows], columns=[
-            "image", "quality", "type", "Retinopathy_grade", "Risk_of_macular_edema"])
+        table = pd.DataFrame(
+            [(n, 1, "PP", g, e) for n, g, e in rows],
+            columns=["image", "quality", "type", "Retinopathy_grade", "Risk_of_macular_edema"],
+        )
         table.to_csv(folder / "Mess1_annotation_train.csv")  # with the leading index column
         return
-    columns = ["Image name", "Ophthalmologic department", "Retinopathy grade",
-               "Risk of macular edema "]
+    columns = ["Image name", "Ophthalmologic department", "Retinopathy grade", "Risk of macular edema "]
     table = [(n, "Service", g, e) for n, g, e in rows]
     if form == "csv":
         pd.DataFrame(table, columns=columns).to_csv(folder / "Annotation_Base11.csv", index=False)
@@ -122,7 +142,9 @@ def test_messidor_forms(form, tmp_path, db_url):
     report = import_source(db_url, "messidor", tmp_path / "messidor", "train", name="m")
     images = images_of(db_url, "m")
     assert {n: (i.grade, i.extra["macular_edema"]) for n, i in images.items()} == {
-        "m1.tif": (0, 0), "m2.tif": (3, 2)}
+        "m1.tif": (0, 0),
+        "m2.tif": (3, 2),
+    }
     why = {p.where.split(" (")[1]: p.reason for p in report.problems}
     assert why == {"m3.tif)": "grade 5 is out of range 0-3", "gone.tif)": "missing file"}
 
@@ -135,8 +157,10 @@ def test_class_folders(tmp_path, db_url):
     report = import_source(db_url, "folders", tmp_path / "f", "validation", name="val")
     images = images_of(db_url, "val")
     assert {n: i.grade for n, i in images.items()} == {f"img{g}": int(g) for g in "0123"}
-    assert reasons(report) == {"7/": "folder name is not a grade 0-3",
-                               "2/notes.txt": "not an image file (.txt)"}
+    assert reasons(report) == {
+        "7/": "folder name is not a grade 0-3",
+        "2/notes.txt": "not an image file (.txt)",
+    }
 
 
 def test_unlabelled_folder(tmp_path, db_url):
@@ -161,8 +185,14 @@ def test_whole_source_problems_stop_with_one_message(tmp_path, db_url):
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(tmp_path / "ws")}
-    return subprocess.run([sys.executable, "-m", "engine.data.sources", "import", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.data.sources", "import", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_exit_codes(aptos, tmp_path):
@@ -207,6 +237,7 @@ def test_linked_class_folders_import_as_training_reads_them(tmp_path, db_url):
 
 def test_inference_on_a_folder_of_links_predicts_every_image(tmp_path, monkeypatch, capsys):
     from conftest import tiny_checkpoint
+
     from engine.model import infer
     from engine.runtime import jobs
 
@@ -217,8 +248,21 @@ def test_inference_on_a_folder_of_links_predicts_every_image(tmp_path, monkeypat
     for name in ("p1", "p2", "p3"):
         (pool / f"{name}.png").symlink_to(write_image(tmp_path / "photos" / f"{name}.png"))
     checkpoint = tiny_checkpoint(tmp_path / "tiny.pth")
-    assert infer.main(["--checkpoint", str(checkpoint), "--images", str(pool),
-                       "--workers", "0", "--out", str(tmp_path / "s.csv")]) == 0
+    assert (
+        infer.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--images",
+                str(pool),
+                "--workers",
+                "0",
+                "--out",
+                str(tmp_path / "s.csv"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "3 imported" in out and "3 predicted, 0 skipped" in out
     assert sorted(pd.read_csv(tmp_path / "s.csv").id_code) == ["p1", "p2", "p3"]
@@ -229,12 +273,14 @@ def test_a_listed_path_with_dots_is_refused_even_through_a_link(tmp_path, db_url
     write_image(root / "train_images" / "ok.png")
     write_image(tmp_path / "outside" / "x.png")
     (root / "train_images" / "sub").symlink_to(tmp_path / "outside", target_is_directory=True)
-    pd.DataFrame({"id_code": ["ok", "sub/x", "sub/../../../outside/x"], "diagnosis": [0, 1, 2]}
-                 ).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"id_code": ["ok", "sub/x", "sub/../../../outside/x"], "diagnosis": [0, 1, 2]}).to_csv(
+        root / "train.csv", index=False
+    )
     report = import_source(db_url, "aptos", root, "train", name="t")
     assert sorted(images_of(db_url, "t")) == ["ok", "sub/x"]  # a link inside is followed
     assert list(reasons(report).values()) == [
-        "path 'train_images/sub/../../../outside/x.png' escapes the source root"]
+        "path 'train_images/sub/../../../outside/x.png' escapes the source root"
+    ]
 
 
 def test_data_roots_bound_the_folders_offered(tmp_path, workspace, capsys):
@@ -245,11 +291,21 @@ def test_data_roots_bound_the_folders_offered(tmp_path, workspace, capsys):
         (tmp_path / "data" / folder).mkdir(parents=True)
     (tmp_path / "other").mkdir()
     assert set_data_roots(workspace, [tmp_path / "data", tmp_path / "other"]) == [
-        tmp_path / "data", tmp_path / "other"]
+        tmp_path / "data",
+        tmp_path / "other",
+    ]
     assert data_roots(workspace) == [tmp_path / "data", tmp_path / "other"]  # stored
     offered = [p.relative_to(tmp_path).as_posix() for p in folder_choices(data_roots(workspace))]
-    assert offered == ["data", "data/a", "data/a/0", "data/a/1", "data/b", "data/b/x",
-                       "data/b/x/y", "other"]  # three levels down, hidden folders left out
+    assert offered == [
+        "data",
+        "data/a",
+        "data/a/0",
+        "data/a/1",
+        "data/b",
+        "data/b/x",
+        "data/b/x/y",
+        "other",
+    ]  # three levels down, hidden folders left out
     with pytest.raises(ImportStopped, match="nowhere: folder not found"):
         set_data_roots(workspace, [tmp_path / "nowhere"])
     assert main(["roots", "--set", str(tmp_path / "other")]) == 0  # the administrator's way
@@ -260,8 +316,8 @@ def test_data_roots_bound_the_folders_offered(tmp_path, workspace, capsys):
 
 def test_the_import_job_reports_progress_and_outcome(aptos, workspace, monkeypatch, capsys):
     from db.schema import Job
-    from engine.runtime import jobs
     from engine.data import sources
+    from engine.runtime import jobs
 
     monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM
 
@@ -271,8 +327,7 @@ def test_the_import_job_reports_progress_and_outcome(aptos, workspace, monkeypat
             session.add(job)
             session.flush()
             job_id = job.id
-        argv = ["import", "--kind", "aptos", "--path", str(path), "--role", "train",
-                "--job-id", str(job_id)]
+        argv = ["import", "--kind", "aptos", "--path", str(path), "--role", "train", "--job-id", str(job_id)]
         return job_id, argv
 
     job_id, argv = import_job(aptos, status="cancelled")  # cancelled while starting

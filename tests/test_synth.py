@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from grades import from_aptos
 from engine.data.synth import (
     APTOS_STYLE,
     VALIDATION_STYLE,
@@ -23,6 +22,7 @@ from engine.data.synth import (
     sample_lesions,
     write_dataset,
 )
+from grades import from_aptos
 
 SMALL = dict(n_train=10, n_test=6, n_val=8, n_messidor=3, size=96)
 IMAGE_SUFFIXES = {".png", ".tif"}
@@ -116,7 +116,7 @@ def _assert_fundus_like(image: np.ndarray) -> None:
     h, w = image.shape[:2]
     for corner in (image[0, 0], image[0, -1], image[-1, 0], image[-1, -1]):
         assert corner.max() == 0
-    centre = image[h * 2 // 5:h * 3 // 5, w * 2 // 5:w * 3 // 5].astype(float)
+    centre = image[h * 2 // 5 : h * 3 // 5, w * 2 // 5 : w * 3 // 5].astype(float)
     red, green, blue = centre.reshape(-1, 3).mean(axis=0)
     assert red > 70 and red > green > blue  # orange-red, not grey
 
@@ -153,8 +153,7 @@ def test_validation_style_is_never_cut():
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "a"
     calls = []
-    counts = write_dataset(out, seed=0, progress=lambda done, total: calls.append((done, total)),
-                           **SMALL)
+    counts = write_dataset(out, seed=0, progress=lambda done, total: calls.append((done, total)), **SMALL)
     assert counts["total"] == 10 + 6 + 8 + 3 + 3
     assert calls[-1] == (counts["total"], counts["total"])
     assert [done for done, _ in calls] == list(range(1, counts["total"] + 1))
@@ -162,8 +161,11 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _header(path: Path) -> list[str]:
@@ -178,8 +180,7 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(dataset, tmp_p
     assert first == _hashes(tmp_path / "b")
     other = _hashes(tmp_path / "c")
     assert first["aptos/train.csv"] != other["aptos/train.csv"]
-    assert set(first.values()).isdisjoint(
-        h for name, h in other.items() if not name.endswith(".csv"))
+    assert set(first.values()).isdisjoint(h for name, h in other.items() if not name.endswith(".csv"))
 
 
 def test_worker_processes_do_not_change_the_files(tmp_path):
@@ -194,19 +195,36 @@ def test_csv_columns(dataset):
     assert _header(dataset / "aptos/test.csv") == ["id_code"]
     assert _header(dataset / "test_labels.csv") == ["id_code", "diagnosis"]
     assert _header(dataset / "messidor/Mess1_annotation_train.csv") == [
-        "", "image", "quality", "type", "Retinopathy_grade", "Risk_of_macular_edema"]
+        "",
+        "image",
+        "quality",
+        "type",
+        "Retinopathy_grade",
+        "Risk_of_macular_edema",
+    ]
     assert _header(dataset / "messidor_base/Annotation_Base11.csv") == [
-        "Image name", "Ophthalmologic department", "Retinopathy grade", "Risk of macular edema "]
+        "Image name",
+        "Ophthalmologic department",
+        "Retinopathy grade",
+        "Risk of macular edema ",
+    ]
     assert _header(dataset / "lesions.csv") == [
-        "path", "split", "ma", "haemorrhages", "exudates", "cotton_wool", "nv", "edema_risk",
-        "grade"]
+        "path",
+        "split",
+        "ma",
+        "haemorrhages",
+        "exudates",
+        "cotton_wool",
+        "nv",
+        "edema_risk",
+        "grade",
+    ]
     assert not (dataset / "aptos/test_labels.csv").exists()
 
 
 def test_lesions_csv_covers_every_image(dataset):
     lesions = pd.read_csv(dataset / "lesions.csv")
-    images = {p.relative_to(dataset).as_posix() for p in dataset.rglob("*")
-              if p.suffix in IMAGE_SUFFIXES}
+    images = {p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.suffix in IMAGE_SUFFIXES}
     assert set(lesions["path"]) == images
     assert len(lesions) == len(images) == 30
     recomputed = [grade_from_counts(r.ma, r.haemorrhages, bool(r.nv)) for r in lesions.itertuples()]
@@ -246,10 +264,9 @@ def test_messidor_layouts(dataset):
     base = pd.read_csv(dataset / "messidor_base/Annotation_Base11.csv")
     assert len(mess1) == len(base) == 3
     for folder, names, grades, risks in (
-            ("messidor", mess1["image"], mess1["Retinopathy_grade"],
-             mess1["Risk_of_macular_edema"]),
-            ("messidor_base", base["Image name"], base["Retinopathy grade"],
-             base["Risk of macular edema "])):
+        ("messidor", mess1["image"], mess1["Retinopathy_grade"], mess1["Risk_of_macular_edema"]),
+        ("messidor_base", base["Image name"], base["Retinopathy grade"], base["Risk of macular edema "]),
+    ):
         for name, grade, risk in zip(names, grades, risks):
             assert name.endswith("_PP.tif") and len(name) == len("20051019_38557_0100_PP.tif")
             row = lesions.loc[f"{folder}/{name}"]

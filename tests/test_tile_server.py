@@ -2,15 +2,14 @@
 library from node_modules, tiles only of photographs a page has shown, the layers laid over
 them, and nothing outside either."""
 
-
 import cv2
 import numpy as np
 import pytest
+from conftest import write_image
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 import views.tile_server as server
-from conftest import write_image
 from engine.data.tiles import TileCache, tile_key
 from views.tile_server import LIBRARY, PREFIX, ROUTES, Registry
 
@@ -43,9 +42,11 @@ def test_tiles_of_a_shown_photograph_and_of_no_other(client, tmp_path):
     assert tile.shape[:2] == (400, 700 - 509)  # the last column of native pixels, overlap in
     assert client.get(f"{PREFIX}/{token}/red-free_files/0/0_0.jpeg").status_code == 200
     assert client.get(f"{PREFIX}/{token}/ready").status_code == 204
-    for missing in (f"{PREFIX}/{token}/photo_files/10/5_0.jpeg",
-                    f"{PREFIX}/{token}/grey_files/0/0_0.jpeg",
-                    f"{PREFIX}/{'0' * 32}/photo_files/0/0_0.jpeg"):
+    for missing in (
+        f"{PREFIX}/{token}/photo_files/10/5_0.jpeg",
+        f"{PREFIX}/{token}/grey_files/0/0_0.jpeg",
+        f"{PREFIX}/{'0' * 32}/photo_files/0/0_0.jpeg",
+    ):
         assert client.get(missing).status_code == 404, missing
     assert (tmp_path / "tiles" / tile_key(photo)).is_dir()
 

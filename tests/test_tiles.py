@@ -133,8 +133,9 @@ def test_top_level_tiles_are_the_photograph_s_own_pixels(tmp_path):
     rng = np.random.default_rng(1)
     # grey blocks on a fixed tint: JPEG keeps luminance at full resolution, colour at half
     blocks = rng.integers(0, 200, (240, 300, 1), dtype=np.uint8) + np.array([50, 20, 0], np.uint8)
-    rgb = cv2.GaussianBlur(cv2.resize(blocks, (1200, 960), interpolation=cv2.INTER_NEAREST),
-                           (0, 0), 0.7)[:951, :1137]
+    rgb = cv2.GaussianBlur(cv2.resize(blocks, (1200, 960), interpolation=cv2.INTER_NEAREST), (0, 0), 0.7)[
+        :951, :1137
+    ]
     cache = TileCache(tmp_path / "cache")
     pyr = cache.pyramids(write_rgb(tmp_path / "texture.png", rgb.copy()))
     bgr = rgb[..., ::-1].astype(int)
@@ -143,7 +144,7 @@ def test_top_level_tiles_are_the_photograph_s_own_pixels(tmp_path):
             x0, y0, x1, y1 = osd_tile_bounds(1137, 951, pyr.max_level, col, row)
             tile = read_tile(cache.tile_path(pyr.key, "photo", pyr.max_level, col, row))
             error = np.abs(tile - bgr[y0:y1, x0:x1]).mean()
-            shifted = np.abs(tile[:, 1:] - bgr[y0:y1, x0:x1 - 1]).mean()
+            shifted = np.abs(tile[:, 1:] - bgr[y0:y1, x0 : x1 - 1]).mean()
             assert error < 3 and shifted > 5 * error, (col, row, error, shifted)
     below = stitch(cache, pyr, "photo", pyr.max_level - 1)[..., ::-1].astype(int)
     assert below.shape[:2] == (476, 569)
@@ -220,7 +221,7 @@ def test_contrast_touches_only_the_square_around_the_field():
     out = contrast(rgb, field)
     cx, _, radius = field
     left, right = round(cx + 0.5 - radius), round(cx + 0.5 + radius)
-    assert np.array_equal(out[:, : left], rgb[:, : left])
+    assert np.array_equal(out[:, :left], rgb[:, :left])
     assert np.array_equal(out[:, right:], rgb[:, right:])
     assert np.abs(out[:, left:right].astype(int) - rgb[:, left:right]).mean() > 2
     assert not np.array_equal(contrast(rgb), rgb)  # without a field: the whole image
@@ -337,8 +338,17 @@ def test_tile_path_rejects_what_a_browser_may_send(built):
     good = cache.tile_path(pyr.key, "photo", 11, 2, 1)
     assert good == pyr.folder / "photo_files" / "11" / "2_1.jpeg" and good.is_file()
     key = pyr.key
-    bad_places = [(11, 3, 0), (12, 0, 0), (-1, 0, 0), ("11", 0, 0), (11.0, 0, 0), (True, 0, 0),
-                  (11, 0, 10**30), (11, "0/../1", 0), (None, 0, 0)]
+    bad_places = [
+        (11, 3, 0),
+        (12, 0, 0),
+        (-1, 0, 0),
+        ("11", 0, 0),
+        (11.0, 0, 0),
+        (True, 0, 0),
+        (11, 0, 10**30),
+        (11, "0/../1", 0),
+        (None, 0, 0),
+    ]
     for level, col, row in bad_places:
         assert cache.tile_path(key, "photo", level, col, row) is None, (level, col, row)
     for view in ("../photo", "photo/..", "grey", "", ["photo"], None):
@@ -381,8 +391,10 @@ def test_the_prefetcher_prepares_a_card_once_in_its_own_process(tmp_path):
     photo = write_rgb(tmp_path / "eye.jpg", fundus(300))
     cfg = PreprocessConfig(size=64)
     prefetcher = Prefetcher()
-    futures = [prefetcher.submit(tmp_path / "." / "eye.jpg", tmp_path / "tiles",
-                                 tmp_path / "cache", cfg) for _ in range(3)]
+    futures = [
+        prefetcher.submit(tmp_path / "." / "eye.jpg", tmp_path / "tiles", tmp_path / "cache", cfg)
+        for _ in range(3)
+    ]
     assert futures[0] is futures[1] is futures[2]  # asked again while under way: not again
     prefetcher.wait(photo)
     assert futures[0].result(60) == pytest.approx(photo_input_box(photo, cfg))
@@ -398,8 +410,9 @@ def test_a_failed_prefetch_is_logged(tmp_path, caplog):
     broken = tmp_path / "broken.jpg"
     broken.write_text("not an image")
     with caplog.at_level(logging.WARNING, logger="engine.data.tiles"):
-        future = Prefetcher().submit(broken, tmp_path / "tiles", tmp_path / "cache",
-                                     PreprocessConfig(size=64))
+        future = Prefetcher().submit(
+            broken, tmp_path / "tiles", tmp_path / "cache", PreprocessConfig(size=64)
+        )
         with pytest.raises(ImageError):
             future.result(60)
         time.sleep(0.2)  # the done callback runs on the pool's thread
@@ -412,8 +425,9 @@ def test_a_failed_prefetch_is_logged(tmp_path, caplog):
 FIELD_COLOUR = (200, 90, 40)
 
 
-def dot_photo(width: int, height: int, field: tuple[int, int, int], dot: tuple[int, int],
-              dot_radius: int) -> np.ndarray:
+def dot_photo(
+    width: int, height: int, field: tuple[int, int, int], dot: tuple[int, int], dot_radius: int
+) -> np.ndarray:
     """An orange field on black with a dot that differs from the field in blue alone, so that
     the blue above the field's is linear in how much of a pixel the dot covers."""
     rgb = np.zeros((height, width, 3), np.uint8)
@@ -430,11 +444,15 @@ def dot_centre(img: np.ndarray) -> tuple[float, float]:
     return (xs * signal).sum() / signal.sum() + 0.5, (ys * signal).sum() / signal.sum() + 0.5
 
 
-@pytest.mark.parametrize("cfg", [
-    PreprocessConfig(128, crop=True, enhance=False, mask=False),
-    PreprocessConfig(128, crop=False, enhance=False, mask=False, center_crop=True),
-    PreprocessConfig(128, crop=False, enhance=False, mask=False),
-], ids=["crop", "center-crop", "squeeze"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        PreprocessConfig(128, crop=True, enhance=False, mask=False),
+        PreprocessConfig(128, crop=False, enhance=False, mask=False, center_crop=True),
+        PreprocessConfig(128, crop=False, enhance=False, mask=False),
+    ],
+    ids=["crop", "center-crop", "squeeze"],
+)
 def test_input_box_says_where_the_model_input_lies(cfg):
     # the field reaches past the top edge, so the crop square does too
     rgb = dot_photo(500, 330, (230, 140, 150), (290, 190), 8)

@@ -9,39 +9,64 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import ROOT, write_image
 from safetensors.torch import save_file
 from sqlalchemy import select
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, write_image
 from db.schema import Epoch, Run
 from db.session import migrate, session_scope
 from db.users import LOCAL
 from engine.data.datasets import Sample, augmentation, folder_samples, read_manifest, stratified_split
-from engine.model.networks import WeightsMismatch, create_model, load_checkpoint
 from engine.data.sources import import_source
-from engine.training.train import main as train_main
-from engine.training.train import (boolean, make_config, parse_args, refuse_existing_run,
-                          run_name_problem)
-from engine.training.trainer import (Hooks, NonFiniteLoss, NoTrainingImages, RunPaths, Trainer,
-                            epochs_for_budget, lr_at, soft_targets, stage_of)
+from engine.model.networks import WeightsMismatch, create_model, load_checkpoint
 from engine.runtime.workspace import Workspace
+from engine.training.train import boolean, make_config, parse_args, refuse_existing_run, run_name_problem
+from engine.training.train import main as train_main
+from engine.training.trainer import (
+    Hooks,
+    NonFiniteLoss,
+    NoTrainingImages,
+    RunPaths,
+    Trainer,
+    epochs_for_budget,
+    lr_at,
+    soft_targets,
+    stage_of,
+)
 
-TINY = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "false",
-        "--batch-size", "8", "--workers", "0", "--lr", "0.05"]
+TINY = [
+    "--model",
+    "test_efficientnet",
+    "--img-size",
+    "64",
+    "--pretrained",
+    "false",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--lr",
+    "0.05",
+]
 
 
 def train_cli(workspace: Path, *args: str, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "engine.training.train", *TINY, *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.training.train", *TINY, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == returncode, done.stderr[-3000:]
     return done
 
 
 def test_cli_writes_checkpoints_tensorboard_and_estimate_info(tiny_data, tmp_path):
-    done = train_cli(tmp_path, "--data-path", str(tiny_data / "validation"), "--epochs", "2",
-                     "--name", "t1")
+    done = train_cli(tmp_path, "--data-path", str(tiny_data / "validation"), "--epochs", "2", "--name", "t1")
     last_line = done.stdout.strip().splitlines()[-1]
     best = tmp_path / "weights" / "t1" / "best.pth"
     assert last_line.startswith(f"best checkpoint: {best}  val QWK ")
@@ -74,17 +99,29 @@ def test_cli_writes_checkpoints_tensorboard_and_estimate_info(tiny_data, tmp_pat
 
     # A new run with t1's settings from its config.json; an option beside it overrides.
     first = tmp_path / "weights" / "t1" / "config.json"
-    train_cli(tmp_path, "--data-path", str(tiny_data / "validation"), "--config", str(first),
-              "--lr", "0.02", "--name", "t2")
-    settings, repeated = (json.loads(p.read_text()) for p in (first, first.parent.parent / "t2" /
-                                                             "config.json"))
+    train_cli(
+        tmp_path,
+        "--data-path",
+        str(tiny_data / "validation"),
+        "--config",
+        str(first),
+        "--lr",
+        "0.02",
+        "--name",
+        "t2",
+    )
+    settings, repeated = (
+        json.loads(p.read_text()) for p in (first, first.parent.parent / "t2" / "config.json")
+    )
     assert repeated == {**settings, "lr": 0.02} and settings["lr"] != 0.02
 
 
 def test_a_config_that_is_no_runs_config_is_an_error_in_words(tmp_path, capsys):
     (tmp_path / "other.json").write_text('{"hello": 1}')
-    for path, words in ((tmp_path / "nope.json", "No such file"),
-                        (tmp_path / "other.json", "not a run's config.json")):
+    for path, words in (
+        (tmp_path / "nope.json", "No such file"),
+        (tmp_path / "other.json", "not a run's config.json"),
+    ):
         with pytest.raises(SystemExit):
             parse_args(["--from-db", "--config", str(path)])
         error = capsys.readouterr().err
@@ -94,28 +131,34 @@ def test_a_config_that_is_no_runs_config_is_an_error_in_words(tmp_path, capsys):
 def test_the_final_model_learns_from_every_image(tiny_data, tmp_path):
     """The validation phase learns from the training split and calibrates on the rest; the
     run's model learns from both, for the same epochs, and carries that calibration."""
-    done = train_cli(tmp_path, "--data-path", str(tiny_data / "validation"), "--epochs", "2",
-                     "--name", "all")
+    done = train_cli(tmp_path, "--data-path", str(tiny_data / "validation"), "--epochs", "2", "--name", "all")
     images = folder_samples(tiny_data / "validation")
     run = tmp_path / "weights" / "all"
     train, val = read_manifest(run / "validation" / "samples.csv")
-    assert train and val and {s.path for s in train} | {s.path for s in val} == \
-        {s.path for s in images}
+    assert train and val and {s.path for s in train} | {s.path for s in val} == {s.path for s in images}
     learned, judged = read_manifest(run / "samples.csv")
     assert sorted(s.path for s in learned) == sorted(s.path for s in images) and judged == []
     _, final = load_checkpoint(run / "best.pth")
     _, checked = load_checkpoint(run / "validation" / "best.pth")
     assert sum(final["train_counts"]) == len(images) > sum(checked["train_counts"]) == len(train)
     assert final["epoch"] == checked["epoch"] == 2
-    assert final["temperature"] == checked["temperature"] and \
-        final["calibration"] == checked["calibration"]
+    assert final["temperature"] == checked["temperature"] and final["calibration"] == checked["calibration"]
     screening = final["calibration"]["screening"]
     assert 0 <= screening["threshold"] <= 1 and screening["target_sensitivity"] == 0.87
     assert (run / "validation" / "validation.csv").is_file()
     assert done.stdout.index("validation phase") < done.stdout.index("final model")
     # false: the validated model is the run's model, as before
-    train_cli(tmp_path, "--data-path", str(tiny_data / "validation"), "--epochs", "1",
-              "--name", "one", "--refit", "false")
+    train_cli(
+        tmp_path,
+        "--data-path",
+        str(tiny_data / "validation"),
+        "--epochs",
+        "1",
+        "--name",
+        "one",
+        "--refit",
+        "false",
+    )
     _, meta = load_checkpoint(tmp_path / "weights" / "one" / "best.pth")
     assert sum(meta["train_counts"]) == len(train)
     assert not (tmp_path / "weights" / "one" / "validation").exists()
@@ -153,8 +196,11 @@ def test_freeze_layers_trains_only_the_classifier(tiny_data, tmp_path):
     trainer.fit()
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable == {"classifier.weight", "classifier.bias"}
-    changed = {k for k, v in trainer.model.state_dict().items()
-               if v.dtype.is_floating_point and not torch.equal(v, before[k])}
+    changed = {
+        k
+        for k, v in trainer.model.state_dict().items()
+        if v.dtype.is_floating_point and not torch.equal(v, before[k])
+    }
     weights_changed = {k for k in changed if "running" not in k}
     assert weights_changed == {"classifier.weight", "classifier.bias"}
 
@@ -197,12 +243,24 @@ def tiny_config(**changes):
 
 @pytest.mark.parametrize("name", ["../../escaped", "ABSOLUTE"])
 def test_a_run_name_that_leads_out_of_the_workspace_is_refused_before_anything_is_written(
-        tiny_data, tmp_path, name, monkeypatch, capsys):
+    tiny_data, tmp_path, name, monkeypatch, capsys
+):
     name = str(tmp_path / "absolute") if name == "ABSOLUTE" else name
     monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
     with pytest.raises(SystemExit) as stopped:  # in this process: a refusal needs no other
-        train_main([*TINY, "--data-path", str(tiny_data / "validation"), "--epochs", "1",
-                    "--refit", "false", "--name", name])
+        train_main(
+            [
+                *TINY,
+                "--data-path",
+                str(tiny_data / "validation"),
+                "--epochs",
+                "1",
+                "--refit",
+                "false",
+                "--name",
+                name,
+            ]
+        )
     assert stopped.value.code == 2
     assert f"argument --name: run name {name!r}: use letters" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no checkpoint, TensorBoard run or report; no workspace
@@ -211,8 +269,7 @@ def test_a_run_name_that_leads_out_of_the_workspace_is_refused_before_anything_i
 def test_a_run_name_is_a_folder_name_of_the_workspace():
     for name in ("t1", "seed-20240101-120000", "run_2.b", "_x", "café", "r" * 100):
         assert run_name_problem(name) is None, name
-    for name in ("", ".", "..", "../x", "a/b", "/abs", ".hidden", "-x", "a b", "x\n", "a\\b",
-                 "r" * 101):
+    for name in ("", ".", "..", "../x", "a/b", "/abs", ".hidden", "-x", "a b", "x\n", "a\\b", "r" * 101):
         assert run_name_problem(name).startswith(f"run name {name!r}: use letters"), name
 
 
@@ -228,8 +285,9 @@ def test_a_run_recorded_in_the_database_is_not_written_over(tmp_path):
 
 def test_a_non_finite_loss_stops_the_run(tiny_data, tmp_path):
     train, val = stratified_split(folder_samples(tiny_data / "validation"))
-    trainer = Trainer(tiny_config(lr=1e30, warmup_epochs=0), train, val,
-                      RunPaths.under(Workspace(tmp_path), "nan"), None)
+    trainer = Trainer(
+        tiny_config(lr=1e30, warmup_epochs=0), train, val, RunPaths.under(Workspace(tmp_path), "nan"), None
+    )
     with pytest.raises(NonFiniteLoss, match="lower the learning rate"):
         trainer.fit()
 
@@ -245,7 +303,9 @@ def test_an_unreadable_training_image_is_skipped(tiny_data, tmp_path):
             skipped.extend(reasons)
 
     train.append(Sample(str(broken), 1, "broken"))
-    result = Trainer(tiny_config(), train, val, RunPaths.under(Workspace(tmp_path), "s"), None, Record()).fit()
+    result = Trainer(
+        tiny_config(), train, val, RunPaths.under(Workspace(tmp_path), "s"), None, Record()
+    ).fit()
     assert len(result.epochs) == 1 and skipped and str(broken) in skipped[0]
 
 
@@ -267,13 +327,19 @@ def test_progressive_learning_grows_size_and_regularisation(tiny_data, tmp_path)
     assert magnitudes[0] == 5 and magnitudes[-1] == 10 and dropouts[0] < dropouts[-1]
     assert stage_of(tiny_config(progressive=False), 0)[:2] == (64, 0)
     train, val = stratified_split(folder_samples(tiny_data / "validation"))
-    trainer = Trainer(tiny_config(epochs=4, img_size=64, eval_size=64, progressive=True),
-                      train, val, RunPaths.under(Workspace(tmp_path), "p"), None)
+    trainer = Trainer(
+        tiny_config(epochs=4, img_size=64, eval_size=64, progressive=True),
+        train,
+        val,
+        RunPaths.under(Workspace(tmp_path), "p"),
+        None,
+    )
     assert [record["img_size"] for record in trainer.fit().epochs] == [32, 32, 64, 64]
 
 
 def test_the_first_finished_run_becomes_active_and_later_ones_wait(tiny_data, tmp_path):
     from db.runs import active_run_id, promote
+
     workspace = Workspace(tmp_path)
     migrate(workspace.db_url)
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train")
@@ -298,8 +364,9 @@ def loader_order(trainer, epoch: int) -> list[int]:
 @pytest.mark.parametrize("balance", ["loss", "sampler"])
 def test_every_epoch_draws_a_new_order_and_the_same_seed_the_same(tiny_data, tmp_path, balance):
     train, val = stratified_split(folder_samples(tiny_data / "validation"))
-    trainer = Trainer(tiny_config(balance=balance), train, val,
-                      RunPaths.under(Workspace(tmp_path), "o"), None)
+    trainer = Trainer(
+        tiny_config(balance=balance), train, val, RunPaths.under(Workspace(tmp_path), "o"), None
+    )
     orders = [loader_order(trainer, epoch) for epoch in range(3)]
     assert orders[0] != orders[1] != orders[2]
     assert loader_order(trainer, 1) == orders[1]
@@ -337,8 +404,13 @@ def test_an_epoch_without_one_readable_image_stops_in_words(tiny_data, tmp_path)
     broken = [tmp_path / f"broken{n}.png" for n in range(3)]
     for path in broken:
         path.write_text("no pixels here")
-    trainer = Trainer(tiny_config(), [Sample(str(p), 1, p.stem) for p in broken], val,
-                      RunPaths.under(Workspace(tmp_path), "b"), None)
+    trainer = Trainer(
+        tiny_config(),
+        [Sample(str(p), 1, p.stem) for p in broken],
+        val,
+        RunPaths.under(Workspace(tmp_path), "b"),
+        None,
+    )
     with pytest.raises(NoTrainingImages, match="none of the 3 training images could be read"):
         trainer.fit()
 
@@ -351,15 +423,28 @@ def test_class_folders_too_few_to_split_are_an_error_in_words(tmp_path, monkeypa
         train_main([*TINY, "--data-path", str(tmp_path / "folders"), "--epochs", "1"])
 
 
-def test_a_weight_file_of_another_model_is_an_error_naming_the_first_mismatch(tiny_data, tmp_path,
-                                                                            monkeypatch, capsys):
+def test_a_weight_file_of_another_model_is_an_error_naming_the_first_mismatch(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
     other = tmp_path / "other.pth"
     torch.save(timm.create_model("resnet18", num_classes=4).state_dict(), other)
     with pytest.raises(WeightsMismatch, match="does not fit test_efficientnet: .* first "):
         create_model("test_efficientnet", pretrained=other)
     monkeypatch.setenv("DR_WORKSPACE", str(tmp_path))
-    assert train_main([*TINY[:4], "--weights", str(other), "--data-path",
-                       str(tiny_data / "validation"), "--epochs", "1"]) == 2
+    assert (
+        train_main(
+            [
+                *TINY[:4],
+                "--weights",
+                str(other),
+                "--data-path",
+                str(tiny_data / "validation"),
+                "--epochs",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "does not fit test_efficientnet" in capsys.readouterr().err
 
 
@@ -396,8 +481,7 @@ def test_a_run_records_its_images_and_resume_continues_on_them(tiny_data, tmp_pa
     # Resumed with other options, the run keeps its own config and images.
     empty = tmp_path / "elsewhere"
     empty.mkdir()
-    train_cli(tmp_path, "--data-path", str(empty), "--name", "m", "--resume", "--lr", "0.5",
-              "--epochs", "2")
+    train_cli(tmp_path, "--data-path", str(empty), "--name", "m", "--resume", "--lr", "0.5", "--epochs", "2")
     config = json.loads((tmp_path / "weights" / "m" / "config.json").read_text())
     assert config["lr"] == 0.02
     assert read_manifest(manifest) == (train, val)
@@ -407,8 +491,7 @@ def test_a_run_records_its_images_and_resume_continues_on_them(tiny_data, tmp_pa
 
 def test_a_budget_of_minutes_sets_the_epochs(tiny_data, tmp_path):
     train, val = stratified_split(folder_samples(tiny_data / "validation"))
-    trainer = Trainer(tiny_config(), train, val, RunPaths.under(Workspace(tmp_path), "t"),
-                      tmp_path / "cache")
+    trainer = Trainer(tiny_config(), train, val, RunPaths.under(Workspace(tmp_path), "t"), tmp_path / "cache")
     small, large = trainer.epochs_in_budget(0.001), trainer.epochs_in_budget(5)
     assert small == 1 and large > 10
     assert epochs_for_budget(10, 60, 90) == 6
@@ -418,8 +501,11 @@ def readme_commands(marker: str) -> list[list[str]]:
     """The `engine.training.train` commands of the README that follow a comment line containing
     `marker`, as argument lists."""
     lines = (ROOT / "README.md").read_text().replace("\\\n", " ").splitlines()
-    return [shlex.split(line)[1:] for before, line in zip(lines, lines[1:])
-            if marker in before and "-m engine.training.train" in line]
+    return [
+        shlex.split(line)[1:]
+        for before, line in zip(lines, lines[1:])
+        if marker in before and "-m engine.training.train" in line
+    ]
 
 
 def test_the_readmes_seed_commands_run_on_a_cpu(tiny_data, tmp_path):
@@ -434,15 +520,24 @@ def test_the_readmes_seed_commands_run_on_a_cpu(tiny_data, tmp_path):
     for n, command in enumerate(commands):
         command = [str(tiny_data / "validation") if a == "/data/folders" else a for a in command]
         command[command.index("--epochs") + 1] = "1"
-        done = subprocess.run([sys.executable, *command, "--name", f"seed{n}", "--img-size", "96"],
-                              cwd=tmp_path,
-                              env={"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(tmp_path / "ws"),
-                                   "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, *command, "--name", f"seed{n}", "--img-size", "96"],
+            cwd=tmp_path,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "DR_WORKSPACE": str(tmp_path / "ws"),
+                "PYTHONPATH": str(ROOT),
+                "HF_HUB_OFFLINE": "1",
+            },
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         _, meta = load_checkpoint(tmp_path / "ws" / "weights" / f"seed{n}" / "best.pth")
-        assert meta["model_name"] == ("tf_efficientnetv2_s" if "--weights" in command
-                                      else "tf_efficientnet_lite0")
+        assert meta["model_name"] == (
+            "tf_efficientnetv2_s" if "--weights" in command else "tf_efficientnet_lite0"
+        )
 
 
 def test_ordinal_targets_put_more_weight_on_near_grades():
@@ -455,6 +550,9 @@ def test_ordinal_targets_put_more_weight_on_near_grades():
 def test_light_augmentation_turns_and_mirrors_only():
     image = torch.arange(3 * 8 * 8, dtype=torch.uint8).reshape(3, 8, 8)
     views = {augmentation(8, 0, "light")(image).numpy().tobytes() for _ in range(200)}
-    symmetries = {torch.rot90(flipped, k, (-2, -1)).numpy().tobytes()
-                  for flipped in (image, image.flip(-1)) for k in range(4)}
+    symmetries = {
+        torch.rot90(flipped, k, (-2, -1)).numpy().tobytes()
+        for flipped in (image, image.flip(-1))
+        for k in range(4)
+    }
     assert views == symmetries

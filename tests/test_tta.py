@@ -19,8 +19,11 @@ def corner_net() -> torch.nn.Module:
 def test_the_eight_views_are_the_symmetries_of_a_square_in_their_named_order():
     image = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
     views = view_logits(lambda x: x, image, 8)
-    symmetries = {torch.rot90(flipped, k, (-2, -1)).numpy().tobytes()
-                  for flipped in (image, image.flip(-1)) for k in range(4)}
+    symmetries = {
+        torch.rot90(flipped, k, (-2, -1)).numpy().tobytes()
+        for flipped in (image, image.flip(-1))
+        for k in range(4)
+    }
     assert len(views) == len(TTA_VIEWS[8]) and {v.numpy().tobytes() for v in views} == symmetries
     assert torch.equal(views[0], image) and torch.equal(views[1], image.flip(-1))
     assert torch.equal(views[2], torch.rot90(image, 1, (-2, -1)))
@@ -31,11 +34,9 @@ def test_eight_views_grade_a_turned_or_mirrored_photograph_alike():
     forward, image = corner_net(), torch.rand(2, 3, 16, 16)
     turned = torch.rot90(image, 1, (-2, -1))
     assert not torch.allclose(forward(image), forward(turned), atol=1e-3)
-    assert not torch.allclose(tta_logits(forward, image, 2), tta_logits(forward, turned, 2),
-                              atol=1e-3)
+    assert not torch.allclose(tta_logits(forward, image, 2), tta_logits(forward, turned, 2), atol=1e-3)
     for other in (turned, image.flip(-2), torch.rot90(image.flip(-1), 3, (-2, -1))):
-        assert torch.allclose(tta_logits(forward, image, 8), tta_logits(forward, other, 8),
-                              atol=1e-5)
+        assert torch.allclose(tta_logits(forward, image, 8), tta_logits(forward, other, 8), atol=1e-5)
 
 
 def test_tta_averages_probabilities_not_logits():

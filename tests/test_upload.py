@@ -7,10 +7,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import write_image
-from engine.data.sources import import_source
+
 from db.users import TERMINAL
+from engine.data.sources import import_source
 from engine.data.upload import UnsafeUpload, unpack_zip
 
 # These tests are about the zip, not about who may upload it (test_roles.py is): they unpack
@@ -35,9 +35,14 @@ def zip_of(entries: dict[str, bytes], links: dict[str, str] | None = None) -> io
 def aptos_zip(tmp_path: Path) -> io.BytesIO:
     """An APTOS train set zipped as a folder ("aptos/..."), with macOS's resource forks."""
     png = write_image(tmp_path / "one.png").read_bytes()
-    return zip_of({"aptos/train.csv": b"id_code,diagnosis\na1,0\na2,4\nmissing,1\n",
-                   "aptos/train_images/a1.png": png, "aptos/train_images/a2.png": png,
-                   "__MACOSX/aptos/._train.csv": b"junk"})
+    return zip_of(
+        {
+            "aptos/train.csv": b"id_code,diagnosis\na1,0\na2,4\nmissing,1\n",
+            "aptos/train_images/a1.png": png,
+            "aptos/train_images/a2.png": png,
+            "__MACOSX/aptos/._train.csv": b"junk",
+        }
+    )
 
 
 def visible(folder: Path) -> list[str]:
@@ -50,7 +55,11 @@ def test_zip_unpacks_into_its_own_folder_and_reimport_changes_nothing(tmp_path, 
     assert root.parent.parent == into and root.name == "aptos"
     assert root.parent.name.startswith("APTOS_train-")  # the name cleaned, no path from it
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
-        "train.csv", "train_images", "train_images/a1.png", "train_images/a2.png"]
+        "train.csv",
+        "train_images",
+        "train_images/a1.png",
+        "train_images/a2.png",
+    ]
     report = import_source(db_url, "aptos", root, "train", "upload")
     assert (report.added, [p.reason for p in report.problems]) == (2, ["missing file"])
 
@@ -61,14 +70,17 @@ def test_zip_unpacks_into_its_own_folder_and_reimport_changes_nothing(tmp_path, 
     assert (again.added, again.already) == (0, 2)
 
 
-@pytest.mark.parametrize("entries, links, rule", [
-    ({"ok.png": b"x", "../evil.png": b"x"}, None, "'../evil.png' points outside"),
-    ({"data/../../evil.png": b"x"}, None, "points outside"),
-    ({"/etc/evil.png": b"x"}, None, "'/etc/evil.png' points outside"),
-    ({"..\\evil.png": b"x"}, None, "points outside"),
-    ({"ok.png": b"x"}, {"data/0/link.png": "/etc/passwd"}, "'data/0/link.png' is a symbolic link"),
-    ({"a.png": b"x", "b/a.png": b"y", "a.png ": b"z"}, None, None),
-])
+@pytest.mark.parametrize(
+    "entries, links, rule",
+    [
+        ({"ok.png": b"x", "../evil.png": b"x"}, None, "'../evil.png' points outside"),
+        ({"data/../../evil.png": b"x"}, None, "points outside"),
+        ({"/etc/evil.png": b"x"}, None, "'/etc/evil.png' points outside"),
+        ({"..\\evil.png": b"x"}, None, "points outside"),
+        ({"ok.png": b"x"}, {"data/0/link.png": "/etc/passwd"}, "'data/0/link.png' is a symbolic link"),
+        ({"a.png": b"x", "b/a.png": b"y", "a.png ": b"z"}, None, None),
+    ],
+)
 def test_unsafe_entries_are_refused_and_nothing_is_written(tmp_path, entries, links, rule):
     into = tmp_path / "uploads"
     if rule is None:  # the control: the same shape of zip without the offending entry

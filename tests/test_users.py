@@ -9,25 +9,37 @@ from datetime import timedelta
 
 import pytest
 from argon2 import PasswordHasher
+from conftest import BOTH_BACKENDS, ROOT, page_text
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from conftest import BOTH_BACKENDS, ROOT, page_text
 from db import users
 from db.schema import Account, utcnow
 from db.session import session_scope
 from db.sign_ins import open_sign_ins
-from db.users import (LOCK_FOR, MAX_FAILURES, TERMINAL, AccountError, SignInRefused, User,
-                      add_account, find_provider_user, find_user, has_accounts, main,
-                      set_disabled, set_password, sign_in)
+from db.users import (
+    LOCK_FOR,
+    MAX_FAILURES,
+    TERMINAL,
+    AccountError,
+    SignInRefused,
+    User,
+    add_account,
+    find_provider_user,
+    find_user,
+    has_accounts,
+    main,
+    set_disabled,
+    set_password,
+    sign_in,
+)
 from engine.runtime.markdown import literal
 
 
 @pytest.fixture(autouse=True)
 def quick_hashes(monkeypatch):
     """Argon2 still, with a cost that suits tests (the real one takes ~0.1-0.4 s a hash)."""
-    monkeypatch.setattr(users, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024,
-                                                         parallelism=1))
+    monkeypatch.setattr(users, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
 
 
 def cli(monkeypatch, capsys, *argv: str, stdin: str = "") -> tuple[int, str]:
@@ -43,17 +55,17 @@ def stored(db_url: str, name: str) -> Account:
         return session.scalar(select(Account).where(Account.name == name))
 
 
-def test_the_command_line_adds_lists_disables_and_sets_passwords(workspace, monkeypatch,
-                                                                 capsys):
+def test_the_command_line_adds_lists_disables_and_sets_passwords(workspace, monkeypatch, capsys):
     db = workspace.db_url
     assert cli(monkeypatch, capsys, "list")[1].startswith("No accounts")
-    assert cli(monkeypatch, capsys, "add", "Ana", "--role", "admin",
-               stdin="correct horse\n") == (0, "Added ana (admin).\n")
+    assert cli(monkeypatch, capsys, "add", "Ana", "--role", "admin", stdin="correct horse\n") == (
+        0,
+        "Added ana (admin).\n",
+    )
     account = stored(db, "ana")
     assert account.password_hash.startswith("$argon2id$")
     assert "correct horse" not in account.password_hash
-    assert cli(monkeypatch, capsys, "add", "ben@clinic.org", "--role", "reviewer",
-               "--sso")[0] == 0
+    assert cli(monkeypatch, capsys, "add", "ben@clinic.org", "--role", "reviewer", "--sso")[0] == 0
     assert stored(db, "ben@clinic.org").password_hash is None  # signs in through the provider
     status, out = cli(monkeypatch, capsys, "add", "cid", "--role", "reviewer", stdin="short\n")
     assert status == 2 and "at least 8 characters" in out and stored(db, "cid") is None
@@ -68,8 +80,10 @@ def test_the_command_line_adds_lists_disables_and_sets_passwords(workspace, monk
     assert cli(monkeypatch, capsys, "enable", "ana")[0] == 0
     assert cli(monkeypatch, capsys, "passwd", "ana", stdin="battery staple\n")[0] == 0
     assert sign_in(db, "Ana ", "battery staple") == User("ana", "admin")
-    assert cli(monkeypatch, capsys, "passwd", "nobody", stdin="battery staple\n") == \
-        (2, "error: no account named nobody\n")
+    assert cli(monkeypatch, capsys, "passwd", "nobody", stdin="battery staple\n") == (
+        2,
+        "error: no account named nobody\n",
+    )
 
 
 class CountingHasher(PasswordHasher):
@@ -110,8 +124,7 @@ def test_a_wrong_password_is_refused_and_each_failure_makes_the_next_try_wait(db
         sign_in(db_url, "ana", "correct horse", now + timedelta(seconds=2))
     assert stored(db_url, "ana").failures == 2  # refusals during a wait do not count
     assert hasher.hashes.count(ana) == 2
-    assert sign_in(db_url, "ana", "correct horse", now + timedelta(seconds=3)) == \
-        User("ana", "reviewer")
+    assert sign_in(db_url, "ana", "correct horse", now + timedelta(seconds=3)) == User("ana", "reviewer")
     assert stored(db_url, "ana").failures == 0 and stored(db_url, "ana").locked_until is None
 
 
@@ -132,7 +145,7 @@ def test_repeated_failures_lock_the_account_in_the_database(db_url, hasher):
     assert sign_in(db_url, "ana", "correct horse", now + LOCK_FOR) == User("ana", "reviewer")
     for n in range(MAX_FAILURES):  # locked again; a new password lifts the lock
         with pytest.raises(SignInRefused):
-            sign_in(db_url, "ana", "guess", now + LOCK_FOR + timedelta(seconds=2 ** n))
+            sign_in(db_url, "ana", "guess", now + LOCK_FOR + timedelta(seconds=2**n))
     with pytest.raises(SignInRefused):
         sign_in(db_url, "ana", "correct horse")
     set_password(db_url, "ana", "battery staple", user=TERMINAL)
@@ -161,15 +174,17 @@ def test_guesses_sent_at_once_are_not_all_verified(db_url, hasher):
     assert stored(db_url, "ana").failures == 1
 
 
-def test_unknown_names_wrong_passwords_and_disabled_accounts_are_refused_alike(db_url,
-                                                                              hasher):
+def test_unknown_names_wrong_passwords_and_disabled_accounts_are_refused_alike(db_url, hasher):
     add_account(db_url, "ana", "reviewer", "correct horse", user=TERMINAL)
     add_account(db_url, "ben", "reviewer", "battery staple", user=TERMINAL)
     set_disabled(db_url, "ben", True, user=TERMINAL)
     now = utcnow()
     refusals = []
-    for name, password in [("nobody", "correct horse"), ("ana", "wrong one"),
-                           ("ben", "battery staple")]:  # ben's right password
+    for name, password in [
+        ("nobody", "correct horse"),
+        ("ana", "wrong one"),
+        ("ben", "battery staple"),
+    ]:  # ben's right password
         with pytest.raises(SignInRefused) as refused:
             sign_in(db_url, name, password, now)
         refusals.append(str(refused.value))
@@ -180,8 +195,7 @@ def test_unknown_names_wrong_passwords_and_disabled_accounts_are_refused_alike(d
 def test_the_identity_provider_signs_in_only_verified_e_mails_of_its_own_accounts(db_url):
     add_account(db_url, "ana@clinic.org", "reviewer", None, user=TERMINAL)
     add_account(db_url, "ben@clinic.org", "admin", "correct horse", user=TERMINAL)
-    assert find_provider_user(db_url, "Ana@Clinic.org", verified=True) == \
-        User("ana@clinic.org", "reviewer")
+    assert find_provider_user(db_url, "Ana@Clinic.org", verified=True) == User("ana@clinic.org", "reviewer")
     assert find_provider_user(db_url, "ana@clinic.org", verified=False) is None
     assert find_provider_user(db_url, "ben@clinic.org", verified=True) is None  # a local one
     set_disabled(db_url, "ana@clinic.org", True, user=TERMINAL)
@@ -227,8 +241,9 @@ def test_the_sign_in_form_refuses_a_wrong_password_and_lets_the_right_one_in(wor
 
 def test_an_open_page_of_a_disabled_account_is_signed_out_at_its_next_rerun(workspace):
     add_account(workspace.db_url, "ana", "reviewer", "correct horse", user=TERMINAL)
-    at = sign_in_form(AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run(),
-                      "ana", "correct horse")
+    at = sign_in_form(
+        AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run(), "ana", "correct horse"
+    )
     assert at.title[0].value == "Dataset"
     set_disabled(workspace.db_url, "ana", True, user=TERMINAL)
     at.run()
@@ -265,19 +280,21 @@ def test_an_admin_ends_a_sign_in_and_sets_the_limits_on_the_accounts_page(worksp
     add_account(workspace.db_url, "ben", "reviewer", "correct horse", user=TERMINAL)
     ben = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     sign_in_form(ben, "ben", "correct horse")
-    at = sign_in_form(AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run(),
-                      "ana", "correct horse")
+    at = sign_in_form(
+        AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run(), "ana", "correct horse"
+    )
     at.switch_page("views/accounts.py").run()
     assert "12 h without a visit, or 7 days at most" in page_text(at)
     listed = {row.account: row.token_hash for row in open_sign_ins(workspace.db_url)}
-    assert sorted(label.split(" · ")[0] for label in at.multiselect(key="end_sign_ins").options) \
-        == ["ana", "ben"]
+    assert sorted(label.split(" · ")[0] for label in at.multiselect(key="end_sign_ins").options) == [
+        "ana",
+        "ben",
+    ]
     at.multiselect(key="end_sign_ins").set_value([listed["ben"]]).run()
     at.button(key="end_sign_ins_submit").click().run()
     assert not at.exception, at.exception
     assert "1 sign-in ended: each is signed out at its next click." in page_text(at)
-    assert [label.split(" · ")[0] for label in at.multiselect(key="end_sign_ins").options] == \
-        ["ana"]
+    assert [label.split(" · ")[0] for label in at.multiselect(key="end_sign_ins").options] == ["ana"]
     ben.run()
     assert [title.value for title in ben.title] == ["Sign in"]
     at.number_input(key="idle_hours").set_value(2.0)

@@ -7,13 +7,29 @@ import math
 import plotly.express as px
 import streamlit as st
 
-from db.reviews import (Conflict, DecidedMeanwhile, adjudicate, adjudication_queue, describe,
-                        decisions_frame, double_read_share, reads_frame)
+from db.reviews import (
+    Conflict,
+    DecidedMeanwhile,
+    adjudicate,
+    adjudication_queue,
+    decisions_frame,
+    describe,
+    double_read_share,
+    reads_frame,
+)
 from db.users import NotAllowed
-from engine.loop.agreement import (CATEGORIES, REJECT, between_reviewers, confusion, per_grade,
-                              per_reviewer, read_pairs, with_model)
-from grades import GRADE_NAMES
+from engine.loop.agreement import (
+    CATEGORIES,
+    REJECT,
+    between_reviewers,
+    confusion,
+    per_grade,
+    per_reviewer,
+    read_pairs,
+    with_model,
+)
 from engine.runtime.markdown import literal
+from grades import GRADE_NAMES
 from views.common import current_user, get_workspace
 from views.viewer import grading_viewer
 
@@ -36,8 +52,10 @@ def _label(category: int | str) -> str:
 def agreement_ui() -> None:
     reads = reads_frame(workspace.db_url)
     pairs = read_pairs(reads)
-    st.caption(f"{double_read_share(workspace.db_url):.0%} of the candidates are read blind by "
-               "two reviewers (set on the Review page).")
+    st.caption(
+        f"{double_read_share(workspace.db_url):.0%} of the candidates are read blind by "
+        "two reviewers (set on the Review page)."
+    )
     if pairs.empty:
         st.info("No image has two reads yet.")
         return
@@ -46,33 +64,47 @@ def agreement_ui() -> None:
     reads_col.metric("Images read twice", overall["reads"])
     exact_col.metric("Exact agreement", f"{overall['exact']:.0%}")
     qwk = overall["qwk"]
-    qwk_col.metric("Quadratic-weighted kappa", "–" if math.isnan(qwk) else f"{qwk:.3f}",
-                   help="Over the images both readers graded (a reject has no grade).")
+    qwk_col.metric(
+        "Quadratic-weighted kappa",
+        "–" if math.isnan(qwk) else f"{qwk:.3f}",
+        help="Over the images both readers graded (a reject has no grade).",
+    )
     st.subheader("Each reviewer and the model")
     st.dataframe(with_model(reads), key="with_model")
     st.subheader("Per grade")
     st.caption("Specific agreement: when one reader gives the grade, how often the other does.")
     st.dataframe(per_grade(pairs).rename(index=_label), key="per_grade")
-    figure = px.imshow(confusion(pairs), text_auto=True, color_continuous_scale="Blues",
-                       labels={"y": "first read", "x": "second read", "color": "images"},
-                       x=list(map(_label, CATEGORIES)), y=list(map(_label, CATEGORIES)))
+    figure = px.imshow(
+        confusion(pairs),
+        text_auto=True,
+        color_continuous_scale="Blues",
+        labels={"y": "first read", "x": "second read", "color": "images"},
+        x=list(map(_label, CATEGORIES)),
+        y=list(map(_label, CATEGORIES)),
+    )
     st.plotly_chart(figure, key="confusion")
 
 
 REVIEWER_COLUMNS = {
     "decisions": st.column_config.NumberColumn("Decisions"),
     "median_seconds": st.column_config.NumberColumn(
-        "Median s per image", format="%.1f", help="Time the card was on screen."),
+        "Median s per image", format="%.1f", help="Time the card was on screen."
+    ),
     "per_hour": st.column_config.NumberColumn(
-        "Decisions per hour", format="%.0f", help="Per hour of time on cards."),
+        "Decisions per hour", format="%.0f", help="Per hour of time on cards."
+    ),
     "double_reads": st.column_config.NumberColumn("Read twice"),
     "agreement": st.column_config.NumberColumn(
-        "Agreement with the second reader", format="percent",
-        help="Exact agreement with the other reader of the images read twice."),
+        "Agreement with the second reader",
+        format="percent",
+        help="Exact agreement with the other reader of the images read twice.",
+    ),
     "adjudicated": st.column_config.NumberColumn("Adjudicated"),
     "accuracy": st.column_config.NumberColumn(
-        "Accuracy against adjudication", format="percent",
-        help="Reads of adjudicated images that match the adjudicated grade or reject."),
+        "Accuracy against adjudication",
+        format="percent",
+        help="Reads of adjudicated images that match the adjudicated grade or reject.",
+    ),
 }
 
 
@@ -90,9 +122,16 @@ def reviewers_ui() -> None:
     st.dataframe(table, column_config=REVIEWER_COLUMNS, key="reviewers")
     timed = decisions[decisions.reviewer.isin(shown)].dropna(subset=["seconds"])
     if not timed.empty:
-        st.plotly_chart(px.box(timed, x="reviewer", y="seconds", points="all",
-                               labels={"seconds": "seconds on screen per image"}),
-                        key="seconds")
+        st.plotly_chart(
+            px.box(
+                timed,
+                x="reviewer",
+                y="seconds",
+                points="all",
+                labels={"seconds": "seconds on screen per image"},
+            ),
+            key="seconds",
+        )
 
 
 def adjudication_ui() -> None:
@@ -105,8 +144,9 @@ def adjudication_ui() -> None:
         return
     st.caption(f"{len(conflicts)} image(s) with conflicting reads wait.")
     if not current_user().is_admin:  # a reviewer may be one of the readers: the reads stay blind
-        st.info("An admin adjudicates these reads; only admins see them, so that no reader "
-                "learns another's read.")
+        st.info(
+            "An admin adjudicates these reads; only admins see them, so that no reader learns another's read."
+        )
         return
     conflict = conflicts[0]
     photo, side = st.columns([3, 1])
@@ -121,9 +161,13 @@ def adjudication_ui() -> None:
         st.caption(f"The final grade is stored with your account, {literal(current_user().name)}.")
         for grade in CATEGORIES:
             final = None if grade == REJECT else grade
-            st.button("Reject" if final is None else GRADE_NAMES[grade],
-                      key=f"adjudicate_{grade}", on_click=_adjudicate, args=(conflict, final),
-                      width="stretch")
+            st.button(
+                "Reject" if final is None else GRADE_NAMES[grade],
+                key=f"adjudicate_{grade}",
+                on_click=_adjudicate,
+                args=(conflict, final),
+                width="stretch",
+            )
 
 
 st.title("Agreement")

@@ -9,15 +9,16 @@ import streamlit as st
 from db.schema import Job
 from db.session import migrate
 from db.users import NotAllowed, User, is_admin_now
-from engine.runtime import jobs
-from grades import GRADES
 from engine.data.images import ImageError, thumbnail
-from engine.runtime.markdown import literal
-from engine.model.networks import describe_device, pick_device
 from engine.data.preprocess import PreprocessCache, PreprocessConfig
+from engine.model.networks import describe_device, pick_device
 from engine.model.quality import model_warnings
 from engine.model.saliency import Explainer
+from engine.runtime import jobs
+from engine.runtime.markdown import literal
 from engine.runtime.workspace import Workspace
+from grades import GRADES
+
 
 @st.cache_resource
 def _opened(workspace: Workspace) -> Workspace:
@@ -58,8 +59,7 @@ def reset_on_new_options(key: str, options: list, default) -> None:
 def job_status_ui(job) -> None:
     """One job's progress bar with its message, or its outcome."""
     if job.status in jobs.ACTIVE:
-        st.progress(job.progress,
-                    text=f"{job.kind} #{job.id}: {literal(job.message or job.status)}")
+        st.progress(job.progress, text=f"{job.kind} #{job.id}: {literal(job.message or job.status)}")
         if job.cancel_requested_at is not None:  # from any machine: the job reads it itself
             st.info(f"Cancel requested: {job.kind} job #{job.id} stops at its next batch.")
     elif job.status == "failed":
@@ -87,8 +87,7 @@ def cancel_ui(job: Job, label: str, key: str) -> bool:
     return True
 
 
-def model_quality_ui(label: str, val_qwk: float | None, grade_counts: dict[int, int],
-                     model: str) -> None:
+def model_quality_ui(label: str, val_qwk: float | None, grade_counts: dict[int, int], model: str) -> None:
     """The model's validation QWK, and a warning for each reason not to trust its grades."""
     score = "no validation QWK recorded" if val_qwk is None else f"validation QWK {val_qwk:.3f}"
     st.caption(f"{label} · {score}")
@@ -120,21 +119,26 @@ def explainer(checkpoint: str | None) -> Explainer | None:
         return None
 
 
-def image_pair_ui(path: str, caption: str, width: int = 240, fill: bool = False,
-                  explain: tuple[Explainer, int] | None = None) -> None:
+def image_pair_ui(
+    path: str,
+    caption: str,
+    width: int = 240,
+    fill: bool = False,
+    explain: tuple[Explainer, int] | None = None,
+) -> None:
     """The photograph beside its preprocessed view, or a sentence if the file is gone.
     `caption` is plain text (a file name in it shows as it is); `width` is the thumbnail's
     resolution; `fill` shows both as wide as their columns.
     `explain` (a model's Explainer and a grade) adds the Grad-CAM of that grade."""
     try:
         mtime = Path(path).stat().st_mtime
-        panels = [(_thumbnail(path, mtime, width), literal(caption)),
-                  (PreprocessCache(get_workspace().cache).load(Path(path), PreprocessConfig()),
-                   "preprocessed")]
+        panels = [
+            (_thumbnail(path, mtime, width), literal(caption)),
+            (PreprocessCache(get_workspace().cache).load(Path(path), PreprocessConfig()), "preprocessed"),
+        ]
         if explain:
             model, grade = explain
-            panels.append((model.saliency(Path(path), grade).overlay(),
-                           f"Grad-CAM of grade {grade}"))
+            panels.append((model.saliency(Path(path), grade).overlay(), f"Grad-CAM of grade {grade}"))
     except (OSError, ImageError) as exc:
         st.warning(literal(f"{caption}: cannot show this image ({exc})."))
         return

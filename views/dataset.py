@@ -10,19 +10,21 @@ import streamlit as st
 
 from db.queries import class_counts, image_page, sources_frame
 from db.users import NotAllowed
-from engine.runtime import jobs
 from engine.data.balance import balance_table, imbalance_ratios
 from engine.data.sources import KIND_ROLES, KINDS, data_roots, folder_choices
 from engine.data.upload import MAX_FILES, MAX_UNPACKED_BYTES, UnsafeUpload, unpack_zip
-from grades import GRADE_NAMES
+from engine.runtime import jobs
 from engine.runtime.markdown import literal
+from grades import GRADE_NAMES
 from views.common import cancel_ui, current_user, get_workspace, image_pair_ui, job_status_ui
 
 PAGE_SIZE = 4
-KIND_NAMES = {"aptos": "APTOS 2019 (train.csv, test.csv, train_images/, test_images/)",
-              "messidor": "Messidor (annotation CSV or spreadsheets beside the images)",
-              "folders": "Class folders 0/ 1/ 2/ 3/",
-              "unlabelled": "Unlabelled images (any folder)"}
+KIND_NAMES = {
+    "aptos": "APTOS 2019 (train.csv, test.csv, train_images/, test_images/)",
+    "messidor": "Messidor (annotation CSV or spreadsheets beside the images)",
+    "folders": "Class folders 0/ 1/ 2/ 3/",
+    "unlabelled": "Unlabelled images (any folder)",
+}
 workspace = get_workspace()
 
 
@@ -31,15 +33,16 @@ def demo_progress_ui() -> None:
     jobs.mark_dead_jobs(workspace.db_url)
     job = jobs.latest_job(workspace.db_url, "demo")
     if job is None:
-        st.info("No datasets yet. Import one above, or from a terminal, for example "
-                "`python -m engine.data.sources import --kind aptos --path /data/aptos --role train` "
-                "(see the README).")
+        st.info(
+            "No datasets yet. Import one above, or from a terminal, for example "
+            "`python -m engine.data.sources import --kind aptos --path /data/aptos --role train` "
+            "(see the README)."
+        )
         return
     if job.status == "done":
         st.rerun()  # the whole page, now that there is data
     if job.status in jobs.ACTIVE:
-        st.info("Building the demo workspace from synthetic photographs; "
-                "the page fills in when it is ready.")
+        st.info("Building the demo workspace from synthetic photographs; the page fills in when it is ready.")
     job_status_ui(job)
 
 
@@ -55,19 +58,27 @@ def balance_ui() -> None:
     value = "percent" if as_percent else "count"
     for role, part in table.groupby("role", sort=False):
         st.subheader(f"{role.capitalize()} sources")
-        figure = px.bar(part, x="grade", y=value, color="source", barmode="group", text=value,
-                        labels={"grade": "grade", value: "images" if value == "count" else "%"})
+        figure = px.bar(
+            part,
+            x="grade",
+            y=value,
+            color="source",
+            barmode="group",
+            text=value,
+            labels={"grade": "grade", value: "images" if value == "count" else "%"},
+        )
         st.plotly_chart(figure, key=f"balance_{role}")
         columns = st.columns(len(part["source"].unique()))
         for column, source in zip(columns, part["source"].unique()):
-            column.metric(f"{literal(source)}: largest / smallest class",
-                          f"{ratios[source]:.1f}×")
+            column.metric(f"{literal(source)}: largest / smallest class", f"{ratios[source]:.1f}×")
 
 
 def report_summary(name: str, report: dict) -> str:
-    return (f"{literal(name)}: {report.get('added', 0)} imported, "
-            f"{report.get('already', 0)} already present, "
-            f"{len(report.get('problems', []))} skipped")
+    return (
+        f"{literal(name)}: {report.get('added', 0)} imported, "
+        f"{report.get('already', 0)} already present, "
+        f"{len(report.get('problems', []))} skipped"
+    )
 
 
 def problems_ui(report: dict) -> None:
@@ -88,8 +99,16 @@ def sources_ui(sources: pd.DataFrame) -> None:
 
 
 def start_import(kind: str, role: str, name: str, folder: Path) -> None:
-    args = ["import", "--kind", kind, "--path", str(folder), "--role", role,
-            *([f"--name={name}"] if name else [])]  # a name may start with '-'
+    args = [
+        "import",
+        "--kind",
+        kind,
+        "--path",
+        str(folder),
+        "--role",
+        role,
+        *([f"--name={name}"] if name else []),
+    ]  # a name may start with '-'
     params = {"kind": kind, "role": role, "root": str(folder.resolve())}
     try:
         jobs.start_job(workspace, "import", "engine.data.sources", args, params, user=current_user())
@@ -102,9 +121,12 @@ def start_import(kind: str, role: str, name: str, folder: Path) -> None:
 def server_folder_ui() -> Path | None:
     """A folder chosen from those under the data roots; never a typed path."""
     roots = data_roots(workspace)
-    st.caption("Folders under the data roots " + ", ".join(f"`{root}`" for root in roots)
-               + "; an administrator names others with "
-               "`python -m engine.data.sources roots --set DIR ...`.")
+    st.caption(
+        "Folders under the data roots "
+        + ", ".join(f"`{root}`" for root in roots)
+        + "; an administrator names others with "
+        "`python -m engine.data.sources roots --set DIR ...`."
+    )
     choices = [str(folder) for folder in folder_choices(roots)]
     if not choices:
         st.info("No folders under the data roots yet: copy a dataset there, or upload a zip.")
@@ -116,16 +138,18 @@ def unpacked_upload_ui() -> Path | None:
     """The uploaded zip unpacked into the workspace, or None (with the reason shown)."""
     uploads = workspace.datasets / "uploads"
     upload = st.file_uploader(
-        "Zip of the images with their CSV", type="zip", key="import_upload",
+        "Zip of the images with their CSV",
+        type="zip",
+        key="import_upload",
         help=f"Unpacked into `{uploads}`. At most {MAX_FILES} files "
-             f"and {MAX_UNPACKED_BYTES / 1024**3:.0f} GB unpacked; larger sets go under a data "
-             "root and are chosen as a folder.")
+        f"and {MAX_UNPACKED_BYTES / 1024**3:.0f} GB unpacked; larger sets go under a data "
+        "root and are chosen as a folder.",
+    )
     if upload is None or not st.button("Import", key="import_upload_start", type="primary"):
         return None
     try:
         with st.spinner(f"Unpacking {literal(upload.name)}…"):
-            return unpack_zip(upload, upload.name, uploads, db_url=workspace.db_url,
-                              user=current_user())
+            return unpack_zip(upload, upload.name, uploads, db_url=workspace.db_url, user=current_user())
     except (UnsafeUpload, NotAllowed) as exc:
         st.error(f"{literal(upload.name)} was not imported: {literal(exc)}.")
         return None
@@ -136,14 +160,15 @@ def import_form_ui() -> None:
     kind = left.selectbox("Kind", KINDS, format_func=KIND_NAMES.get, key="import_kind")
     # One role widget per kind: each kind offers its own roles.
     role = middle.selectbox(
-        "Role", KIND_ROLES[kind], key=f"import_role_{kind}",
+        "Role",
+        KIND_ROLES[kind],
+        key=f"import_role_{kind}",
         help="Training and validation images carry grades (APTOS: train.csv); an unlabelled "
-             "pool (APTOS: test.csv) is predicted and reviewed. One folder cannot be both "
-             "training and validation.")
-    name = right.text_input("Name (optional)", key="import_name",
-                            placeholder="folder-role").strip()
-    origin = st.radio("From", ("a folder on the server", "an upload"), horizontal=True,
-                      key="import_origin")
+        "pool (APTOS: test.csv) is predicted and reviewed. One folder cannot be both "
+        "training and validation.",
+    )
+    name = right.text_input("Name (optional)", key="import_name", placeholder="folder-role").strip()
+    origin = st.radio("From", ("a folder on the server", "an upload"), horizontal=True, key="import_origin")
     if origin == "an upload":
         folder = unpacked_upload_ui()
     else:
@@ -169,9 +194,11 @@ def import_outcome_ui(job, sources: pd.DataFrame) -> None:
     if job.status != "done":
         job_status_ui(job)
         return
-    source = sources[(sources["kind"] == job.params["kind"])
-                     & (sources["root"] == job.params["root"])
-                     & (sources["role"] == job.params["role"])]
+    source = sources[
+        (sources["kind"] == job.params["kind"])
+        & (sources["root"] == job.params["root"])
+        & (sources["role"] == job.params["role"])
+    ]
     if source.empty:  # removed since
         return
     row = source.iloc[0]
@@ -194,14 +221,19 @@ def gallery_ui(sources) -> None:
     names = dict(zip(sources["name"], sources["id"]))
     left, middle, right = st.columns(3)
     name = left.selectbox("Source", list(names), key="gallery_source")
-    grade = middle.selectbox("Grade", [None, 0, 1, 2, 3], key="gallery_grade",
-                             format_func=lambda g: "all" if g is None else GRADE_NAMES[g])
+    grade = middle.selectbox(
+        "Grade",
+        [None, 0, 1, 2, 3],
+        key="gallery_grade",
+        format_func=lambda g: "all" if g is None else GRADE_NAMES[g],
+    )
     page = right.number_input("Page", min_value=1, value=1, step=1, key="gallery_page")
-    rows, total = image_page(workspace.db_url, names[name], grade, PAGE_SIZE,
-                             (page - 1) * PAGE_SIZE)
+    rows, total = image_page(workspace.db_url, names[name], grade, PAGE_SIZE, (page - 1) * PAGE_SIZE)
     if not rows:
-        st.info(f"{literal(name)} has no images{' of this grade' if grade is not None else ''}"
-                f"{' on this page' if total else ''}.")
+        st.info(
+            f"{literal(name)} has no images{' of this grade' if grade is not None else ''}"
+            f"{' on this page' if total else ''}."
+        )
         return
     st.caption(f"{total} images; page {page} of {-(-total // PAGE_SIZE)}")
     for path, image_name, image_grade, label in rows:

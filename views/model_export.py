@@ -10,11 +10,10 @@ import streamlit as st
 
 from db.schema import Job
 from db.users import NotAllowed
+from engine.loop.export_model import DESCRIPTION, KIND, check_line, export_folder, latest_export, zipped
 from engine.runtime import jobs
-from engine.loop.export_model import (DESCRIPTION, KIND, check_line, export_folder, latest_export,
-                                 zipped)
-from engine.training.model_card import CARD, RunUnusable, model_card, run_facts, software
 from engine.runtime.markdown import literal
+from engine.training.model_card import CARD, RunUnusable, model_card, run_facts, software
 from views.common import current_user, get_workspace, job_status_ui, reset_on_new_options
 
 FORMATS = {"onnx": "Export ONNX", "safetensors": "Export safetensors"}
@@ -82,10 +81,14 @@ def start_export(run_id: int, name: str, fmt: str) -> None:
     workspace = get_workspace()
     out = export_folder(workspace, name, fmt)
     try:
-        job_id = jobs.start_job(workspace, KIND, "engine.loop.export_model",
-                                [name, "--format", fmt, "--out", str(out)],
-                                {"run": run_id, "format": fmt, "out": str(out)},
-                                user=current_user())
+        job_id = jobs.start_job(
+            workspace,
+            KIND,
+            "engine.loop.export_model",
+            [name, "--format", fmt, "--out", str(out)],
+            {"run": run_id, "format": fmt, "out": str(out)},
+            user=current_user(),
+        )
     except (jobs.JobRefused, NotAllowed) as exc:
         st.warning(f"The export did not start: {literal(exc)}.")
         return
@@ -99,8 +102,12 @@ def export_done_ui(job: Job) -> None:
     except OSError:
         st.info(f"Export #{job.id}'s folder {literal(out)} is gone.")
         return
-    st.success(f"Export #{job.id}, {about['format']}, in {literal(out)}: "
-               f"{literal(check_line(about))}.")
+    st.success(f"Export #{job.id}, {about['format']}, in {literal(out)}: {literal(check_line(about))}.")
     # Zipped when clicked, on a thread of its own: an export is 15-50 MB.
-    st.download_button(f"Download {out.name}.zip", lambda: zipped(out), f"{out.name}.zip",
-                       "application/zip", key="export_download")
+    st.download_button(
+        f"Download {out.name}.zip",
+        lambda: zipped(out),
+        f"{out.name}.zip",
+        "application/zip",
+        key="export_download",
+    )

@@ -21,5 +21,7 @@ def time_left_text(db_url: str, remaining: int) -> str | None:
     if pace is None:
         return None
     team = f"{pace.reviewers} reviewer{'s' if pace.reviewers > 1 else ''}"
-    return (f"{_duration(pace.seconds_left)} left at the team's pace (median "
-            f"{pace.median_seconds:.0f} s per image, {team}).")
+    return (
+        f"{_duration(pace.seconds_left)} left at the team's pace (median "
+        f"{pace.median_seconds:.0f} s per image, {team})."
+    )

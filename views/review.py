@@ -16,13 +16,30 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from db.queries import curated_set, sources_frame
-from db.reviews import (ORDERS, RENEW_EVERY, Candidate, DecidedMeanwhile, QueueFilter,
-                        RecentDecision, awaiting_second_read, claim_next, curated_csv, decide,
-                        describe, double_read_share, has_predictions, held_by_others, progress,
-                        recent_decisions, renew_claim, set_double_read_share, undo_last,
-                        upcoming)
 from db.predictions import run_grade_counts
+from db.queries import curated_set, sources_frame
+from db.reviews import (
+    ORDERS,
+    RENEW_EVERY,
+    Candidate,
+    DecidedMeanwhile,
+    QueueFilter,
+    RecentDecision,
+    awaiting_second_read,
+    claim_next,
+    curated_csv,
+    decide,
+    describe,
+    double_read_share,
+    has_predictions,
+    held_by_others,
+    progress,
+    recent_decisions,
+    renew_claim,
+    set_double_read_share,
+    undo_last,
+    upcoming,
+)
 from db.runs import active_run_id, run_calibration, run_checkpoint, run_score
 from db.users import NotAllowed
 from engine.data.export import EarlierExport, ExportRefused, export_class_folders, export_roots
@@ -30,18 +47,22 @@ from engine.data.images import ImageError
 from engine.model.predictor import TTA_VIEWS
 from engine.model.quality import threshold_accuracy
 from engine.model.saliency import Explainer
-from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from engine.runtime.markdown import literal
+from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
 from views.common import current_user, explainer, get_workspace, model_quality_ui, next_step_info
 from views.pace import time_left_text
-from views.viewer import KEYS as VIEWER_KEYS, grading_viewer, prefetch
+from views.viewer import KEYS as VIEWER_KEYS
+from views.viewer import grading_viewer, prefetch
 
-THRESHOLD_HELP = ("Predictions at or above it are candidates. Review pays most where the model "
-                  "is unsure: lowering it sends its less sure predictions to the reviewers too, "
-                  "where unreviewed grades are wrong most often (the README's loop gain).")
+THRESHOLD_HELP = (
+    "Predictions at or above it are candidates. Review pays most where the model "
+    "is unsure: lowering it sends its less sure predictions to the reviewers too, "
+    "where unreviewed grades are wrong most often (the README's loop gain)."
+)
 # Streamlit's own shortcuts (st.button(shortcut=...)) ignore keys typed into fields; they take
 # no punctuation, so the keys list is on `h`, not `?`.
-KEYS_HELP = """
+KEYS_HELP = (
+    """
 | key | does |
 |---|---|
 | `a` | accept the predicted grade |
@@ -51,12 +72,15 @@ KEYS_HELP = """
 | `backspace` | undo your last decision |
 | `g` | show or hide the evidence: Grad-CAM of the predicted grade, the flip views |
 | `h` | show or hide this list |
-""".rstrip("\n") + VIEWER_KEYS.split("|---|---|", 1)[1]
+""".rstrip("\n")
+    + VIEWER_KEYS.split("|---|---|", 1)[1]
+)
 CHANGES = ("accept", "reject", *GRADES)  # what a past decision can be changed to
 workspace = get_workspace()
 
 
 # Callbacks run before the rerun that follows a click, so the next image is claimed after.
+
 
 def _on_screen(image_id: int) -> float | None:
     """Seconds since the image's card was first drawn in this session."""
@@ -66,9 +90,16 @@ def _on_screen(image_id: int) -> float | None:
 
 def _decide(candidate: Candidate, decision: str, grade: int | None = None) -> None:
     try:
-        decide(workspace.db_url, current_user().name, candidate.image_id,
-               candidate.run_id, decision, grade, seen=candidate.seen,
-               seconds=_on_screen(candidate.image_id))
+        decide(
+            workspace.db_url,
+            current_user().name,
+            candidate.image_id,
+            candidate.run_id,
+            decision,
+            grade,
+            seen=candidate.seen,
+            seconds=_on_screen(candidate.image_id),
+        )
     except DecidedMeanwhile as exc:
         st.session_state.refusal = str(exc)
     st.session_state.current = None
@@ -98,8 +129,7 @@ def _undo() -> None:
 
 def _set_double_read() -> None:
     try:
-        set_double_read_share(workspace.db_url, st.session_state.double_read / 100,
-                              user=current_user())
+        set_double_read_share(workspace.db_url, st.session_state.double_read / 100, user=current_user())
     except NotAllowed as exc:
         st.session_state.refusal = f"{exc}."
 
@@ -115,8 +145,15 @@ def _change(recent: RecentDecision) -> None:
     if choice is not None:  # a new row; the image on screen stays
         decision, grade = ("relabel", choice) if choice in GRADES else (choice, None)
         try:
-            decide(workspace.db_url, current_user().name, recent.image_id, recent.run_id,
-                   decision, grade, seen=recent.current_id)
+            decide(
+                workspace.db_url,
+                current_user().name,
+                recent.image_id,
+                recent.run_id,
+                decision,
+                grade,
+                seen=recent.current_id,
+            )
         except DecidedMeanwhile as exc:
             st.session_state.refusal = str(exc)
 
@@ -126,20 +163,30 @@ def active_model_ui() -> None:
     if run_id is None:
         return  # the queue says how to get one
     name, val_qwk = run_score(workspace.db_url, run_id)
-    model_quality_ui(f"Active model **{literal(name)}**", val_qwk,
-                     run_grade_counts(workspace.db_url, run_id), "The active model")
+    model_quality_ui(
+        f"Active model **{literal(name)}**",
+        val_qwk,
+        run_grade_counts(workspace.db_url, run_id),
+        "The active model",
+    )
 
 
 def controls_ui(run_id: int) -> QueueFilter:
-    chosen = st.slider("Confidence threshold", 0.0, 1.0, REVIEW_THRESHOLD, 0.01,
-                       key="threshold", help=THRESHOLD_HELP)
-    st.caption(threshold_accuracy(run_calibration(workspace.db_url, run_id), chosen)
-               or "No measured accuracy: the active model's calibration was not stored.")
+    chosen = st.slider(
+        "Confidence threshold", 0.0, 1.0, REVIEW_THRESHOLD, 0.01, key="threshold", help=THRESHOLD_HELP
+    )
+    st.caption(
+        threshold_accuracy(run_calibration(workspace.db_url, run_id), chosen)
+        or "No measured accuracy: the active model's calibration was not stored."
+    )
     return QueueFilter(
         run_id,
         chosen,
-        tuple(st.multiselect("Predicted grade", GRADES, default=list(GRADES), key="grades",
-                             format_func=GRADE_NAMES.get)),
+        tuple(
+            st.multiselect(
+                "Predicted grade", GRADES, default=list(GRADES), key="grades", format_func=GRADE_NAMES.get
+            )
+        ),
         st.slider("Confidence band", 0.0, 1.0, (0.0, 1.0), 0.01, key="band"),
         st.selectbox("Order", ORDERS, key="order"),
         st.session_state.setdefault("review_seed", secrets.randbelow(2**31)),
@@ -154,11 +201,17 @@ def double_read_ui() -> None:
         st.caption(f"{share:.0%} of the candidates are read blind by two reviewers.")
         return
     st.session_state.double_read = round(share * 100)
-    st.slider("Read twice, blind (% of candidates)", 0, 100, step=1, key="double_read",
-              on_change=_set_double_read,
-              help="Chosen by image id, for every reviewer alike. Two different reviewers "
-                   "read such an image without seeing each other's decision; reads that "
-                   "disagree go to adjudication on the Agreement page.")
+    st.slider(
+        "Read twice, blind (% of candidates)",
+        0,
+        100,
+        step=1,
+        key="double_read",
+        on_change=_set_double_read,
+        help="Chosen by image id, for every reviewer alike. Two different reviewers "
+        "read such an image without seeing each other's decision; reads that "
+        "disagree go to adjudication on the Agreement page.",
+    )
 
 
 def settings_ui(run_id: int) -> QueueFilter:
@@ -175,19 +228,26 @@ def progress_ui(queue: QueueFilter) -> bool:
     table = progress(workspace.db_url, queue.run_id, queue.threshold)
     candidates, reviewed = int(table.candidates.sum()), int(table.reviewed.sum())
     if candidates == 0:
-        st.info(f"No prediction of the active model reaches the confidence threshold "
-                f"{queue.threshold:.2f}: lower the threshold to get candidates.")
+        st.info(
+            f"No prediction of the active model reaches the confidence threshold "
+            f"{queue.threshold:.2f}: lower the threshold to get candidates."
+        )
         return False
     waiting = int(table.read_once.sum())
-    per_grade = " · ".join(f"{GRADE_NAMES[grade]} {row.reviewed}/{row.candidates}"
-                           for grade, row in table.iterrows())
-    st.progress(reviewed / candidates, text=f"{reviewed} of {candidates} candidates reviewed"
-                + (f"; {waiting} read once, waiting for a second reader" if waiting else "")
-                + f" · {per_grade}")
+    per_grade = " · ".join(
+        f"{GRADE_NAMES[grade]} {row.reviewed}/{row.candidates}" for grade, row in table.iterrows()
+    )
+    st.progress(
+        reviewed / candidates,
+        text=f"{reviewed} of {candidates} candidates reviewed"
+        + (f"; {waiting} read once, waiting for a second reader" if waiting else "")
+        + f" · {per_grade}",
+    )
     # A double-read image needs two decisions: one more for those read once.
     unread = candidates - reviewed - waiting
-    pace = time_left_text(workspace.db_url, round(unread * (1 + double_read_share(
-        workspace.db_url))) + waiting)
+    pace = time_left_text(
+        workspace.db_url, round(unread * (1 + double_read_share(workspace.db_url))) + waiting
+    )
     if pace:
         st.caption(pace)
     return True
@@ -200,13 +260,19 @@ def card_ui(candidate: Candidate, upcoming: str | None) -> None:
         st.session_state.shown_since = (candidate.image_id, time.monotonic())
     photo, side = st.columns([3, 1])
     with photo:
-        grading_viewer(candidate.path, candidate.run_id,
-                       candidate.grade if st.session_state.get("evidence_on") else None,
-                       decides=True, upcoming=upcoming)
+        grading_viewer(
+            candidate.path,
+            candidate.run_id,
+            candidate.grade if st.session_state.get("evidence_on") else None,
+            decides=True,
+            upcoming=upcoming,
+        )
     with side:
         st.subheader(literal(candidate.name))
-        st.caption(f"Source {literal(candidate.source)} · predicted "
-                   f"{GRADE_NAMES[candidate.grade]} · confidence {candidate.confidence:.2f}")
+        st.caption(
+            f"Source {literal(candidate.source)} · predicted "
+            f"{GRADE_NAMES[candidate.grade]} · confidence {candidate.confidence:.2f}"
+        )
         decision_buttons_ui(candidate)
         st.plotly_chart(probability_figure(candidate.probs), key="probabilities")
         if st.session_state.get("evidence_on"):
@@ -220,9 +286,12 @@ def probability_figure(probs: tuple[float, ...]) -> go.Figure:
     """The four probabilities as bars; plotly's graph objects, and kept: plotly express took a
     third of the time between a decision and the next card."""
     figure = go.Figure(go.Bar(x=list(GRADES), y=probs, text=[f"{p:.2f}" for p in probs]))
-    figure.update_layout(height=200, margin={"l": 0, "r": 0, "t": 10, "b": 0},
-                         xaxis={"title": "grade", "tickvals": list(GRADES)},
-                         yaxis={"title": "probability", "range": [0, 1]})
+    figure.update_layout(
+        height=200,
+        margin={"l": 0, "r": 0, "t": 10, "b": 0},
+        xaxis={"title": "grade", "tickvals": list(GRADES)},
+        yaxis={"title": "probability", "range": [0, 1]},
+    )
     return figure
 
 
@@ -234,43 +303,83 @@ def flip_views_ui(model: Explainer, path: str) -> None:
     except ImageError:
         return  # the image row has said why
     names = TTA_VIEWS[len(views)]
-    frame = pd.DataFrame({"grade": list(GRADES) * len(names),
-                          "view": [v for v in names for _ in GRADES],
-                          "probability": views.ravel()})
-    figure = px.bar(frame, x="grade", y="probability", color="view", barmode="group",
-                    range_y=[0, 1], height=260, title="Test-time views")
-    figure.update_layout(margin={"l": 0, "r": 0, "t": 30, "b": 0},
-                         legend={"orientation": "h", "y": -0.35, "title": None})
+    frame = pd.DataFrame(
+        {
+            "grade": list(GRADES) * len(names),
+            "view": [v for v in names for _ in GRADES],
+            "probability": views.ravel(),
+        }
+    )
+    figure = px.bar(
+        frame,
+        x="grade",
+        y="probability",
+        color="view",
+        barmode="group",
+        range_y=[0, 1],
+        height=260,
+        title="Test-time views",
+    )
+    figure.update_layout(
+        margin={"l": 0, "r": 0, "t": 30, "b": 0}, legend={"orientation": "h", "y": -0.35, "title": None}
+    )
     st.plotly_chart(figure, key="flip_views")
 
 
 @st.fragment(run_every=RENEW_EVERY)
 def hold_ui(candidate: Candidate) -> None:
     """Keeps the image on screen claimed while the reviewer looks at it, clicks or not."""
-    if not renew_claim(workspace.db_url, current_user().name, candidate.image_id,
-                       candidate.seen):
-        st.session_state.refusal = (f"{candidate.name} was decided or taken over meanwhile, "
-                                    "by another reviewer or in another tab; here is the next "
-                                    "image.")
+    if not renew_claim(workspace.db_url, current_user().name, candidate.image_id, candidate.seen):
+        st.session_state.refusal = (
+            f"{candidate.name} was decided or taken over meanwhile, "
+            "by another reviewer or in another tab; here is the next "
+            "image."
+        )
         st.rerun()
 
 
 def decision_buttons_ui(candidate: Candidate) -> None:
-    st.button(f"Accept grade {candidate.grade}", key="accept", type="primary", shortcut="a",
-              on_click=_decide, args=(candidate, "accept"), width="stretch")
-    st.button("Reject", key="reject", shortcut="x", on_click=_decide,
-              args=(candidate, "reject"), width="stretch")
+    st.button(
+        f"Accept grade {candidate.grade}",
+        key="accept",
+        type="primary",
+        shortcut="a",
+        on_click=_decide,
+        args=(candidate, "accept"),
+        width="stretch",
+    )
+    st.button(
+        "Reject", key="reject", shortcut="x", on_click=_decide, args=(candidate, "reject"), width="stretch"
+    )
     for column, grade in zip(st.columns(2) + st.columns(2), GRADES):
-        column.button(f"Grade {grade}", key=f"grade_{grade}", shortcut=str(grade),
-                      on_click=_decide, args=(candidate, "relabel", grade), width="stretch",
-                      help=f"Correct the grade to {GRADE_NAMES[grade]}")
-    st.button("Skip", key="skip", shortcut="space", on_click=_skip, args=(candidate.image_id,),
-              width="stretch", help="The image comes back at the end of your queue")
+        column.button(
+            f"Grade {grade}",
+            key=f"grade_{grade}",
+            shortcut=str(grade),
+            on_click=_decide,
+            args=(candidate, "relabel", grade),
+            width="stretch",
+            help=f"Correct the grade to {GRADE_NAMES[grade]}",
+        )
+    st.button(
+        "Skip",
+        key="skip",
+        shortcut="space",
+        on_click=_skip,
+        args=(candidate.image_id,),
+        width="stretch",
+        help="The image comes back at the end of your queue",
+    )
     shown = st.session_state.get("evidence_on", False)
-    st.button(f"{'Hide' if shown else 'Show'} evidence", key="evidence", shortcut="g",
-              on_click=_flip_evidence, width="stretch",
-              help="Where the model saw its grade (Grad-CAM, a view of the photograph), and "
-                   "how it grades the image and its mirror image.")
+    st.button(
+        f"{'Hide' if shown else 'Show'} evidence",
+        key="evidence",
+        shortcut="g",
+        on_click=_flip_evidence,
+        width="stretch",
+        help="Where the model saw its grade (Grad-CAM, a view of the photograph), and "
+        "how it grades the image and its mirror image.",
+    )
 
 
 def keys_ui() -> None:
@@ -284,14 +393,18 @@ def keys_ui() -> None:
 def queue_ui(reviewer: str) -> None:
     run_id = active_run_id(workspace.db_url)
     if run_id is None:
-        next_step_info("No model yet: train one on the Retrain page, then run inference on "
-                       "the Inference page first.", "No model yet: the queue fills once an "
-                       "admin has trained a model and run it over a pool of images.")
+        next_step_info(
+            "No model yet: train one on the Retrain page, then run inference on the Inference page first.",
+            "No model yet: the queue fills once an "
+            "admin has trained a model and run it over a pool of images.",
+        )
         return
     if not has_predictions(workspace.db_url, run_id):
-        next_step_info("The active model has no predictions yet: run inference on the "
-                       "Inference page first.", "The active model has no predictions yet: the "
-                       "queue fills once an admin has run it over a pool of images.")
+        next_step_info(
+            "The active model has no predictions yet: run inference on the Inference page first.",
+            "The active model has no predictions yet: the "
+            "queue fills once an admin has run it over a pool of images.",
+        )
         return
     bar, settings = st.columns([5, 1], vertical_alignment="center")
     with settings:
@@ -305,8 +418,7 @@ def queue_ui(reviewer: str) -> None:
     if "refusal" in st.session_state:
         st.warning(literal(st.session_state.pop("refusal")))
     skipped = st.session_state.setdefault("skipped", [])
-    candidate = claim_next(workspace.db_url, reviewer, queue, skipped,
-                           st.session_state.get("current"))
+    candidate = claim_next(workspace.db_url, reviewer, queue, skipped, st.session_state.get("current"))
     st.session_state.current = None if candidate is None else candidate.image_id
     if candidate is None:
         empty_queue_ui(reviewer, queue)
@@ -322,11 +434,14 @@ def empty_queue_ui(reviewer: str, queue: QueueFilter) -> None:
     held = held_by_others(workspace.db_url, reviewer, queue)
     waiting = awaiting_second_read(workspace.db_url, reviewer, queue)
     if held:
-        st.info(f"Nothing left for you right now: the remaining {held} candidate(s) with these "
-                "filters are being reviewed by others.")
+        st.info(
+            f"Nothing left for you right now: the remaining {held} candidate(s) with these "
+            "filters are being reviewed by others."
+        )
     elif waiting:
-        st.success(f"Queue finished for you: {waiting} image(s) you read wait for a second "
-                   "reviewer's blind read.")
+        st.success(
+            f"Queue finished for you: {waiting} image(s) you read wait for a second reviewer's blind read."
+        )
     else:
         st.success("Queue finished: every candidate with these filters has a decision.")
 
@@ -337,33 +452,56 @@ def recent_ui(reviewer: str) -> None:
     if not recent:
         st.caption("None yet.")
     for item in recent:
-        since = "" if item.is_current else (
-            " (since undone)" if item.current_decision == "undo" else
-            f" (since {describe(item.current_decision, item.current_grade)} by "
-            f"{literal(item.current_reviewer)})")
+        since = (
+            ""
+            if item.is_current
+            else (
+                " (since undone)"
+                if item.current_decision == "undo"
+                else f" (since {describe(item.current_decision, item.current_grade)} by "
+                f"{literal(item.current_reviewer)})"
+            )
+        )
         text, change = st.columns([3, 1])
-        text.write(f"{item.time:%Y-%m-%d %H:%M} UTC · **{literal(item.name)}** · "
-                   f"{describe(item.decision, item.grade)}{since}")
+        text.write(
+            f"{item.time:%Y-%m-%d %H:%M} UTC · **{literal(item.name)}** · "
+            f"{describe(item.decision, item.grade)}{since}"
+        )
         if item.settled:
-            change.caption("settled", help="Adjudicated, or both blind reads are in: it "
-                                           "stays as it is.")
+            change.caption("settled", help="Adjudicated, or both blind reads are in: it stays as it is.")
             continue
-        change.selectbox("Change to", CHANGES, index=None, key=f"change_{item.image_id}",
-                         placeholder="change to…", label_visibility="collapsed",
-                         format_func=lambda c: f"grade {c}" if c in GRADES else c,
-                         on_change=_change, args=(item,))
+        change.selectbox(
+            "Change to",
+            CHANGES,
+            index=None,
+            key=f"change_{item.image_id}",
+            placeholder="change to…",
+            label_visibility="collapsed",
+            format_func=lambda c: f"grade {c}" if c in GRADES else c,
+            on_change=_change,
+            args=(item,),
+        )
 
 
 def export_ui() -> None:
     st.subheader("Export the curated labels")
-    st.caption("Expert labels of the training sources, and the pseudo-labels whose current "
-               "decision is an accept, a correction or an adjudicated grade, as in training.")
-    st.download_button("Download as CSV", lambda: curated_csv(workspace.db_url),
-                       file_name="curated_labels.csv", mime="text/csv", key="export_csv")
-    target = st.text_input("Class folders 0-3 into", key="export_folder",
-                           value=str(workspace.root / "export" / "curated"))
-    replace = st.checkbox("Replace an earlier export in this folder (only the files it wrote)",
-                          key="export_replace")
+    st.caption(
+        "Expert labels of the training sources, and the pseudo-labels whose current "
+        "decision is an accept, a correction or an adjudicated grade, as in training."
+    )
+    st.download_button(
+        "Download as CSV",
+        lambda: curated_csv(workspace.db_url),
+        file_name="curated_labels.csv",
+        mime="text/csv",
+        key="export_csv",
+    )
+    target = st.text_input(
+        "Class folders 0-3 into", key="export_folder", value=str(workspace.root / "export" / "curated")
+    )
+    replace = st.checkbox(
+        "Replace an earlier export in this folder (only the files it wrote)", key="export_replace"
+    )
     if st.button("Write class folders", key="export_folders"):
         write_folders_ui(target.strip(), replace)
 
@@ -378,10 +516,15 @@ def write_folders_ui(target: str, replace: bool) -> None:
         return
     out = Path(target).expanduser()
     try:
-        result = export_class_folders(zip(curated.path.tolist(), curated.grade.tolist()),
-                                      out, replace, sources_frame(workspace.db_url).root,
-                                      db_url=workspace.db_url, user=current_user(),
-                                      roots=export_roots(workspace.root))
+        result = export_class_folders(
+            zip(curated.path.tolist(), curated.grade.tolist()),
+            out,
+            replace,
+            sources_frame(workspace.db_url).root,
+            db_url=workspace.db_url,
+            user=current_user(),
+            roots=export_roots(workspace.root),
+        )
     except EarlierExport as exc:
         st.error(f"{literal(exc)}: tick “Replace an earlier export” or choose another folder.")
         return
@@ -393,9 +536,11 @@ def write_folders_ui(target: str, replace: bool) -> None:
         return
     st.success(f"Wrote {result.written} files into {literal(out)}/0-3.")
     if result.missing:
-        st.warning(f"{len(result.missing)} files could not be read and were left out: "
-                   + literal(", ".join(result.missing[:5]))
-                   + ("…" if len(result.missing) > 5 else ""))
+        st.warning(
+            f"{len(result.missing)} files could not be read and were left out: "
+            + literal(", ".join(result.missing[:5]))
+            + ("…" if len(result.missing) > 5 else "")
+        )
 
 
 @st.fragment

@@ -11,9 +11,13 @@ import streamlit as st
 from db.runs import run_calibration, run_checkpoint, set_screening
 from db.users import NotAllowed
 from engine.data.datasets import read_probabilities
-from engine.training.screening import (choose_operating_point, paired_difference, validation_file,
-                              validation_roc)
 from engine.runtime.markdown import literal
+from engine.training.screening import (
+    choose_operating_point,
+    paired_difference,
+    validation_file,
+    validation_roc,
+)
 from views.common import current_user, get_workspace
 
 
@@ -27,18 +31,37 @@ def figure_text(figure: dict | None, form: str = ".3f") -> str:
 
 
 def roc_figure(fpr: np.ndarray, tpr: np.ndarray, point: tuple[float, float] | None) -> go.Figure:
-    traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
-                         line={"color": "grey", "dash": "dot"}, hoverinfo="skip"),
-              go.Scatter(x=fpr, y=tpr, mode="lines", name="validation images",
-                         line={"shape": "hv"})]
+    traces = [
+        go.Scatter(
+            x=[0, 1],
+            y=[0, 1],
+            mode="lines",
+            name="chance",
+            line={"color": "grey", "dash": "dot"},
+            hoverinfo="skip",
+        ),
+        go.Scatter(x=fpr, y=tpr, mode="lines", name="validation images", line={"shape": "hv"}),
+    ]
     if point:
-        traces.append(go.Scatter(x=[1 - point[1]], y=[point[0]], mode="markers",
-                                 name="operating point", marker={"size": 12, "symbol": "x"}))
+        traces.append(
+            go.Scatter(
+                x=[1 - point[1]],
+                y=[point[0]],
+                mode="markers",
+                name="operating point",
+                marker={"size": 12, "symbol": "x"},
+            )
+        )
     figure = go.Figure(traces)
-    figure.update_layout(title="Referable DR (grade ≥ 2): ROC on the validation images",
-                         xaxis_title="1 − specificity", yaxis_title="sensitivity",
-                         xaxis_range=[-0.01, 1.01], yaxis_range=[-0.01, 1.01],
-                         margin={"t": 40, "b": 10}, height=360)
+    figure.update_layout(
+        title="Referable DR (grade ≥ 2): ROC on the validation images",
+        xaxis_title="1 − specificity",
+        yaxis_title="sensitivity",
+        xaxis_range=[-0.01, 1.01],
+        yaxis_range=[-0.01, 1.01],
+        margin={"t": 40, "b": 10},
+        height=360,
+    )
     return figure
 
 
@@ -50,8 +73,10 @@ def screening_ui(run_id: int) -> None:
     checkpoint = run_checkpoint(get_workspace().db_url, run_id)
     path = validation_file(checkpoint) if checkpoint else None
     if not screening or path is None:
-        st.info("No operating point for this run: it was trained before operating points were "
-                "chosen on validation, imported from a file, or it is still training.")
+        st.info(
+            "No operating point for this run: it was trained before operating points were "
+            "chosen on validation, imported from a file, or it is still training."
+        )
         return
     st.markdown(
         f"Referable when P(grade ≥ 2) ≥ **{screening['threshold']:.3f}**, the most specific "
@@ -60,7 +85,8 @@ def screening_ui(run_id: int) -> None:
         f"the point chosen on the other half: sensitivity "
         f"**{figure_text(screening['sensitivity'], '.1%')}**, specificity "
         f"**{figure_text(screening['specificity'], '.1%')}**; referable AUC "
-        f"{figure_text(screening['referable_auc'])}, QWK {figure_text(screening['qwk'])}.")
+        f"{figure_text(screening['referable_auc'])}, QWK {figure_text(screening['qwk'])}."
+    )
     st.plotly_chart(roc_figure(*validation_roc(path, screening["threshold"])), key="roc")
     if current_user().is_admin:
         target_ui(run_id, checkpoint, screening)
@@ -68,17 +94,26 @@ def screening_ui(run_id: int) -> None:
 
 def target_ui(run_id: int, checkpoint: str, screening: dict) -> None:
     left, right = st.columns([3, 1], vertical_alignment="bottom")
-    target = left.number_input("Target sensitivity", 0.50, 0.99,
-                               float(screening["target_sensitivity"]), 0.01, format="%.2f",
-                               key=f"target_sensitivity_{run_id}",
-                               help="The operating point becomes the most specific one that "
-                               "keeps this sensitivity on the validation images. Gulshan et "
-                               "al. 2016 gave a high-sensitivity and a high-specificity point.")
+    target = left.number_input(
+        "Target sensitivity",
+        0.50,
+        0.99,
+        float(screening["target_sensitivity"]),
+        0.01,
+        format="%.2f",
+        key=f"target_sensitivity_{run_id}",
+        help="The operating point becomes the most specific one that "
+        "keeps this sensitivity on the validation images. Gulshan et "
+        "al. 2016 gave a high-sensitivity and a high-specificity point.",
+    )
     if right.button("Set operating point", key=f"set_point_{run_id}"):
         try:
-            set_screening(get_workspace().db_url, run_id,
-                          choose_operating_point(checkpoint, target, screening.get("seed", 0)),
-                          current_user())
+            set_screening(
+                get_workspace().db_url,
+                run_id,
+                choose_operating_point(checkpoint, target, screening.get("seed", 0)),
+                current_user(),
+            )
         except NotAllowed as exc:
             st.error(f"Not changed: {literal(exc)}.")
             return
@@ -93,20 +128,26 @@ def difference_ui(names: dict[int, str], chosen: list[int]) -> None:
     first, second = chosen[:2]
     files = [validation_file(run_checkpoint(get_workspace().db_url, run) or "") for run in (first, second)]
     if None in files:
-        st.caption(f"No difference with an interval for {literal(names[first])} and "
-                   f"{literal(names[second])}: "
-                   "one of them has no stored validation probabilities.")
+        st.caption(
+            f"No difference with an interval for {literal(names[first])} and "
+            f"{literal(names[second])}: "
+            "one of them has no stored validation probabilities."
+        )
         return
     difference = paired_difference(*(read_probabilities(f) for f in files))
     if difference["images"] == 0:
-        st.caption(f"{literal(names[first])} and {literal(names[second])} were validated on "
-                   "different images.")
+        st.caption(
+            f"{literal(names[first])} and {literal(names[second])} were validated on different images."
+        )
         return
     verdicts = []
     for key, label in (("qwk", "QWK"), ("referable_auc", "referable AUC")):
         figure = difference[key]
-        verdict = "larger than its interval" if figure["beyond_noise"] else \
-            "within the noise: the interval holds 0"
+        verdict = (
+            "larger than its interval" if figure["beyond_noise"] else "within the noise: the interval holds 0"
+        )
         verdicts.append(f"{label} {figure_text(figure, '+.3f')}, {verdict}")
-    st.markdown(f"**{literal(names[first])} − {literal(names[second])}** on "
-                f"{difference['images']} shared validation images: " + "; ".join(verdicts) + ".")
+    st.markdown(
+        f"**{literal(names[first])} − {literal(names[second])}** on "
+        f"{difference['images']} shared validation images: " + "; ".join(verdicts) + "."
+    )

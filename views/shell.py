@@ -8,23 +8,23 @@ import streamlit as st
 from db.reviews import loop_overview
 from db.runs import active_run_id
 from db.users import LOCAL, User
-from engine.runtime import jobs
 from engine.loop.demo import demo_args, is_empty
-from grades import REVIEW_THRESHOLD
+from engine.runtime import jobs
 from engine.runtime.markdown import literal
+from grades import REVIEW_THRESHOLD
 from views.common import device_label, get_workspace, job_status_ui
 from views.signin import sign_out_ui, signed_in_user
 
 
 def pages(admin: bool) -> list:
-    return [st.Page("views/dataset.py", title="Dataset", icon=":material/bar_chart:",
-                    default=True),
-            st.Page("views/inference.py", title="Inference", icon=":material/online_prediction:"),
-            st.Page("views/review.py", title="Review", icon=":material/task_alt:"),
-            st.Page("views/agreement.py", title="Agreement", icon=":material/handshake:"),
-            st.Page("views/retrain.py", title="Retrain", icon=":material/monitoring:"),
-            *([st.Page("views/accounts.py", title="Accounts", icon=":material/key:")]
-              if admin else [])]
+    return [
+        st.Page("views/dataset.py", title="Dataset", icon=":material/bar_chart:", default=True),
+        st.Page("views/inference.py", title="Inference", icon=":material/online_prediction:"),
+        st.Page("views/review.py", title="Review", icon=":material/task_alt:"),
+        st.Page("views/agreement.py", title="Agreement", icon=":material/handshake:"),
+        st.Page("views/retrain.py", title="Retrain", icon=":material/monitoring:"),
+        *([st.Page("views/accounts.py", title="Accounts", icon=":material/key:")] if admin else []),
+    ]
 
 
 def start_demo_if_empty(user: User) -> None:
@@ -63,14 +63,14 @@ def overview_ui() -> None:
     """Where the loop stands: label, train, predict, review, retrain."""
     db_url = get_workspace().db_url
     counts = loop_overview(db_url, active_run_id(db_url), REVIEW_THRESHOLD)
-    stages = [("Labelled", "labelled", "expert-labelled training images"),
-              ("Runs", "runs", "training runs"),
-              ("Predicted", "predicted", "images the active model graded"),
-              ("Candidates", "candidates",
-               f"predictions at or above {REVIEW_THRESHOLD:.2f} confidence"),
-              ("Reviewed", "reviewed", "candidates with a decision")]
-    for column, (label, key, meaning) in zip(st.columns(2) + st.columns(2) + st.columns(2),
-                                             stages):
+    stages = [
+        ("Labelled", "labelled", "expert-labelled training images"),
+        ("Runs", "runs", "training runs"),
+        ("Predicted", "predicted", "images the active model graded"),
+        ("Candidates", "candidates", f"predictions at or above {REVIEW_THRESHOLD:.2f} confidence"),
+        ("Reviewed", "reviewed", "candidates with a decision"),
+    ]
+    for column, (label, key, meaning) in zip(st.columns(2) + st.columns(2) + st.columns(2), stages):
         column.metric(label, counts[key], help=meaning)
 
 

@@ -82,8 +82,15 @@ def begin(request: Request) -> Response:
     found = HANDOVERS.take(request.query_params.get("code", ""))
     if found:
         token, max_age = found
-        response.set_cookie(COOKIE, token, max_age=max_age, path="/", httponly=True,
-                            samesite="strict", secure=_secure(request))
+        response.set_cookie(
+            COOKIE,
+            token,
+            max_age=max_age,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=_secure(request),
+        )
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -91,8 +98,7 @@ def begin(request: Request) -> Response:
 def end(request: Request) -> Response:
     """Clear the cookie (the page has already ended the sign-in in the database)."""
     response = RedirectResponse(_local_path(request.query_params.get("next")), status_code=303)
-    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
-                           secure=_secure(request))
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=_secure(request))
     response.headers["Cache-Control"] = "no-store"
     return response
 

@@ -13,16 +13,17 @@ import shlex
 import streamlit as st
 
 from db import sign_ins
-from db.users import (LOCAL, SignInRefused, User, find_provider_user, has_accounts,
-                      has_passwords, sign_in)
+from db.users import LOCAL, SignInRefused, User, find_provider_user, has_accounts, has_passwords, sign_in
 from engine.runtime.markdown import literal
 from views.sign_in_cookie import COOKIE, END_URL, HANDOVERS, begin_url, can_keep
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 # Headers a reverse proxy adds: the browser is then on another machine, whatever Host says.
 PROXY_HEADERS = ("X-Forwarded-For", "X-Forwarded-Host", "Forwarded", "X-Real-Ip")
-ADD_ACCOUNT = ("python -m db.users add NAME --role admin",
-               "python -m db.users add EMAIL --role reviewer --sso")
+ADD_ACCOUNT = (
+    "python -m db.users add NAME --role admin",
+    "python -m db.users add EMAIL --role reviewer --sso",
+)
 
 
 def _hostname(host: str) -> str:
@@ -50,11 +51,14 @@ def auth_configured() -> bool:
 
 
 # Sends the browser to a cookie route of this server, which sends it back to this page.
-_GO = st.components.v2.component("go_to", js="""
+_GO = st.components.v2.component(
+    "go_to",
+    js="""
 export default function ({ data }) {
   const next = encodeURIComponent(location.pathname + location.search);
   location.replace(`${data.url}${data.url.includes("?") ? "&" : "?"}next=${next}`);
-}""")
+}""",
+)
 
 
 def _sign_in(db_url: str) -> None:
@@ -97,14 +101,16 @@ def sign_out_ui(db_url: str) -> None:
 def _form_ui(db_url: str) -> None:
     with st.form("signin"):
         st.text_input("Name", key="signin_name", autocomplete="username")
-        st.text_input("Password", type="password", key="signin_password",
-                      autocomplete="current-password")
-        st.form_submit_button("Sign in", key="signin_submit", type="primary",
-                              on_click=_sign_in, args=(db_url,))
+        st.text_input("Password", type="password", key="signin_password", autocomplete="current-password")
+        st.form_submit_button(
+            "Sign in", key="signin_submit", type="primary", on_click=_sign_in, args=(db_url,)
+        )
     if st.context.url and not can_keep(st.context.url):
-        st.caption("This page comes over plain HTTP from another machine, so a sign-in lasts "
-                   "only until the page is reloaded: served over HTTPS, it lasts across reloads "
-                   "and tabs (see the README's accounts section).")
+        st.caption(
+            "This page comes over plain HTTP from another machine, so a sign-in lasts "
+            "only until the page is reloaded: served over HTTPS, it lasts across reloads "
+            "and tabs (see the README's accounts section)."
+        )
     if "signin_refusal" in st.session_state:
         st.error(literal(st.session_state.pop("signin_refusal")))
 
@@ -116,12 +122,15 @@ def _provider_user(db_url: str) -> User | None:
     user = find_provider_user(db_url, email, verified=st.user.get("email_verified") is True)
     if user is None:
         st.title("Not added yet")
-        st.warning(f"You are signed in as {literal(email or 'a user without an e-mail')}, but "
-                   "no enabled account of the identity provider has that e-mail, or the "
-                   "provider has not verified it. Ask an admin to add you:")
-        st.code(f"python -m db.users add {shlex.quote(email) if email else 'EMAIL'} --role "
-                "reviewer --sso",
-                language="bash")
+        st.warning(
+            f"You are signed in as {literal(email or 'a user without an e-mail')}, but "
+            "no enabled account of the identity provider has that e-mail, or the "
+            "provider has not verified it. Ask an admin to add you:"
+        )
+        st.code(
+            f"python -m db.users add {shlex.quote(email) if email else 'EMAIL'} --role reviewer --sso",
+            language="bash",
+        )
         if st.button("Sign out", key="signout_provider"):
             st.logout()
     return user
@@ -129,13 +138,17 @@ def _provider_user(db_url: str) -> User | None:
 
 def _refusal_ui() -> None:
     st.title("Sign-in needed")
-    st.error("This server is reachable from other machines, and it has neither accounts nor "
-             "an identity provider: it shows no data until one of them is set up.")
+    st.error(
+        "This server is reachable from other machines, and it has neither accounts nor "
+        "an identity provider: it shows no data until one of them is set up."
+    )
     st.markdown("Add an account on the server, in the app's folder, then reload this page:")
     st.code("\n".join(ADD_ACCOUNT), language="bash")
-    st.markdown("Or set up institutional sign-in in `.streamlit/secrets.toml` (`[auth]`, "
-                "see the README), or serve the app on this machine only "
-                "(`--server.address localhost`).")
+    st.markdown(
+        "Or set up institutional sign-in in `.streamlit/secrets.toml` (`[auth]`, "
+        "see the README), or serve the app on this machine only "
+        "(`--server.address localhost`)."
+    )
 
 
 def signed_in_user(db_url: str) -> User | None:

@@ -29,8 +29,7 @@ from engine.data.tiles import VIEWS, Prefetcher, Pyramids, TileCache
 from engine.runtime.workspace import Workspace
 
 PREFIX = "/viewer"
-LIBRARY = Path(__file__).resolve().parents[1] / "node_modules" / "openseadragon" / "build" \
-    / "openseadragon"
+LIBRARY = Path(__file__).resolve().parents[1] / "node_modules" / "openseadragon" / "build" / "openseadragon"
 MAX_SHOWN = 2048  # photographs whose tokens stay valid; the oldest shown go first
 CACHE_FOR = "private, max-age=3600"
 _KEY = secrets.token_bytes(32)
@@ -68,8 +67,9 @@ class Registry:
         with self.lock:
             if self.shown[token].layers.get(name, (None,))[0] == version:
                 return version
-        png = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA
-                                                if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR))[1]
+        png = cv2.imencode(
+            ".png", cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR)
+        )[1]
         with self.lock:
             self.shown[token].layers[name] = (version, png.tobytes())
         return version
@@ -130,13 +130,11 @@ def tile(request: Request) -> Response:
     found = _pyramids(params["token"])
     if isinstance(found, Response):
         return found
-    path = tile_cache().tile_path(found.key, params["view"], params["level"], params["col"],
-                                  params["row"])
+    path = tile_cache().tile_path(found.key, params["view"], params["level"], params["col"], params["row"])
     if path is None:
         return _not_found("tile")
     # A tile is a few kB: read whole here, rather than streamed in chunks by FileResponse.
-    return Response(path.read_bytes(), media_type="image/jpeg",
-                    headers={"Cache-Control": CACHE_FOR})
+    return Response(path.read_bytes(), media_type="image/jpeg", headers={"Cache-Control": CACHE_FOR})
 
 
 def layer(request: Request) -> Response:

@@ -59,13 +59,18 @@ class View:
 
 PHOTO_VIEWS = (
     View("photo", "Photo", ("photo",), "The photograph as taken"),
-    View("red-free", "Red-free", ("red-free",),
-         "The green channel, contrast-stretched: microaneurysms and haemorrhages are darkest"),
+    View(
+        "red-free",
+        "Red-free",
+        ("red-free",),
+        "The green channel, contrast-stretched: microaneurysms and haemorrhages are darkest",
+    ),
     View("contrast", "Contrast", ("contrast",), "Contrast-enhanced (CLAHE on the luminance)"),
 )
 INPUT_VIEW = View("input", "Model input", ("input",), "What the model saw, laid on the photograph")
-GRADCAM_VIEW = View("gradcam", "Grad-CAM", ("photo", "gradcam"),
-                    "Where the model saw its grade, over the photograph")
+GRADCAM_VIEW = View(
+    "gradcam", "Grad-CAM", ("photo", "gradcam"), "Where the model saw its grade, over the photograph"
+)
 
 
 def heat_layer(heat: np.ndarray) -> np.ndarray:
@@ -77,18 +82,19 @@ def heat_layer(heat: np.ndarray) -> np.ndarray:
 
 def model_preprocess(run_id: int) -> PreprocessConfig:
     """How the run's model cut and prepared its input."""
-    return PreprocessConfig.from_dict(run_preprocess(get_workspace().db_url, run_id)
-                                      or PreprocessConfig().to_dict())
+    return PreprocessConfig.from_dict(
+        run_preprocess(get_workspace().db_url, run_id) or PreprocessConfig().to_dict()
+    )
 
 
-def _overlays(path: Path, run_id: int, preprocess: PreprocessConfig, gradcam_of: int | None
-              ) -> list[tuple[View, np.ndarray]]:
+def _overlays(
+    path: Path, run_id: int, preprocess: PreprocessConfig, gradcam_of: int | None
+) -> list[tuple[View, np.ndarray]]:
     """The run's model input of the photograph and, for a grade, that grade's Grad-CAM, both
     as the model saw the image (a square that engine.data.tiles.input_box places)."""
     workspace = get_workspace()
     overlays = [(INPUT_VIEW, PreprocessCache(workspace.cache).load(path, preprocess))]
-    model = explainer(run_checkpoint(workspace.db_url, run_id)) if gradcam_of is not None \
-        else None
+    model = explainer(run_checkpoint(workspace.db_url, run_id)) if gradcam_of is not None else None
     if model:
         overlays.append((GRADCAM_VIEW, heat_layer(model.saliency(path, gradcam_of).heat)))
     return overlays
@@ -106,9 +112,15 @@ def _next(upcoming: str | None) -> dict | None:
     return {"token": token, "base": f"{PREFIX}/{token}", "width": width, "height": height}
 
 
-def grading_viewer(photo: str, run_id: int | None = None, gradcam_of: int | None = None,
-                   key: str = "viewer", height: int = HEIGHT, decides: bool = False,
-                   upcoming: str | None = None) -> None:
+def grading_viewer(
+    photo: str,
+    run_id: int | None = None,
+    gradcam_of: int | None = None,
+    key: str = "viewer",
+    height: int = HEIGHT,
+    decides: bool = False,
+    upcoming: str | None = None,
+) -> None:
     """The photograph at `photo` in the viewer, in the views of PHOTO_VIEWS; with a run, also
     as its model's input and, for a grade, with that grade's Grad-CAM over it. A sentence
     instead when the file cannot be shown.
@@ -130,18 +142,36 @@ def grading_viewer(photo: str, run_id: int | None = None, gradcam_of: int | None
         st.warning(literal(f"{path.name}: cannot show this image ({exc})."))
         return
     token = REGISTRY.show(path)
-    layers = [{"name": view.layers[-1], "box": list(box),
-               "url": f"{PREFIX}/{token}/layer/{view.layers[-1]}.png?v="
-                      f"{REGISTRY.add_layer(token, view.layers[-1], pixels)}"}
-              for view, pixels in overlays]
+    layers = [
+        {
+            "name": view.layers[-1],
+            "box": list(box),
+            "url": f"{PREFIX}/{token}/layer/{view.layers[-1]}.png?v="
+            f"{REGISTRY.add_layer(token, view.layers[-1], pixels)}",
+        }
+        for view, pixels in overlays
+    ]
     views = [*PHOTO_VIEWS, *(view for view, _ in overlays)]
-    _COMPONENT(key=key, data={
-        "token": token, "base": f"{PREFIX}/{token}", "lib": f"{PREFIX}/lib",
-        "width": width, "height": height_px, "tileSize": TILE_SIZE, "overlap": OVERLAP,
-        "pyramids": [v.name for v in PHOTO_VIEWS], "layers": layers, "height_px": height,
-        "decides": decides, "next": _next(upcoming),
-        "views": [{"name": v.name, "label": v.label, "layers": list(v.layers), "help": v.help}
-                  for v in views]})
+    _COMPONENT(
+        key=key,
+        data={
+            "token": token,
+            "base": f"{PREFIX}/{token}",
+            "lib": f"{PREFIX}/lib",
+            "width": width,
+            "height": height_px,
+            "tileSize": TILE_SIZE,
+            "overlap": OVERLAP,
+            "pyramids": [v.name for v in PHOTO_VIEWS],
+            "layers": layers,
+            "height_px": height,
+            "decides": decides,
+            "next": _next(upcoming),
+            "views": [
+                {"name": v.name, "label": v.label, "layers": list(v.layers), "help": v.help} for v in views
+            ],
+        },
+    )
 
 
 _boxes: dict[tuple, tuple[float, ...]] = {}  # (photo, mtime, preprocessing) -> input box
@@ -174,5 +204,4 @@ def prefetch(photo: str | None, run_id: int) -> None:
     path, preprocess = Path(photo), model_preprocess(run_id)
     key = _box_key(path, preprocess)
     future = PREFETCHER.submit(path, tile_cache().root, get_workspace().cache, preprocess)
-    future.add_done_callback(
-        lambda done: done.exception() is None and _remember(key, done.result()))
+    future.add_done_callback(lambda done: done.exception() is None and _remember(key, done.result()))

@@ -17,13 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
-from torch.utils.data import (DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
-                              WeightedRandomSampler)
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 
-from grades import GRADES, from_aptos
 from engine.data.groups import group_from_name
 from engine.data.images import IMAGE_SUFFIXES, ImageError
 from engine.data.preprocess import PreprocessCache, PreprocessConfig, load_preprocessed
+from grades import GRADES, from_aptos
 
 
 @dataclass(frozen=True)
@@ -63,15 +69,24 @@ def labels_csv_samples(root: Path) -> tuple[list[Sample], dict[str, str]]:
     samples = []
     for line, row in enumerate(rows, start=2):
         if row.get("grade", "").strip() not in ("0", "1", "2", "3", "4") or not row.get("file"):
-            raise ValueError(f"{labels} line {line}: needs a file and a grade 0-4, got "
-                             f"{row.get('file')!r} and {row.get('grade')!r}")
-        samples.append(Sample(str(root / row["file"]), from_aptos(int(row["grade"])),
-                              Path(row["file"]).stem, group=row.get("group") or None))
+            raise ValueError(
+                f"{labels} line {line}: needs a file and a grade 0-4, got "
+                f"{row.get('file')!r} and {row.get('grade')!r}"
+            )
+        samples.append(
+            Sample(
+                str(root / row["file"]),
+                from_aptos(int(row["grade"])),
+                Path(row["file"]).stem,
+                group=row.get("group") or None,
+            )
+        )
     return samples, {str(root / row["file"]): row.get("dataset", "") for row in rows}
 
 
-def stratified_split(samples: Sequence[Sample], val_fraction: float = 0.2, seed: int = 0
-                     ) -> tuple[list[Sample], list[Sample]]:
+def stratified_split(
+    samples: Sequence[Sample], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
     """About `val_fraction` of every grade to validation, reproducibly for a seed, keeping each
     group (one person's eyes) on one side. A group counts under its highest grade; a sample
     without a group is a group of its own."""
@@ -102,8 +117,9 @@ def person_halves(samples: Sequence[Sample], seed: int) -> np.ndarray:
     return np.array([s.path in paths for s in samples], int)
 
 
-def train_val_test_split(samples: Sequence[Sample], seed: int = 0, test_share: float = 0.25,
-                         val_share: float = 0.2) -> tuple[list[Sample], list[Sample], list[Sample]]:
+def train_val_test_split(
+    samples: Sequence[Sample], seed: int = 0, test_share: float = 0.25, val_share: float = 0.2
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """A held-out test split, then validation out of the rest, each stratified by grade and
     kept whole by group: the same images for a seed wherever a measurement needs them."""
     rest, test = stratified_split(samples, test_share, seed)
@@ -120,6 +136,7 @@ def shared_groups(train: Sequence[Sample], val: Sequence[Sample]) -> set[str]:
 def same_content(samples: Sequence[Sample], others: Sequence[Sample]) -> set[str]:
     """Paths of `samples` whose file holds the same bytes as a file of `others` (a copy under
     another name). Only files of equal size are hashed, so this reads few bytes."""
+
     def size(sample: Sample) -> int:
         return os.stat(sample.path).st_size if os.path.isfile(sample.path) else -1
 
@@ -152,9 +169,15 @@ def read_manifest(path: Path) -> tuple[list[Sample], list[Sample]]:
     out: dict[str, list[Sample]] = {"train": [], "validation": []}
     with open(path, newline="") as file:
         for row in csv.DictReader(file):
-            out[row["split"]].append(Sample(
-                row["path"], int(row["grade"]), row["name"],
-                int(row["image_id"]) if row["image_id"] else None, row["group"] or None))
+            out[row["split"]].append(
+                Sample(
+                    row["path"],
+                    int(row["grade"]),
+                    row["name"],
+                    int(row["image_id"]) if row["image_id"] else None,
+                    row["group"] or None,
+                )
+            )
     return out["train"], out["validation"]
 
 
@@ -167,8 +190,7 @@ def write_probabilities(path: Path, samples: Sequence[Sample], probs: np.ndarray
         writer = csv.writer(file)
         writer.writerow(PROBABILITY_COLUMNS)
         for sample, row in zip(samples, probs, strict=True):
-            writer.writerow([sample.path, sample.grade, sample.group or "",
-                             *(f"{p:.6g}" for p in row)])
+            writer.writerow([sample.path, sample.grade, sample.group or "", *(f"{p:.6g}" for p in row)])
 
 
 def read_probabilities(path: Path) -> tuple[list[Sample], np.ndarray]:
@@ -176,8 +198,9 @@ def read_probabilities(path: Path) -> tuple[list[Sample], np.ndarray]:
     samples, probs = [], []
     with open(path, newline="") as file:
         for row in csv.DictReader(file):
-            samples.append(Sample(row["path"], int(row["grade"]), Path(row["path"]).stem,
-                                  group=row["group"] or None))
+            samples.append(
+                Sample(row["path"], int(row["grade"]), Path(row["path"]).stem, group=row["group"] or None)
+            )
             probs.append([float(row[f"p{k}"]) for k in range(4)])
     return samples, np.array(probs, np.float64).reshape(-1, 4)
 
@@ -235,9 +258,17 @@ class FundusDataset(Dataset):
     (None, message, index) and `collate` drops it, so a corrupt image never stops a run.
     """
 
-    def __init__(self, samples: Sequence[Sample], prep: PreprocessConfig,
-                 mean: Sequence[float], std: Sequence[float], cache_root: Path | None = None,
-                 size: int | None = None, augment: str | None = None, magnitude: int = 0):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        prep: PreprocessConfig,
+        mean: Sequence[float],
+        std: Sequence[float],
+        cache_root: Path | None = None,
+        size: int | None = None,
+        augment: str | None = None,
+        magnitude: int = 0,
+    ):
         self.samples = list(samples)
         self.prep = prep
         self.cache = PreprocessCache(cache_root) if cache_root else None
@@ -302,16 +333,23 @@ class RankShare(Sampler[int]):
 
     def __iter__(self):
         draws = list(self.sampler)
-        draws += (draws * self.world)[:-len(draws) % self.world]
-        return iter(draws[self.rank::self.world])
+        draws += (draws * self.world)[: -len(draws) % self.world]
+        return iter(draws[self.rank :: self.world])
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.world)
 
 
-def create_loader(dataset: FundusDataset, batch_size: int, workers: int, device: torch.device,
-                  shuffle: bool = False, balanced: bool = False, seed: int = 0,
-                  share: tuple[int, int] = (0, 1)) -> DataLoader:
+def create_loader(
+    dataset: FundusDataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    shuffle: bool = False,
+    balanced: bool = False,
+    seed: int = 0,
+    share: tuple[int, int] = (0, 1),
+) -> DataLoader:
     """A DataLoader with pinned memory on CUDA; `balanced` samples every grade equally often.
     `share` = (rank, world size): this rank's share of the draws (RankShare)."""
     draws = torch.Generator().manual_seed(seed)
@@ -325,8 +363,13 @@ def create_loader(dataset: FundusDataset, batch_size: int, workers: int, device:
     if world > 1:
         sampler = RankShare(sampler, rank, world)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
         # Worker seeds (augmentation) of a rank's own, unlike its draws.
         generator=torch.Generator().manual_seed(seed * 65_537 + rank),
         worker_init_fn=_ignore_sigterm,

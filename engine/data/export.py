@@ -58,18 +58,22 @@ def export_roots(workspace_root: Path) -> list[Path]:
 def _refuse_outside(out: Path, roots: Iterable[Path]) -> None:
     roots = list(roots)
     if not any(out.is_relative_to(root) for root in roots):
-        raise ExportRefused(f"{out} is outside the folders exports may write to "
-                            f"({', '.join(map(str, roots))}): choose a folder under one of "
-                            "them, or have the server started with that folder in "
-                            "DR_EXPORT_ROOTS")
+        raise ExportRefused(
+            f"{out} is outside the folders exports may write to "
+            f"({', '.join(map(str, roots))}): choose a folder under one of "
+            "them, or have the server started with that folder in "
+            "DR_EXPORT_ROOTS"
+        )
 
 
 def _refuse_source_folders(out: Path, source_roots: Iterable[str]) -> None:
     grade_folders = [out / str(grade) for grade in GRADES]
     for root in map(Path, source_roots):
         if out.is_relative_to(root) or any(root.is_relative_to(f) for f in grade_folders):
-            raise ExportRefused(f"{out} is inside the folder of an imported dataset ({root}) "
-                                "or holds one: choose a folder of its own for the export")
+            raise ExportRefused(
+                f"{out} is inside the folder of an imported dataset ({root}) "
+                "or holds one: choose a folder of its own for the export"
+            )
 
 
 def _exported(out: Path) -> set[Path]:
@@ -88,18 +92,27 @@ def _clear_earlier_export(out: Path, replace: bool) -> None:
     earlier = _exported(out)
     foreign = [path.relative_to(out).as_posix() for path in sorted(present - earlier)]
     if foreign:
-        raise ExportRefused(f"{out} already holds class folders with files that no export of "
-                            f"this app listed as its own ({', '.join(foreign[:3])}"
-                            f"{'…' if len(foreign) > 3 else ''}): choose an empty folder")
+        raise ExportRefused(
+            f"{out} already holds class folders with files that no export of "
+            f"this app listed as its own ({', '.join(foreign[:3])}"
+            f"{'…' if len(foreign) > 3 else ''}): choose an empty folder"
+        )
     if present and not replace:
         raise EarlierExport(f"{out} already holds grade folders of an earlier export")
     for path in earlier:
         path.unlink(missing_ok=True)
 
 
-def export_class_folders(files: Iterable[tuple[str, int]], out: Path, replace: bool = False,
-                         source_roots: Iterable[str] = (), *, db_url: str, user: User | None,
-                         roots: Iterable[Path]) -> ExportResult:
+def export_class_folders(
+    files: Iterable[tuple[str, int]],
+    out: Path,
+    replace: bool = False,
+    source_roots: Iterable[str] = (),
+    *,
+    db_url: str,
+    user: User | None,
+    roots: Iterable[Path],
+) -> ExportResult:
     """Copy each (path, grade) into `out/<grade>/`, for `user`, an admin as the workspace's
     database `db_url` says now, or db.users.TERMINAL. An `out` outside `roots` (export_roots)
     is refused. An earlier export there makes the export refuse, or is removed first when
@@ -118,8 +131,9 @@ def export_class_folders(files: Iterable[tuple[str, int]], out: Path, replace: b
     for grade in GRADES:
         (out / str(grade)).mkdir(parents=True, exist_ok=True)
     # Listed before copying: a copy cut short leaves nothing that a later replace would refuse.
-    (out / MANIFEST).write_text(json.dumps(
-        {"files": [target.relative_to(out).as_posix() for target in targets]}))
+    (out / MANIFEST).write_text(
+        json.dumps({"files": [target.relative_to(out).as_posix() for target in targets]})
+    )
     result = ExportResult()
     for (path, _), target in zip(files, targets):
         try:

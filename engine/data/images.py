@@ -41,8 +41,11 @@ def probe_image(path: Path) -> tuple[int, int]:
 
 # libjpeg decodes a JPEG at 1/2, 1/4 or 1/8 of its size in a fraction of the time: the inverse
 # DCT, upsampling and colour conversion shrink with the output (bench/inference.py).
-REDUCED_JPEG_READS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-                      (2, cv2.IMREAD_REDUCED_COLOR_2))
+REDUCED_JPEG_READS = (
+    (8, cv2.IMREAD_REDUCED_COLOR_8),
+    (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (2, cv2.IMREAD_REDUCED_COLOR_2),
+)
 
 
 def _read_flag(width: int, height: int, is_jpeg: bool, min_side: int) -> int:

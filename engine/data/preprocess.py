@@ -16,8 +16,8 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import repeat
 from pathlib import Path
@@ -139,7 +139,7 @@ def _center_square(img: np.ndarray, size: int) -> np.ndarray:
     scale = size / min(height, width)
     img = _resize(img, max(size, int(width * scale)), max(size, int(height * scale)))
     top, left = round((img.shape[0] - size) / 2), round((img.shape[1] - size) / 2)
-    return img[top:top + size, left:left + size]
+    return img[top : top + size, left : left + size]
 
 
 def crop_to_eye(img: np.ndarray) -> np.ndarray:
@@ -266,10 +266,15 @@ def save_whole(entry: Path, array: np.ndarray) -> None:
         raise
 
 
-def fill_cache(paths: list[Path], cfg: PreprocessConfig, cache: PreprocessCache,
-               progress: Callable[[int, int], None] | None = None) -> None:
+def fill_cache(
+    paths: list[Path],
+    cfg: PreprocessConfig,
+    cache: PreprocessCache,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Decode and preprocess every file the cache lacks, on all cores (OpenCV releases the
     GIL). Unreadable files are left for the dataset to report when it meets them."""
+
     def fill(path: Path) -> None:
         try:
             cache.load(path, cfg)
@@ -282,9 +287,7 @@ def fill_cache(paths: list[Path], cfg: PreprocessConfig, cache: PreprocessCache,
                 progress(done, len(paths))
 
 
-def load_preprocessed(
-    path: Path, cfg: PreprocessConfig, cache: PreprocessCache | None = None
-) -> np.ndarray:
+def load_preprocessed(path: Path, cfg: PreprocessConfig, cache: PreprocessCache | None = None) -> np.ndarray:
     """The preprocessed image of the file at `path`, through `cache` when one is given."""
     if cache is None:
         return preprocess_file(path, cfg)
@@ -316,9 +319,7 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _process_tree(
-    sources: list[Path], src_root: Path, dst_root: Path, cfg: PreprocessConfig
-) -> int:
+def _process_tree(sources: list[Path], src_root: Path, dst_root: Path, cfg: PreprocessConfig) -> int:
     started = time.perf_counter()
     targets = [dst_root / src.relative_to(src_root) for src in sources]
     workers = min(os.cpu_count() or 1, len(sources))
@@ -353,12 +354,25 @@ def main(argv: list[str] | None = None) -> int:
         description="Preprocess every fundus photograph under a folder (Ben Graham).",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--in", dest="src", metavar="DIR", type=Path, required=True,
-                        help="the folder of photographs (read recursively)")
-    parser.add_argument("--out", dest="dst", metavar="DIR", type=Path, required=True,
-                        help="where the preprocessed images go, in the same sub-folders")
-    parser.add_argument("--size", metavar="PX", type=int, default=PreprocessConfig.size,
-                        help="side of the square output")
+    parser.add_argument(
+        "--in",
+        dest="src",
+        metavar="DIR",
+        type=Path,
+        required=True,
+        help="the folder of photographs (read recursively)",
+    )
+    parser.add_argument(
+        "--out",
+        dest="dst",
+        metavar="DIR",
+        type=Path,
+        required=True,
+        help="where the preprocessed images go, in the same sub-folders",
+    )
+    parser.add_argument(
+        "--size", metavar="PX", type=int, default=PreprocessConfig.size, help="side of the square output"
+    )
     parser.add_argument("--no-crop", action="store_true", help="squeeze the whole image instead")
     parser.add_argument("--no-enhance", action="store_true", help="skip Ben Graham's contrast")
     parser.add_argument("--no-mask", action="store_true", help="keep the field's rim")
@@ -375,9 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     sources = sorted(
-        path
-        for path in src_root.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        path for path in src_root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
     )
     if not sources:
         print(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {args.src}", file=sys.stderr)

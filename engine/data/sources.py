@@ -28,16 +28,20 @@ from db.queries import unused_name
 from db.schema import Image, Source
 from db.session import migrate, read_scope, session_scope
 from db.settings import read_setting, write_setting
-from grades import from_aptos
 from engine.data.groups import group_of
 from engine.data.images import IMAGE_SUFFIXES, ImageError, probe_image
 from engine.runtime.jobs import JobReporter
 from engine.runtime.workspace import Workspace
+from grades import from_aptos
 
 ROLES = ("train", "validation", "unlabelled")
 # Only unlabelled pools take role unlabelled: a plain folder, or the APTOS test split.
-KIND_ROLES = {"aptos": ROLES, "messidor": ("train", "validation"),
-              "folders": ("train", "validation"), "unlabelled": ("unlabelled",)}
+KIND_ROLES = {
+    "aptos": ROLES,
+    "messidor": ("train", "validation"),
+    "folders": ("train", "validation"),
+    "unlabelled": ("unlabelled",),
+}
 KINDS = tuple(KIND_ROLES)
 DATA_ROOTS_KEY = "data_roots"
 ANNOTATION_SUFFIXES = (".csv", ".xls", ".xlsx")
@@ -142,8 +146,12 @@ def _list_aptos(root: Path, role: str) -> tuple[list[Entry], list[Problem]]:
         if not id_code:
             problems.append(Problem(where, "empty id_code"))
             continue
-        entry = Entry(f"{where} (id_code {id_code})", f"{split}_images/{id_code}.png", id_code,
-                      extra=_group_extra(id_code, row))
+        entry = Entry(
+            f"{where} (id_code {id_code})",
+            f"{split}_images/{id_code}.png",
+            id_code,
+            extra=_group_extra(id_code, row),
+        )
         if split == "train":
             try:
                 diagnosis = _parse_int(row["diagnosis"], range(5), "diagnosis")
@@ -183,15 +191,25 @@ def _list_messidor_file(path: Path, root: Path) -> tuple[list[Entry], list[Probl
             problems.append(Problem(where, str(exc)))
             continue
         rel = (prefix / name).as_posix()
-        entries.append(Entry(where, rel, name, grade, str(grade),
-                             {"macular_edema": edema, **_group_extra(Path(name).stem, row)}))
+        entries.append(
+            Entry(
+                where,
+                rel,
+                name,
+                grade,
+                str(grade),
+                {"macular_edema": edema, **_group_extra(Path(name).stem, row)},
+            )
+        )
     return entries, problems
 
 
 def _list_messidor(path: Path) -> tuple[Path, list[Entry], list[Problem]]:
     root = path if path.is_dir() else path.parent
-    files = [path] if path.is_file() else sorted(
-        p for p in root.iterdir() if p.suffix.lower() in ANNOTATION_SUFFIXES
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in root.iterdir() if p.suffix.lower() in ANNOTATION_SUFFIXES)
     )
     if not files:
         raise ImportStopped(f"{path}: no annotation file (.csv, .xls, .xlsx) in this folder")
@@ -205,8 +223,11 @@ def _list_messidor(path: Path) -> tuple[Path, list[Entry], list[Problem]]:
 
 def _visible_files(folder: Path) -> list[Path]:
     """Files and links to files; a broken link too, so that the report names it."""
-    return sorted(p for p in folder.rglob("*") if not p.name.startswith(".")
-                  and (p.is_file() or p.is_symlink() and not p.exists()))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if not p.name.startswith(".") and (p.is_file() or p.is_symlink() and not p.exists())
+    )
 
 
 def _list_folders(root: Path) -> tuple[list[Entry], list[Problem]]:
@@ -218,8 +239,7 @@ def _list_folders(root: Path) -> tuple[list[Entry], list[Problem]]:
             continue
         for file in _visible_files(folder):
             rel = file.relative_to(root).as_posix()
-            entries.append(Entry(rel, rel, file.stem, int(folder.name), folder.name,
-                                 _group_extra(file.stem)))
+            entries.append(Entry(rel, rel, file.stem, int(folder.name), folder.name, _group_extra(file.stem)))
     if not folders:
         raise ImportStopped(f"{root}: no class folders 0/ 1/ 2/ 3/ in this folder")
     return entries, problems
@@ -240,9 +260,11 @@ def list_source(kind: str, path: Path, role: str) -> tuple[Path, list[Entry], li
     if role not in ROLES:
         raise ImportStopped(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
     if role not in KIND_ROLES[kind]:
-        raise ImportStopped(f"kind {kind} cannot take role {role} (it takes "
-                            f"{', '.join(KIND_ROLES[kind])}): only unlabelled pools "
-                            "(kind unlabelled, or APTOS test) take role unlabelled")
+        raise ImportStopped(
+            f"kind {kind} cannot take role {role} (it takes "
+            f"{', '.join(KIND_ROLES[kind])}): only unlabelled pools "
+            "(kind unlabelled, or APTOS test) take role unlabelled"
+        )
     if not path.exists() or (kind != "messidor" and not path.is_dir()):
         raise ImportStopped(f"{path}: folder not found")
     path = path.resolve()
@@ -272,8 +294,9 @@ def _check_paths(entries: list[Entry]) -> tuple[list[Entry], list[Problem]]:
         if not stays_inside(entry.path):
             problems.append(Problem(entry.where, f"path {entry.path!r} escapes the source root"))
         elif entry.name in first_seen:
-            problems.append(Problem(entry.where, f"duplicate id {entry.name!r} "
-                                                 f"(first at {first_seen[entry.name]})"))
+            problems.append(
+                Problem(entry.where, f"duplicate id {entry.name!r} (first at {first_seen[entry.name]})")
+            )
         else:
             first_seen[entry.name] = entry.where
             kept.append(entry)
@@ -292,8 +315,9 @@ def _probe(root: Path, entry: Entry) -> tuple[int, int] | str:
         return str(exc)
 
 
-def _probe_all(root: Path, entries: list[Entry], progress: Progress | None
-               ) -> tuple[list[tuple[Entry, tuple[int, int]]], list[Problem]]:
+def _probe_all(
+    root: Path, entries: list[Entry], progress: Progress | None
+) -> tuple[list[tuple[Entry, tuple[int, int]]], list[Problem]]:
     good, problems = [], []
     # Decoding releases the GIL, so threads use every core without pickling entries.
     with ThreadPoolExecutor() as pool:
@@ -318,12 +342,15 @@ def _find_source(session, kind: str, root: Path, role: str) -> Source | None:
     """The source imported from `root` in `role` before; a folder imported in the other
     labelled role is refused."""
     source = session.scalar(select(Source).filter_by(kind=kind, root=str(root), role=role))
-    other = session.scalar(select(Source).where(Source.root == str(root), Source.role != role,
-                                                Source.role != "unlabelled"))
+    other = session.scalar(
+        select(Source).where(Source.root == str(root), Source.role != role, Source.role != "unlabelled")
+    )
     if source is None and other is not None and role != "unlabelled":
-        raise ImportStopped(f"{root} is imported already as {other.name!r} with role "
-                            f"{other.role}: one folder cannot be both training and validation, "
-                            "or the validation figures would judge images the model learned")
+        raise ImportStopped(
+            f"{root} is imported already as {other.name!r} with role "
+            f"{other.role}: one folder cannot be both training and validation, "
+            "or the validation figures would judge images the model learned"
+        )
     return source
 
 
@@ -337,29 +364,44 @@ def _get_source(session, kind: str, root: Path, role: str, name: str | None) -> 
     return source
 
 
-def import_source(db_url: str, kind: str, path: Path, role: str, name: str | None = None,
-                  progress: Progress | None = None) -> ImportReport:
+def import_source(
+    db_url: str, kind: str, path: Path, role: str, name: str | None = None, progress: Progress | None = None
+) -> ImportReport:
     """Import one dataset into the database; raises ImportStopped if it cannot be read at all.
     Nothing is written before every new file is checked: a cancel leaves no trace."""
     root, entries, problems = list_source(kind, Path(path), role)
     entries, bad_paths = _check_paths(entries)
     with read_scope(db_url) as session:
         source = _find_source(session, kind, root, role)
-        known = set() if source is None else set(
-            session.scalars(select(Image.path).where(Image.source_id == source.id)))
+        known = (
+            set()
+            if source is None
+            else set(session.scalars(select(Image.path).where(Image.source_id == source.id)))
+        )
     new = [e for e in entries if e.path not in known]
     good, unreadable = _probe_all(root, new, progress)
     labelled = role != "unlabelled"
     with session_scope(db_url) as session:
         source = _get_source(session, kind, root, role, name)
-        report = ImportReport(source.name, listed=len(entries) + len(problems) + len(bad_paths),
-                              added=len(good), already=len(entries) - len(new),
-                              problems=problems + bad_paths + unreadable)
+        report = ImportReport(
+            source.name,
+            listed=len(entries) + len(problems) + len(bad_paths),
+            added=len(good),
+            already=len(entries) - len(new),
+            problems=problems + bad_paths + unreadable,
+        )
         session.add_all(
-            Image(source_id=source.id, path=e.path, name=e.name, width=w, height=h,
-                  grade=e.grade if labelled else None, original_label=e.original_label,
-                  label_origin="expert" if labelled and e.grade is not None else None,
-                  extra=e.extra)
+            Image(
+                source_id=source.id,
+                path=e.path,
+                name=e.name,
+                width=w,
+                height=h,
+                grade=e.grade if labelled else None,
+                original_label=e.original_label,
+                label_origin="expert" if labelled and e.grade is not None else None,
+                extra=e.extra,
+            )
             for e, (w, h) in good
         )
         source.report = report.to_dict()
@@ -388,8 +430,7 @@ def set_data_roots(workspace: Workspace, roots: list[Path]) -> list[Path]:
 def _subfolders(folder: Path) -> list[Path]:
     try:
         with os.scandir(folder) as entries:
-            return sorted(Path(e.path) for e in entries
-                          if e.is_dir() and not e.name.startswith("."))
+            return sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
     except OSError:  # unreadable to the server: nothing to offer from it
         return []
 
@@ -411,13 +452,17 @@ def _import_command(args: argparse.Namespace, workspace: Workspace) -> int:
     try:
         # The app's import job reports here; a cancel leaves the source as it was.
         with JobReporter(workspace.db_url, args.job_id) as job:
+
             def checked(done: int, total: int) -> None:
                 job.progress(done / total, f"checking images: {done}/{total}")
-                print(f"\rchecking images: {done}/{total}", end="\n" if done == total else "",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"\rchecking images: {done}/{total}",
+                    end="\n" if done == total else "",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
-            report = import_source(workspace.db_url, args.kind, args.path, args.role,
-                                   args.name, checked)
+            report = import_source(workspace.db_url, args.kind, args.path, args.role, args.name, checked)
     except ImportStopped as exc:
         print(f"import stopped: {exc}", file=sys.stderr)
         return 2
@@ -440,21 +485,28 @@ def _roots_command(args: argparse.Namespace, workspace: Workspace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.data.sources", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.data.sources", description=__doc__, formatter_class=HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    imp = commands.add_parser("import", formatter_class=HelpFormatter,
-                              help="import one dataset into the workspace")
+    imp = commands.add_parser(
+        "import", formatter_class=HelpFormatter, help="import one dataset into the workspace"
+    )
     imp.add_argument("--kind", required=True, choices=KINDS, help="the dataset's layout")
     imp.add_argument("--path", required=True, type=Path, help="the dataset's folder")
-    imp.add_argument("--role", required=True, choices=ROLES,
-                     help="what the app does with its images")
+    imp.add_argument("--role", required=True, choices=ROLES, help="what the app does with its images")
     imp.add_argument("--name", help="name shown in the app (default: folder-role)")
     imp.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
-    roots = commands.add_parser("roots", formatter_class=HelpFormatter,
-                                help="show, or --set, the folders the app may import from")
-    roots.add_argument("--set", nargs="+", type=Path, metavar="DIR",
-                       help="the folders the Dataset page may import from (default: show them)")
+    roots = commands.add_parser(
+        "roots", formatter_class=HelpFormatter, help="show, or --set, the folders the app may import from"
+    )
+    roots.add_argument(
+        "--set",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="the folders the Dataset page may import from (default: show them)",
+    )
     args = parser.parse_args(argv)
 
     workspace = Workspace.from_env()

@@ -16,11 +16,11 @@ import hashlib
 import math
 import multiprocessing
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -35,11 +35,19 @@ MESSIDOR_GRADE_P = (0.45, 0.13, 0.21, 0.21)
 # Edema risk 0/1/2 by grade: hard exudates come with more advanced retinopathy.
 EDEMA_P = {0: (1.0, 0.0, 0.0), 1: (0.85, 0.1, 0.05), 2: (0.45, 0.3, 0.25), 3: (0.3, 0.3, 0.4)}
 # Fixed numbers in the per-image seeds, so that a split's images never depend on the others.
-SPLIT_CODES = {"aptos_train": 1, "aptos_test": 2, "messidor": 3, "messidor_base": 4,
-               "validation": 5}
+SPLIT_CODES = {"aptos_train": 1, "aptos_test": 2, "messidor": 3, "messidor_base": 4, "validation": 5}
 BASE11_DEPARTMENT = "Service Ophtalmologie Lariboisière"
-LESION_COLUMNS = ["path", "split", "ma", "haemorrhages", "exudates", "cotton_wool", "nv",
-                  "edema_risk", "grade"]
+LESION_COLUMNS = [
+    "path",
+    "split",
+    "ma",
+    "haemorrhages",
+    "exudates",
+    "cotton_wool",
+    "nv",
+    "edema_risk",
+    "grade",
+]
 
 RGB = tuple[float, float, float]
 VESSEL_RGB: RGB = (125, 28, 22)
@@ -158,14 +166,14 @@ class Scene:
         return ok & (np.hypot(off_disc[:, 0], off_disc[:, 1]) > 1.4 * self.disc_radius)
 
 
-def draw_fundus(lesions: Lesions, rng: np.random.Generator, size: int,
-                style: Style = APTOS_STYLE) -> np.ndarray:
+def draw_fundus(
+    lesions: Lesions, rng: np.random.Generator, size: int, style: Style = APTOS_STYLE
+) -> np.ndarray:
     """A fundus photograph showing `lesions`: (H, W, 3) RGB uint8 with H = `size`."""
     return render(plan_scene(lesions, rng, size, style), rng)
 
 
-def plan_scene(lesions: Lesions, rng: np.random.Generator, size: int,
-               style: Style = APTOS_STYLE) -> Scene:
+def plan_scene(lesions: Lesions, rng: np.random.Generator, size: int, style: Style = APTOS_STYLE) -> Scene:
     """Lay out field, anatomy and lesions; all randomness of the geometry is drawn here."""
     height = size
     width = round(size * rng.uniform(*style.aspect))
@@ -192,9 +200,18 @@ def plan_scene(lesions: Lesions, rng: np.random.Generator, size: int,
     disc = centre - axis * disc_to_fovea * 0.55
     fovea = disc + axis * disc_to_fovea
 
-    scene = Scene(height, width, centre, radius, cut, disc, disc_radius, fovea,
-                  blur_sigma=diameter * rng.uniform(*style.blur),
-                  noise_std=rng.uniform(*style.noise))
+    scene = Scene(
+        height,
+        width,
+        centre,
+        radius,
+        cut,
+        disc,
+        disc_radius,
+        fovea,
+        blur_sigma=diameter * rng.uniform(*style.blur),
+        noise_std=rng.uniform(*style.noise),
+    )
     scene.vessels = _vessel_tree(scene, axis, rng)
     scene.microaneurysms = _spots(scene, lesions.ma, (0.007, 0.011), 0.2, rng)
     scene.haemorrhages = _blots(scene, lesions.haemorrhages, rng)
@@ -206,9 +223,13 @@ def plan_scene(lesions: Lesions, rng: np.random.Generator, size: int,
     return scene
 
 
-def _sample(scene: Scene, n: int, rng: np.random.Generator,
-            propose: Callable[[int], np.ndarray],
-            accept: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def _sample(
+    scene: Scene,
+    n: int,
+    rng: np.random.Generator,
+    propose: Callable[[int], np.ndarray],
+    accept: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
     """n proposed points that lie in the field (and pass `accept`), by rejection."""
     found: list[np.ndarray] = []
     count = 0
@@ -222,13 +243,13 @@ def _sample(scene: Scene, n: int, rng: np.random.Generator,
     return np.concatenate(found)[:n] if n else np.zeros((0, 2))
 
 
-def _around(point: np.ndarray, spread: float,
-            rng: np.random.Generator) -> Callable[[int], np.ndarray]:
+def _around(point: np.ndarray, spread: float, rng: np.random.Generator) -> Callable[[int], np.ndarray]:
     return lambda k: point + rng.normal(0, spread, (k, 2))
 
 
-def _spots(scene: Scene, n: int, radii: tuple[float, float], spread: float,
-           rng: np.random.Generator) -> np.ndarray:
+def _spots(
+    scene: Scene, n: int, radii: tuple[float, float], spread: float, rng: np.random.Generator
+) -> np.ndarray:
     """Round lesions clustered on the posterior pole, where retinopathy shows first."""
     xy = _sample(scene, n, rng, _around(scene.fovea, spread * scene.diameter, rng))
     return np.column_stack([xy, scene.diameter * rng.uniform(*radii, len(xy))])
@@ -242,8 +263,7 @@ def _blots(scene: Scene, n: int, rng: np.random.Generator) -> np.ndarray:
         r = scene.diameter * rng.uniform(0.015, 0.03)
         for _ in range(rng.integers(2, 5)):
             x, y = centre + rng.normal(0, 0.35 * r, 2)
-            ellipses.append((x, y, r * rng.uniform(0.6, 1.0), r * rng.uniform(0.4, 0.8),
-                             rng.uniform(0, 180)))
+            ellipses.append((x, y, r * rng.uniform(0.6, 1.0), r * rng.uniform(0.4, 0.8), rng.uniform(0, 180)))
     return np.array(ellipses).reshape(-1, 5)
 
 
@@ -272,16 +292,24 @@ def exudate_positions(scene: Scene, risk: int, n: int, rng: np.random.Generator)
     return _sample(scene, n, rng, near_cluster, accept)
 
 
-def _walk(start: np.ndarray, heading: float, length: float, turn: float,
-          rng: np.random.Generator, steps: int = 24, wiggle: float = 0.04) -> np.ndarray:
+def _walk(
+    start: np.ndarray,
+    heading: float,
+    length: float,
+    turn: float,
+    rng: np.random.Generator,
+    steps: int = 24,
+    wiggle: float = 0.04,
+) -> np.ndarray:
     """A smooth path whose heading bends by `turn` radians in all, plus a random wiggle."""
     headings = heading + np.linspace(0, turn, steps) + np.cumsum(rng.normal(0, wiggle, steps))
     deltas = (length / steps) * np.column_stack([np.cos(headings), np.sin(headings)])
     return np.vstack([start, start + np.cumsum(deltas, axis=0)])
 
 
-def _vessel_tree(scene: Scene, axis: np.ndarray, rng: np.random.Generator
-                 ) -> list[tuple[np.ndarray, int, int]]:
+def _vessel_tree(
+    scene: Scene, axis: np.ndarray, rng: np.random.Generator
+) -> list[tuple[np.ndarray, int, int]]:
     """Arcades curving from the disc around the macula, nasal vessels, and their branches."""
     d = scene.diameter
     to_fovea = math.atan2(axis[1], axis[0])
@@ -290,11 +318,32 @@ def _vessel_tree(scene: Scene, axis: np.ndarray, rng: np.random.Generator
     for up in (-1, 1):
         for thickness, opacity in ((0.011, 200), (0.008, 150)):  # vein, then artery
             start = scene.disc + rng.normal(0, 0.2 * scene.disc_radius, 2)
-            mains.append((_walk(start, to_fovea + up * rng.uniform(1.1, 1.4), span * 1.7,
-                                -up * rng.uniform(1.5, 1.8), rng), thickness * d, opacity))
-            mains.append((_walk(start, to_fovea + math.pi - up * rng.uniform(0.5, 1.0),
-                                span * 0.9, up * rng.uniform(0.2, 0.7), rng),
-                          thickness * 0.8 * d, opacity))
+            mains.append(
+                (
+                    _walk(
+                        start,
+                        to_fovea + up * rng.uniform(1.1, 1.4),
+                        span * 1.7,
+                        -up * rng.uniform(1.5, 1.8),
+                        rng,
+                    ),
+                    thickness * d,
+                    opacity,
+                )
+            )
+            mains.append(
+                (
+                    _walk(
+                        start,
+                        to_fovea + math.pi - up * rng.uniform(0.5, 1.0),
+                        span * 0.9,
+                        up * rng.uniform(0.2, 0.7),
+                        rng,
+                    ),
+                    thickness * 0.8 * d,
+                    opacity,
+                )
+            )
     vessels = []
     for path, thickness, opacity in mains:
         vessels += _tapered(path, thickness, opacity)
@@ -302,18 +351,26 @@ def _vessel_tree(scene: Scene, axis: np.ndarray, rng: np.random.Generator
             i = int(rng.integers(len(path) // 5, len(path) - 2))
             dx, dy = path[i + 1] - path[i]
             heading = math.atan2(dy, dx) + rng.choice([-1, 1]) * rng.uniform(0.4, 1.0)
-            branch = _walk(path[i], heading, d * rng.uniform(0.12, 0.3), rng.uniform(-0.7, 0.7),
-                           rng, steps=12, wiggle=0.08)
+            branch = _walk(
+                path[i],
+                heading,
+                d * rng.uniform(0.12, 0.3),
+                rng.uniform(-0.7, 0.7),
+                rng,
+                steps=12,
+                wiggle=0.08,
+            )
             vessels += _tapered(branch, thickness * 0.5, opacity)
     return vessels
 
 
-def _tapered(path: np.ndarray, thickness: float,
-             opacity: int) -> list[tuple[np.ndarray, int, int]]:
+def _tapered(path: np.ndarray, thickness: float, opacity: int) -> list[tuple[np.ndarray, int, int]]:
     """A vessel thinning out along its course, as three ever thinner stretches."""
     thirds = np.array_split(np.arange(len(path)), 3)
-    return [(path[max(idx[0] - 1, 0):idx[-1] + 1], max(1, round(thickness * scale)), opacity)
-            for idx, scale in zip(thirds, (1.0, 0.75, 0.5))]
+    return [
+        (path[max(idx[0] - 1, 0) : idx[-1] + 1], max(1, round(thickness * scale)), opacity)
+        for idx, scale in zip(thirds, (1.0, 0.75, 0.5))
+    ]
 
 
 def _nv_tangles(scene: Scene, rng: np.random.Generator) -> list[np.ndarray]:
@@ -327,8 +384,17 @@ def _nv_tangles(scene: Scene, rng: np.random.Generator) -> list[np.ndarray]:
             centre = _sample(scene, 1, rng, _around(scene.centre, 0.25 * d, rng))[0]
         for _ in range(rng.integers(6, 11)):
             start = centre + rng.normal(0, 0.025 * d, 2)
-            paths.append(_walk(start, rng.uniform(0, 2 * math.pi), d * rng.uniform(0.06, 0.12),
-                               rng.uniform(-6, 6), rng, steps=20, wiggle=0.3))
+            paths.append(
+                _walk(
+                    start,
+                    rng.uniform(0, 2 * math.pi),
+                    d * rng.uniform(0.06, 0.12),
+                    rng.uniform(-6, 6),
+                    rng,
+                    steps=20,
+                    wiggle=0.3,
+                )
+            )
     return paths
 
 
@@ -337,8 +403,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     h, w = scene.height, scene.width
     shade = 1 + 0.08 * _smooth_noise(h, w, rng)
     _darken_macula(shade, scene, rng.uniform(0.25, 0.4))
-    base = np.array([rng.uniform(185, 225), rng.uniform(65, 105), rng.uniform(20, 45)],
-                    np.float32)
+    base = np.array([rng.uniform(185, 225), rng.uniform(65, 105), rng.uniform(20, 45)], np.float32)
     img = shade[..., None] * base
 
     _draw_disc(img, scene)
@@ -365,8 +430,9 @@ def _smooth_noise(h: int, w: int, rng: np.random.Generator, cells: int = 6) -> n
     return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
-def _window(shape: tuple[int, ...], centre: np.ndarray, half: float
-            ) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray]:
+def _window(
+    shape: tuple[int, ...], centre: np.ndarray, half: float
+) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray]:
     """The square around `centre` clipped to the image, with its pixels' x and y offsets."""
     x0, y0 = (max(int(c - half), 0) for c in centre)
     x1, y1 = min(int(centre[0] + half) + 2, shape[1]), min(int(centre[1] + half) + 2, shape[0])
@@ -377,14 +443,14 @@ def _window(shape: tuple[int, ...], centre: np.ndarray, half: float
 def _darken_macula(shade: np.ndarray, scene: Scene, depth: float) -> None:
     sigma = 0.9 * scene.disc_diameter
     box, dx, dy = _window(shade.shape, scene.fovea, 3 * sigma)
-    shade[box] *= 1 - depth * np.exp(-(dx ** 2 + dy ** 2) / (2 * sigma ** 2))
+    shade[box] *= 1 - depth * np.exp(-(dx**2 + dy**2) / (2 * sigma**2))
 
 
 def _draw_disc(img: np.ndarray, scene: Scene) -> None:
     """A bright yellowish disc with a paler cup, both with a soft edge."""
     r = scene.disc_radius
     box, dx, dy = _window(img.shape, scene.disc, r)
-    dist = np.sqrt(dx ** 2 + dy ** 2).astype(np.float32)
+    dist = np.sqrt(dx**2 + dy**2).astype(np.float32)
     edge = 0.12 * r
     _mix(img[box], np.clip((r - dist) / edge, 0, 1), (250, 215, 140))
     _mix(img[box], 0.6 * np.clip((0.45 * r - dist) / edge, 0, 1), (255, 245, 215))
@@ -398,8 +464,8 @@ def _blend(img: np.ndarray, mask: np.ndarray, colour: RGB) -> None:
     """Blend `colour` in by a uint8 opacity mask, touching only the mask's bounding box."""
     x, y, w, h = cv2.boundingRect(mask)
     if w and h:
-        alpha = mask[y:y + h, x:x + w].astype(np.float32) * np.float32(1 / 255)
-        _mix(img[y:y + h, x:x + w], alpha, colour)
+        alpha = mask[y : y + h, x : x + w].astype(np.float32) * np.float32(1 / 255)
+        _mix(img[y : y + h, x : x + w], alpha, colour)
 
 
 # cv2 draws sub-pixel geometry from fixed-point coordinates with SHIFT fractional bits.
@@ -428,8 +494,7 @@ def _red_lesion_mask(scene: Scene) -> np.ndarray:
     for x, y, r in scene.microaneurysms:
         cv2.circle(mask, _fixed(x, y), _fixed(r)[0], 240, -1, cv2.LINE_AA, SHIFT)
     nv_thickness = max(1, round(0.004 * scene.diameter))
-    cv2.polylines(mask, [_points(p) for p in scene.nv], False, 200, nv_thickness, cv2.LINE_AA,
-                  SHIFT)
+    cv2.polylines(mask, [_points(p) for p in scene.nv], False, 200, nv_thickness, cv2.LINE_AA, SHIFT)
     return mask
 
 
@@ -448,21 +513,20 @@ def _cotton_wool_mask(scene: Scene) -> np.ndarray:
     return cv2.GaussianBlur(mask, (0, 0), 0.012 * scene.diameter)
 
 
-def _illumination(scene: Scene, xs: np.ndarray, ys: np.ndarray,
-                  rng: np.random.Generator) -> np.ndarray:
+def _illumination(scene: Scene, xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Vignetting towards the rim plus an uneven gradient across the field."""
     dx = ((xs - scene.centre[0]) / scene.radius).astype(np.float32)
     dy = ((ys - scene.centre[1]) / scene.radius).astype(np.float32)
     angle = rng.uniform(0, 2 * math.pi)
     gradient = np.float32(rng.uniform(0.0, 0.2)) * (dx * math.cos(angle) + dy * math.sin(angle))
-    return np.float32(rng.uniform(0.85, 1.1)) * (1 - 0.35 * (dx ** 2 + dy ** 2) + gradient)
+    return np.float32(rng.uniform(0.85, 1.1)) * (1 - 0.35 * (dx**2 + dy**2) + gradient)
 
 
 def _field_mask(scene: Scene, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """1 inside the round (maybe cut) field, 0 outside, with a one-pixel soft rim."""
     dx = (xs - scene.centre[0]).astype(np.float32)
     dy = (ys - scene.centre[1]).astype(np.float32)
-    mask = np.clip(np.float32(scene.radius + 0.5) - np.sqrt(dx ** 2 + dy ** 2), 0, 1)
+    mask = np.clip(np.float32(scene.radius + 0.5) - np.sqrt(dx**2 + dy**2), 0, 1)
     if scene.cut is not None:
         mask *= np.clip(np.float32(scene.cut + 0.5) - np.abs(dy), 0, 1)
     return mask
@@ -508,8 +572,9 @@ def _image_path(seed: int, split: str, index: int, grade: int) -> Path:
 
 def _plan(out: Path, seed: int, split: str, n: int, size: int) -> list[_Job]:
     """Labels for a split: grades by the split's class balance, then lesions per image."""
-    style = {"validation": VALIDATION_STYLE, "messidor": MESSIDOR_STYLE,
-             "messidor_base": MESSIDOR_STYLE}.get(split, APTOS_STYLE)
+    style = {"validation": VALIDATION_STYLE, "messidor": MESSIDOR_STYLE, "messidor_base": MESSIDOR_STYLE}.get(
+        split, APTOS_STYLE
+    )
     grade_p = MESSIDOR_GRADE_P if split.startswith("messidor") else APTOS_GRADE_P
     jobs = []
     for index in range(n):
@@ -519,8 +584,9 @@ def _plan(out: Path, seed: int, split: str, n: int, size: int) -> list[_Job]:
         else:
             grade = int(rng.choice(len(GRADES), p=grade_p))
         path = out / _image_path(seed, split, index, grade)
-        jobs.append(_Job(path, split, (seed, SPLIT_CODES[split], index, 1),
-                         sample_lesions(grade, rng), size, style))
+        jobs.append(
+            _Job(path, split, (seed, SPLIT_CODES[split], index, 1), sample_lesions(grade, rng), size, style)
+        )
     return jobs
 
 
@@ -542,11 +608,17 @@ def _run(jobs: list[_Job], workers: int) -> Iterator[None]:
         yield from pool.map(_draw_and_write, jobs, chunksize=8)
 
 
-def write_dataset(out: Path, seed: int = 0, n_train: int = DEMO_COUNTS["train"],
-                  n_test: int = DEMO_COUNTS["test"], n_val: int = DEMO_COUNTS["val"],
-                  n_messidor: int = DEMO_COUNTS["messidor"], size: int = DEMO_SIZE,
-                  progress: Callable[[int, int], None] | None = None,
-                  workers: int = 2) -> dict[str, int]:
+def write_dataset(
+    out: Path,
+    seed: int = 0,
+    n_train: int = DEMO_COUNTS["train"],
+    n_test: int = DEMO_COUNTS["test"],
+    n_val: int = DEMO_COUNTS["val"],
+    n_messidor: int = DEMO_COUNTS["messidor"],
+    size: int = DEMO_SIZE,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 2,
+) -> dict[str, int]:
     """Write the APTOS, Messidor (both CSV styles) and validation layouts under `out`.
 
     `n_messidor` images go to each Messidor layout. Files of an earlier run into the same
@@ -555,12 +627,16 @@ def write_dataset(out: Path, seed: int = 0, n_train: int = DEMO_COUNTS["train"],
     Returns the image count per split and the total.
     """
     out = Path(out)
-    counts = {"aptos_train": n_train, "aptos_test": n_test, "messidor": n_messidor,
-              "messidor_base": n_messidor, "validation": n_val}
+    counts = {
+        "aptos_train": n_train,
+        "aptos_test": n_test,
+        "messidor": n_messidor,
+        "messidor_base": n_messidor,
+        "validation": n_val,
+    }
     by_split = {split: _plan(out, seed, split, n, size) for split, n in counts.items()}
     jobs = [job for split_jobs in by_split.values() for job in split_jobs]
-    folders = {job.path.parent for job in jobs} | {out / "aptos", out / "messidor",
-                                                    out / "messidor_base"}
+    folders = {job.path.parent for job in jobs} | {out / "aptos", out / "messidor", out / "messidor_base"}
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -569,8 +645,7 @@ def write_dataset(out: Path, seed: int = 0, n_train: int = DEMO_COUNTS["train"],
     test_labels[["id_code"]].to_csv(out / "aptos/test.csv", index=False)
     test_labels.to_csv(out / "test_labels.csv", index=False)
     _messidor_csv(by_split["messidor"]).to_csv(out / "messidor/Mess1_annotation_train.csv")
-    _base11_csv(by_split["messidor_base"]).to_csv(out / "messidor_base/Annotation_Base11.csv",
-                                                  index=False)
+    _base11_csv(by_split["messidor_base"]).to_csv(out / "messidor_base/Annotation_Base11.csv", index=False)
     _lesion_table(jobs, out).to_csv(out / "lesions.csv", index=False)
 
     for done, _ in enumerate(_run(jobs, workers), start=1):
@@ -582,43 +657,68 @@ def write_dataset(out: Path, seed: int = 0, n_train: int = DEMO_COUNTS["train"],
 def _aptos_csv(jobs: Iterable[_Job]) -> pd.DataFrame:
     """id_code and ICDR 0-4 diagnosis: Messidor grade 3 splits into severe (3) and
     proliferative, i.e. with neovascularisation (4)."""
-    return pd.DataFrame([{"id_code": j.path.stem,
-                          "diagnosis": 4 if j.lesions.nv else j.lesions.grade} for j in jobs],
-                        columns=["id_code", "diagnosis"])
+    return pd.DataFrame(
+        [{"id_code": j.path.stem, "diagnosis": 4 if j.lesions.nv else j.lesions.grade} for j in jobs],
+        columns=["id_code", "diagnosis"],
+    )
 
 
 def _messidor_csv(jobs: Iterable[_Job]) -> pd.DataFrame:
     """The seed's Mess1_annotation_train.csv columns (written with its index column)."""
-    return pd.DataFrame([{"image": j.path.name, "quality": 1, "type": "PP",
-                          "Retinopathy_grade": j.lesions.grade,
-                          "Risk_of_macular_edema": j.lesions.edema_risk} for j in jobs],
-                        columns=["image", "quality", "type", "Retinopathy_grade",
-                                 "Risk_of_macular_edema"])
+    return pd.DataFrame(
+        [
+            {
+                "image": j.path.name,
+                "quality": 1,
+                "type": "PP",
+                "Retinopathy_grade": j.lesions.grade,
+                "Risk_of_macular_edema": j.lesions.edema_risk,
+            }
+            for j in jobs
+        ],
+        columns=["image", "quality", "type", "Retinopathy_grade", "Risk_of_macular_edema"],
+    )
 
 
 def _base11_csv(jobs: Iterable[_Job]) -> pd.DataFrame:
     """The original Messidor spreadsheet's columns, trailing space in the last one included."""
-    return pd.DataFrame([{"Image name": j.path.name,
-                          "Ophthalmologic department": BASE11_DEPARTMENT,
-                          "Retinopathy grade": j.lesions.grade,
-                          "Risk of macular edema ": j.lesions.edema_risk} for j in jobs],
-                        columns=["Image name", "Ophthalmologic department", "Retinopathy grade",
-                                 "Risk of macular edema "])
+    return pd.DataFrame(
+        [
+            {
+                "Image name": j.path.name,
+                "Ophthalmologic department": BASE11_DEPARTMENT,
+                "Retinopathy grade": j.lesions.grade,
+                "Risk of macular edema ": j.lesions.edema_risk,
+            }
+            for j in jobs
+        ],
+        columns=["Image name", "Ophthalmologic department", "Retinopathy grade", "Risk of macular edema "],
+    )
 
 
 def _lesion_table(jobs: Iterable[_Job], out: Path) -> pd.DataFrame:
-    rows = [{"path": job.path.relative_to(out).as_posix(), "split": job.split,
-             **asdict(job.lesions), "grade": job.lesions.grade} for job in jobs]
+    rows = [
+        {
+            "path": job.path.relative_to(out).as_posix(),
+            "split": job.split,
+            **asdict(job.lesions),
+            "grade": job.lesions.grade,
+        }
+        for job in jobs
+    ]
     table = pd.DataFrame(rows, columns=LESION_COLUMNS)
     return table.astype({"nv": int})
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.data.synth",
-                                     description="Write a synthetic fundus dataset.",
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--out", type=Path, required=True,
-                        help="folder for the APTOS, Messidor and validation layouts")
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.data.synth",
+        description="Write a synthetic fundus dataset.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for the APTOS, Messidor and validation layouts"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the drawings")
     for name, default in DEMO_COUNTS.items():
         parser.add_argument(f"--{name}", type=int, default=default, help=f"{name} photographs")
@@ -627,11 +727,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed < 0:
         parser.error("--seed must be >= 0")
     start = time.perf_counter()
-    counts = write_dataset(args.out, args.seed, args.train, args.test, args.val, args.messidor,
-                           args.size)
+    counts = write_dataset(args.out, args.seed, args.train, args.test, args.val, args.messidor, args.size)
     parts = ", ".join(f"{split} {n}" for split, n in counts.items() if split != "total")
-    print(f"wrote {counts['total']} images to {args.out} in {time.perf_counter() - start:.1f} s "
-          f"({parts})")
+    print(f"wrote {counts['total']} images to {args.out} in {time.perf_counter() - start:.1f} s ({parts})")
 
 
 if __name__ == "__main__":

@@ -90,8 +90,7 @@ def tile_counts(level_width: int, level_height: int) -> tuple[int, int]:
     return -(-level_width // TILE_SIZE), -(-level_height // TILE_SIZE)
 
 
-def tile_bounds(level_width: int, level_height: int, col: int,
-                row: int) -> tuple[int, int, int, int]:
+def tile_bounds(level_width: int, level_height: int, col: int, row: int) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of a tile in its level's pixels: the TILE_SIZE cell plus OVERLAP pixels
     on each inner edge (OpenSeadragon's TileSource.getTileBounds)."""
     x0, y0 = max(col * TILE_SIZE - OVERLAP, 0), max(row * TILE_SIZE - OVERLAP, 0)
@@ -109,8 +108,9 @@ def dzi_xml(width: int, height: int) -> str:
     )
 
 
-def input_box(width: int, height: int, field: tuple[float, float, float],
-              cfg: PreprocessConfig) -> tuple[float, float, float, float]:
+def input_box(
+    width: int, height: int, field: tuple[float, float, float], cfg: PreprocessConfig
+) -> tuple[float, float, float, float]:
     """(x, y, w, h) in pixels of an image `width` x `height` (pixel i spans [i, i + 1)) of the
     part that engine.data.preprocess.preprocess(img, cfg) turns into its output square; `field` is
     find_field(img). With cfg.crop the box may reach past the image, where the input is black.
@@ -119,8 +119,12 @@ def input_box(width: int, height: int, field: tuple[float, float, float],
     if cfg.crop:
         cx, cy, radius = field
         side = max(1, round(2 * radius))
-        return (float(round(cx + 0.5 - side / 2)), float(round(cy + 0.5 - side / 2)),
-                float(side), float(side))
+        return (
+            float(round(cx + 0.5 - side / 2)),
+            float(round(cy + 0.5 - side / 2)),
+            float(side),
+            float(side),
+        )
     if cfg.center_crop:
         size = cfg.size
         scale = size / min(height, width)
@@ -184,8 +188,9 @@ def contrast(rgb: np.ndarray, field: tuple[float, float, float] | None = None) -
     return _contrast(rgb, field, cv2.COLOR_RGB2Lab, cv2.COLOR_Lab2RGB)
 
 
-def _contrast(img: np.ndarray, field: tuple[float, float, float] | None, to_lab: int,
-              from_lab: int) -> np.ndarray:
+def _contrast(
+    img: np.ndarray, field: tuple[float, float, float] | None, to_lab: int, from_lab: int
+) -> np.ndarray:
     height, width = img.shape[:2]
     x0, y0, x1, y1 = 0, 0, width, height
     if field is not None:
@@ -202,8 +207,7 @@ def _contrast(img: np.ndarray, field: tuple[float, float, float] | None, to_lab:
     return out
 
 
-def _views_bgr(rgb: np.ndarray,
-               field: tuple[float, float, float]) -> Iterator[tuple[str, np.ndarray]]:
+def _views_bgr(rgb: np.ndarray, field: tuple[float, float, float]) -> Iterator[tuple[str, np.ndarray]]:
     """Each view at full resolution as cv2.imencode takes it (BGR or grey), made only when
     asked for, so that the photo view's tiles are encoding while the next view is computed."""
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
@@ -232,8 +236,7 @@ def _write_tile(path: Path, tile: np.ndarray) -> int:
     return data.size
 
 
-def write_pyramid(img: np.ndarray, folder: Path, view: str,
-                  pool: ThreadPoolExecutor) -> list[Future[int]]:
+def write_pyramid(img: np.ndarray, folder: Path, view: str, pool: ThreadPoolExecutor) -> list[Future[int]]:
     """Queue the tiles of every level of `img` (BGR or grey) on `pool`, top level first;
     returns the futures of their byte sizes."""
     height, width = img.shape[:2]
@@ -247,8 +250,9 @@ def write_pyramid(img: np.ndarray, folder: Path, view: str,
         for row in range(rows):
             for col in range(cols):
                 x0, y0, x1, y1 = tile_bounds(level_w, level_h, col, row)
-                futures.append(pool.submit(_write_tile, level_dir / f"{col}_{row}.{FORMAT}",
-                                           img[y0:y1, x0:x1]))
+                futures.append(
+                    pool.submit(_write_tile, level_dir / f"{col}_{row}.{FORMAT}", img[y0:y1, x0:x1])
+                )
         if level:
             img = halve(img)
     return futures
@@ -363,8 +367,13 @@ class TileCache:
         build = Path(tempfile.mkdtemp(prefix=f"{BUILD_PREFIX}{key}-", dir=self.root))
         try:
             size = write_views(rgb, build, field)
-            info = {"width": width, "height": height, "field": list(field), "bytes": size,
-                    "source": str(photo)}
+            info = {
+                "width": width,
+                "height": height,
+                "field": list(field),
+                "bytes": size,
+                "source": str(photo),
+            }
             (build / MANIFEST).write_text(json.dumps(info))
             _publish(build, self.root / key)
         finally:
@@ -388,7 +397,8 @@ class TileCache:
                 entries.append((used, size, child))
                 total += size
             elif child.name.startswith(EVICT_PREFIX) or (
-                    child.name.startswith(BUILD_PREFIX) and _age_s(child) > STALE_BUILD_S):
+                child.name.startswith(BUILD_PREFIX) and _age_s(child) > STALE_BUILD_S
+            ):
                 shutil.rmtree(child, ignore_errors=True)
         for _, size, child in sorted(entries):
             if total <= self.max_bytes:
@@ -431,8 +441,9 @@ def _age_s(path: Path) -> float:
 # ---- made ahead, while the reviewer grades the card before ----------------------------------
 
 
-def prepare(photo: Path, tiles: Path, cache: Path, cfg: PreprocessConfig
-            ) -> tuple[float, float, float, float]:
+def prepare(
+    photo: Path, tiles: Path, cache: Path, cfg: PreprocessConfig
+) -> tuple[float, float, float, float]:
     """What a card of `photo` shows, made ahead: its pyramids under `tiles`, the model's input
     that `cfg` cuts (in the preprocessing cache under `cache`), and where that input lies in the
     photograph (photo_input_box), which is returned."""
@@ -460,8 +471,7 @@ class Prefetcher:
             if photo in self._pending:
                 return self._pending[photo]
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(1, get_context("spawn"), initializer=os.nice,
-                                                 initargs=(19,))
+                self._pool = ProcessPoolExecutor(1, get_context("spawn"), initializer=os.nice, initargs=(19,))
             future = self._pool.submit(prepare, photo, tiles, cache, cfg)
             self._pending[photo] = future
         future.add_done_callback(lambda done: self._finished(photo, done))

@@ -36,8 +36,9 @@ def _is_plain(info: zipfile.ZipInfo) -> bool:
     return kind in (0, stat.S_IFREG, stat.S_IFDIR)
 
 
-def checked_members(archive: zipfile.ZipFile, max_bytes: int = MAX_UNPACKED_BYTES,
-                    max_files: int = MAX_FILES) -> list[tuple[zipfile.ZipInfo, str]]:
+def checked_members(
+    archive: zipfile.ZipFile, max_bytes: int = MAX_UNPACKED_BYTES, max_files: int = MAX_FILES
+) -> list[tuple[zipfile.ZipInfo, str]]:
     """(entry, relative path) of every file to unpack; raises UnsafeUpload on the first
     entry that breaks a rule, or when the whole exceeds a limit."""
     members, seen = [], set()
@@ -46,11 +47,13 @@ def checked_members(archive: zipfile.ZipFile, max_bytes: int = MAX_UNPACKED_BYTE
         if name.startswith(JUNK):
             continue
         if not stays_inside(name):
-            raise UnsafeUpload(f"{info.filename!r} points outside the upload's folder "
-                               "(absolute name or '..')")
+            raise UnsafeUpload(
+                f"{info.filename!r} points outside the upload's folder (absolute name or '..')"
+            )
         if not _is_plain(info):
-            raise UnsafeUpload(f"{info.filename!r} is a symbolic link or special file; "
-                               "zip the files themselves")
+            raise UnsafeUpload(
+                f"{info.filename!r} is a symbolic link or special file; zip the files themselves"
+            )
         if info.flag_bits & 0x1:
             raise UnsafeUpload(f"{info.filename!r} is encrypted")
         if info.is_dir():
@@ -63,12 +66,10 @@ def checked_members(archive: zipfile.ZipFile, max_bytes: int = MAX_UNPACKED_BYTE
     if not members:
         raise UnsafeUpload("the zip holds no files")
     if len(members) > max_files:
-        raise UnsafeUpload(f"the zip holds {len(members)} files, more than the limit of "
-                           f"{max_files}")
+        raise UnsafeUpload(f"the zip holds {len(members)} files, more than the limit of {max_files}")
     total = sum(info.file_size for info, _ in members)
     if total > max_bytes:
-        raise UnsafeUpload(f"the zip unpacks to {_size(total)}, more than the limit of "
-                           f"{_size(max_bytes)}")
+        raise UnsafeUpload(f"the zip unpacks to {_size(total)}, more than the limit of {_size(max_bytes)}")
     return members
 
 
@@ -89,8 +90,16 @@ def _folder_name(filename: str, data: BinaryIO) -> str:
     return f"{stem[:60]}-{digest.hexdigest()[:12]}"
 
 
-def unpack_zip(data: BinaryIO, filename: str, into: Path, max_bytes: int = MAX_UNPACKED_BYTES,
-               max_files: int = MAX_FILES, *, db_url: str, user: User | None) -> Path:
+def unpack_zip(
+    data: BinaryIO,
+    filename: str,
+    into: Path,
+    max_bytes: int = MAX_UNPACKED_BYTES,
+    max_files: int = MAX_FILES,
+    *,
+    db_url: str,
+    user: User | None,
+) -> Path:
     """Unpack an uploaded zip into a folder of its own under `into`, named for the upload and
     its content; return the dataset's folder in it. Nothing is left behind when it fails.
     Only an admin (as `db_url` says now) or db.users.TERMINAL fills the server's disk so

@@ -29,18 +29,17 @@ def _outcome(grade) -> int | str:
 def read_pairs(reads: pd.DataFrame) -> pd.DataFrame:
     """The first two reads of every image that two reviewers read, one row per image:
     reviewer_1, outcome_1, reviewer_2, outcome_2 (an outcome is a grade or REJECT)."""
-    ranked = reads.assign(outcome=reads.grade.astype(object).map(_outcome),
-                          n=reads.groupby("image_id").cumcount())
-    first, second = (ranked[ranked.n == n].set_index("image_id")[["reviewer", "outcome"]]
-                     for n in (0, 1))
+    ranked = reads.assign(
+        outcome=reads.grade.astype(object).map(_outcome), n=reads.groupby("image_id").cumcount()
+    )
+    first, second = (ranked[ranked.n == n].set_index("image_id")[["reviewer", "outcome"]] for n in (0, 1))
     return first.join(second, how="inner", suffixes=("_1", "_2"))
 
 
 def _agreement(a: pd.Series, b: pd.Series) -> dict[str, float]:
     """Exact agreement over all pairs; QWK over the pairs where both gave a grade."""
     graded = (a != REJECT) & (b != REJECT)
-    qwk = quadratic_weighted_kappa(a[graded].astype(int), b[graded].astype(int)) \
-        if graded.any() else np.nan
+    qwk = quadratic_weighted_kappa(a[graded].astype(int), b[graded].astype(int)) if graded.any() else np.nan
     return {"reads": len(a), "exact": float((a == b).mean()) if len(a) else np.nan, "qwk": qwk}
 
 
@@ -53,8 +52,10 @@ def with_model(reads: pd.DataFrame) -> pd.DataFrame:
     """Per reviewer: reads, exact agreement with the predicted grade (a reject disagrees)
     and QWK over the graded reads."""
     outcome = reads.grade.astype(object).map(_outcome)
-    rows = {reviewer: _agreement(outcome[group.index], group.predicted.astype(object))
-            for reviewer, group in reads.groupby("reviewer")}
+    rows = {
+        reviewer: _agreement(outcome[group.index], group.predicted.astype(object))
+        for reviewer, group in reads.groupby("reviewer")
+    }
     return pd.DataFrame.from_dict(rows, orient="index", columns=["reads", "exact", "qwk"])
 
 
@@ -80,25 +81,31 @@ def _time_on_cards(decisions: pd.DataFrame) -> pd.DataFrame:
     made = decisions[decisions.decision != ADJUDICATE]
     seconds = made.groupby("reviewer").seconds
     total = seconds.sum()
-    return pd.DataFrame({"decisions": made.groupby("reviewer").size(),
-                         "median_seconds": seconds.median(),
-                         "per_hour": 3600 * seconds.count() / total.where(total > 0)})
+    return pd.DataFrame(
+        {
+            "decisions": made.groupby("reviewer").size(),
+            "median_seconds": seconds.median(),
+            "per_hour": 3600 * seconds.count() / total.where(total > 0),
+        }
+    )
 
 
 def _with_second_reader(pairs: pd.DataFrame) -> pd.DataFrame:
     """Per reviewer: the images they read twice with another reader, and how often the two
     reads agree exactly."""
     agree = pairs.outcome_1 == pairs.outcome_2
-    both = pd.concat([pd.DataFrame({"reviewer": pairs[f"reviewer_{n}"], "agree": agree})
-                      for n in (1, 2)])
+    both = pd.concat([pd.DataFrame({"reviewer": pairs[f"reviewer_{n}"], "agree": agree}) for n in (1, 2)])
     return both.groupby("reviewer").agree.agg(double_reads="size", agreement="mean")
 
 
 def _against_adjudication(decisions: pd.DataFrame, reads: pd.DataFrame) -> pd.DataFrame:
     """Per reviewer: their reads of adjudicated images, and the share that the adjudicated
     outcome (an image's newest adjudication) bears out: how reading centres measure graders."""
-    adjudications = decisions[decisions.decision == ADJUDICATE].drop_duplicates(
-        "image_id", keep="last").set_index("image_id")
+    adjudications = (
+        decisions[decisions.decision == ADJUDICATE]
+        .drop_duplicates("image_id", keep="last")
+        .set_index("image_id")
+    )
     final = adjudications.grade.astype(object).map(_outcome)
     judged = reads[reads.image_id.isin(final.index)]
     right = judged.grade.astype(object).map(_outcome) == judged.image_id.map(final)
@@ -111,7 +118,8 @@ def per_reviewer(decisions: pd.DataFrame, reads: pd.DataFrame) -> pd.DataFrame:
     read twice, as read_pairs pairs them), adjudicated and accuracy (against the adjudicated
     outcome). `decisions` is db.reviews.decisions_frame, `reads` db.reviews.reads_frame."""
     table = _time_on_cards(decisions).join(
-        [_with_second_reader(read_pairs(reads)), _against_adjudication(decisions, reads)])
+        [_with_second_reader(read_pairs(reads)), _against_adjudication(decisions, reads)]
+    )
     counts = ["double_reads", "adjudicated"]
     table[counts] = table[counts].fillna(0).astype(int)
     return table.rename_axis("reviewer")

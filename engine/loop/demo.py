@@ -1,6 +1,6 @@
 """The demo workspace: synthetic APTOS-style data, generated and imported on first start.
 
-    python -m engine.loop.demo [--train N --test N --val N --size PX]
+python -m engine.loop.demo [--train N --test N --val N --size PX]
 """
 
 import argparse
@@ -12,8 +12,8 @@ from cli import HelpFormatter
 from db.schema import Source
 from db.session import migrate, read_scope
 from engine.data import synth
-from engine.runtime.jobs import JobReporter
 from engine.data.sources import import_source
+from engine.runtime.jobs import JobReporter
 from engine.runtime.workspace import Workspace
 
 # (folder inside the generated data, kind, role, name shown in the app)
@@ -36,11 +36,12 @@ def demo_args(setting: str) -> list[str]:
     if setting == "1":
         return []
     if not setting.isdigit() or int(setting) < 8:
-        raise ValueError(f"DR_DEMO is 0 (no demo), 1 (the demo) or a number of training "
-                         f"photographs of at least 8, not {setting!r}")
+        raise ValueError(
+            f"DR_DEMO is 0 (no demo), 1 (the demo) or a number of training "
+            f"photographs of at least 8, not {setting!r}"
+        )
     train = int(setting)
-    return ["--train", str(train), "--test", str(max(train // 2, 4)),
-            "--val", str(max(train // 4, 4))]
+    return ["--train", str(train), "--test", str(max(train // 2, 4)), "--val", str(max(train // 4, 4))]
 
 
 def build_demo(workspace: Workspace, job: JobReporter, **sizes: int) -> None:
@@ -61,16 +62,27 @@ def build_demo(workspace: Workspace, job: JobReporter, **sizes: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.loop.demo", description=__doc__,
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--train", type=int, dest="n_train", default=synth.DEMO_COUNTS["train"],
-                        help="labelled training photographs")
-    parser.add_argument("--test", type=int, dest="n_test", default=synth.DEMO_COUNTS["test"],
-                        help="unlabelled photographs to predict")
-    parser.add_argument("--val", type=int, dest="n_val", default=synth.DEMO_COUNTS["val"],
-                        help="validation photographs")
-    parser.add_argument("--size", type=int, default=synth.DEMO_SIZE,
-                        help="photograph height in pixels")
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.loop.demo", description=__doc__, formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--train",
+        type=int,
+        dest="n_train",
+        default=synth.DEMO_COUNTS["train"],
+        help="labelled training photographs",
+    )
+    parser.add_argument(
+        "--test",
+        type=int,
+        dest="n_test",
+        default=synth.DEMO_COUNTS["test"],
+        help="unlabelled photographs to predict",
+    )
+    parser.add_argument(
+        "--val", type=int, dest="n_val", default=synth.DEMO_COUNTS["val"], help="validation photographs"
+    )
+    parser.add_argument("--size", type=int, default=synth.DEMO_SIZE, help="photograph height in pixels")
     parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
     sizes = vars(parser.parse_args(argv))
     job_id = sizes.pop("job_id")

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -42,15 +42,30 @@ from cli import HelpFormatter
 from db.schema import Job
 from db.session import migrate, read_scope
 from engine.data.datasets import read_probabilities
-from engine.training.model_card import (CARD, RunFacts, RunUnusable, model_card, preprocess_steps,
-                               run_facts, software, views_text)
-from engine.runtime.jobs import JobReporter
 from engine.model.networks import load_checkpoint
 from engine.model.onnx_network import OPSET, to_onnx
-from engine.model.predictor import (TTA_VIEWS, calibrated, dataset_for, mean_probability_logits,
-                              model_views, tta_logits, view_logits)
-from engine.training.screening import validation_file
+from engine.model.predictor import (
+    TTA_VIEWS,
+    calibrated,
+    dataset_for,
+    mean_probability_logits,
+    model_views,
+    tta_logits,
+    view_logits,
+)
+from engine.runtime.jobs import JobReporter
 from engine.runtime.workspace import Workspace
+from engine.training.model_card import (
+    CARD,
+    RunFacts,
+    RunUnusable,
+    model_card,
+    preprocess_steps,
+    run_facts,
+    software,
+    views_text,
+)
+from engine.training.screening import validation_file
 from grades import GRADE_NAMES
 
 KIND = "export"  # the jobs table's kind of an export started by the app
@@ -109,10 +124,14 @@ def check_onnx(path: Path, model: nn.Module, meta: dict, images: torch.Tensor) -
     got, want = np.concatenate(got), np.concatenate(want)
     difference = float(np.abs(got - want).max())
     grades_agree = bool((got.argmax(1) == want.argmax(1)).all())
-    return {"images": len(images), "max_abs_difference": difference,
-            "grades_agree": grades_agree, "passed": grades_agree and difference <= TOLERANCE,
-            "tolerance": TOLERANCE,
-            "runtime": f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, float32"}
+    return {
+        "images": len(images),
+        "max_abs_difference": difference,
+        "grades_agree": grades_agree,
+        "passed": grades_agree and difference <= TOLERANCE,
+        "tolerance": TOLERANCE,
+        "runtime": f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, float32",
+    }
 
 
 def check_inputs(facts: RunFacts, count: int) -> tuple[torch.Tensor, str]:
@@ -142,8 +161,8 @@ def write_safetensors(model: nn.Module, path: Path) -> dict:
     save_file(state, str(path), metadata={"format": "pt"})
     back = load_file(str(path))
     identical = back.keys() == state.keys() and all(
-        back[key].dtype == tensor.dtype and torch.equal(back[key], tensor)
-        for key, tensor in state.items())
+        back[key].dtype == tensor.dtype and torch.equal(back[key], tensor) for key, tensor in state.items()
+    )
     return {"tensors": len(state), "identical": identical, "passed": identical}
 
 
@@ -153,37 +172,60 @@ def description(facts: RunFacts, fmt: str, check: dict | None, environment: dict
     in_graph = fmt == "onnx"
     screening = facts.screening
     if in_graph:
-        output = {"name": OUTPUT, "shape": ["batch", len(meta["classes"])],
-                  "kind": "probabilities",
-                  "meaning": "calibrated class probabilities: the test-time views and the "
-                             "temperature are applied inside the graph"}
+        output = {
+            "name": OUTPUT,
+            "shape": ["batch", len(meta["classes"])],
+            "kind": "probabilities",
+            "meaning": "calibrated class probabilities: the test-time views and the "
+            "temperature are applied inside the graph",
+        }
     else:
-        output = {"kind": "logits", "shape": ["batch", len(meta["classes"])],
-                  "meaning": "one view's logits of timm.create_model(architecture.timm_model, "
-                             "num_classes, **model_args) with these weights; apply the "
-                             "test-time views and the temperature as test_time_views says"}
+        output = {
+            "kind": "logits",
+            "shape": ["batch", len(meta["classes"])],
+            "meaning": "one view's logits of timm.create_model(architecture.timm_model, "
+            "num_classes, **model_args) with these weights; apply the "
+            "test-time views and the temperature as test_time_views says",
+        }
     return {
         "format": fmt,
         "files": {"weights": WEIGHTS[fmt], "card": CARD},
         "run": {"id": facts.id, "name": facts.name, "checkpoint": str(facts.checkpoint)},
-        "architecture": {"timm_model": meta["model_name"], "model_args": meta.get("model_args", {}),
-                         "num_classes": len(meta["classes"])},
-        "classes": [{"index": i, "grade": grade, "name": GRADE_NAMES[grade].split(" · ", 1)[-1]}
-                    for i, grade in enumerate(meta["classes"])],
-        "input": {"name": INPUT if in_graph else None, "shape": ["batch", 3, size, size],
-                  "dtype": "float32", "layout": "NCHW, RGB", "size": size,
-                  "mean": meta["mean"], "std": meta["std"],
-                  "normalisation": "pixel / 255, then (x - mean) / std per channel"},
-        "preprocessing": {"settings": meta["preprocess"], "steps": preprocess_steps(meta),
-                          "reference": "engine/data/preprocess.py (preprocess_file) and "
-                                       "engine/data/datasets.py (FundusDataset) of the app"},
+        "architecture": {
+            "timm_model": meta["model_name"],
+            "model_args": meta.get("model_args", {}),
+            "num_classes": len(meta["classes"]),
+        },
+        "classes": [
+            {"index": i, "grade": grade, "name": GRADE_NAMES[grade].split(" · ", 1)[-1]}
+            for i, grade in enumerate(meta["classes"])
+        ],
+        "input": {
+            "name": INPUT if in_graph else None,
+            "shape": ["batch", 3, size, size],
+            "dtype": "float32",
+            "layout": "NCHW, RGB",
+            "size": size,
+            "mean": meta["mean"],
+            "std": meta["std"],
+            "normalisation": "pixel / 255, then (x - mean) / std per channel",
+        },
+        "preprocessing": {
+            "settings": meta["preprocess"],
+            "steps": preprocess_steps(meta),
+            "reference": "engine/data/preprocess.py (preprocess_file) and "
+            "engine/data/datasets.py (FundusDataset) of the app",
+        },
         "test_time_views": {
-            "count": views, "views": list(TTA_VIEWS[views]), "in_graph": in_graph,
+            "count": views,
+            "views": list(TTA_VIEWS[views]),
+            "in_graph": in_graph,
             "how": "8 views: x rotated by k quarter turns, torch.rot90(x, k, dims=(2, 3)) "
-                   "for k = 0-3, each followed by its mirror x.flip(3); 2 views: x and "
-                   "x.flip(3); the average does not depend on the order",
+            "for k = 0-3, each followed by its mirror x.flip(3); 2 views: x and "
+            "x.flip(3); the average does not depend on the order",
             "combine": f"{views_text(views)}: p = softmax(log(mean over views of "
-                       "softmax(logits)) / temperature)"},
+            "softmax(logits)) / temperature)",
+        },
         "temperature": facts.temperature,
         "output": output,
         "grade": "the class of the highest probability",
@@ -194,9 +236,15 @@ def description(facts: RunFacts, fmt: str, check: dict | None, environment: dict
             "target_sensitivity": screening.get("target_sensitivity"),
             "validation_images": screening.get("images"),
             "sensitivity": screening.get("sensitivity"),
-            "specificity": screening.get("specificity")} if screening else None,
-        "exported": {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "opset": OPSET if in_graph else None, **environment},
+            "specificity": screening.get("specificity"),
+        }
+        if screening
+        else None,
+        "exported": {
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "opset": OPSET if in_graph else None,
+            **environment,
+        },
         "check": check,
     }
 
@@ -213,9 +261,14 @@ def prepare_folder(out: Path) -> None:
         raise ExportRefused(f"cannot make {out}: {exc}") from None
 
 
-def export_run(db_url: str, run: str | int, fmt: str, out: Path,
-               check_images: int = CHECK_IMAGES,
-               progress: Callable[[float, str], None] = lambda fraction, message: None) -> dict:
+def export_run(
+    db_url: str,
+    run: str | int,
+    fmt: str,
+    out: Path,
+    check_images: int = CHECK_IMAGES,
+    progress: Callable[[float, str], None] = lambda fraction, message: None,
+) -> dict:
     """Export the run named or numbered `run` as `fmt` (onnx or safetensors) into the new
     folder `out`, with model.json and MODEL_CARD.md; model.json's content. Nothing is left in
     `out` when it fails: `RunUnusable` or `ExportRefused` say why. `check_images`: how many
@@ -263,8 +316,10 @@ def check_line(about: dict) -> str:
     if check is None:
         return "not checked"
     if about["format"] == "onnx":
-        return (f"onnxruntime against PyTorch on {check['images']} {check['inputs']}: largest "
-                f"probability difference {check['max_abs_difference']:.1e}, the same grades")
+        return (
+            f"onnxruntime against PyTorch on {check['images']} {check['inputs']}: largest "
+            f"probability difference {check['max_abs_difference']:.1e}, the same grades"
+        )
     return f"{check['tensors']} tensors read back identical"
 
 
@@ -296,14 +351,23 @@ def zipped(folder: Path) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.loop.export_model", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.loop.export_model", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("run", help="the run's name or id")
-    parser.add_argument("--format", choices=tuple(WEIGHTS), required=True,
-                        help="onnx: the graph with views and temperature; safetensors: the weights")
+    parser.add_argument(
+        "--format",
+        choices=tuple(WEIGHTS),
+        required=True,
+        help="onnx: the graph with views and temperature; safetensors: the weights",
+    )
     parser.add_argument("--out", type=Path, required=True, help="a new (or empty) folder")
-    parser.add_argument("--check-images", type=int, default=CHECK_IMAGES,
-                        help="validation photographs to run ONNX against PyTorch on (0: none)")
+    parser.add_argument(
+        "--check-images",
+        type=int,
+        default=CHECK_IMAGES,
+        help="validation photographs to run ONNX against PyTorch on (0: none)",
+    )
     parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
     args = parser.parse_args(argv)
     workspace = Workspace.from_env()
@@ -311,10 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with JobReporter(workspace.db_url, args.job_id) as job:
             # A few steps, each recorded: none is dropped as too soon after the last.
-            text = export_run(workspace.db_url, args.run, args.format, args.out,
-                              args.check_images, partial(job.progress, force=True))
-            print(f"run {text['run']['name']} exported to {args.out}: "
-                  f"{text['files']['weights']}, {DESCRIPTION}, {CARD}; {check_line(text)}")
+            text = export_run(
+                workspace.db_url,
+                args.run,
+                args.format,
+                args.out,
+                args.check_images,
+                partial(job.progress, force=True),
+            )
+            print(
+                f"run {text['run']['name']} exported to {args.out}: "
+                f"{text['files']['weights']}, {DESCRIPTION}, {CARD}; {check_line(text)}"
+            )
     except (RunUnusable, ExportRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,15 +18,27 @@ from cli import HelpFormatter
 from db.schema import Run
 from db.session import migrate, read_scope, session_scope
 from db.users import User, require_admin
-from engine.model.infer import register_model
-from engine.model.networks import (NUM_CLASSES, WeightsMismatch, create_model, read_weight_file,
-                           save_checkpoint, timm_state_of_seed)
 from engine.data.preprocess import PreprocessConfig
-from engine.model.seed_weights import (SEED_MEAN_STD, SEED_MODEL_ARGS, SEED_MODELS, is_seed_state_dict,
-                                 seed_classes, seed_model_name)
+from engine.model.infer import register_model
+from engine.model.networks import (
+    NUM_CLASSES,
+    WeightsMismatch,
+    create_model,
+    read_weight_file,
+    save_checkpoint,
+    timm_state_of_seed,
+)
+from engine.model.seed_weights import (
+    SEED_MEAN_STD,
+    SEED_MODEL_ARGS,
+    SEED_MODELS,
+    is_seed_state_dict,
+    seed_classes,
+    seed_model_name,
+)
+from engine.runtime.workspace import Workspace
 from engine.training.train import run_name_problem, run_taken
 from engine.training.trainer import RunPaths, run_name
-from engine.runtime.workspace import Workspace
 
 
 class ImportRefused(ValueError):
@@ -36,18 +48,34 @@ class ImportRefused(ValueError):
 def seed_meta(model_name: str, eval_size: int, name: str, file: Path, classes: int) -> dict:
     """Checkpoint meta of a seed model: how the seed's predict.py fed it images."""
     seed_name, train_size, _ = SEED_MODELS[model_name]
-    preprocess = PreprocessConfig(size=eval_size, crop=False, enhance=False, mask=False,
-                                  center_crop=True)
-    return {"model_name": model_name, "model_args": SEED_MODEL_ARGS, "image_size": eval_size,
-            "train_size": train_size, "mean": list(SEED_MEAN_STD), "std": list(SEED_MEAN_STD),
-            "preprocess": preprocess.to_dict(), "classes": list(range(classes)), "run": name,
-            "train_config": {"imported_from": str(file), "seed_model": seed_name,
-                             "img_size": train_size, "eval_size": eval_size}}
+    preprocess = PreprocessConfig(size=eval_size, crop=False, enhance=False, mask=False, center_crop=True)
+    return {
+        "model_name": model_name,
+        "model_args": SEED_MODEL_ARGS,
+        "image_size": eval_size,
+        "train_size": train_size,
+        "mean": list(SEED_MEAN_STD),
+        "std": list(SEED_MEAN_STD),
+        "preprocess": preprocess.to_dict(),
+        "classes": list(range(classes)),
+        "run": name,
+        "train_config": {
+            "imported_from": str(file),
+            "seed_model": seed_name,
+            "img_size": train_size,
+            "eval_size": eval_size,
+        },
+    }
 
 
-def import_seed_model(workspace: Workspace, file: Path, name: str | None = None,
-                      classes: int = NUM_CLASSES, eval_size: int | None = None,
-                      account: str | None = None) -> int:
+def import_seed_model(
+    workspace: Workspace,
+    file: Path,
+    name: str | None = None,
+    classes: int = NUM_CLASSES,
+    eval_size: int | None = None,
+    account: str | None = None,
+) -> int:
     """The id of a new run holding the seed model in `file`, imported by `account` (None: from
     a terminal); `ImportRefused` (or `WeightsMismatch`, naming the first tensor that does not
     line up) says why not."""
@@ -61,12 +89,13 @@ def import_seed_model(workspace: Workspace, file: Path, name: str | None = None,
     state = read_weight_file(file)
     if not is_seed_state_dict(state):
         first = next(iter(state), "nothing")
-        raise ImportRefused(f"{file} is not a state dict of the seed's EfficientNetV2 (keys "
-                            f"stem.*, blocks.N.*, head.*; it starts with {first})")
+        raise ImportRefused(
+            f"{file} is not a state dict of the seed's EfficientNetV2 (keys "
+            f"stem.*, blocks.N.*, head.*; it starts with {first})"
+        )
     outputs = seed_classes(state)
     if outputs != classes:
-        raise ImportRefused(f"{file}: the classifier (head.classifier) has {outputs} outputs, "
-                            f"not {classes}")
+        raise ImportRefused(f"{file}: the classifier (head.classifier) has {outputs} outputs, not {classes}")
     model_name = seed_model_name(state)
     mapped = timm_state_of_seed(file, state, model_name)
     name = name or f"seed-{run_name()}"
@@ -91,8 +120,9 @@ def check_new_run_name(workspace: Workspace, name: str) -> None:
         raise ImportRefused(f"a run named {name!r} exists already; choose another name")
 
 
-def import_upload(workspace: Workspace, user: User, filename: str, data: bytes,
-                  name: str | None = None) -> int:
+def import_upload(
+    workspace: Workspace, user: User, filename: str, data: bytes, name: str | None = None
+) -> int:
     """import_seed_model of a file that `user`, an admin, uploaded from the browser, kept as
     workspace/uploads/<run>/<filename> (and removed again when it is refused)."""
     require_admin(workspace.db_url, user, "import a model")
@@ -110,14 +140,20 @@ def import_upload(workspace: Workspace, user: User, filename: str, data: bytes,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.loop.import_model", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.loop.import_model", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("file", type=Path, help="the seed's best_model.pth (a state dict)")
     parser.add_argument("--name", help="run name (default: seed-<date and time>)")
-    parser.add_argument("--classes", type=int, default=NUM_CLASSES,
-                        help="the classes the model was trained on (the grades 0-3)")
-    parser.add_argument("--eval-size", type=int, help="image size (default: the seed's "
-                        "evaluation size, S 384, M and L 480)")
+    parser.add_argument(
+        "--classes",
+        type=int,
+        default=NUM_CLASSES,
+        help="the classes the model was trained on (the grades 0-3)",
+    )
+    parser.add_argument(
+        "--eval-size", type=int, help="image size (default: the seed's evaluation size, S 384, M and L 480)"
+    )
     args = parser.parse_args(argv)
     workspace = Workspace.from_env()
     workspace.root.mkdir(parents=True, exist_ok=True)
@@ -130,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     with read_scope(workspace.db_url) as session:
         run = session.get(Run, run_id)
         then = " (active)" if run.active else "; promote it on the Retrain page"
-        print(f"imported {args.file} as run {run.name} ({run.model_name}, {run.img_size} px): "
-              f"{run.checkpoint}{then}")
+        print(
+            f"imported {args.file} as run {run.name} ({run.model_name}, {run.img_size} px): "
+            f"{run.checkpoint}{then}"
+        )
     return 0
 
 

@@ -48,18 +48,24 @@ import numpy as np
 import torch
 
 from cli import HelpFormatter
-from engine.data.datasets import (Sample, class_counts, folder_samples, labels_csv_samples,
-                         stratified_split, train_val_test_split)
+from engine.data.datasets import (
+    Sample,
+    class_counts,
+    folder_samples,
+    labels_csv_samples,
+    stratified_split,
+    train_val_test_split,
+)
+from engine.data.sources import ImportStopped, list_source
+from engine.data.synth import write_dataset
+from engine.loop.queue_order import ORDERS, queue_order
 from engine.model.metrics import grading_summary
 from engine.model.networks import WeightsMismatch, load_checkpoint
 from engine.model.predictor import Predictions, default_batch_size, model_views, predict
-from engine.loop.queue_order import ORDERS, queue_order
-from engine.data.sources import ImportStopped, list_source
-from engine.data.synth import write_dataset
-from engine.training.train import make_config, parse_args
-from engine.training.refit import train_model
-from engine.training.trainer import PrintHooks, RunPaths, TrainingStopped
 from engine.runtime.workspace import Workspace
+from engine.training.refit import train_model
+from engine.training.train import make_config, parse_args
+from engine.training.trainer import PrintHooks, RunPaths, TrainingStopped
 from grades import GRADES, REVIEW_THRESHOLD
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,8 +108,9 @@ def loop_split(samples: list[Sample], labelled_share: float, seed: int) -> LoopS
     return LoopSplit(labelled, pool, val, test)
 
 
-def labelled_set(data: Path | None, synthetic: int | None, scratch: Path, seed: int
-                 ) -> tuple[list[Sample], Path]:
+def labelled_set(
+    data: Path | None, synthetic: int | None, scratch: Path, seed: int
+) -> tuple[list[Sample], Path]:
     """The labelled photographs of --data, or `synthetic` ones drawn into `scratch`, or of the
     default, and the folder they are in."""
     if data is None and synthetic is None and (REALDATA / "labels.csv").is_file():
@@ -111,8 +118,7 @@ def labelled_set(data: Path | None, synthetic: int | None, scratch: Path, seed: 
     if data is None:
         images = synthetic or SYNTHETIC_IMAGES
         print(f"drawing {images} synthetic photographs", flush=True)
-        write_dataset(scratch / "synthetic", seed, n_train=images, n_test=0, n_val=0,
-                      n_messidor=0)
+        write_dataset(scratch / "synthetic", seed, n_train=images, n_test=0, n_val=0, n_messidor=0)
         data = scratch / "synthetic" / "aptos"
     if (data / "labels.csv").is_file():
         try:
@@ -123,8 +129,9 @@ def labelled_set(data: Path | None, synthetic: int | None, scratch: Path, seed: 
         root, entries, problems = list_source("aptos", data, "train")
         for problem in problems:
             print(f"skipped {problem}", flush=True)
-        return [Sample(str(root / e.path), e.grade, e.name, group=e.extra.get("group"))
-                for e in entries], data
+        return [
+            Sample(str(root / e.path), e.grade, e.name, group=e.extra.get("group")) for e in entries
+        ], data
     return folder_samples(data), data
 
 
@@ -141,7 +148,7 @@ class SimulatedReviewer:
     def _draw(self, image: str, what: str) -> float:
         """A number in [0, 1) fixed by the seed, the image and what it decides."""
         digest = hashlib.blake2b(f"{self.seed}:{what}:{image}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest) / 2 ** 64
+        return int.from_bytes(digest) / 2**64
 
     def decide(self, image: str, predicted: int, truth: int) -> tuple[str, int]:
         """(accept or relabel, the grade the image gets)."""
@@ -159,49 +166,61 @@ def candidates(preds: Predictions, threshold: float) -> np.ndarray:
     return np.flatnonzero(preds.probs.max(1) >= threshold)
 
 
-def reviewed(order: str, budget: int | None, reviewer: SimulatedReviewer, threshold: float,
-             seed: int) -> Labeller:
+def reviewed(
+    order: str, budget: int | None, reviewer: SimulatedReviewer, threshold: float, seed: int
+) -> Labeller:
     """The curated arm's round: the reviewer decides the first `budget` candidates in `order`,
     or every candidate with no budget."""
+
     def label(left: list[Sample], preds: Predictions, round_: int):
         found = candidates(preds, threshold)
-        queue = found[queue_order(order, preds.probs[found], preds.views[found],
-                                  seed * 1000 + round_)][:budget]
+        queue = found[queue_order(order, preds.probs[found], preds.views[found], seed * 1000 + round_)][
+            :budget
+        ]
         labels = []
         for k in queue:
             sample, predicted = left[preds.indices[k]], int(preds.grades[k])
             _, grade = reviewer.decide(sample.path, predicted, sample.grade)
             labels.append(Label(sample, grade, predicted))
         return labels, len(queue), len(found)
+
     return label
 
 
 def unreviewed(threshold: float) -> Labeller:
     """The pseudo-label arm's round: every candidate as predicted, no decision."""
+
     def label(left: list[Sample], preds: Predictions, round_: int):
         found = candidates(preds, threshold)
         grades = preds.grades[found].tolist()
         return [Label(left[preds.indices[k]], g, g) for k, g in zip(found, grades)], 0, len(found)
+
     return label
 
 
 class Lab:
     """Trains and judges the models of one split in one scratch workspace."""
 
-    def __init__(self, split: LoopSplit, train_args: list[str], budget: list[str], seed: int,
-                 threshold: float, scratch: Path):
+    def __init__(
+        self,
+        split: LoopSplit,
+        train_args: list[str],
+        budget: list[str],
+        seed: int,
+        threshold: float,
+        scratch: Path,
+    ):
         """`budget`: the engine.training.train options that size each training (--minutes or --epochs)."""
         self.split, self.threshold = split, threshold
-        self.config = make_config(parse_args(["--data-path", "loopgain", *budget, "--seed",
-                                              str(seed), *train_args]))
+        self.config = make_config(
+            parse_args(["--data-path", "loopgain", *budget, "--seed", str(seed), *train_args])
+        )
         self.device = torch.device(self.config.device)
         self.workspace = Workspace(scratch / "workspace")
 
     def train(self, name: str, samples: list[Sample]) -> Fitted:
-        budget = (f"{self.config.minutes:g} min" if self.config.minutes
-                  else f"epochs: {self.config.epochs}")
-        print(f"{name}: training on {len(samples)} images {class_counts(samples)}, {budget}",
-              flush=True)
+        budget = f"{self.config.minutes:g} min" if self.config.minutes else f"epochs: {self.config.epochs}"
+        print(f"{name}: training on {len(samples)} images {class_counts(samples)}, {budget}", flush=True)
         paths = RunPaths.under(self.workspace, name)
         config = dataclasses.replace(self.config)  # training fixes its epochs for the budget
         train_model(config, samples, self.split.val, paths, self.workspace.cache, PrintHooks())
@@ -211,8 +230,16 @@ class Lab:
         """With the test-time views the model was calibrated with (at least the mirror image,
         which the flip order compares), as the app predicts a pool."""
         model, meta = fitted
-        return predict(model, meta, samples, self.device, default_batch_size(self.device),
-                       self.config.workers, max(model_views(meta), 2), self.workspace.cache)
+        return predict(
+            model,
+            meta,
+            samples,
+            self.device,
+            default_batch_size(self.device),
+            self.config.workers,
+            max(model_views(meta), 2),
+            self.workspace.cache,
+        )
 
     def judge(self, fitted: Fitted) -> dict:
         """The model's figures on the test split."""
@@ -221,22 +248,37 @@ class Lab:
         summary = grading_summary(preds.probs, truth, self.threshold)
         return {key: summary[key] for key in METRICS}
 
-    def row(self, round_: int, fitted: Fitted, given: list[Label], decisions: int,
-            found: int) -> dict:
-        row = {"round": round_, "candidates": found, "decisions": decisions,
-               "pool_labels": len(given),
-               "label_errors": sum(label.grade != label.sample.grade for label in given),
-               # where a decision changed the model's grade: what review adds
-               "corrections": sum(label.predicted not in (None, label.grade) for label in given),
-               "train_images": len(self.split.labelled) + len(given),
-               "epochs": fitted[1]["train_config"]["epochs"], **self.judge(fitted)}
-        print(f"  round {round_}: test QWK {row['qwk']:.3f}, referable AUC "
-              f"{row['referable_auc']:.3f}, {decisions} decisions", flush=True)
+    def row(self, round_: int, fitted: Fitted, given: list[Label], decisions: int, found: int) -> dict:
+        row = {
+            "round": round_,
+            "candidates": found,
+            "decisions": decisions,
+            "pool_labels": len(given),
+            "label_errors": sum(label.grade != label.sample.grade for label in given),
+            # where a decision changed the model's grade: what review adds
+            "corrections": sum(label.predicted not in (None, label.grade) for label in given),
+            "train_images": len(self.split.labelled) + len(given),
+            "epochs": fitted[1]["train_config"]["epochs"],
+            **self.judge(fitted),
+        }
+        print(
+            f"  round {round_}: test QWK {row['qwk']:.3f}, referable AUC "
+            f"{row['referable_auc']:.3f}, {decisions} decisions",
+            flush=True,
+        )
         return row
 
-    def run_arm(self, name: str, labeller: Labeller, baseline: Fitted, baseline_row: dict,
-                first: Predictions, rounds: int, rows: list[dict], save: Callable[[], None]
-                ) -> None:
+    def run_arm(
+        self,
+        name: str,
+        labeller: Labeller,
+        baseline: Fitted,
+        baseline_row: dict,
+        first: Predictions,
+        rounds: int,
+        rows: list[dict],
+        save: Callable[[], None],
+    ) -> None:
         """Rounds of: the current model predicts what is left of the pool, `labeller` labels
         some of it, the model retrains on the labelled share and every label so far. `first` holds
         the baseline's predictions of the whole pool, the same for every arm."""
@@ -250,9 +292,14 @@ class Lab:
             if labels:
                 given, decisions = given + labels, decisions + spent
                 # In path order: arms that gave the same labels train alike, whatever their queue.
-                fitted = self.train(f"{name}-r{round_}", self.split.labelled + [
-                    dataclasses.replace(label.sample, grade=label.grade)
-                    for label in sorted(given, key=lambda label: label.sample.path)])
+                fitted = self.train(
+                    f"{name}-r{round_}",
+                    self.split.labelled
+                    + [
+                        dataclasses.replace(label.sample, grade=label.grade)
+                        for label in sorted(given, key=lambda label: label.sample.path)
+                    ],
+                )
                 row = self.row(round_, fitted, given, decisions, found)
             else:  # the same images and labels would train the same model again
                 print(f"{name}-r{round_}: no new labels; the model stays", flush=True)
@@ -273,15 +320,31 @@ def measure(lab: Lab, args: argparse.Namespace, report: dict, save: Callable[[],
     # Deciding every candidate, the queue order changes nothing: the default one serves.
     budgets = {EVERY: (ORDERS[0], None), **{order: (order, args.decisions) for order in args.order}}
     for key, (order, budget) in budgets.items():
-        lab.run_arm(f"curated-{key}", reviewed(order, budget, reviewer, args.threshold, args.seed),
-                    baseline, arms["baseline"][0], first, args.rounds,
-                    arms["curated"].setdefault(key, []), save)
+        lab.run_arm(
+            f"curated-{key}",
+            reviewed(order, budget, reviewer, args.threshold, args.seed),
+            baseline,
+            arms["baseline"][0],
+            first,
+            args.rounds,
+            arms["curated"].setdefault(key, []),
+            save,
+        )
     arms["pseudo"] = []
-    lab.run_arm("pseudo", unreviewed(args.threshold), baseline, arms["baseline"][0], first,
-                args.rounds, arms["pseudo"], save)
+    lab.run_arm(
+        "pseudo",
+        unreviewed(args.threshold),
+        baseline,
+        arms["baseline"][0],
+        first,
+        args.rounds,
+        arms["pseudo"],
+        save,
+    )
     oracle = lab.train("oracle", split.labelled + split.pool)
-    arms["oracle"] = [lab.row(1, oracle, [Label(s, s.grade, None) for s in split.pool],
-                              len(split.pool), len(split.pool))]
+    arms["oracle"] = [
+        lab.row(1, oracle, [Label(s, s.grade, None) for s in split.pool], len(split.pool), len(split.pool))
+    ]
     report["gains"] = gains(arms)
     save()
 
@@ -293,15 +356,18 @@ def gains(arms: dict) -> dict:
     out = {}
     for order, rows in arms["curated"].items():
         last = rows[-1]
-        per_100 = (100 * (last["qwk"] - base) / last["decisions"] if last["decisions"]
-                   else math.nan)
-        out[order] = {"decisions": last["decisions"], "qwk": last["qwk"],
-                      "over_baseline": last["qwk"] - base, "per_100_decisions": per_100,
-                      "over_pseudo": last["qwk"] - pseudo}
+        per_100 = 100 * (last["qwk"] - base) / last["decisions"] if last["decisions"] else math.nan
+        out[order] = {
+            "decisions": last["decisions"],
+            "qwk": last["qwk"],
+            "over_baseline": last["qwk"] - base,
+            "per_100_decisions": per_100,
+            "over_pseudo": last["qwk"] - pseudo,
+        }
     for figures in out.values():
-        figures["per_100_over_random"] = (figures["per_100_decisions"]
-                                          - out["random"]["per_100_decisions"]
-                                          if "random" in out else math.nan)
+        figures["per_100_over_random"] = (
+            figures["per_100_decisions"] - out["random"]["per_100_decisions"] if "random" in out else math.nan
+        )
     return out
 
 
@@ -311,70 +377,105 @@ def named_arm(key: str) -> str:
 
 def table(arms: dict) -> str:
     """Every round of every arm, as a Markdown table."""
-    lines = ["| arm | round | candidates | decisions | corrections | pool labels (wrong) "
-             "| training images | epochs | test QWK | referable AUC |", "|---" * 10 + "|"]
-    named = [("baseline", arms.get("baseline", [])),
-             *((f"curated, {named_arm(key)}", rows)
-               for key, rows in arms.get("curated", {}).items()),
-             ("pseudo-labels, unreviewed", arms.get("pseudo", [])),
-             ("oracle", arms.get("oracle", []))]
+    lines = [
+        "| arm | round | candidates | decisions | corrections | pool labels (wrong) "
+        "| training images | epochs | test QWK | referable AUC |",
+        "|---" * 10 + "|",
+    ]
+    named = [
+        ("baseline", arms.get("baseline", [])),
+        *((f"curated, {named_arm(key)}", rows) for key, rows in arms.get("curated", {}).items()),
+        ("pseudo-labels, unreviewed", arms.get("pseudo", [])),
+        ("oracle", arms.get("oracle", [])),
+    ]
     for name, rows in named:
         for r in rows:
-            lines.append(f"| {name} | {r['round']} | {r['candidates']} | {r['decisions']} | "
-                         f"{r['corrections']} | {r['pool_labels']} ({r['label_errors']}) | "
-                         f"{r['train_images']} | "
-                         f"{r['epochs']} | {r['qwk']:.3f} | {r['referable_auc']:.3f} |")
+            lines.append(
+                f"| {name} | {r['round']} | {r['candidates']} | {r['decisions']} | "
+                f"{r['corrections']} | {r['pool_labels']} ({r['label_errors']}) | "
+                f"{r['train_images']} | "
+                f"{r['epochs']} | {r['qwk']:.3f} | {r['referable_auc']:.3f} |"
+            )
     return "\n".join(lines)
 
 
 def gains_table(gained: dict) -> str:
-    lines = ["| curated | decisions | test QWK | over baseline | per 100 decisions "
-             "| per 100, over random | over unreviewed |", "|---" * 7 + "|"]
+    lines = [
+        "| curated | decisions | test QWK | over baseline | per 100 decisions "
+        "| per 100, over random | over unreviewed |",
+        "|---" * 7 + "|",
+    ]
     for key, g in gained.items():
-        lines.append(f"| {named_arm(key)} | {g['decisions']} | {g['qwk']:.3f} | "
-                     f"{g['over_baseline']:+.3f} | {g['per_100_decisions']:+.4f} | "
-                     f"{g['per_100_over_random']:+.4f} | {g['over_pseudo']:+.3f} |")
+        lines.append(
+            f"| {named_arm(key)} | {g['decisions']} | {g['qwk']:.3f} | "
+            f"{g['over_baseline']:+.3f} | {g['per_100_decisions']:+.4f} | "
+            f"{g['per_100_over_random']:+.4f} | {g['over_pseudo']:+.3f} |"
+        )
     return "\n".join(lines)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.loop.loopgain", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.loop.loopgain", description=__doc__, formatter_class=HelpFormatter
+    )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data", type=Path, help="labelled set (default: ../shared/realdata "
-                        f"when present, else {SYNTHETIC_IMAGES} synthetic photographs)")
-    source.add_argument("--synthetic", type=int, metavar="N",
-                        help="draw N synthetic APTOS-style photographs as the labelled set")
+    source.add_argument(
+        "--data",
+        type=Path,
+        help="labelled set (default: ../shared/realdata "
+        f"when present, else {SYNTHETIC_IMAGES} synthetic photographs)",
+    )
+    source.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="N",
+        help="draw N synthetic APTOS-style photographs as the labelled set",
+    )
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, help="budget of each training (default: "
-                        f"{MINUTES:g})")
-    budget.add_argument("--epochs", type=int, help="epochs of each training instead of a "
-                        "budget of minutes")
+    budget.add_argument("--minutes", type=float, help=f"budget of each training (default: {MINUTES:g})")
+    budget.add_argument("--epochs", type=int, help="epochs of each training instead of a budget of minutes")
     parser.add_argument("--rounds", type=int, default=2, help="review and retrain rounds")
-    parser.add_argument("--labelled-share", type=float, default=0.3,
-                        help="share of the training images labelled from the start")
-    parser.add_argument("--decisions", type=int, default=100,
-                        help="decisions per round of each --order arm")
-    parser.add_argument("--error-rate", type=float, default=0.05,
-                        help="how often the simulated reviewer decides wrongly")
-    parser.add_argument("--order", nargs="*", choices=ORDERS,
-                        default=["confidence", "random", "flip"],
-                        help="queue orders to compare on --decisions (none: only the arm that "
-                        "decides every candidate)")
-    parser.add_argument("--threshold", type=float, default=REVIEW_THRESHOLD,
-                        help="confidence that makes a prediction a review candidate")
+    parser.add_argument(
+        "--labelled-share",
+        type=float,
+        default=0.3,
+        help="share of the training images labelled from the start",
+    )
+    parser.add_argument("--decisions", type=int, default=100, help="decisions per round of each --order arm")
+    parser.add_argument(
+        "--error-rate", type=float, default=0.05, help="how often the simulated reviewer decides wrongly"
+    )
+    parser.add_argument(
+        "--order",
+        nargs="*",
+        choices=ORDERS,
+        default=["confidence", "random", "flip"],
+        help="queue orders to compare on --decisions (none: only the arm that decides every candidate)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=REVIEW_THRESHOLD,
+        help="confidence that makes a prediction a review candidate",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--train-args", default="", help="extra engine.training.train options")
     parser.add_argument("--out", type=Path, default=OUT, help="the report (JSON)")
     args = parser.parse_args(argv)
-    for name, value, low, high in (("--labelled-share", args.labelled_share, 0, 1),
-                                   ("--error-rate", args.error_rate, 0, 1),
-                                   ("--threshold", args.threshold, 0, 1)):
+    for name, value, low, high in (
+        ("--labelled-share", args.labelled_share, 0, 1),
+        ("--error-rate", args.error_rate, 0, 1),
+        ("--threshold", args.threshold, 0, 1),
+    ):
         if not low <= value <= high:
             parser.error(f"{name} must be between {low} and {high}, got {value}")
-    for name, value in (("--minutes", args.minutes), ("--epochs", args.epochs),
-                        ("--rounds", args.rounds), ("--decisions", args.decisions),
-                        ("--synthetic", args.synthetic)):
+    for name, value in (
+        ("--minutes", args.minutes),
+        ("--epochs", args.epochs),
+        ("--rounds", args.rounds),
+        ("--decisions", args.decisions),
+        ("--synthetic", args.synthetic),
+    ):
         if value is not None and value <= 0:
             parser.error(f"{name} must be above 0, got {value}")
     args.order = list(dict.fromkeys(args.order))
@@ -393,15 +494,24 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     split = loop_split(samples, args.labelled_share, args.seed)
     sizes = {part: len(getattr(split, part)) for part in ("labelled", "pool", "val", "test")}
     if not all(sizes.values()):
-        raise UnusableData(f"{data}: {len(samples)} images are too few to split into "
-                           f"{', '.join(f'{n} {part}' for part, n in sizes.items())}")
-    print(f"{data}: split by group into " + ", ".join(
-        f"{n} {part} {class_counts(getattr(split, part))}" for part, n in sizes.items()),
-        flush=True)
+        raise UnusableData(
+            f"{data}: {len(samples)} images are too few to split into "
+            f"{', '.join(f'{n} {part}' for part, n in sizes.items())}"
+        )
+    print(
+        f"{data}: split by group into "
+        + ", ".join(f"{n} {part} {class_counts(getattr(split, part))}" for part, n in sizes.items()),
+        flush=True,
+    )
     budget = ["--epochs", str(args.epochs)] if args.epochs else ["--minutes", str(args.minutes)]
     lab = Lab(split, shlex.split(args.train_args), budget, args.seed, args.threshold, scratch)
-    report = {"data": str(data), "split": sizes, "options": vars(args),
-              "config": dataclasses.asdict(lab.config), "arms": {}}
+    report = {
+        "data": str(data),
+        "split": sizes,
+        "options": vars(args),
+        "config": dataclasses.asdict(lab.config),
+        "arms": {},
+    }
     started = time.perf_counter()
 
     def save() -> None:

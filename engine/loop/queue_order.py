@@ -36,24 +36,28 @@ def _margin(probs: np.ndarray, views: np.ndarray | None, seed: int) -> np.ndarra
 
 def _flip(probs: np.ndarray, views: np.ndarray | None, seed: int) -> np.ndarray:
     if len(probs) and (views is None or views.shape[1] < 2):
-        raise ValueError("the order 'flip' needs the probabilities of at least two flip views "
-                         "(predict with TTA)")
+        raise ValueError(
+            "the order 'flip' needs the probabilities of at least two flip views (predict with TTA)"
+        )
     return -np.ptp(expected_grades(views), axis=1)
 
 
 def _cost(probs: np.ndarray, views: np.ndarray | None, seed: int) -> np.ndarray:
     distance = np.arange(probs.shape[1])[None, :] - probs.argmax(1)[:, None]
-    return -(probs * distance ** 2).sum(1)
+    return -(probs * distance**2).sum(1)
 
 
 KEYS: dict[str, Callable[[np.ndarray, np.ndarray | None, int], np.ndarray]] = {
-    "confidence": _confidence, "random": _random, "margin": _margin, "flip": _flip,
-    "cost": _cost}
+    "confidence": _confidence,
+    "random": _random,
+    "margin": _margin,
+    "flip": _flip,
+    "cost": _cost,
+}
 ORDERS = tuple(KEYS)
 
 
-def queue_order(name: str, probs: np.ndarray, views: np.ndarray | None = None,
-                seed: int = 0) -> np.ndarray:
+def queue_order(name: str, probs: np.ndarray, views: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
     """Positions of the candidates (rows of `probs`, (n, classes)) in the order `name`, the
     first to review first. `views` (n, 2, classes) holds each flip view's probabilities, which
     the order 'flip' needs; `seed` fixes the order 'random'."""

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grades import REVIEW_THRESHOLD
 from engine.model.metrics import confident_share, expected_calibration_error
+from grades import REVIEW_THRESHOLD
 
 # A well-trained network is rarely more than a few times over- or under-confident; a fit
 # beyond these says that the validation set is too small or the model has not learned.
@@ -70,14 +70,22 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = RELIABILITY_B
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
     which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    return [{"lo": b / bins, "hi": (b + 1) / bins, "count": int((which == b).sum()),
-             "confidence": float(confidence[which == b].mean()),
-             "accuracy": float(correct[which == b].mean())}
-            for b in range(bins) if (which == b).any()]
+    return [
+        {
+            "lo": b / bins,
+            "hi": (b + 1) / bins,
+            "count": int((which == b).sum()),
+            "confidence": float(confidence[which == b].mean()),
+            "accuracy": float(correct[which == b].mean()),
+        }
+        for b in range(bins)
+        if (which == b).any()
+    ]
 
 
-def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, folds: np.ndarray,
-                        threshold: float = REVIEW_THRESHOLD) -> dict:
+def calibration_summary(
+    logits: torch.Tensor, labels: torch.Tensor, folds: np.ndarray, threshold: float = REVIEW_THRESHOLD
+) -> dict:
     """Fit T on all of the held-out logits, and judge it honestly by cross-fitting: each of
     the two `folds` (0/1 per image, e.g. by person) is calibrated with the T fitted on the
     other, so that no image is scored with a temperature it helped fit. Reports ECE, NLL and
@@ -104,7 +112,9 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, folds: np.nd
         "nll_after": _nll(crossed, labels, 1.0),
         "reliability_before": reliability(before, labels.numpy()),
         "reliability_after": reliability(after, labels.numpy()),
-        "threshold": threshold, "confident": confident, "confident_right": right,
+        "threshold": threshold,
+        "confident": confident,
+        "confident_right": right,
     }
 
 
@@ -125,6 +135,9 @@ def confident_at(calibration: dict, threshold: float) -> tuple[float, int, int] 
     if bins and threshold < 1 and math.isclose(steps, round(steps), abs_tol=1e-6):
         # A bin holds the confidences in (lo, hi]: those above an edge are whole bins.
         above = [b for b in bins if b["lo"] > threshold - 1e-6]
-        return (threshold, sum(b["count"] for b in above),
-                round(sum(b["count"] * b["accuracy"] for b in above)))
+        return (
+            threshold,
+            sum(b["count"] for b in above),
+            round(sum(b["count"] * b["accuracy"] for b in above)),
+        )
     return exact

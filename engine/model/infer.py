@@ -31,13 +31,19 @@ from db.runs import activate_first
 from db.schema import Image, Prediction, Run, Source, utcnow
 from db.session import migrate, read_scope, session_scope, upsert_insert
 from engine.data.datasets import Sample, default_workers
-from engine.runtime.distributed import from_rank_0, process_group, rank, shard, sum_over_ranks
-from engine.runtime.jobs import JobReporter
+from engine.data.sources import ImportStopped, import_source
 from engine.model.networks import load_checkpoint, pick_device
 from engine.model.onnx_network import CPU_RUNTIMES, onnx_network
-from engine.model.predictor import (TTA_VIEWS, Network, Predictions, default_batch_size, model_views,
-                              predict_batches)
-from engine.data.sources import ImportStopped, import_source
+from engine.model.predictor import (
+    TTA_VIEWS,
+    Network,
+    Predictions,
+    default_batch_size,
+    model_views,
+    predict_batches,
+)
+from engine.runtime.distributed import from_rank_0, process_group, rank, shard, sum_over_ranks
+from engine.runtime.jobs import JobReporter
 from engine.runtime.workspace import Workspace
 
 
@@ -47,19 +53,25 @@ def register_model(db_url: str, checkpoint: Path, meta: dict) -> int:
         run = session.scalar(select(Run).where(Run.checkpoint == str(checkpoint)))
         if run is None:
             name = unused_name(session, Run.name, meta.get("run") or checkpoint.stem)
-            run = Run(name=name, model_name=meta["model_name"], img_size=meta["image_size"],
-                      config=meta.get("train_config", {}), status="done",
-                      checkpoint=str(checkpoint), temperature=meta.get("temperature", 1.0),
-                      calibration=meta.get("calibration", {}),
-                      best_qwk=meta.get("metrics", {}).get("qwk"), finished_at=utcnow())
+            run = Run(
+                name=name,
+                model_name=meta["model_name"],
+                img_size=meta["image_size"],
+                config=meta.get("train_config", {}),
+                status="done",
+                checkpoint=str(checkpoint),
+                temperature=meta.get("temperature", 1.0),
+                calibration=meta.get("calibration", {}),
+                best_qwk=meta.get("metrics", {}).get("qwk"),
+                finished_at=utcnow(),
+            )
             session.add(run)
             session.flush()
             activate_first(session, run)
         return run.id
 
 
-def source_samples(db_url: str, name: str, unpredicted_by: int | None = None
-                   ) -> tuple[int, list[Sample]]:
+def source_samples(db_url: str, name: str, unpredicted_by: int | None = None) -> tuple[int, list[Sample]]:
     """The source's id and its images in import order; with `unpredicted_by`, only those
     that this run has not predicted yet."""
     with read_scope(db_url) as session:
@@ -69,29 +81,46 @@ def source_samples(db_url: str, name: str, unpredicted_by: int | None = None
             raise LookupError(f"no source named {name!r} (sources: {names})")
         query = select(Image.id, Image.path, Image.name).where(Image.source_id == source.id)
         if unpredicted_by is not None:
-            query = query.where(~select(Prediction.id).where(
-                Prediction.run_id == unpredicted_by, Prediction.image_id == Image.id).exists())
+            query = query.where(
+                ~select(Prediction.id)
+                .where(Prediction.run_id == unpredicted_by, Prediction.image_id == Image.id)
+                .exists()
+            )
         rows = session.execute(query.order_by(Image.id)).all()
-        return source.id, [Sample(f"{source.root}/{path}", None, image_name, i)
-                           for i, path, image_name in rows]
+        return source.id, [
+            Sample(f"{source.root}/{path}", None, image_name, i) for i, path, image_name in rows
+        ]
 
 
 def store_predictions(db_url: str, run_id: int, samples: list[Sample], result: Predictions) -> None:
     """Upsert one row per (model, image): running the same model again replaces its rows."""
     rows = [
-        {"run_id": run_id, "image_id": samples[i].image_id, "p0": float(p[0]), "p1": float(p[1]),
-         "p2": float(p[2]), "p3": float(p[3]), "grade": int(p.argmax()),
-         "confidence": float(p.max()), "created_at": utcnow()}
+        {
+            "run_id": run_id,
+            "image_id": samples[i].image_id,
+            "p0": float(p[0]),
+            "p1": float(p[1]),
+            "p2": float(p[2]),
+            "p3": float(p[3]),
+            "grade": int(p.argmax()),
+            "confidence": float(p.max()),
+            "created_at": utcnow(),
+        }
         for i, p in zip(result.indices, result.probs)
     ]
     with session_scope(db_url) as session:
         insert = upsert_insert(session)
         for start in range(0, len(rows), 500):
-            statement = insert(Prediction).values(rows[start:start + 500])
-            session.execute(statement.on_conflict_do_update(
-                index_elements=["run_id", "image_id"],
-                set_={c: statement.excluded[c] for c in ("p0", "p1", "p2", "p3", "grade",
-                                                         "confidence", "created_at")}))
+            statement = insert(Prediction).values(rows[start : start + 500])
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["run_id", "image_id"],
+                    set_={
+                        c: statement.excluded[c]
+                        for c in ("p0", "p1", "p2", "p3", "grade", "confidence", "created_at")
+                    },
+                )
+            )
 
 
 @dataclass
@@ -136,22 +165,30 @@ def progress_reporter(job: JobReporter, db_url: str, plan: Plan) -> Callable[[],
         made = predicted_count(db_url, plan.run_id, plan.source_id, plan.started)
         done, rate = plan.done_before + made, made / (time.perf_counter() - clock)
         left = (plan.total - done) / rate if rate else 0
-        job.progress(done / max(plan.total, 1), f"{done}/{plan.total} images, "
-                                                f"{rate:.1f} images/s, {left:.0f} s left")
+        job.progress(
+            done / max(plan.total, 1), f"{done}/{plan.total} images, {rate:.1f} images/s, {left:.0f} s left"
+        )
 
     return report
 
 
-def predict_share(args: argparse.Namespace, workspace: Workspace, device: torch.device,
-                  model: Network, meta: dict, plan: Plan,
-                  report: Callable[[], None]) -> tuple[int, int]:
+def predict_share(
+    args: argparse.Namespace,
+    workspace: Workspace,
+    device: torch.device,
+    model: Network,
+    meta: dict,
+    plan: Plan,
+    report: Callable[[], None],
+) -> tuple[int, int]:
     """This rank's share of the images left, stored batch by batch as they are predicted,
     so that a crash or a cancel keeps what is done; (predicted, skipped)."""
     share = [image for _, image in shard(plan.todo)]
     batch_size = args.batch_size or default_batch_size(device)
     predicted = skipped = 0
-    for batch in predict_batches(model, meta, share, device, batch_size, args.workers,
-                                 args.tta or model_views(meta), workspace.cache):
+    for batch in predict_batches(
+        model, meta, share, device, batch_size, args.workers, args.tta or model_views(meta), workspace.cache
+    ):
         store_predictions(workspace.db_url, plan.run_id, share, batch)
         for index, reason in batch.failures:
             print(f"skipped {share[index].name}: {reason}", flush=True)
@@ -175,40 +212,50 @@ def write_submission(path: Path, db_url: str, plan: Plan) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.model.infer", description=__doc__,
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="a run's best.pth (or last.pth)")
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.model.infer", description=__doc__, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pth (or last.pth)")
     pool = parser.add_mutually_exclusive_group(required=True)
     pool.add_argument("--source", help="an imported source, by name")
     pool.add_argument("--images", type=Path, help="a folder of images (imported as a pool)")
-    parser.add_argument("--out", type=Path, help="submission CSV (default: "
-                        "submissions/<run>-<source>.csv in the workspace)")
-    parser.add_argument("--tta", type=int, choices=tuple(TTA_VIEWS), nargs="?", const=2,
-                        help="test-time views to average: 1, 2 (the mirror image too; a bare "
-                        "--tta) or 8 (the mirrors of the four quarter turns); default: those the "
-                        "model was calibrated with")
-    parser.add_argument("--redo", action="store_true",
-                        help="predict again the images that the model has predicted already")
+    parser.add_argument(
+        "--out", type=Path, help="submission CSV (default: submissions/<run>-<source>.csv in the workspace)"
+    )
+    parser.add_argument(
+        "--tta",
+        type=int,
+        choices=tuple(TTA_VIEWS),
+        nargs="?",
+        const=2,
+        help="test-time views to average: 1, 2 (the mirror image too; a bare "
+        "--tta) or 8 (the mirrors of the four quarter turns); default: those the "
+        "model was calibrated with",
+    )
+    parser.add_argument(
+        "--redo", action="store_true", help="predict again the images that the model has predicted already"
+    )
     parser.add_argument("--batch-size", type=int, help="default: 64 on a GPU, 8 on a CPU")
-    parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="loader worker processes")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="loader worker processes")
     parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
-    parser.add_argument("--cpu-runtime", choices=CPU_RUNTIMES,
-                        default=os.environ.get("DR_CPU_RUNTIME", CPU_RUNTIMES[0]),
-                        help="what runs the network on a CPU: onnxruntime (several times as "
-                        "fast, the same grades: bench.inference) or pytorch; a GPU always runs "
-                        "PyTorch (default: $DR_CPU_RUNTIME, else onnxruntime)")
+    parser.add_argument(
+        "--cpu-runtime",
+        choices=CPU_RUNTIMES,
+        default=os.environ.get("DR_CPU_RUNTIME", CPU_RUNTIMES[0]),
+        help="what runs the network on a CPU: onnxruntime (several times as "
+        "fast, the same grades: bench.inference) or pytorch; a GPU always runs "
+        "PyTorch (default: $DR_CPU_RUNTIME, else onnxruntime)",
+    )
     parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
     args = parser.parse_args(argv)
     if args.cpu_runtime not in CPU_RUNTIMES:  # a default from the environment
-        parser.error(f"DR_CPU_RUNTIME is one of {', '.join(CPU_RUNTIMES)}, not "
-                     f"{args.cpu_runtime!r}")
+        parser.error(f"DR_CPU_RUNTIME is one of {', '.join(CPU_RUNTIMES)}, not {args.cpu_runtime!r}")
     return args
 
 
-def network_for(args: argparse.Namespace, workspace: Workspace, model: torch.nn.Module,
-                meta: dict, device: torch.device) -> Network:
+def network_for(
+    args: argparse.Namespace, workspace: Workspace, model: torch.nn.Module, meta: dict, device: torch.device
+) -> Network:
     """The network that grades the images: on a CPU, the model on onnxruntime unless told
     otherwise; PyTorch's model where its export fails or disagrees, which the log says."""
     if device.type != "cpu" or args.cpu_runtime == "pytorch":
@@ -217,16 +264,21 @@ def network_for(args: argparse.Namespace, workspace: Workspace, model: torch.nn.
     try:
         network = onnx_network(model, meta, args.checkpoint, workspace.cache)
     except Exception as exc:  # an export that fails costs speed, never the job
-        print(f"onnxruntime not used, PyTorch grades the images: the export failed "
-              f"({type(exc).__name__}: {exc})", flush=True)
+        print(
+            f"onnxruntime not used, PyTorch grades the images: the export failed "
+            f"({type(exc).__name__}: {exc})",
+            flush=True,
+        )
         return model
-    print(f"onnxruntime grades the images ({network.path.name}, ready in "
-          f"{time.perf_counter() - started:.0f} s)", flush=True)
+    print(
+        f"onnxruntime grades the images ({network.path.name}, ready in "
+        f"{time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
     return network
 
 
-def infer(args: argparse.Namespace, workspace: Workspace, job: JobReporter,
-          device: torch.device) -> None:
+def infer(args: argparse.Namespace, workspace: Workspace, job: JobReporter, device: torch.device) -> None:
     model, meta = load_checkpoint(args.checkpoint, device)
     plan = from_rank_0(lambda: plan_pool(args, workspace.db_url, meta))
     job.attach_run(plan.run_id)
@@ -238,8 +290,9 @@ def infer(args: argparse.Namespace, workspace: Workspace, job: JobReporter,
         return
     out = args.out or submission_path(workspace, meta.get("run", "model"), plan.source)
     write_submission(out, workspace.db_url, plan)
-    print(f"{predicted} predicted, {skipped} skipped, {plan.done_before} already predicted; "
-          f"submission: {out}")
+    print(
+        f"{predicted} predicted, {skipped} skipped, {plan.done_before} already predicted; submission: {out}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,8 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         migrate(workspace.db_url)
     try:
         # One job row, which rank 0 reports; every rank honours a cancel.
-        with JobReporter(workspace.db_url, args.job_id if rank() == 0 else None) as job, \
-                process_group(pick_device(args.device)) as device:
+        with (
+            JobReporter(workspace.db_url, args.job_id if rank() == 0 else None) as job,
+            process_group(pick_device(args.device)) as device,
+        ):
             infer(args, workspace, job, device)
     except (LookupError, ImportStopped, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

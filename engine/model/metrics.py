@@ -116,8 +116,7 @@ def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def sensitivity_at_specificity(positive: np.ndarray, scores: np.ndarray,
-                               specificity: float = 0.9) -> float:
+def sensitivity_at_specificity(positive: np.ndarray, scores: np.ndarray, specificity: float = 0.9) -> float:
     """Share of positives flagged at the strictest threshold that keeps at least
     `specificity` of the negatives below it. NaN when either class is absent."""
     positive = np.asarray(positive, dtype=bool).ravel()
@@ -154,11 +153,16 @@ def grading_summary(probs: np.ndarray, labels: np.ndarray, threshold: float) -> 
     referable, score = labels >= REFERABLE, referable_score(probs)
     confident, right = confident_share(probs, labels, threshold)
     report = classification_report(labels, probs.argmax(axis=1))
-    return {"images": int(labels.size), "qwk": report["qwk"], "accuracy": report["accuracy"],
-            "referable_auc": roc_auc(referable, score),
-            "sens_at_90_spec": sensitivity_at_specificity(referable, score, 0.9),
-            "ece": expected_calibration_error(probs, labels), "confident": confident,
-            "confident_right": right}
+    return {
+        "images": int(labels.size),
+        "qwk": report["qwk"],
+        "accuracy": report["accuracy"],
+        "referable_auc": roc_auc(referable, score),
+        "sens_at_90_spec": sensitivity_at_specificity(referable, score, 0.9),
+        "ece": expected_calibration_error(probs, labels),
+        "confident": confident,
+        "confident_right": right,
+    }
 
 
 # -- screening figures and their intervals ----------------------------------------------------
@@ -169,8 +173,9 @@ TARGET_SENSITIVITY = 0.87
 RESAMPLES = 1000
 
 
-def operating_point(positive: np.ndarray, scores: np.ndarray,
-                    sensitivity: float = TARGET_SENSITIVITY) -> float:
+def operating_point(
+    positive: np.ndarray, scores: np.ndarray, sensitivity: float = TARGET_SENSITIVITY
+) -> float:
     """The highest threshold (so the highest specificity) at which flagging scores >= it
     keeps at least `sensitivity` of the positives; NaN without positives."""
     flagged = np.sort(np.asarray(scores, np.float64)[np.asarray(positive, bool)])[::-1]
@@ -182,13 +187,14 @@ def operating_point(positive: np.ndarray, scores: np.ndarray,
 def sensitivity_specificity(positive: np.ndarray, flagged: np.ndarray) -> tuple[float, float]:
     """(share of positives flagged, share of negatives not flagged); NaN where a class is absent."""
     positive, flagged = np.asarray(positive, bool), np.asarray(flagged, bool)
+
     def share(mask: np.ndarray, values: np.ndarray) -> float:
         return float(values[mask].mean()) if mask.any() else float("nan")
+
     return share(positive, flagged), share(~positive, ~flagged)
 
 
-def group_resamples(groups: list | np.ndarray, resamples: int = RESAMPLES, seed: int = 0
-                    ) -> list[np.ndarray]:
+def group_resamples(groups: list | np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> list[np.ndarray]:
     """Index arrays of `resamples` bootstrap samples that draw whole groups (people) with
     replacement, so that two eyes of one person count as the one draw they are. Images
     without a group (None) are groups of their own."""
@@ -198,8 +204,10 @@ def group_resamples(groups: list | np.ndarray, resamples: int = RESAMPLES, seed:
         members.setdefault(key, []).append(n)
     blocks = [np.array(m) for m in members.values()]
     rng = np.random.default_rng(seed)
-    return [np.concatenate([blocks[b] for b in rng.integers(0, len(blocks), len(blocks))])
-            for _ in range(resamples)]
+    return [
+        np.concatenate([blocks[b] for b in rng.integers(0, len(blocks), len(blocks))])
+        for _ in range(resamples)
+    ]
 
 
 def interval(statistic, samples: list[np.ndarray], level: float = 0.95) -> tuple[float, float]:
@@ -213,9 +221,15 @@ def interval(statistic, samples: list[np.ndarray], level: float = 0.95) -> tuple
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
-def screening_summary(probs: np.ndarray, labels: np.ndarray, groups: list, threshold: float,
-                      flagged: np.ndarray | None = None, resamples: int = RESAMPLES,
-                      seed: int = 0) -> dict:
+def screening_summary(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    groups: list,
+    threshold: float,
+    flagged: np.ndarray | None = None,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> dict:
     """QWK, referable AUC, and sensitivity and specificity for referable DR at `threshold`
     (flagged when P(grade >= 2) >= it, unless `flagged` says otherwise), each with its 95 %
     bootstrap interval by person."""
@@ -232,13 +246,23 @@ def screening_summary(probs: np.ndarray, labels: np.ndarray, groups: list, thres
         del statistics["sensitivity"], statistics["specificity"]
     draws = group_resamples(groups, resamples, seed)
     everything = np.arange(len(labels))
-    return {"images": int(len(labels)), "threshold": float(threshold), **{
-        name: {"value": statistic(everything), "interval": list(interval(statistic, draws))}
-        for name, statistic in statistics.items()}}
+    return {
+        "images": int(len(labels)),
+        "threshold": float(threshold),
+        **{
+            name: {"value": statistic(everything), "interval": list(interval(statistic, draws))}
+            for name, statistic in statistics.items()
+        },
+    }
 
 
-def validation_screening(probs: np.ndarray, labels: np.ndarray, groups: list,
-                         folds: np.ndarray, sensitivity: float = TARGET_SENSITIVITY) -> dict:
+def validation_screening(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    groups: list,
+    folds: np.ndarray,
+    sensitivity: float = TARGET_SENSITIVITY,
+) -> dict:
     """The operating point chosen on validation probabilities, with figures that do not flatter
     it: each of the two `folds` (by person) is judged at the point chosen on the other, and
     the intervals are drawn by person. `threshold` is the point chosen on all of them."""
@@ -251,5 +275,8 @@ def validation_screening(probs: np.ndarray, labels: np.ndarray, groups: list,
         point = operating_point(positive[chooser], score[chooser], sensitivity)
         flagged[folds == fold] = score[folds == fold] >= point
     threshold = operating_point(positive, score, sensitivity)
-    return {**screening_summary(probs, labels, groups, threshold, flagged),
-            "target_sensitivity": sensitivity, "cross_fitted": True}
+    return {
+        **screening_summary(probs, labels, groups, threshold, flagged),
+        "target_sensitivity": sensitivity,
+        "cross_fitted": True,
+    }

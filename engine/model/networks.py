@@ -132,8 +132,9 @@ def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {_strip_wrappers(k): v for k, v in state.items()}
 
 
-def timm_state_of_seed(path: str | Path, state: dict[str, torch.Tensor], name: str
-                       ) -> dict[str, torch.Tensor]:
+def timm_state_of_seed(
+    path: str | Path, state: dict[str, torch.Tensor], name: str
+) -> dict[str, torch.Tensor]:
     """The seed EfficientNetV2 state dict `state` (read from `path`) under timm model `name`'s
     keys, or a `WeightsMismatch` naming the first tensor that does not line up."""
     try:
@@ -155,8 +156,11 @@ def load_weight_file(model: nn.Module, name: str, path: Path) -> None:
     for key in (f"{classifier}.weight", f"{classifier}.bias"):
         if key in state and key in own and state[key].shape != own[key].shape:
             del state[key]
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")
-               and not k.startswith(f"{classifier}.")]
+    missing = [
+        k
+        for k in own
+        if k not in state and not k.endswith("num_batches_tracked") and not k.startswith(f"{classifier}.")
+    ]
     unexpected = [k for k in state if k not in own]
     misshapen = [k for k in state if k in own and state[k].shape != own[k].shape]
     problems = []
@@ -166,8 +170,10 @@ def load_weight_file(model: nn.Module, name: str, path: Path) -> None:
         problems.append(f"{len(unexpected)} tensors the model lacks, first {unexpected[0]}")
     if misshapen:
         key = misshapen[0]
-        problems.append(f"{len(misshapen)} of another shape, first {key}: "
-                        f"{tuple(state[key].shape)} in the file, {tuple(own[key].shape)} in {name}")
+        problems.append(
+            f"{len(misshapen)} of another shape, first {key}: "
+            f"{tuple(state[key].shape)} in the file, {tuple(own[key].shape)} in {name}"
+        )
     if problems:
         raise WeightsMismatch(f"{path} does not fit {name}: {'; '.join(problems)}")
     model.load_state_dict(state, strict=False)
@@ -228,7 +234,9 @@ def _timm_cached_file(cfg: Any) -> Path | None:
     if cfg.hf_hub_id:
         repo_id, _, revision = cfg.hf_hub_id.partition("@")
         # timm prefers safetensors and falls back to the pickled file, in this order.
-        filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        filenames = (
+            [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        )
         for filename in filenames:
             found = try_to_load_from_cache(
                 repo_id, filename, cache_dir=constants.HF_HUB_CACHE, revision=revision or None
@@ -263,8 +271,9 @@ def lite_imagenet_state_dict(name: str = LITE0) -> dict[str, torch.Tensor]:
     source = torch.load(weights_file, map_location="cpu", weights_only=True)
     target = timm.create_model(arch, pretrained=False).state_dict()
     if len(source) != len(target):
-        raise ValueError(f"Lite{number} weight file has {len(source)} tensors, timm's {arch} "
-                         f"has {len(target)}")
+        raise ValueError(
+            f"Lite{number} weight file has {len(source)} tensors, timm's {arch} has {len(target)}"
+        )
     mapped = {}
     for i, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(source.items(), target.items())):
         if tensor.shape != expected.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
@@ -345,8 +354,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     if not isinstance(checkpoint, dict) or not {"state_dict", "meta"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a checkpoint written by save_checkpoint")
     meta = checkpoint["meta"]
-    model = create_model(meta["model_name"], pretrained=False, num_classes=len(meta["classes"]),
-                         **meta.get("model_args", {}))
+    model = create_model(
+        meta["model_name"], pretrained=False, num_classes=len(meta["classes"]), **meta.get("model_args", {})
+    )
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), meta
 

@@ -24,10 +24,18 @@ def to_onnx(module: nn.Module, size: int, path: Path, input_name: str, output_na
     """`module` (N×3×size×size images in) as an ONNX graph whose batch size is free."""
     # torch.export fixes a dimension that is 1 in the example, so the example has two images.
     example = torch.zeros(2, 3, size, size)
-    torch.onnx.export(module.eval(), (example,), path, input_names=[input_name],
-                      output_names=[output_name], opset_version=OPSET,
-                      dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
-                      external_data=False, verbose=False)
+    torch.onnx.export(
+        module.eval(),
+        (example,),
+        path,
+        input_names=[input_name],
+        output_names=[output_name],
+        opset_version=OPSET,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
 
 
 class OnnxNetwork:
@@ -38,8 +46,7 @@ class OnnxNetwork:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         self.path = path
-        self.session = onnxruntime.InferenceSession(str(path), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(images.float().numpy())

@@ -7,23 +7,28 @@ from engine.model.calibration import RELIABILITY_BINS, confident_at
 from grades import DOMINANT_SHARE, GRADE_NAMES, REVIEW_THRESHOLD, WEAK_QWK
 
 
-def model_warnings(val_qwk: float | None, grade_counts: list[int],
-                   model: str = "The active model") -> list[str]:
+def model_warnings(
+    val_qwk: float | None, grade_counts: list[int], model: str = "The active model"
+) -> list[str]:
     """Why `model` should not feed the review queue: a validation QWK below WEAK_QWK, or one
     grade given to DOMINANT_SHARE or more of the images it predicted (counts per grade)."""
     warnings = []
     if val_qwk is not None and val_qwk < WEAK_QWK:
-        warnings.append(f"{model}'s validation QWK is {val_qwk:.2f}, below {WEAK_QWK:.2f}: its "
-                        "proposals are more often wrong than a reviewer can correct; retrain it "
-                        "before reviewing.")
+        warnings.append(
+            f"{model}'s validation QWK is {val_qwk:.2f}, below {WEAK_QWK:.2f}: its "
+            "proposals are more often wrong than a reviewer can correct; retrain it "
+            "before reviewing."
+        )
     total = sum(grade_counts)
     if total:
         grade = max(range(len(grade_counts)), key=grade_counts.__getitem__)
         share = grade_counts[grade] / total
         if share >= DOMINANT_SHARE:
-            warnings.append(f"{model} gives grade {GRADE_NAMES[grade]} to {100 * share:.0f} % "
-                            f"of the {total:,} images it predicted: it has probably not learned "
-                            "the other grades.")
+            warnings.append(
+                f"{model} gives grade {GRADE_NAMES[grade]} to {100 * share:.0f} % "
+                f"of the {total:,} images it predicted: it has probably not learned "
+                "the other grades."
+            )
     return warnings
 
 
@@ -44,23 +49,27 @@ def _change(calibration: dict, name: str, key: str) -> str | None:
 
 
 def _error_line(calibration: dict) -> str | None:
-    changes = [c for c in (_change(calibration, "ECE", "ece"),
-                           _change(calibration, "NLL", "nll")) if c]
+    changes = [c for c in (_change(calibration, "ECE", "ece"), _change(calibration, "NLL", "nll")) if c]
     return f"{', '.join(changes)} (before → after temperature scaling)." if changes else None
 
 
 def _confident_sentence(threshold: float, confident: int, right: int) -> str:
     if not confident:
         return f"No validation image reached {threshold:.2f} confidence after calibration."
-    return (f"Of {confident:,} validation images at ≥ {threshold:.2f} confidence, "
-            f"{100 * right / confident:.0f} % were right.")
+    return (
+        f"Of {confident:,} validation images at ≥ {threshold:.2f} confidence, "
+        f"{100 * right / confident:.0f} % were right."
+    )
 
 
 def _confident_line(calibration: dict) -> str | None:
     if "confident" not in calibration or "confident_right" not in calibration:
         return None
-    return _confident_sentence(calibration.get("threshold", REVIEW_THRESHOLD),
-                               calibration["confident"], calibration["confident_right"])
+    return _confident_sentence(
+        calibration.get("threshold", REVIEW_THRESHOLD),
+        calibration["confident"],
+        calibration["confident_right"],
+    )
 
 
 def threshold_accuracy(calibration: dict, threshold: float) -> str | None:
@@ -72,15 +81,20 @@ def threshold_accuracy(calibration: dict, threshold: float) -> str | None:
     line = _confident_sentence(*measured)
     if math.isclose(measured[0], threshold):
         return line
-    return (f"{line} (No figure for {threshold:.2f}: the stored calibration has one for "
-            f"{measured[0]:.2f} and for steps of {1 / RELIABILITY_BINS:.2f}.)")
+    return (
+        f"{line} (No figure for {threshold:.2f}: the stored calibration has one for "
+        f"{measured[0]:.2f} and for steps of {1 / RELIABILITY_BINS:.2f}.)"
+    )
 
 
 def calibration_lines(calibration: dict) -> list[str]:
     """The sentences of a run's calibration summary (engine.model.calibration.calibration_summary),
     as far as it was recorded: an old run's dict may lack any key."""
-    return [line for line in (_temperature_line(calibration), _error_line(calibration),
-                              _confident_line(calibration)) if line]
+    return [
+        line
+        for line in (_temperature_line(calibration), _error_line(calibration), _confident_line(calibration))
+        if line
+    ]
 
 
 def clipped_warning(calibration: dict) -> str | None:
@@ -89,5 +103,7 @@ def clipped_warning(calibration: dict) -> str | None:
         return None
     temperature = calibration.get("temperature")
     value = "" if temperature is None else f" (T = {temperature:.2f})"
-    return (f"The temperature was clipped at its bound{value}: the validation set may be too "
-            "small, or the model has not learned; its confidences are not to be trusted.")
+    return (
+        f"The temperature was clipped at its bound{value}: the validation set may be too "
+        "small, or the model has not learned; its confidences are not to be trusted."
+    )

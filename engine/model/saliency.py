@@ -26,9 +26,9 @@ from torch import nn
 from cli import HelpFormatter
 from engine.data.datasets import Sample
 from engine.data.images import ImageError
+from engine.data.preprocess import cache_digest, file_identity, save_whole
 from engine.model.networks import load_checkpoint
 from engine.model.predictor import dataset_for, view_probabilities
-from engine.data.preprocess import cache_digest, file_identity, save_whole
 from engine.runtime.workspace import Workspace
 
 
@@ -41,8 +41,7 @@ def head_layer(model: nn.Module) -> nn.Module:
     return layer
 
 
-def layer_gradcam(model: nn.Module, layer: nn.Module, image: torch.Tensor,
-                  grade: int) -> np.ndarray:
+def layer_gradcam(model: nn.Module, layer: nn.Module, image: torch.Tensor, grade: int) -> np.ndarray:
     """Grad-CAM of `grade` for one normalised CHW image, at `layer`'s resolution (h, w): only
     the evidence for the grade (negative values are cut to 0)."""
     cam = LayerGradCam(model, layer).attribute(image[None], target=grade, relu_attributions=True)
@@ -125,11 +124,11 @@ class Explainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.model.saliency", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.model.saliency", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pth")
-    parser.add_argument("--out", type=Path, default=Path("saliency"),
-                        help="folder for the heat-map images")
+    parser.add_argument("--out", type=Path, default=Path("saliency"), help="folder for the heat-map images")
     parser.add_argument("--grade", type=int, help="default: the grade the model predicts")
     parser.add_argument("images", type=Path, nargs="+", help="photographs to explain")
     args = parser.parse_args(argv)

@@ -66,12 +66,17 @@ def seed_to_timm(state: Mapping[str, torch.Tensor], name: str) -> dict[str, torc
         (seed_key, tensor), (key, shape) = tensors[matched], targets[matched]
         raise SeedLayoutError(
             f"tensor {matched + 1} does not line up: {seed_key} {tuple(tensor.shape)} in the "
-            f"file, {key} {tuple(shape)} in {name} (the first {matched} matched)")
+            f"file, {key} {tuple(shape)} in {name} (the first {matched} matched)"
+        )
     if len(tensors) < len(targets):
-        raise SeedLayoutError(f"the file ends after {len(tensors)} tensors where {name} has "
-                              f"{len(targets)}: first missing {targets[matched][0]}")
-    raise SeedLayoutError(f"the file has {len(tensors)} tensors where {name} has "
-                          f"{len(targets)}: first extra {tensors[matched][0]}")
+        raise SeedLayoutError(
+            f"the file ends after {len(tensors)} tensors where {name} has "
+            f"{len(targets)}: first missing {targets[matched][0]}"
+        )
+    raise SeedLayoutError(
+        f"the file has {len(tensors)} tensors where {name} has "
+        f"{len(targets)}: first extra {tensors[matched][0]}"
+    )
 
 
 @cache
@@ -80,16 +85,16 @@ def timm_layout(name: str, num_classes: int) -> tuple[tuple[str, torch.Size], ..
     from a model built on the meta device (no memory, no initialisation)."""
     with torch.device("meta"):
         model = timm.create_model(name, num_classes=num_classes)
-    return tuple((key, value.shape) for key, value in model.state_dict().items()
-                 if not key.endswith(_COUNTER))
+    return tuple(
+        (key, value.shape) for key, value in model.state_dict().items() if not key.endswith(_COUNTER)
+    )
 
 
 def _tensors(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     return [(key, value) for key, value in state.items() if not key.endswith(_COUNTER)]
 
 
-def _lined_up(tensors: list[tuple[str, torch.Tensor]],
-              layout: tuple[tuple[str, torch.Size], ...]) -> int:
+def _lined_up(tensors: list[tuple[str, torch.Tensor]], layout: tuple[tuple[str, torch.Size], ...]) -> int:
     """How many leading tensors match the layout in kind and shape."""
     count = 0
     for (seed_key, tensor), (key, shape) in zip(tensors, layout):

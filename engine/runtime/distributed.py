@@ -44,8 +44,9 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+    )
     try:
         yield device
     finally:
@@ -70,8 +71,7 @@ def from_rank_0(make: Callable[[], T]) -> T:
     return result
 
 
-def sum_over_ranks(values: list[N], device: torch.device,
-                   poll: Callable[[], None] | None = None) -> list[N]:
+def sum_over_ranks(values: list[N], device: torch.device, poll: Callable[[], None] | None = None) -> list[N]:
     """The values summed over every rank, once all have got here (a barrier). `poll`, if
     given, runs every half second meanwhile, so that a rank done early still reports and can
     be cancelled while the others work."""

@@ -22,7 +22,8 @@ from types import TracebackType
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from db.schema import JOB_ACTIVE as ACTIVE, Job, Run, utcnow
+from db.schema import JOB_ACTIVE as ACTIVE
+from db.schema import Job, Run, utcnow
 from db.session import read_scope, session_scope
 from db.users import User, require_admin
 from engine.runtime.workspace import Workspace
@@ -48,8 +49,16 @@ def this_host() -> str:
     return os.environ.get("DR_HOST") or socket.gethostname()
 
 
-def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | None = None,
-              params: dict | None = None, processes: int = 1, *, user: User) -> int:
+def start_job(
+    workspace: Workspace,
+    kind: str,
+    module: str,
+    args: list[str] | None = None,
+    params: dict | None = None,
+    processes: int = 1,
+    *,
+    user: User,
+) -> int:
     """Launch `python -m module ... --job-id N` in its own session, under torchrun when it
     takes several `processes`, recorded as started by `user`; return the job id. Only an
     admin starts jobs (db.users.NotAllowed otherwise)."""
@@ -60,27 +69,44 @@ def start_job(workspace: Workspace, kind: str, module: str, args: list[str] | No
         with session_scope(workspace.db_url) as session:
             running = session.scalar(select(Job).where(Job.kind == kind, Job.status.in_(ACTIVE)))
             if running is not None:
-                raise JobRefused(f"another {kind} job (#{running.id}) is already running; "
-                                 "wait for it or cancel it first")
+                raise JobRefused(
+                    f"another {kind} job (#{running.id}) is already running; wait for it or cancel it first"
+                )
             job = Job(kind=kind, params=params or {}, account=user.name, host=this_host())
             session.add(job)
             session.flush()
             job.log_path = str(workspace.logs / f"{kind}-{job.id}.log")
             job_id, log_path = job.id, job.log_path
     except IntegrityError:  # ux_jobs_active_kind: one started in the same moment won
-        raise JobRefused(f"another {kind} job started at the same moment; wait for it or "
-                         "cancel it first") from None
-    launcher = [sys.executable, "-m"] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={processes}", "-m"]
+        raise JobRefused(
+            f"another {kind} job started at the same moment; wait for it or cancel it first"
+        ) from None
+    launcher = (
+        [sys.executable, "-m"]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            "-m",
+        ]
+    )
     command = [*launcher, module, *(args or []), "--job-id", str(job_id)]
     env = {**os.environ, "DR_WORKSPACE": str(workspace.root), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())  # what ran, for whoever reads the log
         log.flush()
-        process = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=PROJECT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     _children[(workspace.db_url, job_id)] = process
     with session_scope(workspace.db_url) as session:
         session.get(Job, job_id).pid = process.pid
@@ -99,11 +125,18 @@ def cancel_job(db_url: str, job_id: int, *, user: User | None) -> None:
     require_admin(db_url, user, "cancel a job")
     now = utcnow()
     with session_scope(db_url) as session:
-        session.execute(update(Job).where(  # the first request's time is kept
-            Job.id == job_id, Job.status.in_(ACTIVE), Job.cancel_requested_at.is_(None))
-            .values(cancel_requested_at=now))
-        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-                        .values(status="cancelled", message="cancelled", finished_at=now))
+        session.execute(
+            update(Job)
+            .where(  # the first request's time is kept
+                Job.id == job_id, Job.status.in_(ACTIVE), Job.cancel_requested_at.is_(None)
+            )
+            .values(cancel_requested_at=now)
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(status="cancelled", message="cancelled", finished_at=now)
+        )
 
 
 def log_tail(path: str | None, lines: int = 20) -> str:
@@ -122,7 +155,7 @@ def _runs_here(pid: int, job_id: int) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return False
-    return any(argv[i:i + 2] == ["--job-id", str(job_id)] for i in range(len(argv) - 1))
+    return any(argv[i : i + 2] == ["--job-id", str(job_id)] for i in range(len(argv) - 1))
 
 
 def _is_dead(db_url: str, job: Job, now: datetime) -> bool:
@@ -142,13 +175,22 @@ def mark_dead_jobs(db_url: str, now: datetime | None = None) -> list[int]:
     """Mark failed every active job whose process is gone (see _is_dead)."""
     now = now or utcnow()
     with read_scope(db_url) as session:  # the pages call this every few seconds: no lock
-        dead = [job.id for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE)))
-                if _is_dead(db_url, job, now)]
+        dead = [
+            job.id
+            for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE)))
+            if _is_dead(db_url, job, now)
+        ]
     if dead:
         with session_scope(db_url) as session:
-            session.execute(update(Job).where(Job.id.in_(dead), Job.status.in_(ACTIVE)).values(
-                status="failed", finished_at=now,
-                error="the job's process stopped without reporting an outcome"))
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(dead), Job.status.in_(ACTIVE))
+                .values(
+                    status="failed",
+                    finished_at=now,
+                    error="the job's process stopped without reporting an outcome",
+                )
+            )
     return dead
 
 
@@ -186,8 +228,7 @@ class JobReporter:
             threading.Thread(target=self._watch, daemon=True).start()
         return self
 
-    def __exit__(self, kind: type | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         self._stop.set()
         if self.job_id is None:  # nothing to record: the caller's handler again (a test's)
             signal.signal(signal.SIGTERM, self._handler)
@@ -201,16 +242,20 @@ class JobReporter:
             return True
         else:
             traceback.print_exception(kind, exc, tb)  # into the job's log
-            self._update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                         finished_at=utcnow())
+            self._update(status="failed", error=f"{type(exc).__name__}: {exc}", finished_at=utcnow())
         return False
 
     def _mark_running(self) -> bool:
         """queued -> running; False if the job was cancelled before its process got here."""
         with session_scope(self.db_url) as session:
-            return session.execute(
-                update(Job).where(Job.id == self.job_id, Job.status == "queued")
-                .values(status="running", heartbeat_at=utcnow())).rowcount == 1
+            return (
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.status == "queued")
+                    .values(status="running", heartbeat_at=utcnow())
+                ).rowcount
+                == 1
+            )
 
     def _on_sigterm(self, _signum, _frame) -> None:
         self.cancelled = True
@@ -231,8 +276,7 @@ class JobReporter:
 
     def _cancel_requested(self) -> bool:
         with read_scope(self.db_url) as session:
-            return session.scalar(select(Job.cancel_requested_at)
-                                  .where(Job.id == self.job_id)) is not None
+            return session.scalar(select(Job.cancel_requested_at).where(Job.id == self.job_id)) is not None
 
     def check_cancel(self) -> None:
         if self.cancelled:
@@ -248,8 +292,7 @@ class JobReporter:
         if self.job_id is None or not (force or self.due()):
             return
         self._last_write = time.monotonic()
-        self._update(progress=min(max(fraction, 0.0), 1.0), message=message[:500],
-                     heartbeat_at=utcnow())
+        self._update(progress=min(max(fraction, 0.0), 1.0), message=message[:500], heartbeat_at=utcnow())
 
     def attach_run(self, run_id: int) -> None:
         """The job works on `run_id`; a training job's account becomes the run's."""

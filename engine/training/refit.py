@@ -22,8 +22,15 @@ from engine.training.trainer import Hooks, RunPaths, TrainConfig, Trainer, Train
 VALIDATION = "validation"  # the folder of the validation phase inside the run's own
 
 
-def train_model(config: TrainConfig, train: list[Sample], val: list[Sample], paths: RunPaths,
-                cache_root: Path | None, hooks: Hooks, resume: bool = False) -> TrainResult:
+def train_model(
+    config: TrainConfig,
+    train: list[Sample],
+    val: list[Sample],
+    paths: RunPaths,
+    cache_root: Path | None,
+    hooks: Hooks,
+    resume: bool = False,
+) -> TrainResult:
     """The run's model: with config.refit, validated on `val` and then trained on `train` and
     `val`; else trained on `train` and validated on `val` (the validated model is the model).
     `resume` continues each phase from its last epoch (a finished validation phase only
@@ -34,8 +41,11 @@ def train_model(config: TrainConfig, train: list[Sample], val: list[Sample], pat
     if config.minutes and not resume:
         config.epochs = final.epochs_in_budget(config.minutes)
         if rank() == 0:
-            print(f"{config.epochs} epochs on every image fit into {config.minutes:g} minutes; "
-                  "the validation phase trains them first", flush=True)
+            print(
+                f"{config.epochs} epochs on every image fit into {config.minutes:g} minutes; "
+                "the validation phase trains them first",
+                flush=True,
+            )
     config.minutes = None  # both phases train these epochs
     hooks.on_phase(f"validation phase: {len(train)} training images, {len(val)} validation", 0, 2)
     checked = fit(Trainer(config, train, val, paths.phase(VALIDATION), cache_root, hooks), resume)

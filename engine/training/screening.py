@@ -11,9 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.datasets import Sample, person_halves, read_probabilities
-from engine.model.metrics import (REFERABLE, group_resamples, interval, quadratic_weighted_kappa,
-                            referable_score, roc_auc, sensitivity_specificity,
-                            validation_screening)
+from engine.model.metrics import (
+    REFERABLE,
+    group_resamples,
+    interval,
+    quadratic_weighted_kappa,
+    referable_score,
+    roc_auc,
+    sensitivity_specificity,
+    validation_screening,
+)
 from engine.training.refit import VALIDATION
 from engine.training.trainer import VALIDATION_FILE
 
@@ -36,9 +43,16 @@ def choose_operating_point(checkpoint: str | Path, sensitivity: float, seed: int
     if path is None:
         raise FileNotFoundError(f"no validation probabilities are stored beside {checkpoint}")
     samples, probs = read_probabilities(path)
-    return {**validation_screening(probs, np.array([s.grade for s in samples]),
-                                   [s.group for s in samples], person_halves(samples, seed),
-                                   sensitivity), "seed": seed}
+    return {
+        **validation_screening(
+            probs,
+            np.array([s.grade for s in samples]),
+            [s.group for s in samples],
+            person_halves(samples, seed),
+            sensitivity,
+        ),
+        "seed": seed,
+    }
 
 
 def roc_points(samples: list[Sample], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,18 +64,20 @@ def roc_points(samples: list[Sample], probs: np.ndarray) -> tuple[np.ndarray, np
     return misses / max(misses[-1], 1), hits / max(hits[-1], 1)
 
 
-def validation_roc(path: Path, threshold: float
-                   ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+def validation_roc(path: Path, threshold: float) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """The ROC curve of a run's stored validation probabilities, and (sensitivity,
     specificity) at `threshold` on all of them."""
     samples, probs = read_probabilities(path)
     positive = np.array([s.grade >= REFERABLE for s in samples])
-    return (*roc_points(samples, probs),
-            sensitivity_specificity(positive, referable_score(probs) >= threshold))
+    return (
+        *roc_points(samples, probs),
+        sensitivity_specificity(positive, referable_score(probs) >= threshold),
+    )
 
 
-def paired_difference(first: tuple[list[Sample], np.ndarray],
-                      second: tuple[list[Sample], np.ndarray]) -> dict:
+def paired_difference(
+    first: tuple[list[Sample], np.ndarray], second: tuple[list[Sample], np.ndarray]
+) -> dict:
     """QWK and referable AUC of the first run minus the second's on the validation images both
     were judged on, each with its paired 95 % interval by person, and whether the interval
     leaves out 0 (the difference is larger than the noise)."""
@@ -72,14 +88,22 @@ def paired_difference(first: tuple[list[Sample], np.ndarray],
     b = np.array([theirs[s.path] for s in samples]).reshape(-1, 4)
     labels = np.array([s.grade for s in samples])
     statistics = {
-        "qwk": lambda i: quadratic_weighted_kappa(labels[i], a[i].argmax(1))
-        - quadratic_weighted_kappa(labels[i], b[i].argmax(1)),
-        "referable_auc": lambda i: roc_auc(labels[i] >= REFERABLE, referable_score(a[i]))
-        - roc_auc(labels[i] >= REFERABLE, referable_score(b[i]))}
+        "qwk": lambda i: (
+            quadratic_weighted_kappa(labels[i], a[i].argmax(1))
+            - quadratic_weighted_kappa(labels[i], b[i].argmax(1))
+        ),
+        "referable_auc": lambda i: (
+            roc_auc(labels[i] >= REFERABLE, referable_score(a[i]))
+            - roc_auc(labels[i] >= REFERABLE, referable_score(b[i]))
+        ),
+    }
     draws = group_resamples([s.group for s in samples])
     out: dict = {"images": len(samples)}
     for name, statistic in statistics.items():
         low, high = interval(statistic, draws)
-        out[name] = {"value": statistic(np.arange(len(samples))), "interval": [low, high],
-                     "beyond_noise": bool(low > 0 or high < 0)}
+        out[name] = {
+            "value": statistic(np.arange(len(samples))),
+            "interval": [low, high],
+            "beyond_noise": bool(low > 0 or high < 0),
+        }
     return out

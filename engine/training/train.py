@@ -28,18 +28,33 @@ from db.queries import curated_set, labelled_images
 from db.runs import activate_first
 from db.schema import Epoch, Run, utcnow
 from db.session import migrate, read_scope, session_scope
-from engine.data.datasets import (AUGMENTATIONS, Sample, class_counts, default_workers, folder_samples, read_manifest,
-                         same_content, shared_groups, stratified_split)
+from engine.data.datasets import (
+    AUGMENTATIONS,
+    Sample,
+    class_counts,
+    default_workers,
+    folder_samples,
+    read_manifest,
+    same_content,
+    shared_groups,
+    stratified_split,
+)
+from engine.data.preprocess import PreprocessConfig
+from engine.model.networks import (
+    WeightsMismatch,
+    cpu_bf16_supported,
+    default_model,
+    model_for_weights,
+    model_sizes,
+    pick_device,
+)
+from engine.model.predictor import tta_views
 from engine.runtime.distributed import from_rank_0, process_group, rank, world_size
 from engine.runtime.jobs import JobCancelled, JobReporter
+from engine.runtime.workspace import Workspace
 from engine.training.model_card import RunUnusable, write_model_card
-from engine.model.networks import (WeightsMismatch, cpu_bf16_supported, default_model,
-                           model_for_weights, model_sizes, pick_device)
-from engine.model.predictor import tta_views
-from engine.data.preprocess import PreprocessConfig
 from engine.training.refit import recorded_paths, train_model
 from engine.training.trainer import Hooks, RunPaths, TrainConfig, TrainingStopped, epoch_line, run_name
-from engine.runtime.workspace import Workspace
 
 # Without --epochs: the seed's 30 epochs on a GPU; on a CPU, what fits into 20 minutes.
 GPU_EPOCHS, CPU_MINUTES = 30, 20.0
@@ -55,9 +70,11 @@ def run_name_problem(name: str) -> str | None:
     """Why `name` cannot name a run, naming it; None when it can. The one check of every run
     name: engine.training.train --name, the Retrain page's form, engine.loop.import_model."""
     if not RUN_NAME.fullmatch(name) or len(name) > RUN_NAME_MAX:
-        return (f"run name {name!r}: use letters, digits, '-', '_' and '.' only, starting with a "
-                f"letter, digit or '_', at most {RUN_NAME_MAX} characters (it names the run's "
-                "folders in the workspace)")
+        return (
+            f"run name {name!r}: use letters, digits, '-', '_' and '.' only, starting with a "
+            f"letter, digit or '_', at most {RUN_NAME_MAX} characters (it names the run's "
+            "folders in the workspace)"
+        )
     return None
 
 
@@ -87,76 +104,136 @@ def boolean(text: str) -> bool:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.training.train", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.training.train", description=__doc__, formatter_class=HelpFormatter
+    )
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data-path", type=Path, help="class folders 0/ 1/ 2/ 3/ (80/20 split "
-                      "for the validation phase)")
+    data.add_argument(
+        "--data-path", type=Path, help="class folders 0/ 1/ 2/ 3/ (80/20 split for the validation phase)"
+    )
     data.add_argument("--from-db", action="store_true", help="the curated set in the workspace")
-    parser.add_argument("--epochs", type=int, help=f"default: {GPU_EPOCHS} on a GPU; on a CPU as "
-                        f"many as fit into {CPU_MINUTES:g} minutes")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help=f"default: {GPU_EPOCHS} on a GPU; on a CPU as many as fit into {CPU_MINUTES:g} minutes",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--lrf", type=float, default=0.01,
-                        help="the cosine schedule ends at lr times this")
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw",
-                        help="adamw, or SGD with momentum 0.9 as the seed trained")
-    parser.add_argument("--warmup-epochs", type=float, default=1.0,
-                        help="linear warm-up (at most a fifth of the epochs)")
-    parser.add_argument("--weights", default="", help="pretrained weight file (default: the "
-                        "model's ImageNet weights found offline)")
-    parser.add_argument("--pretrained", type=boolean, default=True,
-                        help="start from pretrained weights (false: random ones)")
-    parser.add_argument("--freeze-layers", type=boolean, default=False,
-                        help="train the classifier alone, as the seed's option did")
+    parser.add_argument("--lrf", type=float, default=0.01, help="the cosine schedule ends at lr times this")
+    parser.add_argument(
+        "--optimizer",
+        choices=("sgd", "adamw"),
+        default="adamw",
+        help="adamw, or SGD with momentum 0.9 as the seed trained",
+    )
+    parser.add_argument(
+        "--warmup-epochs", type=float, default=1.0, help="linear warm-up (at most a fifth of the epochs)"
+    )
+    parser.add_argument(
+        "--weights",
+        default="",
+        help="pretrained weight file (default: the model's ImageNet weights found offline)",
+    )
+    parser.add_argument(
+        "--pretrained", type=boolean, default=True, help="start from pretrained weights (false: random ones)"
+    )
+    parser.add_argument(
+        "--freeze-layers",
+        type=boolean,
+        default=False,
+        help="train the classifier alone, as the seed's option did",
+    )
     parser.add_argument("--model", help="timm model name (default by device)")
     parser.add_argument("--img-size", type=int, help="training image size (default by model)")
-    parser.add_argument("--eval-size", type=int, help="validation and inference image size "
-                        "(default: the training size, times the model's eval/train ratio)")
-    parser.add_argument("--balance", choices=("loss", "sqrt", "sampler", "none"), default="sqrt",
-                        help="loss: inverse-frequency class weights; sqrt: their square root; "
-                        "sampler: every grade drawn equally often")
-    parser.add_argument("--loss", choices=("ce", "ordinal"), default="ordinal",
-                        help="ordinal: soft targets on the neighbouring grades")
-    parser.add_argument("--minutes", type=float, help="fit the epochs into this many minutes "
-                        "(measured on a few batches first)")
-    parser.add_argument("--augment", choices=AUGMENTATIONS, default="light",
-                        help="light: mirror and quarter turns; strong: also any angle, scale, "
-                        "colour and blur")
-    parser.add_argument("--freeze-stages", type=int, default=2,
-                        help="keep the stem and this many first stages as pretrained")
-    parser.add_argument("--bf16", type=boolean, default=cpu_bf16_supported(),
-                        help="bfloat16 autocast on a CPU too (always on a GPU; default: where "
-                        "the CPU computes it natively)")
-    parser.add_argument("--refit", type=boolean, default=True,
-                        help="after validating and calibrating a model trained on the training "
-                        "split, train the run's model on training and validation images together "
-                        "(the same epochs; about twice the time); false: the validated model "
-                        "is the run's model")
-    parser.add_argument("--select", choices=("last", "best"), default="last",
-                        help="the epoch best.pth keeps: the last, or the highest val QWK")
-    parser.add_argument("--tta", type=views_arg, default=8,
-                        help="test-time views of the kept model: 1, 2 (the mirror image too) "
-                        "or 8 (mirrors of the four quarter turns); epochs validate on at most 2")
-    parser.add_argument("--enhance", type=boolean, default=True,
-                        help="Ben Graham's local contrast enhancement")
-    parser.add_argument("--progressive", type=boolean, default=False,
-                        help="EfficientNetV2's progressive learning: image size and "
-                        "regularisation grow over four stages")
-    parser.add_argument("--drop-rate", type=float, default=0.2,
-                        help="dropout before the classifier")
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        help="validation and inference image size "
+        "(default: the training size, times the model's eval/train ratio)",
+    )
+    parser.add_argument(
+        "--balance",
+        choices=("loss", "sqrt", "sampler", "none"),
+        default="sqrt",
+        help="loss: inverse-frequency class weights; sqrt: their square root; "
+        "sampler: every grade drawn equally often",
+    )
+    parser.add_argument(
+        "--loss",
+        choices=("ce", "ordinal"),
+        default="ordinal",
+        help="ordinal: soft targets on the neighbouring grades",
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="fit the epochs into this many minutes (measured on a few batches first)",
+    )
+    parser.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default="light",
+        help="light: mirror and quarter turns; strong: also any angle, scale, colour and blur",
+    )
+    parser.add_argument(
+        "--freeze-stages", type=int, default=2, help="keep the stem and this many first stages as pretrained"
+    )
+    parser.add_argument(
+        "--bf16",
+        type=boolean,
+        default=cpu_bf16_supported(),
+        help="bfloat16 autocast on a CPU too (always on a GPU; default: where the CPU computes it natively)",
+    )
+    parser.add_argument(
+        "--refit",
+        type=boolean,
+        default=True,
+        help="after validating and calibrating a model trained on the training "
+        "split, train the run's model on training and validation images together "
+        "(the same epochs; about twice the time); false: the validated model "
+        "is the run's model",
+    )
+    parser.add_argument(
+        "--select",
+        choices=("last", "best"),
+        default="last",
+        help="the epoch best.pth keeps: the last, or the highest val QWK",
+    )
+    parser.add_argument(
+        "--tta",
+        type=views_arg,
+        default=8,
+        help="test-time views of the kept model: 1, 2 (the mirror image too) "
+        "or 8 (mirrors of the four quarter turns); epochs validate on at most 2",
+    )
+    parser.add_argument(
+        "--enhance", type=boolean, default=True, help="Ben Graham's local contrast enhancement"
+    )
+    parser.add_argument(
+        "--progressive",
+        type=boolean,
+        default=False,
+        help="EfficientNetV2's progressive learning: image size and regularisation grow over four stages",
+    )
+    parser.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the classifier")
     parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best there is)")
-    parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="loader worker processes")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the split, the sampler, augmentation and the new head")
-    parser.add_argument("--name", type=run_name_arg,
-                        help="run name: letters, digits, '-', '_' and '.' (default: the date and "
-                        "time)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="loader worker processes")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, the sampler, augmentation and the new head"
+    )
+    parser.add_argument(
+        "--name",
+        type=run_name_arg,
+        help="run name: letters, digits, '-', '_' and '.' (default: the date and time)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue run --name from last.pth")
-    parser.add_argument("--config", type=Path, help="a finished run's config.json "
-                        "(weights/<run>/config.json): a new run with its settings, which the "
-                        "options given beside it override (default: none)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="a finished run's config.json "
+        "(weights/<run>/config.json): a new run with its settings, which the "
+        "options given beside it override (default: none)",
+    )
     parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
     args = parser.parse_args(argv)
     if args.config:
@@ -171,10 +248,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # TrainConfig fields that are options of the same name (preprocess and pretrained are not).
-REPEATED = ("model", "img_size", "eval_size", "epochs", "batch_size", "lr", "lrf", "optimizer",
-            "warmup_epochs", "balance", "loss", "tta", "select", "augment",
-            "freeze_stages", "bf16", "progressive", "freeze_layers", "refit", "drop_rate",
-            "workers", "seed", "device")
+REPEATED = (
+    "model",
+    "img_size",
+    "eval_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "lrf",
+    "optimizer",
+    "warmup_epochs",
+    "balance",
+    "loss",
+    "tta",
+    "select",
+    "augment",
+    "freeze_stages",
+    "bf16",
+    "progressive",
+    "freeze_layers",
+    "refit",
+    "drop_rate",
+    "workers",
+    "seed",
+    "device",
+)
 
 
 def run_settings(path: Path) -> dict:
@@ -186,8 +284,12 @@ def run_settings(path: Path) -> dict:
     values = {key: config[key] for key in REPEATED if key in config}
     pretrained = config.get("pretrained", True)
     weights = pretrained if isinstance(pretrained, str) else ""
-    return {**values, "weights": weights, "pretrained": bool(pretrained),
-            "enhance": config.get("preprocess", {}).get("enhance", True)}
+    return {
+        **values,
+        "weights": weights,
+        "pretrained": bool(pretrained),
+        "enhance": config.get("preprocess", {}).get("enhance", True),
+    }
 
 
 def make_config(args: argparse.Namespace) -> TrainConfig:
@@ -204,15 +306,31 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     eval_size = args.eval_size or round(train_size * scale)
     pretrained = args.weights or args.pretrained
     return TrainConfig(
-        model=model, img_size=train_size, eval_size=eval_size,
-        epochs=args.epochs or GPU_EPOCHS, batch_size=args.batch_size, lr=args.lr, lrf=args.lrf,
-        optimizer=args.optimizer, warmup_epochs=args.warmup_epochs, balance=args.balance,
-        progressive=args.progressive, freeze_layers=args.freeze_layers, pretrained=pretrained,
+        model=model,
+        img_size=train_size,
+        eval_size=eval_size,
+        epochs=args.epochs or GPU_EPOCHS,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lrf=args.lrf,
+        optimizer=args.optimizer,
+        warmup_epochs=args.warmup_epochs,
+        balance=args.balance,
+        progressive=args.progressive,
+        freeze_layers=args.freeze_layers,
+        pretrained=pretrained,
         drop_rate=args.drop_rate,
-        workers=args.workers, seed=args.seed, device=str(device), loss=args.loss,
+        workers=args.workers,
+        seed=args.seed,
+        device=str(device),
+        loss=args.loss,
         minutes=args.minutes or (CPU_MINUTES if device.type == "cpu" and not args.epochs else None),
-        tta=args.tta, select=args.select, augment=args.augment,
-        freeze_stages=args.freeze_stages, bf16=args.bf16, refit=args.refit,
+        tta=args.tta,
+        select=args.select,
+        augment=args.augment,
+        freeze_stages=args.freeze_stages,
+        bf16=args.bf16,
+        refit=args.refit,
         preprocess=PreprocessConfig(size=eval_size, enhance=args.enhance).to_dict(),
     )
 
@@ -220,13 +338,19 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
 def db_samples(db_url: str) -> tuple[list[Sample], list[Sample]]:
     """Training: expert labels and the reviewed pseudo-labels (db.queries.curated_set);
     validation: the validation sources, untouched."""
-    train = [Sample(row.path, int(row.grade), row.image, int(row.image_id), row.group)
-             for row in curated_set(db_url).itertuples()]
-    val = [Sample(path, grade, name, i, group)
-           for i, path, name, grade, group in labelled_images(db_url, "validation")]
+    train = [
+        Sample(row.path, int(row.grade), row.image, int(row.image_id), row.group)
+        for row in curated_set(db_url).itertuples()
+    ]
+    val = [
+        Sample(path, grade, name, i, group)
+        for i, path, name, grade, group in labelled_images(db_url, "validation")
+    ]
     if not train or not val:
-        raise SystemExit("the workspace needs labelled training images and a validation "
-                         "source before a model can be trained")
+        raise SystemExit(
+            "the workspace needs labelled training images and a validation "
+            "source before a model can be trained"
+        )
     return train, val
 
 
@@ -235,8 +359,10 @@ def folder_split(root: Path, seed: int) -> tuple[list[Sample], list[Sample]]:
     samples = folder_samples(root)
     train, val = stratified_split(samples, 0.2, seed)
     if not train or not val:
-        raise SystemExit(f"{root}: {len(samples)} images are too few to split 80/20 into "
-                         "training and validation; add images to the class folders")
+        raise SystemExit(
+            f"{root}: {len(samples)} images are too few to split 80/20 into "
+            "training and validation; add images to the class folders"
+        )
     return train, val
 
 
@@ -244,15 +370,22 @@ def keep_validation_apart(train: list[Sample], val: list[Sample]) -> list[Sample
     """The training samples less any person or image (by content) that validation holds, so
     that the yardstick never sees what was learned; says in the log how the split was kept."""
     groups = {s.group for s in train + val if s.group}
-    print(f"people kept apart: {len(groups)} groups known (patient ids or <patient>_left/right "
-          "names)" if groups else "no groups known (no patient ids or <patient>_left/right "
-          "names): training and validation are split by image", flush=True)
+    print(
+        f"people kept apart: {len(groups)} groups known (patient ids or <patient>_left/right names)"
+        if groups
+        else "no groups known (no patient ids or <patient>_left/right "
+        "names): training and validation are split by image",
+        flush=True,
+    )
     shared = shared_groups(train, val)
     copies = same_content(train, val)
     kept = [s for s in train if s.group not in shared and s.path not in copies]
     if len(kept) < len(train):
-        print(f"left out of training: {len(train) - len(kept)} images of {len(shared)} people "
-              f"in validation and {len(copies)} copies of validation images", flush=True)
+        print(
+            f"left out of training: {len(train) - len(kept)} images of {len(shared)} people "
+            f"in validation and {len(copies)} copies of validation images",
+            flush=True,
+        )
     return kept
 
 
@@ -304,8 +437,10 @@ class LogHooks(RankHooks):
         if self.job.cancelled:
             return  # the trainer stops every rank at the next batch; progress would raise here
         done = (self.phase_index + (epoch + step / steps) / self.epochs) / self.phases
-        self.job.progress(done, f"{self.phase}epoch {epoch + 1}/{self.epochs}, batch "
-                          f"{step}/{steps}, {images_per_s:.1f} images/s")
+        self.job.progress(
+            done,
+            f"{self.phase}epoch {epoch + 1}/{self.epochs}, batch {step}/{steps}, {images_per_s:.1f} images/s",
+        )
 
     def on_epoch(self, record: dict) -> None:
         print(epoch_line(record), flush=True)
@@ -349,14 +484,16 @@ def write_card(db_url: str, run_id: int) -> None:
         print(f"model card not written: {exc}", file=sys.stderr)
 
 
-def run_inputs(args: argparse.Namespace, paths: RunPaths, db_url: str
-               ) -> tuple[TrainConfig, list[Sample], list[Sample]]:
+def run_inputs(
+    args: argparse.Namespace, paths: RunPaths, db_url: str
+) -> tuple[TrainConfig, list[Sample], list[Sample]]:
     """Config and samples of the run: those it recorded when resumed, else from the options."""
     if args.resume:
         recorded = recorded_paths(paths)
         if not recorded.config.is_file() or not recorded.manifest.is_file():
-            raise SystemExit(f"run {paths.name} cannot be resumed: {recorded.weights} holds no "
-                             "config.json and samples.csv")
+            raise SystemExit(
+                f"run {paths.name} cannot be resumed: {recorded.weights} holds no config.json and samples.csv"
+            )
         config = TrainConfig(**json.loads(recorded.config.read_text()))
         config.epochs = args.epochs or config.epochs  # more epochs may be asked for
         return config, *read_manifest(recorded.manifest)
@@ -374,12 +511,14 @@ def run_taken(db_url: str, paths: RunPaths) -> bool:
 def refuse_existing_run(db_url: str, paths: RunPaths) -> None:
     """A new run must not write over the checkpoints and records of an earlier one."""
     if run_taken(db_url, paths):
-        raise FileExistsError(f"a run named {paths.name} exists already; choose another --name, "
-                              "or add --resume to continue it")
+        raise FileExistsError(
+            f"a run named {paths.name} exists already; choose another --name, or add --resume to continue it"
+        )
 
 
-def prepare(args: argparse.Namespace, workspace: Workspace
-            ) -> tuple[str, TrainConfig, list[Sample], list[Sample], int | None]:
+def prepare(
+    args: argparse.Namespace, workspace: Workspace
+) -> tuple[str, TrainConfig, list[Sample], list[Sample], int | None]:
     """What rank 0 decides for every rank: the run's name, config and samples, and its row in
     the database (with --from-db)."""
     name = args.name or run_name()
@@ -387,17 +526,22 @@ def prepare(args: argparse.Namespace, workspace: Workspace
     if not args.resume:
         refuse_existing_run(workspace.db_url, paths)
     config, train_samples, val_samples = run_inputs(args, paths, workspace.db_url)
-    processes = (f"; {world_size()} processes, {config.batch_size // world_size()} images "
-                 f"each of a batch of {config.batch_size}" if world_size() > 1 else "")
-    print(f"{config.model} at {config.img_size}px on {config.device}{processes}; train per "
-          f"grade {class_counts(train_samples)}, validation {class_counts(val_samples)}",
-          flush=True)
+    processes = (
+        f"; {world_size()} processes, {config.batch_size // world_size()} images "
+        f"each of a batch of {config.batch_size}"
+        if world_size() > 1
+        else ""
+    )
+    print(
+        f"{config.model} at {config.img_size}px on {config.device}{processes}; train per "
+        f"grade {class_counts(train_samples)}, validation {class_counts(val_samples)}",
+        flush=True,
+    )
     run_id = _start_run(workspace.db_url, config, name, train_samples) if args.from_db else None
     return name, config, train_samples, val_samples, run_id
 
 
-def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter,
-          device: torch.device) -> Path:
+def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter, device: torch.device) -> Path:
     name, config, train_samples, val_samples, run_id = from_rank_0(lambda: prepare(args, workspace))
     config.device = str(device)  # this rank's own GPU under torchrun
     if rank() != 0:
@@ -406,12 +550,18 @@ def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter,
         job.attach_run(run_id)
     hooks = LogHooks(job, workspace.db_url, run_id) if rank() == 0 else RankHooks(job)
     try:
-        result = train_model(config, train_samples, val_samples, RunPaths.under(workspace, name),
-                             workspace.cache, hooks, args.resume)
+        result = train_model(
+            config,
+            train_samples,
+            val_samples,
+            RunPaths.under(workspace, name),
+            workspace.cache,
+            hooks,
+            args.resume,
+        )
     except BaseException as exc:
         if run_id is not None:
-            _finish_run(workspace.db_url, run_id,
-                        "cancelled" if isinstance(exc, JobCancelled) else "failed")
+            _finish_run(workspace.db_url, run_id, "cancelled" if isinstance(exc, JobCancelled) else "failed")
         raise
     if run_id is not None:
         _finish_run(workspace.db_url, run_id, "done", result)
@@ -443,8 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_float32_matmul_precision("high")
     try:
         # One job row, which rank 0 reports; every rank honours a cancel.
-        with JobReporter(workspace.db_url, args.job_id if rank() == 0 else None) as job, \
-                process_group(device) as device:
+        with (
+            JobReporter(workspace.db_url, args.job_id if rank() == 0 else None) as job,
+            process_group(device) as device,
+        ):
             train(args, workspace, job, device)
     except (FileNotFoundError, FileExistsError) as exc:  # a missing folder, a taken run name
         say(f"error: {exc}")

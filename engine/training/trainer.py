@@ -13,9 +13,9 @@ import copy
 import json
 import math
 import time
-from datetime import datetime
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +24,38 @@ import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
-from engine.model.calibration import apply_temperature, calibration_summary
-from engine.data.datasets import (FundusDataset, Sample, class_counts, class_weights, create_loader,
-                         person_halves, write_manifest, write_probabilities)
-from engine.runtime.distributed import (from_rank_0, gather, parallel, rank, same_as_rank_0, shard,
-                                sum_over_ranks, world_size)
-from engine.model.metrics import classification_report, validation_screening
-from engine.model.networks import (create_model, freeze_all_but_classifier, freeze_stages, load_checkpoint,
-                           model_mean_std, save_checkpoint)
-from engine.model.predictor import tta_logits, tta_views
+from engine.data.datasets import (
+    FundusDataset,
+    Sample,
+    class_counts,
+    class_weights,
+    create_loader,
+    person_halves,
+    write_manifest,
+    write_probabilities,
+)
 from engine.data.preprocess import PreprocessCache, PreprocessConfig, fill_cache
+from engine.model.calibration import apply_temperature, calibration_summary
+from engine.model.metrics import classification_report, validation_screening
+from engine.model.networks import (
+    create_model,
+    freeze_all_but_classifier,
+    freeze_stages,
+    load_checkpoint,
+    model_mean_std,
+    save_checkpoint,
+)
+from engine.model.predictor import tta_logits, tta_views
+from engine.runtime.distributed import (
+    from_rank_0,
+    gather,
+    parallel,
+    rank,
+    same_as_rank_0,
+    shard,
+    sum_over_ranks,
+    world_size,
+)
 from engine.runtime.workspace import Workspace
 
 
@@ -105,8 +127,9 @@ class RunPaths:
 
     @classmethod
     def under(cls, workspace: Workspace, name: str) -> "RunPaths":
-        return cls(name, workspace.weights / name, workspace.runs / name,
-                   workspace.estimate_info / f"{name}.txt")
+        return cls(
+            name, workspace.weights / name, workspace.runs / name, workspace.estimate_info / f"{name}.txt"
+        )
 
     @property
     def last(self) -> Path:
@@ -169,12 +192,13 @@ class PrintHooks(Hooks):
 
 def epoch_line(record: dict) -> str:
     """An epoch's record in one line; an epoch without validation has its training half."""
-    line = (f"epoch {record['epoch']}: lr {record['lr']:.2e} train loss "
-            f"{record['train_loss']:.4f} acc {record['train_acc']:.3f}")
+    line = (
+        f"epoch {record['epoch']}: lr {record['lr']:.2e} train loss "
+        f"{record['train_loss']:.4f} acc {record['train_acc']:.3f}"
+    )
     if "qwk" not in record:
         return line
-    return (f"{line} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f} QWK "
-            f"{record['qwk']:.4f}")
+    return f"{line} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f} QWK {record['qwk']:.4f}"
 
 
 @dataclass
@@ -234,8 +258,15 @@ def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optim
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, train: Sequence[Sample], val: Sequence[Sample],
-                 paths: RunPaths, cache_root: Path | None, hooks: Hooks | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        train: Sequence[Sample],
+        val: Sequence[Sample],
+        paths: RunPaths,
+        cache_root: Path | None,
+        hooks: Hooks | None = None,
+    ):
         self.config, self.train_samples, self.val_samples = config, list(train), list(val)
         self.paths, self.cache_root, self.hooks = paths, cache_root, hooks or Hooks()
         self.device = torch.device(config.device)
@@ -243,8 +274,10 @@ class Trainer:
         self.prep = PreprocessConfig.from_dict({**config.preprocess, "size": config.eval_size})
         self.mean, self.std = model_mean_std(config.model)
         if config.batch_size % world_size():
-            raise TrainingStopped(f"a batch of {config.batch_size} does not split evenly over "
-                                  f"{world_size()} processes: choose a multiple of {world_size()}")
+            raise TrainingStopped(
+                f"a batch of {config.batch_size} does not split evenly over "
+                f"{world_size()} processes: choose a multiple of {world_size()}"
+            )
         self.batch_size = config.batch_size // world_size()  # this rank's share of a batch
         self.main = rank() == 0  # the rank that writes files
         torch.manual_seed(config.seed)  # the new head's initial weights too
@@ -257,8 +290,9 @@ class Trainer:
         self.net = self.model  # what trains: under torchrun, `parallel` wraps it in fit()
         self.optimizer = _optimizer(config, self.model)
         power = BALANCE_POWER.get(config.balance)
-        self.loss_weights = (class_weights(self.train_samples, power).to(self.device)
-                             if power is not None else None)
+        self.loss_weights = (
+            class_weights(self.train_samples, power).to(self.device) if power is not None else None
+        )
         self.history: list[dict] = []
         self.start_epoch = 0
         # Without validation samples: the epoch best.pth keeps (default the last), and the
@@ -268,17 +302,37 @@ class Trainer:
 
     # -- one pass ---------------------------------------------------------------------------
 
-    def _loader(self, samples: list[Sample], train: bool, size: int, magnitude: int,
-                epoch: int = 0, shared: bool = False):
+    def _loader(
+        self,
+        samples: list[Sample],
+        train: bool,
+        size: int,
+        magnitude: int,
+        epoch: int = 0,
+        shared: bool = False,
+    ):
         """`shared`: this rank's share of the epoch's draws (the others take the rest)."""
-        dataset = FundusDataset(samples, self.prep, self.mean, self.std, self.cache_root,
-                                size=size, augment=self.config.augment if train else None,
-                                magnitude=magnitude)
+        dataset = FundusDataset(
+            samples,
+            self.prep,
+            self.mean,
+            self.std,
+            self.cache_root,
+            size=size,
+            augment=self.config.augment if train else None,
+            magnitude=magnitude,
+        )
         # A new order (and new sampler draws) every epoch, the same for a seed.
-        return create_loader(dataset, self.batch_size, self.config.workers, self.device,
-                             shuffle=train, balanced=train and self.config.balance == "sampler",
-                             seed=self.config.seed * 100_003 + epoch,
-                             share=(rank(), world_size()) if shared else (0, 1))
+        return create_loader(
+            dataset,
+            self.batch_size,
+            self.config.workers,
+            self.device,
+            shuffle=train,
+            balanced=train and self.config.balance == "sampler",
+            seed=self.config.seed * 100_003 + epoch,
+            share=(rank(), world_size()) if shared else (0, 1),
+        )
 
     def _forward(self, images: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
@@ -298,15 +352,15 @@ class Trainer:
         weighted = self.loss_weights is not None and not ordinal
         weights = self.loss_weights[labels] if weighted else torch.ones_like(losses)
         denominator, total = sum_over_ranks(
-            torch.stack([weights.sum(), losses.detach().sum()]).tolist(), self.device)
+            torch.stack([weights.sum(), losses.detach().sum()]).tolist(), self.device
+        )
         return losses.sum() * (world_size() / denominator), total / denominator
 
     def _take_step(self, labels: torch.Tensor) -> bool:
         """Whether every rank takes this step: none does if a rank has no readable image in
         its share of the batch (it could not join the gradient exchange); a stop asked for on
         any rank stops every rank here."""
-        ready, stops = sum_over_ranks([int(len(labels) > 0), int(self.hooks.stop_requested())],
-                                      self.device)
+        ready, stops = sum_over_ranks([int(len(labels) > 0), int(self.hooks.stop_requested())], self.device)
         if stops:
             self.hooks.stop()
         return ready == world_size()
@@ -331,8 +385,10 @@ class Trainer:
             logits = self._forward(images, self.net)
             loss, value = self._loss(logits, labels)
             if not math.isfinite(value):
-                raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, "
-                                    f"batch {step + 1}; lower the learning rate ({lr:.2g})")
+                raise NonFiniteLoss(
+                    f"the loss became {value} at epoch {epoch + 1}, "
+                    f"batch {step + 1}; lower the learning rate ({lr:.2g})"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -341,20 +397,20 @@ class Trainer:
             total_loss += F.cross_entropy(logits.detach(), labels, reduction="sum").item()
             truth.append(labels.cpu())
             preds.append(logits.argmax(1).cpu())
-            self.hooks.on_batch(epoch, step + 1, steps,
-                                seen * world_size() / (time.perf_counter() - started))
+            self.hooks.on_batch(epoch, step + 1, steps, seen * world_size() / (time.perf_counter() - started))
         ranks = gather((seen, total_loss, truth, preds))  # the epoch over every rank's images
         seen, total_loss = sum(r[0] for r in ranks), sum(r[1] for r in ranks)
         if seen == 0:
-            raise NoTrainingImages(f"epoch {epoch + 1}: none of the {len(self.train_samples)} "
-                                   "training images could be read (the log names each)")
+            raise NoTrainingImages(
+                f"epoch {epoch + 1}: none of the {len(self.train_samples)} "
+                "training images could be read (the log names each)"
+            )
         y, p = (torch.cat([t for r in ranks for t in r[k]]).numpy() for k in (2, 3))
         report = classification_report(y, p)
         return {"loss": total_loss / seen, "lr": lr, "size": size, **report}
 
     @torch.no_grad()
-    def evaluate(self, samples: list[Sample], views: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def evaluate(self, samples: list[Sample], views: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Logits (over `views` test-time views), labels and sample indices of every readable
         sample, in the samples' order.
         Each rank evaluates its share with rank 0's model (what rank 0 saves), and every rank
@@ -380,15 +436,21 @@ class Trainer:
             self.hooks.stop()
         indices = [i for r in ranks for i in r[3]]
         order = np.argsort(indices, kind="stable")
-        return (torch.cat([t for r in ranks for t in r[1]])[order],
-                torch.cat([t for r in ranks for t in r[2]])[order], [indices[i] for i in order])
+        return (
+            torch.cat([t for r in ranks for t in r[1]])[order],
+            torch.cat([t for r in ranks for t in r[2]])[order],
+            [indices[i] for i in order],
+        )
 
     def _validate(self) -> tuple[dict, list[tuple[str, int, int]]]:
         logits, labels, indices = self.evaluate(self.val_samples, self._monitor_views)
         preds = logits.argmax(1)
         report = classification_report(labels.numpy(), preds.numpy())
-        errors = [(self.val_samples[i].path, int(t), int(p))
-                  for i, t, p in zip(indices, labels.tolist(), preds.tolist()) if t != p]
+        errors = [
+            (self.val_samples[i].path, int(t), int(p))
+            for i, t, p in zip(indices, labels.tolist(), preds.tolist())
+            if t != p
+        ]
         return {"loss": F.cross_entropy(logits, labels).item(), **report}, errors
 
     # -- the run ----------------------------------------------------------------------------
@@ -401,13 +463,15 @@ class Trainer:
         if self.cache_root:
             mine = [Path(s.path) for _, s in shard(self.train_samples + self.val_samples)]
             fill_cache(mine, self.prep, PreprocessCache(self.cache_root), self.hooks.on_prepare)
+
         def epochs() -> int:
             train_s, view_s = self._seconds_per_image()
-            epoch_s = len(self.train_samples) * train_s + \
-                len(self.val_samples) * view_s * self._monitor_views
+            epoch_s = len(self.train_samples) * train_s + len(self.val_samples) * view_s * self._monitor_views
             calibration_s = len(self.val_samples) * view_s * self.config.tta
-            return epochs_for_budget(minutes, time.perf_counter() - started + calibration_s
-                                     / world_size(), epoch_s / world_size())
+            return epochs_for_budget(
+                minutes, time.perf_counter() - started + calibration_s / world_size(), epoch_s / world_size()
+            )
+
         return from_rank_0(epochs)
 
     @property
@@ -421,7 +485,7 @@ class Trainer:
         """(training step, one validation view) per image on each rank: a few training steps,
         and a validation batch, are timed on a copy of the model."""
         size, magnitude, _ = stage_of(self.config, self.config.epochs - 1)
-        probe = self.train_samples[:self.batch_size * PROBE_BATCHES]
+        probe = self.train_samples[: self.batch_size * PROBE_BATCHES]
         model = copy.deepcopy(self.model).train()
         optimizer = _optimizer(self.config, model)
         timed, clock = 0, time.perf_counter()
@@ -475,51 +539,79 @@ class Trainer:
             return TrainResult(self.paths.best, float("nan"), self.history, self.calibration or {})
         return self._calibrate()
 
-    def _record(self, epoch: int, train: dict, val: dict | None,
-                errors: list[tuple[str, int, int]]) -> dict:
-        record = {"epoch": epoch + 1, "lr": train["lr"], "img_size": train["size"],
-                  "train_loss": train["loss"], "train_acc": train["accuracy"]}
+    def _record(self, epoch: int, train: dict, val: dict | None, errors: list[tuple[str, int, int]]) -> dict:
+        record = {
+            "epoch": epoch + 1,
+            "lr": train["lr"],
+            "img_size": train["size"],
+            "train_loss": train["loss"],
+            "train_acc": train["accuracy"],
+        }
         if val is not None:
             record.update(
-                val_loss=val["loss"], val_acc=val["accuracy"], qwk=val["qwk"],
-                precision=val["precision"], recall=val["recall"], confusion=val["confusion"],
-                errors=[list(e) for e in errors])
+                val_loss=val["loss"],
+                val_acc=val["accuracy"],
+                qwk=val["qwk"],
+                precision=val["precision"],
+                recall=val["recall"],
+                confusion=val["confusion"],
+                errors=[list(e) for e in errors],
+            )
         self.history.append(record)
         return record
 
     def _write_scalars(self, writer: SummaryWriter, record: dict) -> None:
         step = record["epoch"]
-        for tag, key in (("train_loss", "train_loss"), ("train_acc", "train_acc"),
-                         ("val_loss", "val_loss"), ("val_acc", "val_acc"),
-                         ("learning_rate", "lr"), ("val_qwk", "qwk")):
+        for tag, key in (
+            ("train_loss", "train_loss"),
+            ("train_acc", "train_acc"),
+            ("val_loss", "val_loss"),
+            ("val_acc", "val_acc"),
+            ("learning_rate", "lr"),
+            ("val_qwk", "qwk"),
+        ):
             if key in record:
                 writer.add_scalar(tag, record[key], step)
         writer.flush()
 
-    def _write_report(self, epoch: int, train: dict, val: dict,
-                      errors: list[tuple[str, int, int]]) -> None:
+    def _write_report(self, epoch: int, train: dict, val: dict, errors: list[tuple[str, int, int]]) -> None:
         """The seed's estimate_info format: precision and recall per class, then every
         misclassified validation image with its true and predicted grade."""
+
         def numbers(values: list[float]) -> str:
             return ", ".join(f"{v:.4f}" for v in values)
 
         lines = []
         for split, metrics in (("train", train), ("valid", val)):
-            lines += [f"[epoch({split}): {epoch + 1} ]", f"precision: {numbers(metrics['precision'])}",
-                      f"recall: {numbers(metrics['recall'])}"]
+            lines += [
+                f"[epoch({split}): {epoch + 1} ]",
+                f"precision: {numbers(metrics['precision'])}",
+                f"recall: {numbers(metrics['recall'])}",
+            ]
         lines.append(f"err_name_list [{len(errors)} of {len(self.val_samples)}]:")
         lines += [f"path: {true}/{Path(path).name}    {true}    {pred}" for path, true, pred in errors]
         with open(self.paths.report, "a") as report:
             report.write("\n".join(lines) + "\n\n")
 
     def _meta(self, epoch: int, record: dict) -> dict:
-        return {"model_name": self.config.model, "image_size": self.config.eval_size,
-                "train_size": self.config.img_size, "mean": list(self.mean),
-                "std": list(self.std), "preprocess": self.prep.to_dict(),
-                "train_config": asdict(self.config), "metrics": record, "epoch": epoch + 1,
-                "run": self.paths.name, "train_counts": class_counts(self.train_samples),
-                **({"temperature": self.calibration["temperature"],
-                    "calibration": self.calibration} if self.calibration else {})}
+        return {
+            "model_name": self.config.model,
+            "image_size": self.config.eval_size,
+            "train_size": self.config.img_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "preprocess": self.prep.to_dict(),
+            "train_config": asdict(self.config),
+            "metrics": record,
+            "epoch": epoch + 1,
+            "run": self.paths.name,
+            "train_counts": class_counts(self.train_samples),
+            **(
+                {"temperature": self.calibration["temperature"], "calibration": self.calibration}
+                if self.calibration
+                else {}
+            ),
+        }
 
     def _selected(self) -> dict:
         """The epoch record that best.pth holds. "last" leaves the validation set unused by the
@@ -536,8 +628,10 @@ class Trainer:
         save_checkpoint(self.paths.last, self.model, meta)
         if self._selected() is record:
             save_checkpoint(self.paths.best, self.model, meta)
-        torch.save({"optimizer": self.optimizer.state_dict(), "epoch": epoch + 1,
-                    "history": self.history}, self.paths.state)
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "epoch": epoch + 1, "history": self.history},
+            self.paths.state,
+        )
 
     def _load(self, checkpoint: Path) -> dict:
         """The checkpoint's weights into the model; its meta."""
@@ -548,6 +642,7 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the last checkpoint: weights, optimizer state and epoch count. Rank 0
         reads them (only its machine need hold the run's files) and hands them on."""
+
         def read() -> dict:
             self._load(self.paths.last)
             return torch.load(self.paths.state, map_location="cpu", weights_only=True)
@@ -569,12 +664,12 @@ class Trainer:
         folds = person_halves(samples, self.config.seed)  # for the cross-fitted figures
         summary = calibration_summary(logits, labels, folds)
         probs = apply_temperature(logits, summary["temperature"]).numpy()
-        summary["screening"] = {**validation_screening(probs, labels.numpy(),
-                                                       [s.group for s in samples], folds),
-                                "seed": self.config.seed}
+        summary["screening"] = {
+            **validation_screening(probs, labels.numpy(), [s.group for s in samples], folds),
+            "seed": self.config.seed,
+        }
         meta.update(temperature=summary["temperature"], calibration=summary)
         if self.main:
             save_checkpoint(self.paths.best, self.model, meta)
             write_probabilities(self.paths.validation, samples, probs)
         return TrainResult(self.paths.best, self._selected()["qwk"], self.history, summary)
-

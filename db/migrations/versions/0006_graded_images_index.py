@@ -7,8 +7,8 @@ Revises: 0005
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0006'
-down_revision = '0005'
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
@@ -16,9 +16,10 @@ GRADED = sa.text("grade IS NOT NULL")
 
 
 def upgrade() -> None:
-    op.create_index('ix_images_graded', 'images', ['grade'], unique=False,
-                    sqlite_where=GRADED, postgresql_where=GRADED)
+    op.create_index(
+        "ix_images_graded", "images", ["grade"], unique=False, sqlite_where=GRADED, postgresql_where=GRADED
+    )
 
 
 def downgrade() -> None:
-    op.drop_index('ix_images_graded', table_name='images')
+    op.drop_index("ix_images_graded", table_name="images")
