@@ -4,6 +4,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 from engine.data.datasets import Sample
 from engine.data.synth import write_dataset
 
@@ -15,6 +18,14 @@ def photographs(out: Path, count: int, size: int) -> list[Sample]:
     """`count` synthetic APTOS-style photographs `size` pixels high (2-4 Mpx at 1536)."""
     write_dataset(out, seed=1, n_train=0, n_test=count, n_val=0, n_messidor=0, size=size)
     return [Sample(str(p), None, p.stem) for p in sorted((out / "aptos" / "test_images").iterdir())]
+
+
+def read_bgr(path: Path) -> np.ndarray:
+    """The image as OpenCV decodes it (BGR); an error where cv2.imread would return None."""
+    img = cv2.imread(str(path))
+    if img is None:
+        raise OSError(f"OpenCV cannot read {path}")
+    return img
 
 
 def rate(count: int, work: Callable[[int], object]) -> float:

@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -45,8 +46,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 import engine.data.preprocess as pp
-from bench.common import REALDATA, photographs, rate
-from cli import HelpFormatter
+from bench.common import REALDATA, photographs, rate, read_bgr
+from cli import HelpFormatter, setup_logging
 from engine.data.datasets import Sample, create_loader, default_workers
 from engine.data.images import load_rgb
 from engine.data.preprocess import PreprocessConfig, decode_for, find_field, preprocess
@@ -61,7 +62,7 @@ def as_jpeg(samples: list[Sample], quality: int = 95) -> list[Sample]:
     for sample in samples:
         png = Path(sample.path)
         jpeg = png.with_suffix(".jpg")
-        cv2.imwrite(str(jpeg), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        cv2.imwrite(str(jpeg), read_bgr(png), [cv2.IMWRITE_JPEG_QUALITY, quality])
         png.unlink()
         out.append(Sample(str(jpeg), None, sample.name))
     return out
@@ -101,8 +102,8 @@ def cold_read(paths: list[Path], size: int) -> tuple[dict[str, dict[str, float]]
         whole, reduced = load_rgb(path), decode_for(path, cfg)
         factors.append(whole.shape[0] / reduced.shape[0])
         decodes = {
-            "whole": best_ms(lambda: load_rgb(path)),
-            "reduced": best_ms(lambda: decode_for(path, cfg)),
+            "whole": best_ms(partial(load_rgb, path)),
+            "reduced": best_ms(partial(decode_for, path, cfg)),
         }
         for kind, img in (("whole", whole), ("reduced", reduced)):
             for step, ms in {"decode": decodes[kind], **steps_ms(img, size)}.items():
@@ -192,7 +193,8 @@ def real_photographs(count: int, skip: int = 0) -> list[Sample]:
     by_dataset = [
         [row for row in rows if row["dataset"] == name] for name in sorted({row["dataset"] for row in rows})
     ]
-    chosen = [row for group in zip(*by_dataset) for row in group][skip : skip + count]
+    # In turn until the smaller dataset runs out (180 against 1320 photographs).
+    chosen = [row for group in zip(*by_dataset, strict=False) for row in group][skip : skip + count]
     return [Sample(str(REALDATA / row["file"]), None, row["file"]) for row in chosen]
 
 
@@ -261,7 +263,7 @@ def cpu_runtimes(
     contiguous = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     fp32 = folder / "model.onnx"
     to_onnx(contiguous, meta["image_size"], fp32, "image", "logits")
-    candidates = {
+    candidates: dict[str, Callable[[], Callable]] = {
         "PyTorch, channels_last (inference before)": lambda: (
             lambda x: before(x.contiguous(memory_format=torch.channels_last))
         ),
@@ -273,7 +275,8 @@ def cpu_runtimes(
     }
     print(f"{len(images)} real photographs, 8 views, batch {batch}, {torch.get_num_threads()} threads")
     print(f"  {'runtime':44} {'images/s':>9} {'ratio':>6} {'same grade':>11} {'max |dp|':>9}")
-    reference = first_rate = None
+    reference: np.ndarray | None = None
+    first_rate = 0.0
     for name, make in candidates.items():
         started = time.perf_counter()
         network = make()
@@ -337,13 +340,14 @@ def main() -> None:
         "--checkpoint", type=Path, help="(d)'s model (default: the CPU default with ImageNet weights)"
     )
     args = parser.parse_args()
+    setup_logging()
     if args.cpu_runtimes:
         return runtimes_main(args)
 
     device = pick_device(args.device)
     name, _, size = default_model(device)
     mean, std = model_mean_std(name)
-    model = create_model(name).eval().to(device, memory_format=torch.channels_last)
+    model = create_model(name).eval().to(device).to(memory_format=torch.channels_last)
     meta = {
         "preprocess": PreprocessConfig(size=size).to_dict(),
         "mean": mean,

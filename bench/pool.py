@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from sqlalchemy import func, insert, select, text
 
 from bench.postgres import Server
 from bench.review_bench import queue_times
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.schema import Image, Prediction, Review, Run, Source, utcnow
 from db.session import get_engine, migrate, session_scope
 from engine.data.datasets import default_workers
@@ -72,7 +73,7 @@ def build_pool(folder: Path, db_url: str, images: int, size: int) -> None:
         session.add(source)
         session.flush()
         session.connection().execute(
-            insert(Image.__table__),
+            insert(Image),
             [
                 {
                     "source_id": source.id,
@@ -111,7 +112,8 @@ def infer_pool(
     model = create_model(MODEL)
     run_id = new_run(db_url, "inference", size)
     _, samples = source_samples(db_url, "pool")
-    marks, done, peak = [], 0, 0.0
+    marks: list[tuple[int, float, float]] = []
+    done, peak = 0, 0.0
     started = time.perf_counter()
     for batch in predict_batches(
         model, meta, samples, torch.device("cpu"), batch_size, workers, cache_root=cache
@@ -150,10 +152,10 @@ def bulk_predictions(db_url: str, run_id: int, image_ids: np.ndarray, seed: int)
             "confidence": float(p[g]),
             "created_at": now,
         }
-        for i, p, g in zip(image_ids, probs, grades)
+        for i, p, g in zip(image_ids, probs, grades, strict=True)
     ]
     with session_scope(db_url) as session:
-        session.connection().execute(insert(Prediction.__table__), rows)
+        session.connection().execute(insert(Prediction), rows)
 
 
 def decide_share(db_url: str, run_id: int, share: float) -> tuple[int, int]:
@@ -181,7 +183,7 @@ def inference_figures(marks: list[tuple[int, float, float]]) -> dict[str, float]
     """Rates and memory of the first and last tenth of the pool, from infer_pool's marks."""
     steps = [
         (done - before[0], seconds - before[1], mb)
-        for before, (done, seconds, mb) in zip([(0, 0.0, 0.0), *marks], marks)
+        for before, (done, seconds, mb) in pairwise([(0, 0, 0.0), *marks])
     ]
     total, seconds, _ = marks[-1]
     return {
@@ -237,8 +239,8 @@ def measure(
     inserted = time.perf_counter() - started
     candidates, decided = decide_share(db_url, run_id, 0.1)
     with session_scope(db_url) as session:
-        stored = session.scalar(select(func.count(Prediction.id)))
-        if session.bind.dialect.name == "postgresql":
+        stored = session.execute(select(func.count(Prediction.id))).scalar_one()
+        if session.get_bind().dialect.name == "postgresql":
             # The statistics that autovacuum gathers on a server soon after such a load: the
             # planner's choices on the empty tables' statistics are not what reviewers get.
             session.execute(text("ANALYZE"))
@@ -275,6 +277,7 @@ def main() -> None:
         help="the database: a SQLite file, or a throwaway PostgreSQL server",
     )
     args = parser.parse_args()
+    setup_logging()
     with tempfile.TemporaryDirectory() as folder, database(args.backend, Path(folder)) as url:
         figures = measure(
             Path(folder),

@@ -27,8 +27,10 @@ def _bin_dir() -> Path | None:
     """Where initdb and pg_ctl are: on PATH, or in Debian's /usr/lib/postgresql/<major>/bin."""
     if found := shutil.which("initdb"):
         return Path(found).resolve().parent
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda path: int(Path(path).parts[-3]))
-    return Path(found[-1]).parent if found else None
+    installed = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda path: int(Path(path).parts[-3])
+    )
+    return Path(installed[-1]).parent if installed else None
 
 
 def _free_port() -> int:
@@ -56,15 +58,15 @@ class Server:
             raise Unavailable("PostgreSQL is not installed (no initdb; apt-get install postgresql)")
         try:
             import psycopg  # noqa: F401  (the driver the URLs name)
-        except ImportError:
-            raise Unavailable("psycopg is not installed (pip install -r requirements.txt)")
+        except ImportError as error:
+            raise Unavailable("psycopg is not installed (pip install -r requirements.txt)") from error
         account = SERVICE_ACCOUNT if os.geteuid() == 0 else None
         folder = Path(tempfile.mkdtemp(prefix="dr-postgres-"))
         if account is not None:
             try:
                 user = pwd.getpwnam(account)
             except KeyError:
-                raise Unavailable(f"running as root and there is no {account!r} account for initdb")
+                raise Unavailable(f"running as root and there is no {account!r} account for initdb") from None
             os.chown(folder, user.pw_uid, user.pw_gid)
         server = cls(bin_dir, folder, _free_port(), account)
         server._run(

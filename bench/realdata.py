@@ -31,7 +31,7 @@ import torch
 
 from bench.common import REALDATA
 from bench.reference import reference_probs, train_reference
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from engine.data.datasets import Sample, labels_csv_samples, read_probabilities, train_val_test_split
 from engine.model.metrics import expected_calibration_error, screening_summary
 from engine.model.networks import load_checkpoint
@@ -40,7 +40,7 @@ from engine.runtime.workspace import Workspace
 from engine.training.refit import VALIDATION, train_model
 from engine.training.screening import paired_difference
 from engine.training.train import make_config, parse_args
-from engine.training.trainer import PrintHooks, RunPaths
+from engine.training.trainer import LogHooks, RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "realdata.json"
@@ -112,7 +112,7 @@ def run_defaults(
         workspace = Workspace(Path(tmp))
         paths = RunPaths.under(workspace, "defaults")
         started = time.perf_counter()
-        result = train_model(config, train, val, paths, workspace.cache, PrintHooks())
+        result = train_model(config, train, val, paths, workspace.cache, LogHooks())
         seconds = time.perf_counter() - started
         print(f"  {config.epochs} epochs, {seconds / 60:.1f} min", flush=True)
         checked = paths.phase(VALIDATION) if config.refit else paths
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=OUT, help="default: %(default)s")
     args = parser.parse_args(argv)
+    setup_logging()
 
     samples, datasets = load_realdata(args.data)
     train, val, test = train_val_test_split(samples, args.seed)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sqlalchemy import insert
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.reviews import QueueFilter, claim_next, decide, progress, recent_decisions
 from db.schema import Image, Prediction, Review, Run, Source
 from db.session import migrate, session_scope
@@ -108,9 +108,11 @@ def queue_times(db_url: str, run_id: int, repeat: int) -> dict[str, float]:
     holds its head; makes `repeat` decisions."""
     queue = QueueFilter(run_id)
     claim_next(db_url, "other", queue)  # someone else holds the head of the queue
-    decisions = []
+    decisions: list[float] = []
     for _ in range(repeat):
         candidate = claim_next(db_url, "me", queue)
+        if candidate is None:
+            raise RuntimeError(f"the queue ran out after {len(decisions)} decisions: --repeat is too large")
         started = time.perf_counter()
         decide(db_url, "me", candidate.image_id, run_id, "accept")
         decisions.append(time.perf_counter() - started)
@@ -148,6 +150,7 @@ def main() -> None:
         "--repeat", type=int, default=30, help="calls of each query timed (the median counts)"
     )
     args = parser.parse_args()
+    setup_logging()
     small, large = (measure(size, args.reviewed, args.repeat) for size in args.sizes)
     print(
         f"{'predictions (median of ' + str(args.repeat) + ' calls)':36} "

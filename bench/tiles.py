@@ -22,8 +22,8 @@ from pathlib import Path
 
 import cv2
 
-from bench.common import REALDATA, REPEATS
-from cli import HelpFormatter
+from bench.common import REALDATA, REPEATS, read_bgr
+from cli import HelpFormatter, setup_logging
 from engine.data.images import load_rgb
 from engine.data.preprocess import find_field
 from engine.data.tiles import ENCODE_THREADS, VIEWS, TileCache, contrast, red_free, write_pyramid
@@ -57,7 +57,7 @@ def upscaled(out: Path, count: int, width: int, height: int) -> list[Path]:
         names = [row["file"] for row in rows if row["dataset"].startswith("eyepacs")]
     paths = []
     for name in names[:count]:
-        img = cv2.resize(cv2.imread(str(REALDATA / name)), (width, height), interpolation=cv2.INTER_CUBIC)
+        img = cv2.resize(read_bgr(REALDATA / name), (width, height), interpolation=cv2.INTER_CUBIC)
         path = out / Path(name).name
         cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
         paths.append(path)
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=3, help="real photographs to time")
     parser.add_argument("--size", default="4243x2828", help="WIDTHxHEIGHT of the upscaled photos")
     args = parser.parse_args(argv)
+    setup_logging()
     width, height = map(int, args.size.lower().split("x"))
     print(
         f"{width}x{height} px ({width * height / 1e6:.1f} Mpx), views {', '.join(VIEWS)}, "

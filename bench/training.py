@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import rate
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from engine.data.datasets import default_workers, folder_samples
 from engine.data.synth import write_dataset
 from engine.model.networks import create_model, default_model
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per step")
     parser.add_argument("--workers", type=int, default=default_workers(), help="loader worker processes")
     args = parser.parse_args()
+    setup_logging()
 
     name, size, _ = default_model(torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,8 @@ import cv2
 import numpy as np
 from sqlalchemy import insert, select
 
-from cli import HelpFormatter
+from bench.common import read_bgr
+from cli import HelpFormatter, setup_logging
 from db.schema import Image, Prediction, Run
 from db.session import migrate, session_scope
 from engine.data.sources import import_source
@@ -52,7 +53,7 @@ MARK_KEYS = "document.addEventListener('keydown', () => { window.__keyAt = perfo
 
 
 def upscaled(photo: Path, out: Path) -> None:
-    img = cv2.imread(str(photo))
+    img = read_bgr(photo)
     side = SIZE[1]
     field = cv2.resize(img, (side, side), interpolation=cv2.INTER_CUBIC)
     canvas = np.zeros((SIZE[1], SIZE[0], 3), np.uint8)
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the folder of labels.csv and images/ (default ../shared/realdata)",
     )
     args = parser.parse_args(argv)
+    setup_logging()
     started = time.monotonic()
     times = run(args)
     print(

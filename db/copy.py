@@ -12,6 +12,7 @@ target without rows.
 """
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,9 +21,11 @@ from sqlalchemy import Table, func, literal, make_url, select
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.schema import Base
 from db.session import migrate, read_scope, session_scope, workspace_root, workspace_sqlite
+
+log = logging.getLogger(__name__)
 
 BATCH = 5000  # rows read and written at a time
 
@@ -55,14 +58,13 @@ def _row(table: Table, row: dict) -> str:
 
 def _check_lengths(table: Table, rows: Sequence[dict]) -> None:
     """SQLite keeps strings longer than their column's length, PostgreSQL refuses them."""
-    limited = [column for column in table.columns if getattr(column.type, "length", None)]
+    limits = {c.name: length for c in table.columns if (length := getattr(c.type, "length", None))}
     for row in rows:
-        for column in limited:
-            value = row[column.name]
-            if value is not None and len(value) > column.type.length:
+        for name, length in limits.items():
+            value = row[name]
+            if value is not None and len(value) > length:
                 raise CopyRefused(
-                    f"{_row(table, row)}: {column.name} holds {len(value)} "
-                    f"characters, more than its {column.type.length}"
+                    f"{_row(table, row)}: {name} holds {len(value)} characters, more than its {length}"
                 )
 
 
@@ -83,7 +85,7 @@ def _fill(source: Session, target: Session, table: Table, progress: Callable[[st
 
 def _reset_sequences(target: Session, tables: Sequence[Table]) -> None:
     """Set each PostgreSQL id sequence past the copied ids (SQLite takes max(id) + 1 itself)."""
-    if target.bind.dialect.name != "postgresql":
+    if target.get_bind().dialect.name != "postgresql":
         return
     for table in tables:
         if (column := table.autoincrement_column) is not None:
@@ -135,15 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the source database (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    setup_logging()
     try:
-        counts = copy_database(
-            args.source, args.to, lambda table, rows: print(f"{table}: {rows} rows", flush=True)
-        )
+        counts = copy_database(args.source, args.to, lambda table, rows: log.info("%s: %d rows", table, rows))
     except CopyRefused as error:
-        print(f"Nothing copied: {error}.", file=sys.stderr)
+        log.error("Nothing copied: %s.", error)
         return 2
     except (ArgumentError, OperationalError) as error:  # a malformed URL, a server not reached
-        print(f"Nothing copied: {getattr(error, 'orig', None) or error}", file=sys.stderr)
+        log.error("Nothing copied: %s", getattr(error, "orig", None) or error)
         return 2
     print(
         f"Copied {sum(counts.values())} rows in {len(counts)} tables from {shown(args.source)} "

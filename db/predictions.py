@@ -37,7 +37,11 @@ def models(db_url: str) -> list[Model]:
             .where(Run.checkpoint.is_not(None))
             .order_by(Run.id.desc())
         ).all()
-    return [Model(*row) for row in rows]
+    return [
+        Model(run_id, name, checkpoint, best_qwk, trained_at)
+        for run_id, name, checkpoint, best_qwk, trained_at in rows
+        if checkpoint is not None  # always, by the query's where; narrows the type
+    ]
 
 
 def pools(db_url: str) -> list[Pool]:
@@ -77,7 +81,7 @@ def predicted_count(db_url: str, run_id: int, source_id: int, since: datetime | 
     if since is not None:
         query = query.where(Prediction.created_at >= since)
     with read_scope(db_url) as session:
-        return session.scalar(query)
+        return session.execute(query).scalar_one()
 
 
 def run_grade_counts(db_url: str, run_id: int) -> dict[int, int]:

@@ -1,8 +1,8 @@
 """Read queries the pages share; each opens its own short session."""
 
 import pandas as pd
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from db.schema import Image, Review, Source
 from db.session import read_scope
@@ -44,13 +44,13 @@ def class_counts(db_url: str) -> pd.DataFrame:
 
 def image_page(
     db_url: str, source_id: int, grade: int | None, limit: int, offset: int
-) -> tuple[list[tuple[str, str, int | None, str]], int]:
+) -> tuple[list[tuple[str, str, int | None, str | None]], int]:
     """(absolute path, name, grade, original label) for one page of a source, and the total."""
     where = [Image.source_id == source_id]
     if grade is not None:
         where.append(Image.grade == grade)
     with read_scope(db_url) as session:
-        total = session.scalar(select(func.count(Image.id)).where(*where))
+        total = session.execute(select(func.count(Image.id)).where(*where)).scalar_one()
         rows = session.execute(
             select(Source.root, Image.path, Image.name, Image.grade, Image.original_label)
             .join(Source)
@@ -62,7 +62,7 @@ def image_page(
     return [(f"{root}/{path}", name, g, label) for root, path, name, g, label in rows], total
 
 
-def unused_name(session: Session, column, base: str) -> str:
+def unused_name(session: Session, column: InstrumentedAttribute[str], base: str) -> str:
     """`base`, or `base-2`, `base-3`... whichever `column` (a unique name) does not hold yet."""
     taken = set(session.scalars(select(column)))
     name, n = base, 1
@@ -72,7 +72,7 @@ def unused_name(session: Session, column, base: str) -> str:
     return name
 
 
-def latest_reviews():
+def latest_reviews() -> Select[int, str, int | None]:
     """The current decision of every reviewed image: its newest review row."""
     newest = select(func.max(Review.id)).group_by(Review.image_id)
     return select(Review.image_id, Review.decision, Review.grade).where(Review.id.in_(newest))

@@ -24,7 +24,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import BigInteger, Integer, and_, bindparam, case, cast, delete, func, or_, select, union_all
+from sqlalchemy import (
+    BigInteger,
+    BindParameter,
+    Integer,
+    Row,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import Session, aliased
 
 from db.queries import curated_set, live_reads, open_conflicts
@@ -82,7 +96,7 @@ class RecentDecision:
     """A reviewer's newest decision on an image, beside the image's current decision."""
 
     image_id: int
-    run_id: int | None
+    run_id: int  # the model whose candidate was decided
     name: str
     decision: str
     grade: int | None
@@ -242,7 +256,7 @@ def _order(queue: QueueFilter) -> tuple:
 
 def _claimed_by_others(reviewer: str):
     # The time is taken when the statement runs: _free's statements are made once and kept.
-    live_after = bindparam("live_after", callable_=lambda: utcnow() - CLAIM_TTL)
+    live_after: BindParameter[datetime] = bindparam("live_after", callable_=lambda: utcnow() - CLAIM_TTL)
     return select(Claim.image_id).where(Claim.reviewer != reviewer, Claim.claimed_at >= live_after)
 
 
@@ -369,7 +383,8 @@ def claim_next(
     out (held_by_others counts them). The reviewer's other claims are released."""
     with session_scope(db_url) as session:
         session.execute(delete(Claim).where(Claim.reviewer == reviewer))
-        share, lost = _share(session), []
+        share = _share(session)
+        lost: list[int] = []
         free = _free(reviewer, queue, share)
         while (
             image_id := _pick(session, [*free, Prediction.image_id.not_in(lost)], queue, skip, keep)
@@ -407,12 +422,12 @@ def upcoming(db_url: str, reviewer: str, queue: QueueFilter, skip: Sequence[int]
 def held_by_others(db_url: str, reviewer: str, queue: QueueFilter) -> int:
     """Undecided candidates of the queue that other reviewers hold now."""
     with read_scope(db_url) as session:
-        return session.scalar(
+        return session.execute(
             select(func.count(Prediction.id)).where(
                 *_queue(queue, reviewer, _share(session)),
                 Prediction.image_id.in_(_claimed_by_others(reviewer)),
             )
-        )
+        ).scalar_one()
 
 
 def _read_once(share: float, by: str | None = None):
@@ -430,11 +445,11 @@ def _read_once(share: float, by: str | None = None):
 def awaiting_second_read(db_url: str, reviewer: str, queue: QueueFilter) -> int:
     """Double-read candidates of the queue that only this reviewer has read so far."""
     with read_scope(db_url) as session:
-        return session.scalar(
+        return session.execute(
             select(func.count(Prediction.id)).where(
                 *_filtered(queue), Prediction.image_id.in_(_read_once(_share(session), reviewer))
             )
-        )
+        ).scalar_one()
 
 
 def renew_claim(db_url: str, reviewer: str, image_id: int, seen: int | None) -> bool:
@@ -479,7 +494,7 @@ def _settled(session: Session, image_id: int) -> str | None:
     if session.scalar(adjudicated) is not None:
         return "has been adjudicated: the adjudicator's grade is final"
     readers = select(func.count()).select_from(live_reads(image_id).subquery())
-    if double_read(image_id, _share(session)) and session.scalar(readers) > 1:
+    if double_read(image_id, _share(session)) and session.execute(readers).scalar_one() > 1:
         return (
             "has both of its blind reads: a read of a double-read image cannot change "
             "once the second is in (an admin adjudicates reads that disagree)"
@@ -654,23 +669,26 @@ def recent_decisions(db_url: str, reviewer: str, limit: int = 10) -> list[Recent
             )
         }
         settled = {r.image_id for r in rows if _settled(session, r.image_id) is not None}
-    return [
-        RecentDecision(
-            image_id,
-            run_id,
-            name,
-            decision,
-            grade,
-            time,
-            current[image_id].id == review_id,
-            current[image_id].id,
-            current[image_id].decision,
-            current[image_id].grade,
-            current[image_id].reviewer,
-            image_id in settled,
+    decisions = []
+    for review_id, image_id, run_id, name, decision, grade, time in rows:
+        assert run_id is not None  # decide() writes every accept, reject and relabel with its run
+        decisions.append(
+            RecentDecision(
+                image_id,
+                run_id,
+                name,
+                decision,
+                grade,
+                time,
+                current[image_id].id == review_id,
+                current[image_id].id,
+                current[image_id].decision,
+                current[image_id].grade,
+                current[image_id].reviewer,
+                image_id in settled,
+            )
         )
-        for review_id, image_id, run_id, name, decision, grade, time in rows
-    ]
+    return decisions
 
 
 @dataclass(frozen=True)
@@ -686,7 +704,7 @@ class Conflict:
     seen: int  # the image's newest review row, which the adjudication must name
 
 
-def _reads(session: Session, image_ids=None) -> list:
+def _reads(session: Session, image_ids=None) -> Sequence[Row]:
     """Current reads (of the images that the select `image_ids` lists, if given), oldest
     first, with their image and the grade their model predicted."""
     reads = live_reads().subquery()
@@ -839,12 +857,12 @@ def loop_overview(db_url: str, run_id: int | None, threshold: float) -> dict[str
     """Where the curation loop stands: expert-labelled images, predictions of the active
     model, its review candidates and how many of them are decided, training runs."""
     with read_scope(db_url) as session:
-        labelled = session.scalar(
+        labelled = session.execute(
             select(func.count(Image.id)).join(Source).where(Source.role == "train", Image.grade.is_not(None))
-        )
-        runs = session.scalar(select(func.count(Run.id)))
+        ).scalar_one()
+        runs = session.execute(select(func.count(Run.id))).scalar_one()
         predicted = (
-            session.scalar(select(func.count(Prediction.id)).where(Prediction.run_id == run_id))
+            session.execute(select(func.count(Prediction.id)).where(Prediction.run_id == run_id)).scalar_one()
             if run_id
             else 0
         )

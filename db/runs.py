@@ -1,6 +1,7 @@
 """Model versions: which run is active (its predictions make the review queue), the runs and
 their epochs for comparison."""
 
+from collections.abc import Sequence
 from datetime import datetime
 
 import pandas as pd
@@ -24,7 +25,8 @@ def active_run_id(db_url: str) -> int | None:
 def run_score(db_url: str, run_id: int) -> tuple[str, float | None]:
     """The run's name and best validation QWK (None when it was never validated here)."""
     with read_scope(db_url) as session:
-        return tuple(session.execute(select(Run.name, Run.best_qwk).where(Run.id == run_id)).one())
+        name, best_qwk = session.execute(select(Run.name, Run.best_qwk).where(Run.id == run_id)).one()
+    return name, best_qwk
 
 
 def run_checkpoint(db_url: str, run_id: int) -> str | None:
@@ -96,8 +98,8 @@ def promotions(db_url: str) -> list[tuple[str, str, datetime]]:
     """(run name, account, time) of every promotion, oldest first."""
     with read_scope(db_url) as session:
         return [
-            tuple(row)
-            for row in session.execute(
+            (name, account, created_at)
+            for name, account, created_at in session.execute(
                 select(Run.name, Promotion.account, Promotion.created_at).join(Run).order_by(Promotion.id)
             )
         ]
@@ -108,7 +110,7 @@ def validation_size(db_url: str) -> int:
     return len(labelled_images(db_url, "validation"))
 
 
-def _best(epochs: list[Epoch], config: dict | None) -> Epoch | None:
+def _best(epochs: Sequence[Epoch], config: dict | None) -> Epoch | None:
     """The epoch the trainer kept as best.pth: the last one, or (config select "best", and
     runs from before that setting) the first of the highest val QWK."""
     if not epochs:

@@ -2,14 +2,15 @@
 PostgreSQL (`postgresql+psycopg://...`) for a team that shares one server."""
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import CursorResult, Engine, UpdateBase, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -85,9 +86,20 @@ def migrate(url: str, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
-def upsert_insert(session: Session):
+def upsert_insert(session: Session) -> Callable[..., sqlite.Insert | postgresql.Insert]:
     """The INSERT construct with ON CONFLICT of the session's database (SQLite, PostgreSQL)."""
-    return {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[session.bind.dialect.name]
+    inserts: dict[str, Callable[..., sqlite.Insert | postgresql.Insert]] = {
+        "sqlite": sqlite.insert,
+        "postgresql": postgresql.insert,
+    }
+    return inserts[session.get_bind().dialect.name]
+
+
+def rows_changed(session: Session, statement: UpdateBase) -> int:
+    """How many rows an UPDATE or DELETE without RETURNING changed."""
+    # Session.execute is typed to return a Result; for such a statement it is a CursorResult, which
+    # has the count (the cast is SQLAlchemy's advice: github.com/sqlalchemy/sqlalchemy/issues/12913).
+    return cast(CursorResult, session.execute(statement)).rowcount
 
 
 @cache

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 
 from db.schema import Account, SignIn, utcnow
-from db.session import read_scope, session_scope
+from db.session import read_scope, rows_changed, session_scope
 from db.settings import read_setting, write_setting
 from db.users import User, require_admin
 
@@ -129,8 +129,9 @@ def end_by_admin(db_url: str, token_hashes: list[str], *, user: User | None) -> 
     """End the sign-ins of these hashes, as `user`, an admin; returns how many were open."""
     require_admin(db_url, user, "end sign-ins")
     with session_scope(db_url) as session:
-        return session.execute(
+        return rows_changed(
+            session,
             update(SignIn)
             .where(SignIn.token_hash.in_(token_hashes), SignIn.revoked_at.is_(None))
-            .values(revoked_at=utcnow())
-        ).rowcount
+            .values(revoked_at=utcnow()),
+        )

@@ -11,6 +11,7 @@ scripts). `--sso` adds an identity provider's e-mail, which signs in through the
 
 import argparse
 import getpass
+import logging
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,9 +21,11 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import func, or_, select, update
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.schema import Account, SignIn, utcnow
-from db.session import database_url, migrate, read_scope, session_scope, workspace_root
+from db.session import database_url, migrate, read_scope, rows_changed, session_scope, workspace_root
+
+log = logging.getLogger(__name__)
 
 ROLES = ("reviewer", "admin")
 MIN_PASSWORD = 8
@@ -158,10 +161,8 @@ def _end_sign_ins(db_url: str, name: str) -> None:
 
 def _change(db_url: str, name: str, **values) -> None:
     with session_scope(db_url) as session:
-        if (
-            session.execute(update(Account).where(Account.name == normalise(name)).values(**values)).rowcount
-            == 0
-        ):
+        statement = update(Account).where(Account.name == normalise(name)).values(**values)
+        if rows_changed(session, statement) == 0:
             raise AccountError(f"no account named {normalise(name)}")
 
 
@@ -169,18 +170,18 @@ def has_accounts(db_url: str) -> bool:
     """Whether any account exists, disabled ones too: disabling every account must not open
     the app to whoever reaches it."""
     with read_scope(db_url) as session:
-        return session.scalar(select(func.count()).select_from(Account)) > 0
+        return session.execute(select(func.count()).select_from(Account)).scalar_one() > 0
 
 
 def has_passwords(db_url: str) -> bool:
     """Whether any enabled account signs in with a password (the sign-in form is needed)."""
     with read_scope(db_url) as session:
         return (
-            session.scalar(
+            session.execute(
                 select(func.count())
                 .select_from(Account)
                 .where(Account.password_hash.is_not(None), Account.disabled.is_(False))
-            )
+            ).scalar_one()
             > 0
         )
 
@@ -234,15 +235,16 @@ def _take_attempt(db_url: str, name: str, now: datetime) -> Account | None:
         return None
     failures = account.failures + 1
     with session_scope(db_url) as session:
-        taken = session.execute(
+        taken = rows_changed(
+            session,
             update(Account)
             .where(
                 Account.name == name,
                 Account.failures == account.failures,
                 or_(Account.locked_until.is_(None), Account.locked_until <= now),
             )
-            .values(failures=failures, locked_until=now + _wait_after(failures))
-        ).rowcount
+            .values(failures=failures, locked_until=now + _wait_after(failures)),
+        )
     return account if taken == 1 else None
 
 
@@ -253,9 +255,11 @@ def sign_in(db_url: str, name: str, password: str, now: datetime | None = None) 
     not tried), so neither the message nor the time tells whether the name exists."""
     now, name = now or utcnow(), normalise(name)
     account = _take_attempt(db_url, name, now)
-    if not _verify(account.password_hash if account else None, password):
+    password_hash = account.password_hash if account else None
+    # _verify first, whatever the account: it fails without a hash, and every refusal takes its time.
+    if not _verify(password_hash, password) or account is None or password_hash is None:
         raise SignInRefused(REFUSED)
-    rehash = _hasher.check_needs_rehash(account.password_hash)
+    rehash = _hasher.check_needs_rehash(password_hash)
     _change(
         db_url,
         name,
@@ -296,8 +300,9 @@ def _list(db_url: str) -> None:
     for account in rows:
         how = "password" if account.password_hash else "identity provider"
         state = " · disabled" if account.disabled else ""
-        if account.failures >= MAX_FAILURES and account.locked_until > utcnow():
-            state += f" · locked until {account.locked_until:%Y-%m-%d %H:%M} UTC"
+        locked_until = account.locked_until
+        if account.failures >= MAX_FAILURES and locked_until is not None and locked_until > utcnow():
+            state += f" · locked until {locked_until:%Y-%m-%d %H:%M} UTC"
         print(f"{account.name}\t{account.role}\t{how}{state}")
 
 
@@ -318,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             command, formatter_class=HelpFormatter, help=f"{command} an account"
         ).add_argument("name", help="the account's name")
     args = parser.parse_args(argv)
+    setup_logging()
     db_url = database_url(workspace_root())
     migrate(db_url)
     try:
@@ -334,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             set_disabled(db_url, args.name, args.command == "disable", user=TERMINAL)
             print(f"{normalise(args.name)} is {args.command}d.")
     except AccountError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
     return 0
 

@@ -82,7 +82,7 @@ def streamlit_server(workspace: Path, log: Path, script: str = "app.py", **env: 
                         break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError(f"streamlit did not start:\n{log.read_text()[-3000:]}")
+                    raise AssertionError(f"streamlit did not start:\n{log.read_text()[-3000:]}") from None
                 time.sleep(0.3)
         yield url
     finally:

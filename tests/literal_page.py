@@ -10,8 +10,9 @@ import streamlit as st
 
 from engine.runtime.markdown import literal
 
-for i, text in enumerate(json.loads(os.environ["LITERAL_TEXTS"])):
-    shown = literal(text)
+
+def draw_every_kind(shown: str, i: int) -> None:
+    """`shown` in every kind of element, each in its container <kind>-<i>."""
     kinds = {
         "markdown": lambda: st.markdown(shown),
         "bold": lambda: st.markdown(f"**{shown}**"),
@@ -28,3 +29,7 @@ for i, text in enumerate(json.loads(os.environ["LITERAL_TEXTS"])):
     for kind, draw in kinds.items():
         with st.container(key=f"{kind}-{i}"):
             draw()
+
+
+for i, text in enumerate(json.loads(os.environ["LITERAL_TEXTS"])):
+    draw_every_kind(literal(text), i)

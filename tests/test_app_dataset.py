@@ -54,7 +54,7 @@ def test_a_smaller_demo_takes_its_counts_and_a_bad_setting_is_an_error(workspace
     )
     assert job.status == "done", jobs.log_tail(job.log_path)
     frame = sources_frame(workspace.db_url)
-    assert dict(zip(frame["name"], frame["images"])) == {
+    assert dict(zip(frame["name"], frame["images"], strict=True)) == {
         "demo APTOS train": 12,
         "demo APTOS test": 6,
         "demo high-quality validation": 4,

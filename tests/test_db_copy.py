@@ -113,7 +113,7 @@ def test_copy_moves_every_row_and_the_app_goes_on_there(workspace, tiny_data, ta
     assert {name: len(table) for name, table in after.items()} == counts
     assert after == before  # every value, JSON, dates and booleans included
     assert f"Copied {sum(counts.values())} rows in {len(counts)} tables" in copy.stdout
-    assert "predictions: 8 rows" in copy.stdout
+    assert "INFO predictions: 8 rows" in copy.stderr
 
     # The sequences go on after the copied ids: new rows get new ids.
     run_id = after["runs"][0][0]

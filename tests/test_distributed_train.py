@@ -142,7 +142,7 @@ def test_two_processes_train_as_one_cancel_as_one_and_resume(tiny_data, tmp_path
 
     resumed = torchrun(workspace, "--resume", "--name", "ddp", "--epochs", "3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "2 processes, 4 images each of a batch of 8" in resumed.stdout
+    assert "2 processes, 4 images each of a batch of 8" in resumed.stderr
 
     monkeypatch.setenv("DR_WORKSPACE", str(workspace.root))
     assert train.main([*RECIPE, "--epochs", "3", "--name", "one"]) == 0
@@ -194,7 +194,7 @@ def test_each_rank_takes_every_other_balanced_draw(count):
     alone = list(draws())
     shares = [list(RankShare(draws(), rank, 2)) for rank in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == len(RankShare(draws(), 0, 2)) == -(-count // 2)
-    together = [i for pair in zip(*shares) for i in pair]
+    together = [i for pair in zip(*shares, strict=True) for i in pair]
     assert together[:count] == alone  # the ranks' batches together are the one-process batch
     assert together[count:] == alone[: len(together) - count]  # padded from the start
     assert list(RankShare(draws(), 0, 2)) == shares[0]  # the same seed, the same share

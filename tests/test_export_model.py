@@ -293,7 +293,7 @@ def test_the_command_exports_by_name_and_says_why_not(workspace, tmp_path, monke
     assert "tensors read back identical" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.json", "MODEL_CARD.md"}
     assert main(["missing", "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
-    assert "error: no run named or numbered 'missing'" in capsys.readouterr().err
+    assert "ERROR no run named or numbered 'missing'" in capsys.readouterr().err
 
 
 def test_a_model_validated_elsewhere_exports_with_what_its_checkpoint_says(workspace, tmp_path):

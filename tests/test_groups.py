@@ -1,6 +1,7 @@
 """No person on both sides of a split: groups from names and columns, group-whole splits,
 and training that keeps validation's people and images out."""
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def test_same_content_finds_copies_under_other_names(tmp_path):
     assert found == {str(copy)}
 
 
-def test_training_leaves_out_validation_people_and_copies(tmp_path, capsys):
+def test_training_leaves_out_validation_people_and_copies(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     val = [Sample("/v/7_left.png", 1, "7_left", group="7")]
     image = write_image(tmp_path / "v.png")
     copy = tmp_path / "copy.png"
@@ -72,7 +74,7 @@ def test_training_leaves_out_validation_people_and_copies(tmp_path, capsys):
     ]
     kept = keep_validation_apart(train, val)
     assert [s.name for s in kept] == ["8_left"]
-    log = capsys.readouterr().out
+    log = caplog.text
     assert "2 groups known" in log and "left out of training: 2 images" in log
 
 
@@ -131,4 +133,4 @@ def test_the_training_log_says_how_people_were_kept_apart(tmp_path):
         env={"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(tmp_path / "ws")},
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "people kept apart: 8 groups known" in done.stdout
+    assert "people kept apart: 8 groups known" in done.stderr

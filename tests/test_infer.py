@@ -107,7 +107,7 @@ def test_source_inference_stores_probabilities_and_writes_submission(tiny_data, 
         runtime="onnxruntime",
     )
     assert done.returncode == 0, done.stderr
-    assert "onnxruntime grades the images" in done.stdout  # the default on a CPU
+    assert "onnxruntime grades the images" in done.stderr  # the default on a CPU
     with session_scope(workspace.db_url) as session:
         run = session.scalar(select(Run))
         rows = session.scalars(select(Prediction)).all()
@@ -120,7 +120,9 @@ def test_source_inference_stores_probabilities_and_writes_submission(tiny_data, 
         assert row.grade == probs.argmax() and row.confidence == pytest.approx(probs.max())
     submission = pd.read_csv(out)
     assert list(submission.columns) == ["id_code", "diagnosis"]
-    assert dict(zip(submission.id_code, submission.diagnosis)) == {names[r.image_id]: r.grade for r in rows}
+    assert dict(zip(submission.id_code, submission.diagnosis, strict=True)) == {
+        names[r.image_id]: r.grade for r in rows
+    }
 
     again = infer_cli(workspace.root, "--checkpoint", str(checkpoint), "--source", "pool")
     assert again.returncode == 0, again.stderr  # the same model again predicts nothing new
@@ -174,7 +176,7 @@ def test_two_processes_share_the_pool_and_rank_0_writes_the_whole_submission(tin
         )
     assert len(grades) == 8
     submission = pd.read_csv(out)
-    assert dict(zip(submission.id_code, submission.diagnosis)) == grades
+    assert dict(zip(submission.id_code, submission.diagnosis, strict=True)) == grades
 
 
 def test_a_crash_keeps_the_batches_done_and_a_rerun_predicts_only_the_rest(
@@ -248,7 +250,7 @@ def test_a_corrupt_image_is_reported_and_the_rest_are_predicted(tiny_data, tmp_p
     victim.write_bytes(b"garbage that used to be a photograph")  # broken after the import
     done = infer_cli(workspace.root, "--checkpoint", str(checkpoint), "--source", "pool")
     assert done.returncode == 0, done.stderr
-    assert f"skipped {victim.stem}: " in done.stdout and "2 predicted, 1 skipped" in done.stdout
+    assert f"WARNING skipped {victim.stem}: " in done.stderr and "2 predicted, 1 skipped" in done.stdout
     with session_scope(workspace.db_url) as session:
         predicted = set(session.scalars(select(Image.name).join(Prediction, Prediction.image_id == Image.id)))
     assert predicted == {p.stem for p in pool.iterdir()} - {victim.stem}

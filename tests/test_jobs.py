@@ -22,7 +22,7 @@ from db.users import LOCAL
 from engine.data.datasets import folder_samples
 from engine.data.sources import import_source
 from engine.runtime import jobs
-from engine.training.train import LogHooks
+from engine.training.train import JobHooks
 from engine.training.trainer import RunPaths, TrainConfig, Trainer
 
 
@@ -215,7 +215,7 @@ def test_validation_and_calibration_stop_on_a_cancel(workspace, tiny_data):
     samples = folder_samples(tiny_data / "validation")
     config = TrainConfig(model="test_efficientnet", img_size=64, eval_size=64, pretrained=False, workers=0)
     reporter = jobs.JobReporter(workspace.db_url, None)
-    trainer = Trainer(config, samples, samples, RunPaths.under(workspace, "c"), None, LogHooks(reporter))
+    trainer = Trainer(config, samples, samples, RunPaths.under(workspace, "c"), None, JobHooks(reporter))
     assert len(trainer.evaluate(samples, 2)[2]) == len(samples)
     reporter.cancelled = True  # what SIGTERM does
     with pytest.raises(jobs.JobCancelled):
@@ -300,7 +300,7 @@ def test_a_job_of_another_host_is_judged_by_its_heartbeat_alone(workspace, monke
     # have its pid (host a's own counter) and its id (a workspace of this machine, say).
     processes = [job_process(job_id) for job_id in ids.values()]
     try:
-        set_pids(workspace, {job_id: p.pid for job_id, p in zip(ids.values(), processes)})
+        set_pids(workspace, {job_id: p.pid for job_id, p in zip(ids.values(), processes, strict=True)})
         assert jobs.mark_dead_jobs(workspace.db_url) == []  # fresh heartbeats
         later = utcnow() + timedelta(minutes=5)  # every heartbeat stale
         # NULL: a job from before hosts were recorded, of this host as it always was

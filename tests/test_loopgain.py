@@ -194,7 +194,7 @@ def test_the_command_measures_all_four_arms_end_to_end(tmp_path, capsys, one_thr
         )
         == 0
     )
-    printed = capsys.readouterr().out
+    printed, said = capsys.readouterr()
     report = json.loads(out.read_text())
     arms, split = report["arms"], report["split"]
     assert set(arms) == {"baseline", "curated", "pseudo", "oracle"}
@@ -222,7 +222,7 @@ def test_the_command_measures_all_four_arms_end_to_end(tmp_path, capsys, one_thr
     assert [r["corrections"] for r in pseudo] == [0, 0]
     # Nothing was left to label in round 2: the round-1 model stands, untrained again.
     assert pseudo[1] == {**pseudo[0], "round": 2, "candidates": 0}
-    assert "pseudo-r2: no new labels; the model stays" in printed
+    assert "INFO pseudo-r2: no new labels; the model stays" in said
 
     (oracle,) = arms["oracle"]
     assert oracle["pool_labels"] == split["pool"] and oracle["label_errors"] == 0

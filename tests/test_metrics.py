@@ -266,7 +266,8 @@ def test_resamples_draw_whole_people():
         assert drawn.count("a") % 2 == 0 and drawn.count("b") % 2 == 0  # both eyes or neither
         assert len(indices) >= 5  # five draws of one or two images each
     assert all(
-        np.array_equal(x, y) for x, y in zip(group_resamples(groups, 5, 3), group_resamples(groups, 5, 3))
+        np.array_equal(x, y)
+        for x, y in zip(group_resamples(groups, 5, 3), group_resamples(groups, 5, 3), strict=True)
     )
 
 

@@ -82,7 +82,7 @@ def test_infer_grades_on_onnxruntime_and_falls_back_to_pytorch_in_words(
         "0",
     ]
     assert infer.main([*args, "--cpu-runtime", "onnxruntime"]) == 0
-    assert "onnxruntime grades the images" in capsys.readouterr().out
+    assert "INFO onnxruntime grades the images" in capsys.readouterr().err
 
     def broken(*_args):
         raise ExportMismatch("onnxruntime's logits differ from PyTorch's by 0.5")
@@ -92,7 +92,7 @@ def test_infer_grades_on_onnxruntime_and_falls_back_to_pytorch_in_words(
     assert (
         "onnxruntime not used, PyTorch grades the images: the export failed (ExportMismatch: "
         "onnxruntime's logits differ from PyTorch's by 0.5)"
-    ) in capsys.readouterr().out
+    ) in capsys.readouterr().err
 
     monkeypatch.setenv("DR_CPU_RUNTIME", "tpu")
     with pytest.raises(SystemExit):

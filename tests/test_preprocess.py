@@ -257,7 +257,7 @@ def test_cli_keeps_tree_and_skips_bad_files(tmp_path, photo):
 
     assert result.returncode == 1, result.stderr
     assert "broken.png" in result.stderr
-    assert "4/4 images" in result.stdout and "3 written" in result.stdout
+    assert "INFO 4/4 images" in result.stderr and "3 written" in result.stdout
     written = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file())
     assert written == ["c.tif", "train/0/a.png", "train/b.jpg"]
     for name in written:

@@ -72,7 +72,7 @@ def file_error(file: str) -> float:
 
 def test_the_eye_crop_finds_the_field_of_every_real_photograph(labels):
     with ProcessPoolExecutor(os.cpu_count(), mp_context=get_context("fork")) as pool:
-        errors = dict(zip(labels["file"], pool.map(file_error, labels["file"], chunksize=50)))
+        errors = dict(zip(labels["file"], pool.map(file_error, labels["file"], chunksize=50), strict=True))
     failures = {file: round(e, 3) for file, e in errors.items() if e > EDGE_TOLERANCE}
     assert len(errors) == 1500 and not failures, f"{len(failures)} failures: {failures}"
 
@@ -157,7 +157,7 @@ def test_real_photographs_go_through_import_preprocess_training_and_inference(la
         "--name",
         "real",
     )
-    assert "people kept apart" in done.stdout and "val QWK" in done.stdout
+    assert "people kept apart" in done.stderr and "val QWK" in done.stdout
     checkpoint = workspace.weights / "real" / "best.pth"
     done = run(
         "engine.model.infer",
@@ -171,7 +171,7 @@ def test_real_photographs_go_through_import_preprocess_training_and_inference(la
         "--workers",
         "0",
     )
-    assert "onnxruntime grades the images" in done.stdout  # the default on a CPU
+    assert "onnxruntime grades the images" in done.stderr  # the default on a CPU
     submission = pd.read_csv(tmp_path / "submission.csv")
     assert len(submission) == 8 and submission["diagnosis"].between(0, 3).all()
     with session_scope(workspace.db_url) as session:

@@ -56,7 +56,7 @@ def register_run(workspace: Workspace) -> int:
 
 def add_predictions(db_url: str, run_id: int, image_ids: list[int], scores: list[tuple[float, int]]) -> None:
     with session_scope(db_url) as session:
-        for image_id, (confidence, grade) in zip(image_ids, scores):
+        for image_id, (confidence, grade) in zip(image_ids, scores, strict=True):
             probs = [(1 - confidence) / 3] * 4
             probs[grade] = confidence
             session.add(
@@ -345,7 +345,7 @@ def test_curated_set_and_csv(predicted):
     assert len(expert) == 24 and expert.reviewer.isna().all()
     names = image_names(db)
     pseudo = csv[csv.origin == "pseudo"]
-    assert dict(zip(pseudo.image, zip(pseudo.grade, pseudo.reviewer))) == {
+    assert dict(zip(pseudo.image, zip(pseudo.grade, pseudo.reviewer, strict=True), strict=True)) == {
         names[pool[5]]: (1, "ana"),
         names[pool[4]]: (2, "ana"),
     }

@@ -145,6 +145,6 @@ def test_the_command_line_writes_overlays(explainer, photo, tmp_path, monkeypatc
         ]
     )
     assert cv2.imread(str(tmp_path / "out" / "eye-gradcam.png")).shape == (SIZE, SIZE, 3)
-    printed = capsys.readouterr().out
-    assert "eye.png: grade " in printed and " s\n" in printed
-    assert "skipped gone.png: " in printed
+    printed = capsys.readouterr()
+    assert "eye.png: grade " in printed.out and " s\n" in printed.out
+    assert "WARNING skipped gone.png: " in printed.err

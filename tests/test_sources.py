@@ -263,8 +263,8 @@ def test_inference_on_a_folder_of_links_predicts_every_image(tmp_path, monkeypat
         )
         == 0
     )
-    out = capsys.readouterr().out
-    assert "3 imported" in out and "3 predicted, 0 skipped" in out
+    out, said = capsys.readouterr()
+    assert "3 imported" in said and "3 predicted, 0 skipped" in out
     assert sorted(pd.read_csv(tmp_path / "s.csv").id_code) == ["p1", "p2", "p3"]
 
 

@@ -249,11 +249,11 @@ def test_diagnosis_4_is_grade_3_with_neovascularisation(tmp_path):
     write_dataset(tmp_path, seed=2, n_train=80, n_test=0, n_val=0, n_messidor=0, size=32)
     train = pd.read_csv(tmp_path / "aptos/train.csv", dtype={"id_code": str})
     lesions = pd.read_csv(tmp_path / "lesions.csv")
-    nv = dict(zip(lesions["path"], lesions["nv"]))
-    grades = dict(zip(lesions["path"], lesions["grade"]))
+    nv = dict(zip(lesions["path"], lesions["nv"], strict=True))
+    grades = dict(zip(lesions["path"], lesions["grade"], strict=True))
     paths = "aptos/train_images/" + train["id_code"] + ".png"
     assert set(train["diagnosis"]) == {0, 1, 2, 3, 4}
-    for path, diagnosis in zip(paths, train["diagnosis"]):
+    for path, diagnosis in zip(paths, train["diagnosis"], strict=True):
         assert (diagnosis == 4) == bool(nv[path])
         assert from_aptos(diagnosis) == grades[path]
 
@@ -267,7 +267,7 @@ def test_messidor_layouts(dataset):
         ("messidor", mess1["image"], mess1["Retinopathy_grade"], mess1["Risk_of_macular_edema"]),
         ("messidor_base", base["Image name"], base["Retinopathy grade"], base["Risk of macular edema "]),
     ):
-        for name, grade, risk in zip(names, grades, risks):
+        for name, grade, risk in zip(names, grades, risks, strict=True):
             assert name.endswith("_PP.tif") and len(name) == len("20051019_38557_0100_PP.tif")
             row = lesions.loc[f"{folder}/{name}"]
             assert (row["grade"], row["edema_risk"]) == (grade, risk)
@@ -280,7 +280,7 @@ def test_validation_is_balanced_in_class_folders(dataset):
     lesions = pd.read_csv(dataset / "lesions.csv")
     val = lesions[lesions["split"] == "validation"]
     assert val["grade"].value_counts().to_dict() == {0: 2, 1: 2, 2: 2, 3: 2}
-    for path, grade in zip(val["path"], val["grade"]):
+    for path, grade in zip(val["path"], val["grade"], strict=True):
         assert Path(path).parent == Path("validation") / str(grade)
 
 

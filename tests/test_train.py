@@ -4,6 +4,7 @@ import json
 import shlex
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,7 @@ def test_the_final_model_learns_from_every_image(tiny_data, tmp_path):
     screening = final["calibration"]["screening"]
     assert 0 <= screening["threshold"] <= 1 and screening["target_sensitivity"] == 0.87
     assert (run / "validation" / "validation.csv").is_file()
-    assert done.stdout.index("validation phase") < done.stdout.index("final model")
+    assert done.stderr.index("validation phase") < done.stderr.index("final model")
     # false: the validated model is the run's model, as before
     train_cli(
         tmp_path,
@@ -172,7 +173,7 @@ def test_resume_continues_the_epoch_count(tiny_data, tmp_path):
     assert "a run named r exists already; choose another --name, or add --resume" in again.stderr
     assert (tmp_path / "weights" / "r" / "last.pth").read_bytes() == last  # untouched
     done = train_cli(tmp_path, *data, "--epochs", "2", "--resume")
-    assert "epoch 1:" not in done.stdout and "epoch 2:" in done.stdout
+    assert "epoch 1:" not in done.stderr and "epoch 2:" in done.stderr
     _, meta = load_checkpoint(tmp_path / "weights" / "r" / "last.pth")
     assert meta["epoch"] == 2
     report = (tmp_path / "estimate_info" / "r.txt").read_text()
@@ -229,7 +230,7 @@ def test_database_mode_records_the_run_and_its_epochs(tiny_data, tmp_path):
         assert sum(run.config["train_counts"]) == 24
     assert f"val QWK {run.best_qwk:.4f}" in done.stdout
     card = Path(run.checkpoint).parent / "MODEL_CARD.md"  # beside best.pth, said where
-    assert f"model card: {card}" in done.stdout
+    assert f"INFO model card: {card}" in done.stderr
     assert card.read_text().startswith(f"# Model card: db1\n\nRun {run.id} of the DR grading app")
 
 
@@ -322,7 +323,7 @@ def test_schedule_warms_up_then_follows_the_cosine_down_to_lr_times_lrf():
 def test_progressive_learning_grows_size_and_regularisation(tiny_data, tmp_path):
     config = tiny_config(epochs=8, img_size=256, eval_size=256, progressive=True)
     stages = [stage_of(config, epoch) for epoch in range(8)]
-    sizes, magnitudes, dropouts = zip(*stages)
+    sizes, magnitudes, dropouts = zip(*stages, strict=True)
     assert sizes[0] == 128 and sizes[-1] == 256 and list(sizes) == sorted(sizes)
     assert magnitudes[0] == 5 and magnitudes[-1] == 10 and dropouts[0] < dropouts[-1]
     assert stage_of(tiny_config(progressive=False), 0)[:2] == (64, 0)
@@ -503,7 +504,7 @@ def readme_commands(marker: str) -> list[list[str]]:
     lines = (ROOT / "README.md").read_text().replace("\\\n", " ").splitlines()
     return [
         shlex.split(line)[1:]
-        for before, line in zip(lines, lines[1:])
+        for before, line in pairwise(lines)
         if marker in before and "-m engine.training.train" in line
     ]
 

@@ -159,7 +159,7 @@ def sign_ins_ui() -> None:
     chosen = st.multiselect(
         "Open sign-ins",
         list(labels),
-        format_func=labels.get,
+        format_func=labels.__getitem__,
         placeholder="choose to end" if labels else "none open",
         key="end_sign_ins",
     )

@@ -29,7 +29,7 @@ from engine.loop.agreement import (
     with_model,
 )
 from engine.runtime.markdown import literal
-from grades import GRADE_NAMES
+from grades import GRADE_NAMES, GRADES
 from views.common import current_user, get_workspace
 from views.viewer import grading_viewer
 
@@ -46,7 +46,7 @@ def _adjudicate(conflict: Conflict, grade: int | None) -> None:
 
 
 def _label(category: int | str) -> str:
-    return GRADE_NAMES.get(category, "rejected")
+    return "rejected" if isinstance(category, str) else GRADE_NAMES[category]
 
 
 def agreement_ui() -> None:
@@ -159,15 +159,17 @@ def adjudication_ui() -> None:
         for reviewer, decision, grade in conflict.reads:
             st.markdown(f"**{literal(reviewer)}** {describe(decision, grade)}")
         st.caption(f"The final grade is stored with your account, {literal(current_user().name)}.")
-        for grade in CATEGORIES:
-            final = None if grade == REJECT else grade
+        for final in GRADES:
             st.button(
-                "Reject" if final is None else GRADE_NAMES[grade],
-                key=f"adjudicate_{grade}",
+                GRADE_NAMES[final],
+                key=f"adjudicate_{final}",
                 on_click=_adjudicate,
                 args=(conflict, final),
                 width="stretch",
             )
+        st.button(
+            "Reject", key=f"adjudicate_{REJECT}", on_click=_adjudicate, args=(conflict, None), width="stretch"
+        )
 
 
 st.title("Agreement")

@@ -2,6 +2,7 @@
 thumbnails and the models' evidence."""
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import streamlit as st
@@ -142,6 +143,6 @@ def image_pair_ui(
     except (OSError, ImageError) as exc:
         st.warning(literal(f"{caption}: cannot show this image ({exc})."))
         return
-    shown = "stretch" if fill else width
-    for column, (image, text) in zip(st.columns(len(panels)), panels):
+    shown: Literal["stretch"] | int = "stretch" if fill else width
+    for column, (image, text) in zip(st.columns(len(panels)), panels, strict=True):
         column.image(image, caption=text, width=shown)

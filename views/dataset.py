@@ -69,7 +69,7 @@ def balance_ui() -> None:
         )
         st.plotly_chart(figure, key=f"balance_{role}")
         columns = st.columns(len(part["source"].unique()))
-        for column, source in zip(columns, part["source"].unique()):
+        for column, source in zip(columns, part["source"].unique(), strict=True):
             column.metric(f"{literal(source)}: largest / smallest class", f"{ratios[source]:.1f}×")
 
 
@@ -157,7 +157,7 @@ def unpacked_upload_ui() -> Path | None:
 
 def import_form_ui() -> None:
     left, middle, right = st.columns(3)
-    kind = left.selectbox("Kind", KINDS, format_func=KIND_NAMES.get, key="import_kind")
+    kind = left.selectbox("Kind", KINDS, format_func=lambda k: KIND_NAMES.get(k, k), key="import_kind")
     # One role widget per kind: each kind offers its own roles.
     role = middle.selectbox(
         "Role",
@@ -183,7 +183,7 @@ def import_form_ui() -> None:
 def import_progress_ui() -> None:
     jobs.mark_dead_jobs(workspace.db_url)
     job = jobs.latest_job(workspace.db_url, "import")
-    if job.status not in jobs.ACTIVE:
+    if job is None or job.status not in jobs.ACTIVE:
         st.rerun()  # the whole page, so that the report and the new images show
     job_status_ui(job)
     cancel_ui(job, "Cancel", "cancel_import")
@@ -218,7 +218,7 @@ def import_ui(sources: pd.DataFrame) -> None:
 
 def gallery_ui(sources) -> None:
     st.subheader("Gallery")
-    names = dict(zip(sources["name"], sources["id"]))
+    names = dict(zip(sources["name"], sources["id"], strict=True))
     left, middle, right = st.columns(3)
     name = left.selectbox("Source", list(names), key="gallery_source")
     grade = middle.selectbox(

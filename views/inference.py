@@ -140,7 +140,7 @@ def start_ui(model: Model, pool: Pool) -> None:
 def progress_ui() -> None:
     jobs.mark_dead_jobs(workspace.db_url)
     job = jobs.latest_job(workspace.db_url, "infer")
-    if job.status not in jobs.ACTIVE:
+    if job is None or job.status not in jobs.ACTIVE:
         st.rerun()  # the whole page, so that the results show
     job_status_ui(job)
     cancel_ui(job, "Cancel", "cancel_inference")
@@ -184,7 +184,7 @@ def candidates_ui(model: Model, pool: Pool) -> None:
     st.subheader("Review candidates")
     threshold = st.slider("Confidence threshold", 0.0, 1.0, REVIEW_THRESHOLD, 0.01, key="infer_threshold")
     counts = grade_counts(workspace.db_url, model.id, pool.id, threshold)
-    for column, grade in zip(st.columns(len(GRADES)), GRADES):
+    for column, grade in zip(st.columns(len(GRADES)), GRADES, strict=True):
         column.metric(GRADE_NAMES[grade], counts.get(grade, 0))
     st.caption(f"{sum(counts.values())} predictions at or above {threshold:.2f} would go to the Review page.")
 

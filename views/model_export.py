@@ -31,10 +31,10 @@ def model_export_ui(runs: pd.DataFrame) -> None:
     ready = runs[(runs["status"] == "done") & runs["checkpoint"].notna()]
     if ready.empty:
         return  # promote_ui says that no run has finished yet
-    names = {int(i): name for i, name in zip(ready["id"], ready["name"])}
+    names = {int(i): name for i, name in zip(ready["id"], ready["name"], strict=True)}
     st.subheader("Model card and export")
     reset_on_new_options("card_run", list(names), next(iter(names)))  # the newest
-    run_id = st.selectbox("Run", list(names), format_func=names.get, key="card_run")
+    run_id = st.selectbox("Run", list(names), format_func=names.__getitem__, key="card_run")
     try:
         card = model_card(run_facts(get_workspace().db_url, run_id), _software())
     except RunUnusable as exc:
@@ -49,7 +49,7 @@ def model_export_ui(runs: pd.DataFrame) -> None:
 
 def export_ui(run_id: int, name: str) -> None:
     """The export buttons, and the run's newest export: its progress, or how it ended."""
-    for column, (fmt, label) in zip(st.columns(len(FORMATS)), FORMATS.items()):
+    for column, (fmt, label) in zip(st.columns(len(FORMATS)), FORMATS.items(), strict=True):
         if column.button(label, key=f"export_{fmt}"):
             start_export(run_id, name, fmt)
     db_url = get_workspace().db_url
@@ -72,7 +72,7 @@ def export_progress_ui(run_id: int) -> None:
     db_url = get_workspace().db_url
     jobs.mark_dead_jobs(db_url)
     job = latest_export(db_url, run_id)
-    if job.status not in jobs.ACTIVE:
+    if job is None or job.status not in jobs.ACTIVE:
         st.rerun()
     job_status_ui(job)
 

@@ -307,7 +307,7 @@ def training_ui() -> None:
 
 
 def promote_ui(runs: pd.DataFrame) -> None:
-    names = {int(i): name for i, name in zip(runs["id"], runs["name"])}
+    names = {int(i): name for i, name in zip(runs["id"], runs["name"], strict=True)}
     ready = [int(i) for i in runs.loc[(runs["status"] == "done") & runs["checkpoint"].notna(), "id"]]
     if not ready:
         st.info("No finished run with a checkpoint yet: the active model is chosen among those.")
@@ -316,7 +316,7 @@ def promote_ui(runs: pd.DataFrame) -> None:
     if current_user().is_admin:
         reset_on_new_options("promote_run", ready, ready[0])  # the newest: the one to promote
         left, right = st.columns([3, 1], vertical_alignment="bottom")
-        run_id = left.selectbox("Run to make active", ready, format_func=names.get, key="promote_run")
+        run_id = left.selectbox("Run to make active", ready, format_func=names.__getitem__, key="promote_run")
         if right.button("Promote", key="promote"):
             try:
                 promote(workspace.db_url, run_id, current_user())
@@ -361,7 +361,9 @@ def error_viewer_ui(shown: list, run_id: int, evidence: bool) -> None:
     names = {
         path: f"{Path(path).name}: true {true} → predicted {predicted}" for path, true, predicted in shown
     }
-    path = st.selectbox("Look closer", list(names), format_func=names.get, key=f"errors_viewer_{run_id}")
+    path = st.selectbox(
+        "Look closer", list(names), format_func=names.__getitem__, key=f"errors_viewer_{run_id}"
+    )
     predicted = {p: g for p, _, g in shown}[path]
     grading_viewer(path, run_id, predicted if evidence else None, key="errors_viewer")
 
@@ -388,6 +390,9 @@ def calibration_ui(run_id: int) -> None:
 
 def best_epoch_ui(run_id: int, name: str) -> None:
     best = best_epoch(workspace.db_url, run_id)
+    if best is None:
+        st.info(f"{literal(name)} has no finished epoch yet.")
+        return
     st.markdown(
         f"**{literal(name)}**, best epoch {best['epoch']}: val QWK {best['qwk']:.3f}, "
         f"accuracy {best['val_acc']:.1%}"
@@ -405,15 +410,15 @@ def compare_ui(runs: pd.DataFrame) -> None:
     if trained.empty:
         st.info("No run has finished an epoch yet: its curves appear here when one does.")
         return
-    names = {int(i): name for i, name in zip(trained["id"], trained["name"])}
+    names = {int(i): name for i, name in zip(trained["id"], trained["name"], strict=True)}
     reset_on_new_options("compare_runs", list(names), list(names)[:3])
-    chosen = st.multiselect("Compare runs", list(names), format_func=names.get, key="compare_runs")
+    chosen = st.multiselect("Compare runs", list(names), format_func=names.__getitem__, key="compare_runs")
     if not chosen:
         st.info("Choose one or more runs to compare their curves.")
         return
     curves_ui(epochs_frame(workspace.db_url, chosen), "compare")
     difference_ui(names, chosen)
-    run_id = st.selectbox("Best epoch of", chosen, format_func=names.get, key="inspect_run")
+    run_id = st.selectbox("Best epoch of", chosen, format_func=names.__getitem__, key="inspect_run")
     best_epoch_ui(run_id, names[run_id])
 
 

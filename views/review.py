@@ -184,7 +184,11 @@ def controls_ui(run_id: int) -> QueueFilter:
         chosen,
         tuple(
             st.multiselect(
-                "Predicted grade", GRADES, default=list(GRADES), key="grades", format_func=GRADE_NAMES.get
+                "Predicted grade",
+                GRADES,
+                default=list(GRADES),
+                key="grades",
+                format_func=GRADE_NAMES.__getitem__,
             )
         ),
         st.slider("Confidence band", 0.0, 1.0, (0.0, 1.0), 0.01, key="band"),
@@ -351,7 +355,7 @@ def decision_buttons_ui(candidate: Candidate) -> None:
     st.button(
         "Reject", key="reject", shortcut="x", on_click=_decide, args=(candidate, "reject"), width="stretch"
     )
-    for column, grade in zip(st.columns(2) + st.columns(2), GRADES):
+    for column, grade in zip(st.columns(2) + st.columns(2), GRADES, strict=True):
         column.button(
             f"Grade {grade}",
             key=f"grade_{grade}",
@@ -517,7 +521,7 @@ def write_folders_ui(target: str, replace: bool) -> None:
     out = Path(target).expanduser()
     try:
         result = export_class_folders(
-            zip(curated.path.tolist(), curated.grade.tolist()),
+            zip(curated.path.tolist(), curated.grade.tolist(), strict=True),
             out,
             replace,
             sources_frame(workspace.db_url).root,

@@ -72,7 +72,7 @@ def screening_ui(run_id: int) -> None:
     screening = run_calibration(get_workspace().db_url, run_id).get("screening")
     checkpoint = run_checkpoint(get_workspace().db_url, run_id)
     path = validation_file(checkpoint) if checkpoint else None
-    if not screening or path is None:
+    if not screening or not checkpoint or path is None:
         st.info(
             "No operating point for this run: it was trained before operating points were "
             "chosen on validation, imported from a file, or it is still training."
@@ -126,15 +126,17 @@ def difference_ui(names: dict[int, str], chosen: list[int]) -> None:
     if len(chosen) < 2:
         return
     first, second = chosen[:2]
-    files = [validation_file(run_checkpoint(get_workspace().db_url, run) or "") for run in (first, second)]
-    if None in files:
+    first_file, second_file = (
+        validation_file(run_checkpoint(get_workspace().db_url, run) or "") for run in (first, second)
+    )
+    if first_file is None or second_file is None:
         st.caption(
             f"No difference with an interval for {literal(names[first])} and "
             f"{literal(names[second])}: "
             "one of them has no stored validation probabilities."
         )
         return
-    difference = paired_difference(*(read_probabilities(f) for f in files))
+    difference = paired_difference(read_probabilities(first_file), read_probabilities(second_file))
     if difference["images"] == 0:
         st.caption(
             f"{literal(names[first])} and {literal(names[second])} were validated on different images."

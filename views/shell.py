@@ -70,7 +70,8 @@ def overview_ui() -> None:
         ("Candidates", "candidates", f"predictions at or above {REVIEW_THRESHOLD:.2f} confidence"),
         ("Reviewed", "reviewed", "candidates with a decision"),
     ]
-    for column, (label, key, meaning) in zip(st.columns(2) + st.columns(2) + st.columns(2), stages):
+    cells = st.columns(2) + st.columns(2) + st.columns(2)  # three rows of two: the sixth stays empty
+    for column, (label, key, meaning) in zip(cells, stages, strict=False):
         column.metric(label, counts[key], help=meaning)
 
 

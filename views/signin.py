@@ -118,7 +118,9 @@ def _form_ui(db_url: str) -> None:
 def _provider_user(db_url: str) -> User | None:
     """The identity provider's user, if the provider verified their e-mail and an admin has
     added it as an account of the provider."""
-    email = st.user.get("email") or ""
+    email = st.user.get("email")
+    if not isinstance(email, str):  # None without the claim (st.user types claims as str, bool or tokens)
+        email = ""
     user = find_provider_user(db_url, email, verified=st.user.get("email_verified") is True)
     if user is None:
         st.title("Not added yet")
@@ -169,9 +171,8 @@ def signed_in_user(db_url: str) -> User | None:
         _refusal_ui()
         return None
     st.title("Sign in")
-    if provider:
-        if st.button("Sign in with your institution", key="signin_provider", type="primary"):
-            st.login()
+    if provider and st.button("Sign in with your institution", key="signin_provider", type="primary"):
+        st.login()
     if has_passwords(db_url):
         _form_ui(db_url)
     return None

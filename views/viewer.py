@@ -5,6 +5,7 @@ draws it with OpenSeadragon; views/tile_server.py serves its tiles).
 Keys (none while a text field has the focus): arrows pan, + and - zoom, n native pixels,
 f fit, v the next view (shift+v the one before)."""
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,9 +95,10 @@ def _overlays(
     as the model saw the image (a square that engine.data.tiles.input_box places)."""
     workspace = get_workspace()
     overlays = [(INPUT_VIEW, PreprocessCache(workspace.cache).load(path, preprocess))]
-    model = explainer(run_checkpoint(workspace.db_url, run_id)) if gradcam_of is not None else None
-    if model:
-        overlays.append((GRADCAM_VIEW, heat_layer(model.saliency(path, gradcam_of).heat)))
+    if gradcam_of is not None:
+        model = explainer(run_checkpoint(workspace.db_url, run_id))
+        if model:
+            overlays.append((GRADCAM_VIEW, heat_layer(model.saliency(path, gradcam_of).heat)))
     return overlays
 
 
@@ -135,9 +137,12 @@ def grading_viewer(
     path = Path(photo)
     try:
         width, height_px = image_size(path)
-        preprocess = model_preprocess(run_id) if run_id is not None else None
-        overlays = _overlays(path, run_id, preprocess, gradcam_of) if preprocess else []
-        box = _input_box(path, preprocess) if preprocess else None
+        overlays: list[tuple[View, np.ndarray]] = []
+        box: tuple[float, ...] = ()  # where the model's input lies; no overlays without a run
+        if run_id is not None:
+            preprocess = model_preprocess(run_id)
+            overlays = _overlays(path, run_id, preprocess, gradcam_of)
+            box = _input_box(path, preprocess)
     except (OSError, ImageError) as exc:
         st.warning(literal(f"{path.name}: cannot show this image ({exc})."))
         return
@@ -204,4 +209,9 @@ def prefetch(photo: str | None, run_id: int) -> None:
     path, preprocess = Path(photo), model_preprocess(run_id)
     key = _box_key(path, preprocess)
     future = PREFETCHER.submit(path, tile_cache().root, get_workspace().cache, preprocess)
-    future.add_done_callback(lambda done: done.exception() is None and _remember(key, done.result()))
+
+    def remember(done: Future) -> None:
+        if done.exception() is None:
+            _remember(key, done.result())
+
+    future.add_done_callback(remember)

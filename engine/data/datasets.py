@@ -10,9 +10,10 @@ import os
 import random
 import signal
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -301,7 +302,7 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list
     failed = [(index, reason) for image, reason, index in batch if image is None]
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), failed
-    images, labels, indices = zip(*good)
+    images, labels, indices = zip(*good, strict=True)
     return torch.stack(images), torch.tensor(labels), torch.tensor(indices), failed
 
 
@@ -322,16 +323,25 @@ def _ignore_sigterm(_worker: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class SizedSampler(Protocol):
+    """A sampler that knows how many draws it makes, as torch's samplers do (their base class
+    does not promise it)."""
+
+    def __iter__(self) -> Iterator[int]: ...
+
+    def __len__(self) -> int: ...
+
+
 class RankShare(Sampler[int]):
     """Rank `rank`'s share of `sampler`'s draws, which every rank makes alike (same seed):
     every `world`-th draw, so that the ranks' batches together are the batch one process
     would take. The draws are padded with their own start to a multiple of `world`, so that
     every rank takes as many steps."""
 
-    def __init__(self, sampler: Sampler[int], rank: int, world: int):
+    def __init__(self, sampler: SizedSampler, rank: int, world: int):
         self.sampler, self.rank, self.world = sampler, rank, world
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         draws = list(self.sampler)
         draws += (draws * self.world)[: -len(draws) % self.world]
         return iter(draws[self.rank :: self.world])
@@ -353,10 +363,10 @@ def create_loader(
     """A DataLoader with pinned memory on CUDA; `balanced` samples every grade equally often.
     `share` = (rank, world size): this rank's share of the draws (RankShare)."""
     draws = torch.Generator().manual_seed(seed)
-    sampler: Sampler[int] = SequentialSampler(dataset)
+    sampler: SizedSampler = SequentialSampler(dataset)
     if balanced:
         weights = class_weights(dataset.samples)[[s.grade for s in dataset.samples]]
-        sampler = WeightedRandomSampler(weights, len(dataset), generator=draws)
+        sampler = WeightedRandomSampler(weights.tolist(), len(dataset), generator=draws)
     elif shuffle:
         sampler = RandomSampler(dataset, generator=draws)
     rank, world = share

@@ -135,7 +135,7 @@ def export_class_folders(
         json.dumps({"files": [target.relative_to(out).as_posix() for target in targets]})
     )
     result = ExportResult()
-    for (path, _), target in zip(files, targets):
+    for (path, _), target in zip(files, targets, strict=True):
         try:
             shutil.copy2(path, target)
         except OSError:

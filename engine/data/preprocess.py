@@ -10,7 +10,9 @@ Command line, for a whole folder tree:
 """
 
 import argparse
+import contextlib
 import hashlib
+import logging
 import math
 import os
 import sys
@@ -26,8 +28,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from engine.data.images import IMAGE_SUFFIXES, ImageError, load_rgb
+
+log = logging.getLogger(__name__)
 
 # Bump when the pipeline's output changes, so that cached results made by the old code miss.
 PIPELINE_VERSION = 2
@@ -276,10 +280,8 @@ def fill_cache(
     GIL). Unreadable files are left for the dataset to report when it meets them."""
 
     def fill(path: Path) -> None:
-        try:
+        with contextlib.suppress(ImageError):
             cache.load(path, cfg)
-        except ImageError:
-            pass
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for done, _ in enumerate(pool.map(fill, paths), start=1):
@@ -327,12 +329,12 @@ def _process_tree(sources: list[Path], src_root: Path, dst_root: Path, cfg: Prep
     failed = 0
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
         results = pool.map(_convert, sources, targets, repeat(cfg), chunksize=4)
-        for done, (src, error) in enumerate(zip(sources, results), start=1):
+        for done, (src, error) in enumerate(zip(sources, results, strict=True), start=1):
             if error is not None:
                 failed += 1
-                print(f"skipped {src.relative_to(src_root)}: {error}", file=sys.stderr)
+                log.warning("skipped %s: %s", src.relative_to(src_root), error)
             if done % step == 0 or done == len(sources):
-                print(f"{done}/{len(sources)} images", flush=True)
+                log.info("%d/%d images", done, len(sources))
     seconds = time.perf_counter() - started
     print(
         f"done: {len(sources) - failed} written to {dst_root}, {failed} skipped, "
@@ -377,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-enhance", action="store_true", help="skip Ben Graham's contrast")
     parser.add_argument("--no-mask", action="store_true", help="keep the field's rim")
     args = parser.parse_args(argv)
+    setup_logging()
 
     src_root, dst_root = args.src.resolve(), args.dst.resolve()
     if not src_root.is_dir():
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         path for path in src_root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
     )
     if not sources:
-        print(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {args.src}", file=sys.stderr)
+        log.error("no images (%s) found under %s", ", ".join(IMAGE_SUFFIXES), args.src)
         return 1
     return _process_tree(sources, src_root, dst_root, cfg)
 

@@ -11,6 +11,7 @@ folders that the app offers for import from the browser.
 """
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -23,7 +24,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import select
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.queries import unused_name
 from db.schema import Image, Source
 from db.session import migrate, read_scope, session_scope
@@ -33,6 +34,8 @@ from engine.data.images import IMAGE_SUFFIXES, ImageError, probe_image
 from engine.runtime.jobs import JobReporter
 from engine.runtime.workspace import Workspace
 from grades import from_aptos
+
+log = logging.getLogger(__name__)
 
 ROLES = ("train", "validation", "unlabelled")
 # Only unlabelled pools take role unlabelled: a plain folder, or the APTOS test split.
@@ -140,7 +143,7 @@ def _list_aptos(root: Path, role: str) -> tuple[list[Entry], list[Problem]]:
     table = _read_table(csv)
     _require(table, csv, "id_code", *(["diagnosis"] if split == "train" else []))
     entries, problems = [], []
-    for line, row in zip(range(2, len(table) + 2), table.to_dict("records")):
+    for line, row in zip(range(2, len(table) + 2), table.to_dict("records"), strict=True):
         where = f"{csv.name} line {line}"
         id_code = row["id_code"].strip()
         if not id_code:
@@ -178,7 +181,7 @@ def _list_messidor_file(path: Path, root: Path) -> tuple[list[Entry], list[Probl
     image_col, grade_col, edema_col = _messidor_columns(table, path)
     prefix = path.parent.relative_to(root)
     entries, problems = [], []
-    for line, row in zip(range(2, len(table) + 2), table.to_dict("records")):
+    for line, row in zip(range(2, len(table) + 2), table.to_dict("records"), strict=True):
         name = row[image_col].strip()
         where = f"{path.name} line {line} ({name or 'no image name'})"
         if not name:
@@ -289,7 +292,9 @@ def stays_inside(path: str) -> bool:
 
 
 def _check_paths(entries: list[Entry]) -> tuple[list[Entry], list[Problem]]:
-    kept, problems, first_seen = [], [], {}
+    kept: list[Entry] = []
+    problems: list[Problem] = []
+    first_seen: dict[str, str] = {}  # name -> where
     for entry in entries:
         if not stays_inside(entry.path):
             problems.append(Problem(entry.where, f"path {entry.path!r} escapes the source root"))
@@ -323,7 +328,7 @@ def _probe_all(
     with ThreadPoolExecutor() as pool:
         results = pool.map(lambda e: _probe(root, e), entries)
         try:
-            for done, (entry, result) in enumerate(zip(entries, results), start=1):
+            for done, (entry, result) in enumerate(zip(entries, results, strict=True), start=1):
                 if isinstance(result, str):
                     problems.append(Problem(entry.where, result))
                 else:
@@ -331,7 +336,8 @@ def _probe_all(
                 if progress and (done % 25 == 0 or done == len(entries)):
                     progress(done, len(entries))
         finally:
-            results.close()  # a cancel (raised by progress) drops the probes not started yet
+            # A cancel (raised by progress) drops the probes not started yet.
+            pool.shutdown(cancel_futures=True)
     return good, problems
 
 
@@ -455,19 +461,13 @@ def _import_command(args: argparse.Namespace, workspace: Workspace) -> int:
 
             def checked(done: int, total: int) -> None:
                 job.progress(done / total, f"checking images: {done}/{total}")
-                print(
-                    f"\rchecking images: {done}/{total}",
-                    end="\n" if done == total else "",
-                    file=sys.stderr,
-                    flush=True,
-                )
 
             report = import_source(workspace.db_url, args.kind, args.path, args.role, args.name, checked)
     except ImportStopped as exc:
-        print(f"import stopped: {exc}", file=sys.stderr)
+        log.error("import stopped: %s", exc)
         return 2
     if report is None:
-        print("import cancelled: nothing was added", file=sys.stderr)
+        log.warning("import cancelled: nothing was added")
         return 1
     print(report)
     return 0
@@ -478,7 +478,7 @@ def _roots_command(args: argparse.Namespace, workspace: Workspace) -> int:
         try:
             set_data_roots(workspace, args.set)
         except ImportStopped as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            log.error("%s", exc)
             return 2
     print("\n".join(str(root) for root in data_roots(workspace)))
     return 0
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the folders the Dataset page may import from (default: show them)",
     )
     args = parser.parse_args(argv)
-
+    setup_logging()
     workspace = Workspace.from_env()
     migrate(workspace.db_url)
     command = _import_command if args.command == "import" else _roots_command

@@ -369,7 +369,7 @@ def _tapered(path: np.ndarray, thickness: float, opacity: int) -> list[tuple[np.
     thirds = np.array_split(np.arange(len(path)), 3)
     return [
         (path[max(idx[0] - 1, 0) : idx[-1] + 1], max(1, round(thickness * scale)), opacity)
-        for idx, scale in zip(thirds, (1.0, 0.75, 0.5))
+        for idx, scale in zip(thirds, (1.0, 0.75, 0.5), strict=True)
     ]
 
 
@@ -404,7 +404,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     shade = 1 + 0.08 * _smooth_noise(h, w, rng)
     _darken_macula(shade, scene, rng.uniform(0.25, 0.4))
     base = np.array([rng.uniform(185, 225), rng.uniform(65, 105), rng.uniform(20, 45)], np.float32)
-    img = shade[..., None] * base
+    img: np.ndarray = shade[..., None] * base
 
     _draw_disc(img, scene)
     _blend(img, _vessel_mask(scene), VESSEL_RGB)
@@ -579,10 +579,7 @@ def _plan(out: Path, seed: int, split: str, n: int, size: int) -> list[_Job]:
     jobs = []
     for index in range(n):
         rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
-        if split == "validation":
-            grade = index % len(GRADES)
-        else:
-            grade = int(rng.choice(len(GRADES), p=grade_p))
+        grade = index % len(GRADES) if split == "validation" else int(rng.choice(len(GRADES), p=grade_p))
         path = out / _image_path(seed, split, index, grade)
         jobs.append(
             _Job(path, split, (seed, SPLIT_CODES[split], index, 1), sample_lesions(grade, rng), size, style)

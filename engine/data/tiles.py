@@ -232,7 +232,7 @@ def _write_tile(path: Path, tile: np.ndarray) -> int:
     ok, data = cv2.imencode(f".{FORMAT}", tile, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise OSError(f"could not encode {path}")
-    path.write_bytes(data)
+    path.write_bytes(data.tobytes())
     return data.size
 
 

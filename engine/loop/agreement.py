@@ -13,7 +13,7 @@ from engine.model.metrics import quadratic_weighted_kappa
 from grades import GRADES
 
 REJECT = "reject"
-CATEGORIES = [*GRADES, REJECT]
+CATEGORIES: list[int | str] = [*GRADES, REJECT]
 ADJUDICATE = "adjudicate"
 PACE_DECISIONS = 200  # the newest timed decisions that the team's pace is the median of
 # Reviewers who decided within this span of the team's newest decision count as working side

@@ -4,17 +4,20 @@ python -m engine.loop.demo [--train N --test N --val N --size PX]
 """
 
 import argparse
+import logging
 import sys
 
 from sqlalchemy import func, select
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.schema import Source
 from db.session import migrate, read_scope
 from engine.data import synth
 from engine.data.sources import import_source
 from engine.runtime.jobs import JobReporter
 from engine.runtime.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 # (folder inside the generated data, kind, role, name shown in the app)
 DEMO_SOURCES = (
@@ -55,10 +58,10 @@ def build_demo(workspace: Workspace, job: JobReporter, **sizes: int) -> None:
     for step, (folder, kind, role, name) in enumerate(DEMO_SOURCES):
         start = 0.7 + 0.1 * step
 
-        def imported(done: int, total: int) -> None:
+        def imported(done: int, total: int, start: float = start, name: str = name) -> None:
             job.progress(start + 0.1 * done / total, f"importing {name}: {done}/{total}")
 
-        print(import_source(workspace.db_url, kind, out / folder, role, name, imported))
+        log.info("%s", import_source(workspace.db_url, kind, out / folder, role, name, imported))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
     sizes = vars(parser.parse_args(argv))
     job_id = sizes.pop("job_id")
-
+    setup_logging()
     workspace = Workspace.from_env()
     migrate(workspace.db_url)
     with JobReporter(workspace.db_url, job_id) as job:

@@ -20,6 +20,7 @@ model.json says how to rebuild the model and apply the views and the temperature
 import argparse
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import select
 from torch import nn
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.schema import Job
 from db.session import migrate, read_scope
 from engine.data.datasets import read_probabilities
@@ -67,6 +68,8 @@ from engine.training.model_card import (
 )
 from engine.training.screening import validation_file
 from grades import GRADE_NAMES
+
+log = logging.getLogger(__name__)
 
 KIND = "export"  # the jobs table's kind of an export started by the app
 WEIGHTS = {"onnx": "model.onnx", "safetensors": "model.safetensors"}
@@ -117,11 +120,11 @@ def check_onnx(path: Path, model: nn.Module, meta: dict, images: torch.Tensor) -
     ones for the same preprocessed `images`: the largest difference, and whether every
     grade (the most probable class) is the same."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got, want = [], []
+    got_batches, want_batches = [], []
     for batch in images.split(CHECK_BATCH):
-        got.append(session.run([OUTPUT], {INPUT: batch.numpy()})[0])
-        want.append(app_probabilities(model, meta, batch))
-    got, want = np.concatenate(got), np.concatenate(want)
+        got_batches.append(session.run([OUTPUT], {INPUT: batch.numpy()})[0])
+        want_batches.append(app_probabilities(model, meta, batch))
+    got, want = np.concatenate(got_batches), np.concatenate(want_batches)
     difference = float(np.abs(got - want).max())
     grades_agree = bool((got.argmax(1) == want.argmax(1)).all())
     return {
@@ -370,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--job-id", type=int, help="report to this job row (set by the app)")
     args = parser.parse_args(argv)
+    setup_logging()
     workspace = Workspace.from_env()
     migrate(workspace.db_url)
     try:
@@ -388,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{text['files']['weights']}, {DESCRIPTION}, {CARD}; {check_line(text)}"
             )
     except (RunUnusable, ExportRefused) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
     return 0
 

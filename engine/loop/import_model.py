@@ -10,11 +10,12 @@ enhancement, mean = std = 0.5. Inference, review and Grad-CAM use it as they use
 """
 
 import argparse
+import logging
 import shutil
 import sys
 from pathlib import Path
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.schema import Run
 from db.session import migrate, read_scope, session_scope
 from db.users import User, require_admin
@@ -39,6 +40,8 @@ from engine.model.seed_weights import (
 from engine.runtime.workspace import Workspace
 from engine.training.train import run_name_problem, run_taken
 from engine.training.trainer import RunPaths, run_name
+
+log = logging.getLogger(__name__)
 
 
 class ImportRefused(ValueError):
@@ -107,7 +110,7 @@ def import_seed_model(
     save_checkpoint(paths.best, model, meta)
     run_id = register_model(workspace.db_url, paths.best, meta)
     with session_scope(workspace.db_url) as session:
-        session.get(Run, run_id).account = account
+        session.get_one(Run, run_id).account = account
     return run_id
 
 
@@ -155,16 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-size", type=int, help="image size (default: the seed's evaluation size, S 384, M and L 480)"
     )
     args = parser.parse_args(argv)
+    setup_logging()
     workspace = Workspace.from_env()
     workspace.root.mkdir(parents=True, exist_ok=True)
     migrate(workspace.db_url)
     try:
         run_id = import_seed_model(workspace, args.file, args.name, args.classes, args.eval_size)
     except (ImportRefused, WeightsMismatch) as exc:
-        print(f"not imported: {exc}", file=sys.stderr)
+        log.error("not imported: %s", exc)
         return 2
     with read_scope(workspace.db_url) as session:
-        run = session.get(Run, run_id)
+        run = session.get_one(Run, run_id)
         then = " (active)" if run.active else "; promote it on the Retrain page"
         print(
             f"imported {args.file} as run {run.name} ({run.model_name}, {run.img_size} px): "

@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import shlex
 import sys
@@ -42,12 +43,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from engine.data.datasets import (
     Sample,
     class_counts,
@@ -65,8 +66,10 @@ from engine.model.predictor import Predictions, default_batch_size, model_views,
 from engine.runtime.workspace import Workspace
 from engine.training.refit import train_model
 from engine.training.train import make_config, parse_args
-from engine.training.trainer import PrintHooks, RunPaths, TrainingStopped
+from engine.training.trainer import LogHooks, RunPaths, TrainingStopped
 from grades import GRADES, REVIEW_THRESHOLD
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 REALDATA = ROOT.parent / "shared" / "realdata"
@@ -117,7 +120,7 @@ def labelled_set(
         data = REALDATA
     if data is None:
         images = synthetic or SYNTHETIC_IMAGES
-        print(f"drawing {images} synthetic photographs", flush=True)
+        log.info("drawing %d synthetic photographs", images)
         write_dataset(scratch / "synthetic", seed, n_train=images, n_test=0, n_val=0, n_messidor=0)
         data = scratch / "synthetic" / "aptos"
     if (data / "labels.csv").is_file():
@@ -128,7 +131,7 @@ def labelled_set(
     if (data / "train.csv").is_file():
         root, entries, problems = list_source("aptos", data, "train")
         for problem in problems:
-            print(f"skipped {problem}", flush=True)
+            log.warning("skipped %s", problem)
         return [
             Sample(str(root / e.path), e.grade, e.name, group=e.extra.get("group")) for e in entries
         ], data
@@ -193,7 +196,8 @@ def unreviewed(threshold: float) -> Labeller:
     def label(left: list[Sample], preds: Predictions, round_: int):
         found = candidates(preds, threshold)
         grades = preds.grades[found].tolist()
-        return [Label(left[preds.indices[k]], g, g) for k, g in zip(found, grades)], 0, len(found)
+        labels = [Label(left[preds.indices[k]], g, g) for k, g in zip(found, grades, strict=True)]
+        return labels, 0, len(found)
 
     return label
 
@@ -220,10 +224,10 @@ class Lab:
 
     def train(self, name: str, samples: list[Sample]) -> Fitted:
         budget = f"{self.config.minutes:g} min" if self.config.minutes else f"epochs: {self.config.epochs}"
-        print(f"{name}: training on {len(samples)} images {class_counts(samples)}, {budget}", flush=True)
+        log.info("%s: training on %d images %s, %s", name, len(samples), class_counts(samples), budget)
         paths = RunPaths.under(self.workspace, name)
         config = dataclasses.replace(self.config)  # training fixes its epochs for the budget
-        train_model(config, samples, self.split.val, paths, self.workspace.cache, PrintHooks())
+        train_model(config, samples, self.split.val, paths, self.workspace.cache, LogHooks())
         return load_checkpoint(paths.best, self.device)
 
     def predict(self, fitted: Fitted, samples: list[Sample]) -> Predictions:
@@ -261,10 +265,12 @@ class Lab:
             "epochs": fitted[1]["train_config"]["epochs"],
             **self.judge(fitted),
         }
-        print(
-            f"  round {round_}: test QWK {row['qwk']:.3f}, referable AUC "
-            f"{row['referable_auc']:.3f}, {decisions} decisions",
-            flush=True,
+        log.info(
+            "  round %d: test QWK %.3f, referable AUC %.3f, %d decisions",
+            round_,
+            row["qwk"],
+            row["referable_auc"],
+            decisions,
         )
         return row
 
@@ -282,7 +288,8 @@ class Lab:
         """Rounds of: the current model predicts what is left of the pool, `labeller` labels
         some of it, the model retrains on the labelled share and every label so far. `first` holds
         the baseline's predictions of the whole pool, the same for every arm."""
-        fitted, preds, given, decisions, row = baseline, first, [], 0, baseline_row
+        fitted, preds, decisions, row = baseline, first, 0, baseline_row
+        given: list[Label] = []
         for round_ in range(1, rounds + 1):
             done = {label.sample.path for label in given}
             left = [s for s in self.split.pool if s.path not in done]
@@ -302,7 +309,7 @@ class Lab:
                 )
                 row = self.row(round_, fitted, given, decisions, found)
             else:  # the same images and labels would train the same model again
-                print(f"{name}-r{round_}: no new labels; the model stays", flush=True)
+                log.info("%s-r%d: no new labels; the model stays", name, round_)
                 row = {**row, "round": round_, "candidates": found}
             rows.append(row)
             save()
@@ -342,9 +349,11 @@ def measure(lab: Lab, args: argparse.Namespace, report: dict, save: Callable[[],
         save,
     )
     oracle = lab.train("oracle", split.labelled + split.pool)
-    arms["oracle"] = [
-        lab.row(1, oracle, [Label(s, s.grade, None) for s in split.pool], len(split.pool), len(split.pool))
-    ]
+    truth = []
+    for s in split.pool:
+        assert s.grade is not None  # the pool is labelled photographs, their grades hidden
+        truth.append(Label(s, s.grade, None))
+    arms["oracle"] = [lab.row(1, oracle, truth, len(split.pool), len(split.pool))]
     report["gains"] = gains(arms)
     save()
 
@@ -498,14 +507,14 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
             f"{data}: {len(samples)} images are too few to split into "
             f"{', '.join(f'{n} {part}' for part, n in sizes.items())}"
         )
-    print(
-        f"{data}: split by group into "
-        + ", ".join(f"{n} {part} {class_counts(getattr(split, part))}" for part, n in sizes.items()),
-        flush=True,
+    log.info(
+        "%s: split by group into %s",
+        data,
+        ", ".join(f"{n} {part} {class_counts(getattr(split, part))}" for part, n in sizes.items()),
     )
     budget = ["--epochs", str(args.epochs)] if args.epochs else ["--minutes", str(args.minutes)]
     lab = Lab(split, shlex.split(args.train_args), budget, args.seed, args.threshold, scratch)
-    report = {
+    report: dict[str, Any] = {
         "data": str(data),
         "split": sizes,
         "options": vars(args),
@@ -523,15 +532,16 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = parse(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="loopgain-") as scratch:
             report = run(args, Path(scratch))
     except (FileNotFoundError, ImportStopped, UnusableData, WeightsMismatch) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
     except TrainingStopped as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
+        log.error("stopped: %s", exc)
         return 1
     print(table(report["arms"]))
     print()

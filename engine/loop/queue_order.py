@@ -35,7 +35,9 @@ def _margin(probs: np.ndarray, views: np.ndarray | None, seed: int) -> np.ndarra
 
 
 def _flip(probs: np.ndarray, views: np.ndarray | None, seed: int) -> np.ndarray:
-    if len(probs) and (views is None or views.shape[1] < 2):
+    if not len(probs):
+        return np.zeros(0)
+    if views is None or views.shape[1] < 2:
         raise ValueError(
             "the order 'flip' needs the probabilities of at least two flip views (predict with TTA)"
         )

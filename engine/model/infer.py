@@ -12,6 +12,7 @@ the rest finish. On a CPU, onnxruntime runs the network (engine.model.onnx_netwo
 """
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.predictions import predicted_count, submission_frame
 from db.queries import unused_name
 from db.runs import activate_first
@@ -45,6 +46,8 @@ from engine.model.predictor import (
 from engine.runtime.distributed import from_rank_0, process_group, rank, shard, sum_over_ranks
 from engine.runtime.jobs import JobReporter
 from engine.runtime.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 def register_model(db_url: str, checkpoint: Path, meta: dict) -> int:
@@ -106,7 +109,7 @@ def store_predictions(db_url: str, run_id: int, samples: list[Sample], result: P
             "confidence": float(p.max()),
             "created_at": utcnow(),
         }
-        for i, p in zip(result.indices, result.probs)
+        for i, p in zip(result.indices, result.probs, strict=True)
     ]
     with session_scope(db_url) as session:
         insert = upsert_insert(session)
@@ -146,27 +149,29 @@ def plan_pool(args: argparse.Namespace, db_url: str, meta: dict) -> Plan:
     source = args.source
     if args.images is not None:
         report = import_source(db_url, "unlabelled", args.images, "unlabelled")
-        print(report)
+        log.info("%s", report)
         source = report.source
     source_id, todo = source_samples(db_url, source, None if args.redo else run_id)
     done_before = 0 if args.redo else predicted_count(db_url, run_id, source_id)
     return Plan(run_id, source_id, source, todo, done_before, started)
 
 
-def progress_reporter(job: JobReporter, db_url: str, plan: Plan) -> Callable[[], None]:
+def progress_reporter(job: JobReporter, db_url: str, plan: Plan) -> Callable[..., None]:
     """A check for a cancel that, in the process that reports the job, records the progress
-    of every rank, counted from the predictions they have stored."""
+    of every rank, counted from the predictions they have stored; `force` for the last."""
     clock = time.perf_counter()
 
-    def report() -> None:
+    def report(force: bool = False) -> None:
         job.check_cancel()
-        if not job.due():
+        if not (force or job.due()):
             return
         made = predicted_count(db_url, plan.run_id, plan.source_id, plan.started)
         done, rate = plan.done_before + made, made / (time.perf_counter() - clock)
         left = (plan.total - done) / rate if rate else 0
         job.progress(
-            done / max(plan.total, 1), f"{done}/{plan.total} images, {rate:.1f} images/s, {left:.0f} s left"
+            done / max(plan.total, 1),
+            f"{done}/{plan.total} images, {rate:.1f} images/s, {left:.0f} s left",
+            force=force,
         )
 
     return report
@@ -191,7 +196,7 @@ def predict_share(
     ):
         store_predictions(workspace.db_url, plan.run_id, share, batch)
         for index, reason in batch.failures:
-            print(f"skipped {share[index].name}: {reason}", flush=True)
+            log.warning("skipped %s: %s", share[index].name, reason)
         predicted, skipped = predicted + len(batch.indices), skipped + len(batch.failures)
         report()
     return predicted, skipped
@@ -264,21 +269,22 @@ def network_for(
     try:
         network = onnx_network(model, meta, args.checkpoint, workspace.cache)
     except Exception as exc:  # an export that fails costs speed, never the job
-        print(
-            f"onnxruntime not used, PyTorch grades the images: the export failed "
-            f"({type(exc).__name__}: {exc})",
-            flush=True,
+        log.warning(
+            "onnxruntime not used, PyTorch grades the images: the export failed (%s: %s)",
+            type(exc).__name__,
+            exc,
         )
         return model
-    print(
-        f"onnxruntime grades the images ({network.path.name}, ready in "
-        f"{time.perf_counter() - started:.0f} s)",
-        flush=True,
+    log.info(
+        "onnxruntime grades the images (%s, ready in %.0f s)",
+        network.path.name,
+        time.perf_counter() - started,
     )
     return network
 
 
 def infer(args: argparse.Namespace, workspace: Workspace, job: JobReporter, device: torch.device) -> None:
+    model: Network  # the checkpoint's, then what grades the images (no PyTorch copy kept)
     model, meta = load_checkpoint(args.checkpoint, device)
     plan = from_rank_0(lambda: plan_pool(args, workspace.db_url, meta))
     job.attach_run(plan.run_id)
@@ -288,6 +294,7 @@ def infer(args: argparse.Namespace, workspace: Workspace, job: JobReporter, devi
     predicted, skipped = sum_over_ranks(list(done), device, report)  # every rank has finished
     if rank() != 0:
         return
+    report(force=True)
     out = args.out or submission_path(workspace, meta.get("run", "model"), plan.source)
     write_submission(out, workspace.db_url, plan)
     print(
@@ -296,9 +303,10 @@ def infer(args: argparse.Namespace, workspace: Workspace, job: JobReporter, devi
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     if not args.checkpoint.is_file():
-        print(f"error: {args.checkpoint}: checkpoint not found", file=sys.stderr)
+        log.error("%s: checkpoint not found", args.checkpoint)
         return 2
     workspace = Workspace.from_env()
     if rank() == 0:  # the other ranks wait for its plan before they touch the database
@@ -311,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             infer(args, workspace, job, device)
     except (LookupError, ImportStopped, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
     return 0
 

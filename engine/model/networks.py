@@ -10,7 +10,7 @@ import importlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -152,7 +152,9 @@ def load_weight_file(model: nn.Module, name: str, path: Path) -> None:
     if is_seed_state_dict(state):
         state = timm_state_of_seed(path, state, name)
     own = model.state_dict()
-    classifier = model.pretrained_cfg.get("classifier") or "classifier"
+    # timm's plain dict attribute; torch types every module attribute as Tensor | Module.
+    pretrained_cfg = cast(dict[str, Any], model.pretrained_cfg)
+    classifier = pretrained_cfg.get("classifier") or "classifier"
     for key in (f"{classifier}.weight", f"{classifier}.bias"):
         if key in state and key in own and state[key].shape != own[key].shape:
             del state[key]
@@ -211,7 +213,8 @@ def find_pretrained_file(name: str) -> Path:
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
         raise WeightsNotFound(f"timm has no pretrained weights registered for {name!r}")
-    full_name = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    arch = cfg.architecture or timm.models.get_arch_name(name)
+    full_name = f"{arch}.{cfg.tag}" if cfg.tag else arch
     for stem in dict.fromkeys([name, full_name]):
         for suffix in _WEIGHT_SUFFIXES:
             if (WEIGHTS_DIR / f"{stem}{suffix}").is_file():
@@ -275,7 +278,8 @@ def lite_imagenet_state_dict(name: str = LITE0) -> dict[str, torch.Tensor]:
             f"Lite{number} weight file has {len(source)} tensors, timm's {arch} has {len(target)}"
         )
     mapped = {}
-    for i, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(source.items(), target.items())):
+    pairs = zip(source.items(), target.items(), strict=True)
+    for i, ((src_key, tensor), (dst_key, expected)) in enumerate(pairs):
         if tensor.shape != expected.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
             raise ValueError(
                 f"Lite{number} tensor {i} does not line up: {src_key} {tuple(tensor.shape)} "
@@ -288,7 +292,9 @@ def lite_imagenet_state_dict(name: str = LITE0) -> dict[str, torch.Tensor]:
 def _create_lite_imagenet(name: str, drop_rate: float, num_classes: int) -> nn.Module:
     model = timm.create_model(name, num_classes=num_classes, drop_rate=drop_rate)
     state = lite_imagenet_state_dict(name)
-    head = [f"{model.pretrained_cfg['classifier']}.{p}" for p in ("weight", "bias")]
+    # timm's plain dict attribute; torch types every module attribute as Tensor | Module.
+    classifier = cast(dict[str, Any], model.pretrained_cfg)["classifier"]
+    head = [f"{classifier}.{p}" for p in ("weight", "bias")]
     if num_classes != _IMAGENET_CLASSES:
         for key in head:
             del state[key]
@@ -304,9 +310,10 @@ def freeze_stages(model: nn.Module, stages: int) -> None:
     time, and the edges and colours they detect carry over from ImageNet as they are."""
     if stages <= 0:
         return
-    if not hasattr(model, "blocks") or not hasattr(model, "conv_stem"):
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList) or not hasattr(model, "conv_stem"):
         raise ValueError(f"{type(model).__name__} has no stem and blocks to freeze")
-    for module in (model.conv_stem, model.bn1, *model.blocks[:stages]):
+    for module in (model.conv_stem, model.bn1, *blocks[:stages]):
         module.requires_grad_(False)
 
 
@@ -318,7 +325,8 @@ def cpu_bf16_supported() -> bool:
 def freeze_all_but_classifier(model: nn.Module) -> None:
     """Make only the classifier trainable (the seed's --freeze-layers)."""
     model.requires_grad_(False)
-    model.get_classifier().requires_grad_(True)
+    # get_classifier is timm's; torch types any attribute it does not know as Tensor | Module.
+    model.get_classifier().requires_grad_(True)  # type: ignore[operator]
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:

@@ -130,7 +130,7 @@ def predict_batches(
     tta = tta_views(tta)
     if isinstance(model, torch.nn.Module):
         # channels_last speeds up convolutions on CPUs (oneDNN) as well as on GPUs.
-        model = model.to(device, memory_format=torch.channels_last).eval()
+        model = model.to(device).to(memory_format=torch.channels_last).eval()
     loader = create_loader(dataset_for(meta, samples, cache_root), batch_size, workers, device)
     for images, _, indices, failed in loader:
         batch = Predictions(indices.tolist(), failures=list(failed))

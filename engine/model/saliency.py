@@ -10,6 +10,7 @@ writes DIR/<image>-gradcam.png and the seconds each overlay took (caches in the 
 """
 
 import argparse
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -23,13 +24,15 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from engine.data.datasets import Sample
 from engine.data.images import ImageError
 from engine.data.preprocess import cache_digest, file_identity, save_whole
 from engine.model.networks import load_checkpoint
 from engine.model.predictor import dataset_for, view_probabilities
 from engine.runtime.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 def head_layer(model: nn.Module) -> nn.Module:
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grade", type=int, help="default: the grade the model predicts")
     parser.add_argument("images", type=Path, nargs="+", help="photographs to explain")
     args = parser.parse_args(argv)
+    setup_logging()
     explainer = Explainer(args.checkpoint, Workspace.from_env().cache)
     args.out.mkdir(parents=True, exist_ok=True)
     for path in args.images:
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             overlay = explainer.saliency(path, grade).overlay()
             seconds = time.perf_counter() - started
         except ImageError as exc:
-            print(f"skipped {path.name}: {exc}")
+            log.warning("skipped %s: %s", path.name, exc)
             continue
         cv2.imwrite(str(args.out / f"{path.stem}-gradcam.png"), overlay[..., ::-1])
         print(f"{path.name}: grade {grade}, overlay in {seconds:.3f} s")

@@ -14,6 +14,7 @@ a timm model built with SEED_MODEL_ARGS computes exactly what the seed's model d
 
 from collections.abc import Mapping
 from functools import cache
+from typing import Any
 
 import timm
 import torch
@@ -24,7 +25,7 @@ SEED_MODELS = {
     "tf_efficientnetv2_m": ("EfficientNetV2-M", 384, 480),
     "tf_efficientnetv2_l": ("EfficientNetV2-L", 384, 480),
 }
-SEED_MODEL_ARGS = {"pad_type": ""}  # symmetric padding, as nn.Conv2d(padding=(k - 1) // 2)
+SEED_MODEL_ARGS: dict[str, Any] = {"pad_type": ""}  # symmetric padding, as nn.Conv2d(padding=(k - 1) // 2)
 SEED_MEAN_STD = (0.5, 0.5, 0.5)  # the seed's Normalize([0.5] * 3, [0.5] * 3)
 SEED_PREFIXES = {"stem", "blocks", "head"}
 _CLASSIFIER = "head.classifier.weight"
@@ -61,7 +62,7 @@ def seed_to_timm(state: Mapping[str, torch.Tensor], name: str) -> dict[str, torc
     targets = timm_layout(name, seed_classes(state) or 1)
     matched = _lined_up(tensors, targets)
     if matched == len(tensors) == len(targets):
-        return {key: tensor for (_, tensor), (key, _) in zip(tensors, targets)}
+        return {key: tensor for (_, tensor), (key, _) in zip(tensors, targets, strict=True)}
     if matched < min(len(tensors), len(targets)):
         (seed_key, tensor), (key, shape) = tensors[matched], targets[matched]
         raise SeedLayoutError(
@@ -97,7 +98,7 @@ def _tensors(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]
 def _lined_up(tensors: list[tuple[str, torch.Tensor]], layout: tuple[tuple[str, torch.Size], ...]) -> int:
     """How many leading tensors match the layout in kind and shape."""
     count = 0
-    for (seed_key, tensor), (key, shape) in zip(tensors, layout):
+    for (seed_key, tensor), (key, shape) in zip(tensors, layout, strict=False):
         if seed_key.rsplit(".", 1)[-1] != key.rsplit(".", 1)[-1] or tensor.shape != shape:
             break
         count += 1

@@ -6,6 +6,7 @@ Several app instances, on several machines, may share one database: a job's pid 
 something only on its own host, so a cancel travels through the database.
 """
 
+import logging
 import os
 import shlex
 import signal
@@ -15,18 +16,24 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import ExitStack
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
+from tqdm import tqdm
 
+from cli import terminal_bar
 from db.schema import JOB_ACTIVE as ACTIVE
 from db.schema import Job, Run, utcnow
-from db.session import read_scope, session_scope
+from db.session import read_scope, rows_changed, session_scope
 from db.users import User, require_admin
+from engine.runtime.distributed import rank
 from engine.runtime.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 PROJECT = Path(__file__).resolve().parents[2]
 HEARTBEAT_S = 5.0
@@ -109,7 +116,7 @@ def start_job(
         )
     _children[(workspace.db_url, job_id)] = process
     with session_scope(workspace.db_url) as session:
-        session.get(Job, job_id).pid = process.pid
+        session.get_one(Job, job_id).pid = process.pid
     return job_id
 
 
@@ -219,9 +226,13 @@ class JobReporter:
         self.cancelled = False
         self._stop = threading.Event()
         self._last_write = 0.0
+        self._bar: tqdm | None = None
+        self._closing = ExitStack()
 
     def __enter__(self) -> "JobReporter":
         self._handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.job_id is None and rank() == 0:  # by hand: a bar, if stderr is a terminal
+            self._bar = self._closing.enter_context(terminal_bar())
         if self.job_id is not None:
             if not self._mark_running():
                 self._take_cancel()  # while the process was starting: stop at the first check
@@ -231,6 +242,9 @@ class JobReporter:
     def __exit__(self, kind: type | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         self._stop.set()
         if self.job_id is None:  # nothing to record: the caller's handler again (a test's)
+            if self._bar is not None and exc is None:
+                self._bar.update(self._bar.total - self._bar.n)
+            self._closing.close()
             signal.signal(signal.SIGTERM, self._handler)
             return False
         if exc is None:
@@ -248,14 +262,8 @@ class JobReporter:
     def _mark_running(self) -> bool:
         """queued -> running; False if the job was cancelled before its process got here."""
         with session_scope(self.db_url) as session:
-            return (
-                session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.status == "queued")
-                    .values(status="running", heartbeat_at=utcnow())
-                ).rowcount
-                == 1
-            )
+            queued = update(Job).where(Job.id == self.job_id, Job.status == "queued")
+            return rows_changed(session, queued.values(status="running", heartbeat_at=utcnow())) == 1
 
     def _on_sigterm(self, _signum, _frame) -> None:
         self.cancelled = True
@@ -268,8 +276,9 @@ class JobReporter:
         workers, whose death would fail the job."""
         if self.cancelled:
             return
+        assert self.job_id is not None  # only a job's process gets here
         with read_scope(self.db_url) as session:
-            pid = session.get(Job, self.job_id).pid
+            pid = session.get_one(Job, self.job_id).pid
         if pid is not None and pid != os.getpid() and _runs_here(pid, self.job_id):
             os.killpg(pid, signal.SIGTERM)  # before the flag, which can end this rank first
         self.cancelled = True
@@ -283,26 +292,33 @@ class JobReporter:
             raise JobCancelled()
 
     def due(self) -> bool:
-        """Whether progress reported now would be recorded: in a job, at most twice a second."""
-        return self.job_id is not None and time.monotonic() - self._last_write >= 0.5
+        """Whether progress reported now would be shown, in a job's row or on a terminal's bar:
+        at most twice a second."""
+        shown = self.job_id is not None or self._bar is not None
+        return shown and time.monotonic() - self._last_write >= 0.5
 
     def progress(self, fraction: float, message: str = "", force: bool = False) -> None:
         """Record progress (at most twice a second unless forced) and honour a cancel."""
         self.check_cancel()
-        if self.job_id is None or not (force or self.due()):
+        if not (force or self.due()):
             return
         self._last_write = time.monotonic()
-        self._update(progress=min(max(fraction, 0.0), 1.0), message=message[:500], heartbeat_at=utcnow())
+        fraction = min(max(fraction, 0.0), 1.0)
+        if self._bar is not None:
+            self._bar.set_description_str(message, refresh=False)
+            self._bar.update(fraction - self._bar.n)
+        if self.job_id is not None:
+            self._update(progress=fraction, message=message[:500], heartbeat_at=utcnow())
 
     def attach_run(self, run_id: int) -> None:
         """The job works on `run_id`; a training job's account becomes the run's."""
         if self.job_id is None:
             return
         with session_scope(self.db_url) as session:
-            job = session.get(Job, self.job_id)
+            job = session.get_one(Job, self.job_id)
             job.run_id = run_id
             if job.kind == "train":
-                session.get(Run, run_id).account = job.account
+                session.get_one(Run, run_id).account = job.account
 
     def _watch(self) -> None:
         """The heartbeat, and a cancel requested in the database taken up as SIGTERM is: the
@@ -316,7 +332,7 @@ class JobReporter:
                 if not self.cancelled and self._cancel_requested():
                     self._take_cancel()
             except OperationalError as exc:  # e.g. "database is locked": try again soon
-                print(f"database not reached: {exc.orig}", file=sys.stderr, flush=True)
+                log.warning("database not reached: %s", exc.orig)
 
     def _update(self, **values) -> None:
         with session_scope(self.db_url) as session:

@@ -9,8 +9,10 @@ engine.loop.export_model writes the same card into every export.
 """
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
+import logging
 import subprocess
 import sys
 from collections import Counter
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.runs import best_epoch, run_calibration
 from db.schema import Image, Run, Source
 from db.session import migrate, read_scope
@@ -31,6 +33,8 @@ from engine.runtime.markdown import literal
 from engine.runtime.workspace import Workspace
 from engine.training.refit import VALIDATION
 from grades import GRADE_NAMES, GRADES, REVIEW_THRESHOLD
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 CARD = "MODEL_CARD.md"
@@ -175,8 +179,10 @@ def training_data(db_url: str, checkpoint: Path) -> list[DataRow]:
     for split, samples in (("training", train), ("validation", val)):
         for s in samples:
             # An image without an expert grade reached training through a review.
-            source, reviewed = known.get(s.image_id, (str(Path(s.path).parent.parent), False))
+            folder = (str(Path(s.path).parent.parent), False)
+            source, reviewed = folder if s.image_id is None else known.get(s.image_id, folder)
             row = rows.setdefault((source, split), DataRow(source, split, [0] * len(GRADES), 0))
+            assert s.grade is not None  # read_manifest gives every sample its grade
             row.grades[s.grade] += 1
             row.reviewed += reviewed
     return list(rows.values())
@@ -186,10 +192,8 @@ def software() -> dict:
     """The versions of the libraries installed now and the code's commit."""
     versions = {"python": sys.version.split()[0]}
     for package in PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return {"versions": versions, "commit": commit()}
 
 
@@ -326,7 +330,7 @@ def _data(facts: RunFacts) -> str:
             + " | ".join(str(n) for n in row.grades)
             + f" | {row.reviewed} |"
         )
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for row in facts.data:
         totals[row.split] += sum(row.grades)
     lines += [
@@ -376,7 +380,7 @@ def _metrics(facts: RunFacts) -> str:
         ]
         lines += [
             f"| {GRADE_NAMES[g]} | {p:.3f} | {r:.3f} |"
-            for g, p, r in zip(GRADES, best["precision"], best["recall"])
+            for g, p, r in zip(GRADES, best["precision"], best["recall"], strict=True)
         ]
     return "\n".join(lines)
 
@@ -559,12 +563,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run", help="the run's name or id")
     args = parser.parse_args(argv)
+    setup_logging()
     workspace = Workspace.from_env()
     migrate(workspace.db_url)
     try:
         print(write_model_card(workspace.db_url, args.run))
     except RunUnusable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
     return 0
 

@@ -13,11 +13,14 @@ validation phase trains the same epochs on fewer images before it.
 """
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from engine.data.datasets import Sample
 from engine.runtime.distributed import rank
 from engine.training.trainer import Hooks, RunPaths, TrainConfig, Trainer, TrainResult
+
+log = logging.getLogger(__name__)
 
 VALIDATION = "validation"  # the folder of the validation phase inside the run's own
 
@@ -41,10 +44,10 @@ def train_model(
     if config.minutes and not resume:
         config.epochs = final.epochs_in_budget(config.minutes)
         if rank() == 0:
-            print(
-                f"{config.epochs} epochs on every image fit into {config.minutes:g} minutes; "
-                "the validation phase trains them first",
-                flush=True,
+            log.info(
+                "%d epochs on every image fit into %g minutes; the validation phase trains them first",
+                config.epochs,
+                config.minutes,
             )
     config.minutes = None  # both phases train these epochs
     hooks.on_phase(f"validation phase: {len(train)} training images, {len(val)} validation", 0, 2)

@@ -57,7 +57,7 @@ def choose_operating_point(checkpoint: str | Path, sensitivity: float, seed: int
 
 def roc_points(samples: list[Sample], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(1 - specificity, sensitivity) of referable DR at every threshold, for the ROC curve."""
-    positive = np.array([s.grade >= REFERABLE for s in samples])
+    positive = np.array([s.grade for s in samples]) >= REFERABLE
     order = np.argsort(-referable_score(probs), kind="mergesort")
     hits = np.concatenate([[0], np.cumsum(positive[order])])
     misses = np.concatenate([[0], np.cumsum(~positive[order])])
@@ -68,7 +68,7 @@ def validation_roc(path: Path, threshold: float) -> tuple[np.ndarray, np.ndarray
     """The ROC curve of a run's stored validation probabilities, and (sensitivity,
     specificity) at `threshold` on all of them."""
     samples, probs = read_probabilities(path)
-    positive = np.array([s.grade >= REFERABLE for s in samples])
+    positive = np.array([s.grade for s in samples]) >= REFERABLE
     return (
         *roc_points(samples, probs),
         sensitivity_specificity(positive, referable_score(probs) >= threshold),
@@ -81,7 +81,7 @@ def paired_difference(
     """QWK and referable AUC of the first run minus the second's on the validation images both
     were judged on, each with its paired 95 % interval by person, and whether the interval
     leaves out 0 (the difference is larger than the noise)."""
-    theirs = {s.path: row for s, row in zip(*second)}
+    theirs = {s.path: row for s, row in zip(*second, strict=True)}
     shared = [n for n, s in enumerate(first[0]) if s.path in theirs]
     samples = [first[0][n] for n in shared]
     a = first[1][shared]

@@ -15,6 +15,7 @@ the global batch, shared among the processes; rank 0 alone writes the database a
 
 import argparse
 import json
+import logging
 import re
 import sys
 from dataclasses import asdict
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from cli import HelpFormatter
+from cli import HelpFormatter, setup_logging
 from db.queries import curated_set, labelled_images
 from db.runs import activate_first
 from db.schema import Epoch, Run, utcnow
@@ -52,6 +53,8 @@ from engine.model.predictor import tta_views
 from engine.runtime.distributed import from_rank_0, process_group, rank, world_size
 from engine.runtime.jobs import JobCancelled, JobReporter
 from engine.runtime.workspace import Workspace
+
+log = logging.getLogger(__name__)
 from engine.training.model_card import RunUnusable, write_model_card
 from engine.training.refit import recorded_paths, train_model
 from engine.training.trainer import Hooks, RunPaths, TrainConfig, TrainingStopped, epoch_line, run_name
@@ -370,27 +373,27 @@ def keep_validation_apart(train: list[Sample], val: list[Sample]) -> list[Sample
     """The training samples less any person or image (by content) that validation holds, so
     that the yardstick never sees what was learned; says in the log how the split was kept."""
     groups = {s.group for s in train + val if s.group}
-    print(
+    log.info(
         f"people kept apart: {len(groups)} groups known (patient ids or <patient>_left/right names)"
         if groups
         else "no groups known (no patient ids or <patient>_left/right "
-        "names): training and validation are split by image",
-        flush=True,
+        "names): training and validation are split by image"
     )
     shared = shared_groups(train, val)
     copies = same_content(train, val)
     kept = [s for s in train if s.group not in shared and s.path not in copies]
     if len(kept) < len(train):
-        print(
-            f"left out of training: {len(train) - len(kept)} images of {len(shared)} people "
-            f"in validation and {len(copies)} copies of validation images",
-            flush=True,
+        log.info(
+            "left out of training: %d images of %d people in validation and %d copies of validation images",
+            len(train) - len(kept),
+            len(shared),
+            len(copies),
         )
     return kept
 
 
 class RankHooks(Hooks):
-    """A rank's unreadable images to stdout, and its cancel (SIGTERM) to the trainer, which
+    """A rank's unreadable images to the log, and its cancel (SIGTERM) to the trainer, which
     stops every rank at the same batch."""
 
     def __init__(self, job: JobReporter):
@@ -398,7 +401,7 @@ class RankHooks(Hooks):
 
     def on_skipped(self, reasons: list[str]) -> None:
         for reason in reasons:
-            print(f"skipped {reason}", flush=True)
+            log.warning("skipped %s", reason)
 
     def stop_requested(self) -> bool:
         return self.job.cancelled
@@ -407,9 +410,9 @@ class RankHooks(Hooks):
         raise JobCancelled()
 
 
-class LogHooks(RankHooks):
-    """Rank 0's: also progress to the job row (if any) and to stdout; epochs to the database
-    (if a run)."""
+class JobHooks(RankHooks):
+    """Rank 0's: also progress to the job row (if any) or a terminal's bar, phases and epochs to
+    the log, epochs to the database (if a run)."""
 
     def __init__(self, job: JobReporter, db_url: str | None = None, run_id: int | None = None):
         super().__init__(job)
@@ -422,15 +425,16 @@ class LogHooks(RankHooks):
 
     def on_phase(self, name: str, index: int, count: int) -> None:
         self.phase, self.phase_index, self.phases = f"{name.split(':')[0]}, ", index, count
-        print(name, flush=True)
+        log.info("%s", name)
 
     def on_start(self, config: TrainConfig, total_epochs: int) -> None:
         self.epochs, self.select = total_epochs, config.select
         if config.minutes:
-            print(f"{total_epochs} epochs fit into {config.minutes:g} minutes", flush=True)
-        if self.run_id is not None:  # a budget of minutes has just fixed the epochs
+            log.info("%d epochs fit into %g minutes", total_epochs, config.minutes)
+        # A budget of minutes has just fixed the epochs.
+        if self.db_url is not None and self.run_id is not None:
             with session_scope(self.db_url) as session:
-                run = session.get(Run, self.run_id)
+                run = session.get_one(Run, self.run_id)
                 run.config = {**run.config, "epochs": total_epochs}
 
     def on_batch(self, epoch: int, step: int, steps: int, images_per_s: float) -> None:
@@ -443,13 +447,14 @@ class LogHooks(RankHooks):
         )
 
     def on_epoch(self, record: dict) -> None:
-        print(epoch_line(record), flush=True)
-        if self.run_id is None or "qwk" not in record:  # the run's curves are validated epochs
+        log.info("%s", epoch_line(record))
+        # The run's curves are validated epochs.
+        if self.db_url is None or self.run_id is None or "qwk" not in record:
             return
         with session_scope(self.db_url) as session:
             fields = {k: v for k, v in record.items() if k != "img_size"}
             session.add(Epoch(run_id=self.run_id, **fields))
-            run = session.get(Run, self.run_id)
+            run = session.get_one(Run, self.run_id)
             kept = record["qwk"] if self.select == "last" else max(run.best_qwk or -1.0, record["qwk"])
             run.best_qwk = kept
 
@@ -467,7 +472,7 @@ def _start_run(db_url: str, config: TrainConfig, name: str, train: list[Sample])
 
 def _finish_run(db_url: str, run_id: int, status: str, result=None) -> None:
     with session_scope(db_url) as session:
-        run = session.get(Run, run_id)
+        run = session.get_one(Run, run_id)
         run.status, run.finished_at = status, utcnow()
         if result is not None:
             run.checkpoint, run.best_qwk = str(result.best_checkpoint), result.best_qwk
@@ -479,9 +484,9 @@ def write_card(db_url: str, run_id: int) -> None:
     """MODEL_CARD.md beside the finished run's checkpoint; a card that cannot be written is
     said, and leaves the run done."""
     try:
-        print(f"model card: {write_model_card(db_url, run_id)}")
+        log.info("model card: %s", write_model_card(db_url, run_id))
     except (OSError, RunUnusable) as exc:
-        print(f"model card not written: {exc}", file=sys.stderr)
+        log.warning("model card not written: %s", exc)
 
 
 def run_inputs(
@@ -532,10 +537,9 @@ def prepare(
         if world_size() > 1
         else ""
     )
-    print(
+    log.info(
         f"{config.model} at {config.img_size}px on {config.device}{processes}; train per "
-        f"grade {class_counts(train_samples)}, validation {class_counts(val_samples)}",
-        flush=True,
+        f"grade {class_counts(train_samples)}, validation {class_counts(val_samples)}"
     )
     run_id = _start_run(workspace.db_url, config, name, train_samples) if args.from_db else None
     return name, config, train_samples, val_samples, run_id
@@ -548,7 +552,7 @@ def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter, devi
         run_id = None  # the database is rank 0's to write
     if run_id is not None:
         job.attach_run(run_id)
-    hooks = LogHooks(job, workspace.db_url, run_id) if rank() == 0 else RankHooks(job)
+    hooks = JobHooks(job, workspace.db_url, run_id) if rank() == 0 else RankHooks(job)
     try:
         result = train_model(
             config,
@@ -577,15 +581,16 @@ def train(args: argparse.Namespace, workspace: Workspace, job: JobReporter, devi
 def say(message: str) -> None:
     """An error in words, once: every rank meets the same one (rank 0 decides them)."""
     if rank() == 0:
-        print(message, file=sys.stderr)
+        log.error("%s", message)
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
     except ValueError as exc:
-        say(f"error: {exc}")
+        say(str(exc))
         return 2
     workspace = Workspace.from_env()
     if rank() == 0:  # the other ranks wait for its plan before anything touches the database
@@ -599,10 +604,10 @@ def main(argv: list[str] | None = None) -> int:
         ):
             train(args, workspace, job, device)
     except (FileNotFoundError, FileExistsError) as exc:  # a missing folder, a taken run name
-        say(f"error: {exc}")
+        say(str(exc))
         return 2
     except WeightsMismatch as exc:
-        say(f"error: {exc}; name the model the file was made for with --model")
+        say(f"{exc}; name the model the file was made for with --model")
         return 2
     except TrainingStopped as exc:
         say(f"stopped: {exc}")

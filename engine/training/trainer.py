@@ -11,6 +11,7 @@ gets the whole epoch's metrics; rank 0 alone writes files.
 
 import copy
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -57,6 +58,8 @@ from engine.runtime.distributed import (
     world_size,
 )
 from engine.runtime.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 def run_name(now: datetime | None = None) -> str:
@@ -180,14 +183,14 @@ class Hooks:
         raise TrainingStopped("stopped on request")
 
 
-class PrintHooks(Hooks):
-    """Each epoch as one line on stdout, for the commands that train without a job."""
+class LogHooks(Hooks):
+    """Each phase and epoch as one line in the log, for the commands that train without a job."""
 
     def on_phase(self, name: str, index: int, count: int) -> None:
-        print(f" {name}:", flush=True)
+        log.info(" %s:", name)
 
     def on_epoch(self, record: dict) -> None:
-        print(f"  {epoch_line(record)}", flush=True)
+        log.info("  %s", epoch_line(record))
 
 
 def epoch_line(record: dict) -> str:
@@ -286,7 +289,7 @@ class Trainer:
             freeze_all_but_classifier(self.model)
         freeze_stages(self.model, config.freeze_stages)
         # channels_last speeds up convolutions on CPUs (oneDNN) as well as on GPUs.
-        self.model.to(self.device, memory_format=torch.channels_last)
+        self.model.to(self.device).to(memory_format=torch.channels_last)
         self.net = self.model  # what trains: under torchrun, `parallel` wraps it in fit()
         self.optimizer = _optimizer(config, self.model)
         power = BALANCE_POWER.get(config.balance)
@@ -349,8 +352,9 @@ class Trainer:
         ordinal = self.config.loss == "ordinal"
         targets = soft_targets(labels, logits.shape[1]) if ordinal else labels
         losses = F.cross_entropy(logits, targets, weight=self.loss_weights, reduction="none")
-        weighted = self.loss_weights is not None and not ordinal
-        weights = self.loss_weights[labels] if weighted else torch.ones_like(losses)
+        weights = torch.ones_like(losses)
+        if self.loss_weights is not None and not ordinal:
+            weights = self.loss_weights[labels]
         denominator, total = sum_over_ranks(
             torch.stack([weights.sum(), losses.detach().sum()]).tolist(), self.device
         )
@@ -370,8 +374,11 @@ class Trainer:
         loader = self._loader(self.train_samples, True, size, magnitude, epoch, shared=True)
         self.net.train()
         if hasattr(self.model, "drop_rate"):
-            self.model.drop_rate = dropout
-        steps, seen, total_loss, truth, preds = len(loader), 0, 0.0, [], []
+            # timm's float attribute; torch types every module attribute as Tensor | Module.
+            self.model.drop_rate = dropout  # type: ignore[assignment]
+        steps, seen, total_loss = len(loader), 0, 0.0
+        truth: list[torch.Tensor] = []
+        preds: list[torch.Tensor] = []
         started = time.perf_counter()
         for step, (images, labels, _, failed) in enumerate(loader):
             if failed:
@@ -405,7 +412,8 @@ class Trainer:
                 f"epoch {epoch + 1}: none of the {len(self.train_samples)} "
                 "training images could be read (the log names each)"
             )
-        y, p = (torch.cat([t for r in ranks for t in r[k]]).numpy() for k in (2, 3))
+        y = torch.cat([t for r in ranks for t in r[2]]).numpy()
+        p = torch.cat([t for r in ranks for t in r[3]]).numpy()
         report = classification_report(y, p)
         return {"loss": total_loss / seen, "lr": lr, "size": size, **report}
 
@@ -448,7 +456,7 @@ class Trainer:
         report = classification_report(labels.numpy(), preds.numpy())
         errors = [
             (self.val_samples[i].path, int(t), int(p))
-            for i, t, p in zip(indices, labels.tolist(), preds.tolist())
+            for i, t, p in zip(indices, labels.tolist(), preds.tolist(), strict=True)
             if t != p
         ]
         return {"loss": F.cross_entropy(logits, labels).item(), **report}, errors
