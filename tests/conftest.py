@@ -8,6 +8,21 @@ import pytest
 from PIL import Image as PILImage
 
 ROOT = Path(__file__).resolve().parents[1]
+# engine.training.train's options for the tiny test model, as the training tests run it.
+TINY_TRAIN = [
+    "--model",
+    "test_efficientnet",
+    "--img-size",
+    "64",
+    "--pretrained",
+    "false",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--lr",
+    "0.05",
+]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Exporting a network to ONNX takes seconds even for a tiny one: the tests that are not about

@@ -13,7 +13,7 @@ import onnxruntime
 import pytest
 import timm
 import torch
-from conftest import ROOT, tiny_checkpoint
+from conftest import ROOT, TINY_TRAIN, tiny_checkpoint
 from safetensors.torch import load_file
 from sqlalchemy import select
 
@@ -32,20 +32,6 @@ from engine.runtime.markdown import literal
 from engine.runtime.workspace import Workspace
 from engine.training.model_card import DataRow, RunUnusable, figure, model_card, run_facts, write_model_card
 
-TINY = [
-    "--model",
-    "test_efficientnet",
-    "--img-size",
-    "64",
-    "--pretrained",
-    "false",
-    "--batch-size",
-    "8",
-    "--workers",
-    "0",
-    "--lr",
-    "0.05",
-]
 SECTIONS = [
     "## Intended use",
     "## Training data",
@@ -79,7 +65,7 @@ def workspace(tiny_data, tmp_path_factory) -> Workspace:
             "1",
             "--name",
             "tiny",
-            *TINY,
+            *TINY_TRAIN,
         ],
         cwd=ROOT,
         env=env,

@@ -4,6 +4,7 @@ judged against their interval."""
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 from engine.data.datasets import Sample, folder_samples, read_probabilities, stratified_split
 from engine.model.metrics import operating_point, referable_score
@@ -15,22 +16,7 @@ from engine.training.screening import choose_operating_point, paired_difference,
 from engine.training.train import make_config, parse_args
 from engine.training.trainer import Hooks, RunPaths
 
-TINY = [
-    "--model",
-    "test_efficientnet",
-    "--img-size",
-    "64",
-    "--pretrained",
-    "false",
-    "--batch-size",
-    "8",
-    "--workers",
-    "0",
-    "--lr",
-    "0.05",
-    "--epochs",
-    "1",
-]
+TINY = [*TINY_TRAIN, "--epochs", "1"]  # one epoch is enough here
 
 
 def people(count: int, seed: int) -> tuple[list[Sample], np.ndarray]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import ROOT, write_image
+from conftest import ROOT, TINY_TRAIN, write_image
 from safetensors.torch import save_file
 from sqlalchemy import select
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -36,26 +36,11 @@ from engine.training.trainer import (
     stage_of,
 )
 
-TINY = [
-    "--model",
-    "test_efficientnet",
-    "--img-size",
-    "64",
-    "--pretrained",
-    "false",
-    "--batch-size",
-    "8",
-    "--workers",
-    "0",
-    "--lr",
-    "0.05",
-]
-
 
 def train_cli(workspace: Path, *args: str, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "DR_WORKSPACE": str(workspace), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "engine.training.train", *TINY, *args],
+        [sys.executable, "-m", "engine.training.train", *TINY_TRAIN, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -183,12 +168,12 @@ def test_resume_continues_the_epoch_count(tiny_data, tmp_path):
 @pytest.mark.parametrize("text", ["false", "False", "0", "no"])
 def test_false_spellings_do_not_freeze(text):
     assert boolean(text) is False
-    args = parse_args(["--data-path", "x", "--freeze-layers", text, *TINY])
+    args = parse_args(["--data-path", "x", "--freeze-layers", text, *TINY_TRAIN])
     assert make_config(args).freeze_layers is False
 
 
 def test_freeze_layers_trains_only_the_classifier(tiny_data, tmp_path):
-    args = parse_args(["--data-path", "x", "--freeze-layers", "true", "--epochs", "1", *TINY])
+    args = parse_args(["--data-path", "x", "--freeze-layers", "true", "--epochs", "1", *TINY_TRAIN])
     config = make_config(args)
     assert config.freeze_layers is True
     train, val = stratified_split(folder_samples(tiny_data / "validation"))
@@ -235,7 +220,7 @@ def test_database_mode_records_the_run_and_its_epochs(tiny_data, tmp_path):
 
 
 def tiny_config(**changes):
-    args = parse_args(["--data-path", "x", "--epochs", "1", *TINY])
+    args = parse_args(["--data-path", "x", "--epochs", "1", *TINY_TRAIN])
     config = make_config(args)
     for key, value in changes.items():
         setattr(config, key, value)
@@ -251,7 +236,7 @@ def test_a_run_name_that_leads_out_of_the_workspace_is_refused_before_anything_i
     with pytest.raises(SystemExit) as stopped:  # in this process: a refusal needs no other
         train_main(
             [
-                *TINY,
+                *TINY_TRAIN,
                 "--data-path",
                 str(tiny_data / "validation"),
                 "--epochs",
@@ -421,7 +406,7 @@ def test_class_folders_too_few_to_split_are_an_error_in_words(tmp_path, monkeypa
     monkeypatch.setenv("DR_WORKSPACE", str(tmp_path / "ws"))
     # SystemExit with a message: the terminal shows it alone, no traceback, and status 1.
     with pytest.raises(SystemExit, match="1 images are too few to split 80/20"):
-        train_main([*TINY, "--data-path", str(tmp_path / "folders"), "--epochs", "1"])
+        train_main([*TINY_TRAIN, "--data-path", str(tmp_path / "folders"), "--epochs", "1"])
 
 
 def test_a_weight_file_of_another_model_is_an_error_naming_the_first_mismatch(
@@ -435,7 +420,7 @@ def test_a_weight_file_of_another_model_is_an_error_naming_the_first_mismatch(
     assert (
         train_main(
             [
-                *TINY[:4],
+                *TINY_TRAIN[:4],
                 "--weights",
                 str(other),
                 "--data-path",
