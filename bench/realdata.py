@@ -33,7 +33,7 @@ from bench.common import REALDATA
 from bench.reference import reference_probs, train_reference
 from cli import HelpFormatter, setup_logging
 from engine.data.datasets import Sample, labels_csv_samples, read_probabilities, train_val_test_split
-from engine.model.metrics import expected_calibration_error, screening_summary
+from engine.model.metrics import expected_calibration_error, screening_summary, with_interval
 from engine.model.networks import load_checkpoint
 from engine.model.predictor import predict
 from engine.runtime.workspace import Workspace
@@ -150,13 +150,6 @@ def run_reference(train, val, test, datasets, minutes: float, config, seed: int)
     return out
 
 
-def cell(figure: dict | None) -> str:
-    if figure is None or not np.isfinite(figure["value"]):
-        return "-"
-    low, high = figure["interval"]
-    return f"{figure['value']:.3f} [{low:.3f}, {high:.3f}]"
-
-
 def rows(results: dict) -> list[tuple[str, str, dict]]:
     """(method, split, figures per source) for every table row there is."""
     out = []
@@ -180,7 +173,7 @@ def markdown(results: dict, paired: dict | None) -> str:
             row = by_source[source]
             lines.append(
                 f"| {method} | {split} | {source} | {row['images']} | "
-                + " | ".join(cell(row.get(k)) for k in keys)
+                + " | ".join(with_interval(row.get(k)) for k in keys)
                 + f" | {row['ece']:.3f} |"
             )
     if paired:
@@ -191,8 +184,8 @@ def markdown(results: dict, paired: dict | None) -> str:
         ]
         for source in SOURCES:
             lines.append(
-                f"| difference | {source} | {cell(paired[source]['qwk'])} | "
-                f"{cell(paired[source]['referable_auc'])} |"
+                f"| difference | {source} | {with_interval(paired[source]['qwk'], '+.3f')} | "
+                f"{with_interval(paired[source]['referable_auc'], '+.3f')} |"
             )
     return "\n".join(lines)
 

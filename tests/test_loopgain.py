@@ -196,7 +196,8 @@ def test_the_command_measures_all_four_arms_end_to_end(tmp_path, capsys, one_thr
     )
     printed, said = capsys.readouterr()
     report = json.loads(out.read_text())
-    arms, split = report["arms"], report["split"]
+    (measured,) = report["runs"]
+    arms, split = measured["arms"], measured["split"]
     assert set(arms) == {"baseline", "curated", "pseudo", "oracle"}
     assert list(arms["curated"]) == ["all", "random", "flip"]
     assert arms["baseline"][0]["train_images"] == split["labelled"]
@@ -230,7 +231,7 @@ def test_the_command_measures_all_four_arms_end_to_end(tmp_path, capsys, one_thr
 
     rows = [arms["baseline"][0], oracle, *pseudo, *sum(arms["curated"].values(), [])]
     assert all(-1 <= r["qwk"] <= 1 and r["epochs"] >= 1 for r in rows)
-    gains = report["gains"]
+    gains = measured["gains"]
     base = arms["baseline"][0]["qwk"]
     for order, rows in arms["curated"].items():
         assert gains[order]["per_100_decisions"] == pytest.approx(
@@ -242,3 +243,50 @@ def test_the_command_measures_all_four_arms_end_to_end(tmp_path, capsys, one_thr
     assert gains["all"]["decisions"] == split["pool"]
     assert "| pseudo-labels, unreviewed | 2 |" in printed and f"written to {out}" in printed
     assert "| curated, every candidate | 1 |" in printed and "| flip order |" in printed
+
+
+def test_repeats_measure_each_arm_on_new_splits_and_report_paired_differences_per_dataset(
+    tmp_path, capsys, one_thread
+):
+    write_dataset(tmp_path / "data", seed=5, n_train=60, n_test=0, n_val=0, n_messidor=0, size=80, workers=1)
+    aptos = tmp_path / "data" / "aptos"
+    rows = (aptos / "train.csv").read_text().splitlines()[1:]
+    with open(aptos / "labels.csv", "w") as labels:  # as ../shared/realdata: two datasets
+        labels.write("file,grade,dataset,group\n")
+        for n, row in enumerate(rows):
+            name, grade = row.split(",")
+            labels.write(f"train_images/{name}.png,{grade},{'ab'[n % 2]},{name}\n")
+    out = tmp_path / "loopgain.json"
+    argv = ["--data", str(aptos), "--epochs", "1", "--rounds", "1", "--threshold", "0", "--order"]
+    assert main([*argv, "--repeats", "2", "--seed", "3", "--train-args", TINY, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    first, second = report["runs"]
+    assert (first["seed"], second["seed"]) == (3, 4)
+    assert first["config"]["seed"] == 3 and second["config"]["seed"] == 4
+    assert list(first["arms"]["curated"]) == ["all"]  # --order with no name: every candidate only
+    tests = [set(run["split"]) for run in report["runs"]]
+    assert tests[0] == {"labelled", "pool", "val", "test"} == tests[1]
+
+    found = report["differences"]
+    assert set(found) == {"curated − baseline", "curated − unreviewed"}
+    tested = first["split"]["test"] + second["split"]["test"]
+    for compared, (a, b) in {
+        "curated − baseline": ("all", "baseline"),
+        "curated − unreviewed": ("all", "pseudo"),
+    }.items():
+        by_source = found[compared]
+        assert list(by_source) == ["pooled", "a", "b"]
+        assert by_source["pooled"]["repeats"] == 2 and by_source["pooled"]["images"] == tested
+        assert by_source["a"]["images"] + by_source["b"]["images"] == tested
+        # The pooled difference is the mean of each repeat's difference of the last rounds.
+        last = [
+            (run["arms"]["curated"][a][-1] if a == "all" else run["arms"][a][-1])["qwk"]
+            - run["arms"][b][-1]["qwk"]
+            for run in report["runs"]
+        ]
+        pooled = by_source["pooled"]["qwk"]
+        assert pooled["value"] == pytest.approx(np.mean(last))
+        assert pooled["interval"][0] <= pooled["value"] <= pooled["interval"][1]
+    printed = capsys.readouterr().out
+    assert "seed 3:" in printed and "seed 4:" in printed
+    assert "| curated − unreviewed | b | 2 |" in printed

@@ -12,7 +12,13 @@ from engine.model.networks import load_checkpoint
 from engine.model.predictor import predict
 from engine.runtime.workspace import Workspace
 from engine.training.refit import train_model
-from engine.training.screening import choose_operating_point, paired_difference, roc_points, validation_file
+from engine.training.screening import (
+    choose_operating_point,
+    paired_difference,
+    repeated_difference,
+    roc_points,
+    validation_file,
+)
 from engine.training.train import make_config, parse_args
 from engine.training.trainer import Hooks, RunPaths
 
@@ -26,6 +32,24 @@ def people(count: int, seed: int) -> tuple[list[Sample], np.ndarray]:
     samples = [Sample(f"/x/{n}.png", int(g), str(n), group=f"p{n // 2}") for n, g in enumerate(grades)]
     guessed = np.where(rng.random(count) < 0.7, grades, rng.integers(0, 4, count))
     return samples, np.eye(4)[guessed] * 0.6 + 0.1
+
+
+def test_repeats_average_their_differences_and_their_disagreement_widens_the_interval():
+    samples, probs = people(300, 1)
+    truth = np.eye(4)[[s.grade for s in samples]] * 0.6 + 0.1
+    better = paired_difference((samples, truth), (samples, probs))
+    # Two repeats that agree: the same mean, an interval about as narrow.
+    agree = repeated_difference([((samples, truth), (samples, probs))] * 2)
+    assert agree["repeats"] == 2 and agree["images"] == 600
+    assert agree["qwk"]["value"] == pytest.approx(better["qwk"]["value"]) and agree["qwk"]["beyond_noise"]
+    # One repeat where the first model wins and one where it loses by as much: no difference
+    # on average, and drawing the repeats puts 0 well inside the interval, though each
+    # repeat alone is far beyond the noise of its images.
+    split = repeated_difference([((samples, truth), (samples, probs)), ((samples, probs), (samples, truth))])
+    assert split["qwk"]["value"] == pytest.approx(0, abs=1e-12)
+    low, high = split["qwk"]["interval"]
+    assert low < -0.5 * better["qwk"]["value"] and high > 0.5 * better["qwk"]["value"]
+    assert not split["qwk"]["beyond_noise"] and not split["referable_auc"]["beyond_noise"]
 
 
 def test_a_run_stores_what_inference_computes_and_a_point_chosen_on_it(tiny_data, tmp_path):

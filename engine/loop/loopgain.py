@@ -5,6 +5,7 @@ taking them unreviewed, and which queue order gets the most out of each decision
                               [--rounds 2] [--labelled-share 0.3] [--decisions 100]
                               [--error-rate 0.05] [--order [confidence random flip]] [--seed 0]
                               [--threshold 0.7] [--train-args "--img-size 384 ..."] [--out FILE]
+                              [--repeats 3]
 
 The labelled set (--data: a folder with labels.csv as ../shared/realdata, an APTOS folder with
 train.csv, or class folders 0/ 1/ 2/ 3/; --synthetic: APTOS-style photographs drawn for the
@@ -29,6 +30,12 @@ for --epochs.
 Every model is judged on the test split: QWK and referable-DR AUC. The rows go to --out after
 every training, so a run cut short keeps what it measured; at the end the table and the QWK each
 curated arm gained per 100 decisions, against random order, are printed and written there too.
+
+--repeats N measures every arm N times, each time with the next seed (another split, another
+training). The curated arm that decides every candidate is then compared with the baseline
+and with the unreviewed pseudo-labels on the same test images, per dataset and pooled: the
+mean difference over the repeats in QWK and referable AUC, with a 95 % interval that draws the
+repeats and then the people of each (engine.training.screening.repeated_difference).
 """
 
 import argparse
@@ -60,11 +67,12 @@ from engine.data.datasets import (
 from engine.data.sources import ImportStopped, list_source
 from engine.data.synth import write_dataset
 from engine.loop.queue_order import ORDERS, queue_order
-from engine.model.metrics import grading_summary
+from engine.model.metrics import grading_summary, with_interval
 from engine.model.networks import WeightsMismatch, load_checkpoint
 from engine.model.predictor import Predictions, default_batch_size, model_views, predict
 from engine.runtime.workspace import Workspace
 from engine.training.refit import train_model
+from engine.training.screening import Judged, repeated_difference
 from engine.training.train import make_config, parse_args
 from engine.training.trainer import LogHooks, RunPaths, TrainingStopped
 from grades import GRADES, REVIEW_THRESHOLD
@@ -78,6 +86,11 @@ SYNTHETIC_IMAGES = 480
 MINUTES = 5.0  # each training's budget by default
 METRICS = ("qwk", "referable_auc", "accuracy", "sens_at_90_spec", "ece")
 EVERY = "all"  # the curated arm that decides every candidate, beside the budgeted orders
+# The differences --repeats reports: (first arm, second arm), each at its last round.
+COMPARED = {
+    "curated − baseline": (f"curated-{EVERY}", "baseline"),
+    "curated − unreviewed": (f"curated-{EVERY}", "pseudo"),
+}
 
 Fitted = tuple[torch.nn.Module, dict]  # a trained model and its checkpoint's meta
 
@@ -113,9 +126,9 @@ def loop_split(samples: list[Sample], labelled_share: float, seed: int) -> LoopS
 
 def labelled_set(
     data: Path | None, synthetic: int | None, scratch: Path, seed: int
-) -> tuple[list[Sample], Path]:
+) -> tuple[list[Sample], dict[str, str], Path]:
     """The labelled photographs of --data, or `synthetic` ones drawn into `scratch`, or of the
-    default, and the folder they are in."""
+    default; each one's dataset by path (where labels.csv names it); the folder they are in."""
     if data is None and synthetic is None and (REALDATA / "labels.csv").is_file():
         data = REALDATA
     if data is None:
@@ -125,17 +138,16 @@ def labelled_set(
         data = scratch / "synthetic" / "aptos"
     if (data / "labels.csv").is_file():
         try:
-            return labels_csv_samples(data)[0], data
+            return *labels_csv_samples(data), data
         except ValueError as exc:  # a row without a grade 0-4, named in the message
             raise UnusableData(str(exc)) from None
     if (data / "train.csv").is_file():
         root, entries, problems = list_source("aptos", data, "train")
         for problem in problems:
             log.warning("skipped %s", problem)
-        return [
-            Sample(str(root / e.path), e.grade, e.name, group=e.extra.get("group")) for e in entries
-        ], data
-    return folder_samples(data), data
+        samples = [Sample(str(root / e.path), e.grade, e.name, group=e.extra.get("group")) for e in entries]
+        return samples, {}, data
+    return folder_samples(data), {}, data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,11 +233,12 @@ class Lab:
         )
         self.device = torch.device(self.config.device)
         self.workspace = Workspace(scratch / "workspace")
+        self.judged: dict[str, Judged] = {}  # each arm's latest model on the test split
 
     def train(self, name: str, samples: list[Sample]) -> Fitted:
         budget = f"{self.config.minutes:g} min" if self.config.minutes else f"epochs: {self.config.epochs}"
         log.info("%s: training on %d images %s, %s", name, len(samples), class_counts(samples), budget)
-        paths = RunPaths.under(self.workspace, name)
+        paths = RunPaths.under(self.workspace, f"seed{self.config.seed}-{name}")
         config = dataclasses.replace(self.config)  # training fixes its epochs for the budget
         train_model(config, samples, self.split.val, paths, self.workspace.cache, LogHooks())
         return load_checkpoint(paths.best, self.device)
@@ -245,14 +258,17 @@ class Lab:
             self.workspace.cache,
         )
 
-    def judge(self, fitted: Fitted) -> dict:
-        """The model's figures on the test split."""
+    def judge(self, arm: str, fitted: Fitted) -> dict:
+        """The model's figures on the test split; its probabilities are kept as the arm's."""
         preds = self.predict(fitted, self.split.test)
-        truth = np.array([self.split.test[i].grade for i in preds.indices])
-        summary = grading_summary(preds.probs, truth, self.threshold)
+        tested = [self.split.test[i] for i in preds.indices]
+        self.judged[arm] = (tested, preds.probs)
+        summary = grading_summary(preds.probs, np.array([s.grade for s in tested]), self.threshold)
         return {key: summary[key] for key in METRICS}
 
-    def row(self, round_: int, fitted: Fitted, given: list[Label], decisions: int, found: int) -> dict:
+    def row(
+        self, arm: str, round_: int, fitted: Fitted, given: list[Label], decisions: int, found: int
+    ) -> dict:
         row = {
             "round": round_,
             "candidates": found,
@@ -263,7 +279,7 @@ class Lab:
             "corrections": sum(label.predicted not in (None, label.grade) for label in given),
             "train_images": len(self.split.labelled) + len(given),
             "epochs": fitted[1]["train_config"]["epochs"],
-            **self.judge(fitted),
+            **self.judge(arm, fitted),
         }
         log.info(
             "  round %d: test QWK %.3f, referable AUC %.3f, %d decisions",
@@ -307,7 +323,7 @@ class Lab:
                         for label in sorted(given, key=lambda label: label.sample.path)
                     ],
                 )
-                row = self.row(round_, fitted, given, decisions, found)
+                row = self.row(name, round_, fitted, given, decisions, found)
             else:  # the same images and labels would train the same model again
                 log.info("%s-r%d: no new labels; the model stays", name, round_)
                 row = {**row, "round": round_, "candidates": found}
@@ -317,19 +333,19 @@ class Lab:
 
 def measure(lab: Lab, args: argparse.Namespace, report: dict, save: Callable[[], None]) -> None:
     """Every arm into report["arms"], saving after every training."""
-    split, arms = lab.split, report["arms"]
+    split, arms, seed = lab.split, report["arms"], lab.config.seed
     baseline = lab.train("baseline", split.labelled)
-    arms["baseline"] = [lab.row(0, baseline, [], 0, 0)]
+    arms["baseline"] = [lab.row("baseline", 0, baseline, [], 0, 0)]
     save()
     first = lab.predict(baseline, split.pool)
     arms["curated"] = {}
-    reviewer = SimulatedReviewer(args.error_rate, args.seed)
+    reviewer = SimulatedReviewer(args.error_rate, seed)
     # Deciding every candidate, the queue order changes nothing: the default one serves.
     budgets = {EVERY: (ORDERS[0], None), **{order: (order, args.decisions) for order in args.order}}
     for key, (order, budget) in budgets.items():
         lab.run_arm(
             f"curated-{key}",
-            reviewed(order, budget, reviewer, args.threshold, args.seed),
+            reviewed(order, budget, reviewer, args.threshold, seed),
             baseline,
             arms["baseline"][0],
             first,
@@ -353,7 +369,7 @@ def measure(lab: Lab, args: argparse.Namespace, report: dict, save: Callable[[],
     for s in split.pool:
         assert s.grade is not None  # the pool is labelled photographs, their grades hidden
         truth.append(Label(s, s.grade, None))
-    arms["oracle"] = [lab.row(1, oracle, truth, len(split.pool), len(split.pool))]
+    arms["oracle"] = [lab.row("oracle", 1, oracle, truth, len(split.pool), len(split.pool))]
     report["gains"] = gains(arms)
     save()
 
@@ -378,6 +394,23 @@ def gains(arms: dict) -> dict:
             figures["per_100_decisions"] - out["random"]["per_100_decisions"] if "random" in out else math.nan
         )
     return out
+
+
+def differences(judged: list[dict[str, Judged]], datasets: dict[str, str]) -> dict:
+    """COMPARED's differences on the test split, pooled and per dataset, over the repeats."""
+    sources = sorted({datasets[s.path] for run in judged for s in run["baseline"][0] if s.path in datasets})
+
+    def only(arm: Judged, source: str) -> Judged:
+        keep = [n for n, s in enumerate(arm[0]) if source == "pooled" or datasets.get(s.path) == source]
+        return [arm[0][n] for n in keep], arm[1][keep]
+
+    return {
+        compared: {
+            source: repeated_difference([(only(run[a], source), only(run[b], source)) for run in judged])
+            for source in ("pooled", *sources)
+        }
+        for compared, (a, b) in COMPARED.items()
+    }
 
 
 def named_arm(key: str) -> str:
@@ -420,6 +453,20 @@ def gains_table(gained: dict) -> str:
             f"{g['over_baseline']:+.3f} | {g['per_100_decisions']:+.4f} | "
             f"{g['per_100_over_random']:+.4f} | {g['over_pseudo']:+.3f} |"
         )
+    return "\n".join(lines)
+
+
+def differences_table(found: dict) -> str:
+    lines = [
+        "| test split, paired | dataset | repeats | images | QWK [95 %] | referable AUC [95 %] |",
+        "|---" * 6 + "|",
+    ]
+    for compared, by_source in found.items():
+        for source, d in by_source.items():
+            lines.append(
+                f"| {compared} | {source} | {d['repeats']} | {d['images']} | "
+                f"{with_interval(d['qwk'], '+.3f')} | {with_interval(d['referable_auc'], '+.3f')} |"
+            )
     return "\n".join(lines)
 
 
@@ -468,6 +515,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="confidence that makes a prediction a review candidate",
     )
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure every arm this many times, with seeds --seed, --seed + 1, …, "
+        "and report the paired differences over them",
+    )
     parser.add_argument("--train-args", default="", help="extra engine.training.train options")
     parser.add_argument("--out", type=Path, default=OUT, help="the report (JSON)")
     args = parser.parse_args(argv)
@@ -484,6 +538,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ("--rounds", args.rounds),
         ("--decisions", args.decisions),
         ("--synthetic", args.synthetic),
+        ("--repeats", args.repeats),
     ):
         if value is not None and value <= 0:
             parser.error(f"{name} must be above 0, got {value}")
@@ -499,36 +554,48 @@ def write(path: Path, report: dict) -> None:
 
 
 def run(args: argparse.Namespace, scratch: Path) -> dict:
-    samples, data = labelled_set(args.data, args.synthetic, scratch, args.seed)
-    split = loop_split(samples, args.labelled_share, args.seed)
-    sizes = {part: len(getattr(split, part)) for part in ("labelled", "pool", "val", "test")}
-    if not all(sizes.values()):
-        raise UnusableData(
-            f"{data}: {len(samples)} images are too few to split into "
-            f"{', '.join(f'{n} {part}' for part, n in sizes.items())}"
-        )
-    log.info(
-        "%s: split by group into %s",
-        data,
-        ", ".join(f"{n} {part} {class_counts(getattr(split, part))}" for part, n in sizes.items()),
-    )
-    budget = ["--epochs", str(args.epochs)] if args.epochs else ["--minutes", str(args.minutes)]
-    lab = Lab(split, shlex.split(args.train_args), budget, args.seed, args.threshold, scratch)
-    report: dict[str, Any] = {
-        "data": str(data),
-        "split": sizes,
-        "options": vars(args),
-        "config": dataclasses.asdict(lab.config),
-        "arms": {},
-    }
+    samples, datasets, data = labelled_set(args.data, args.synthetic, scratch, args.seed)
+    report: dict[str, Any] = {"data": str(data), "options": vars(args), "runs": []}
     started = time.perf_counter()
 
     def save() -> None:
         report["seconds"] = time.perf_counter() - started
         write(args.out, report)
 
-    measure(lab, args, report, save)
+    budget = ["--epochs", str(args.epochs)] if args.epochs else ["--minutes", str(args.minutes)]
+    judged = []
+    for seed in range(args.seed, args.seed + args.repeats):
+        split = split_of(samples, data, args.labelled_share, seed)
+        lab = Lab(split, shlex.split(args.train_args), budget, seed, args.threshold, scratch)
+        report["runs"].append(
+            {"seed": seed, "split": sizes_of(split), "config": dataclasses.asdict(lab.config), "arms": {}}
+        )
+        measure(lab, args, report["runs"][-1], save)
+        judged.append(lab.judged)
+        report["differences"] = differences(judged, datasets)
+        save()
     return report
+
+
+def sizes_of(split: LoopSplit) -> dict[str, int]:
+    return {part: len(getattr(split, part)) for part in ("labelled", "pool", "val", "test")}
+
+
+def split_of(samples: list[Sample], data: Path, labelled_share: float, seed: int) -> LoopSplit:
+    split = loop_split(samples, labelled_share, seed)
+    sizes = sizes_of(split)
+    if not all(sizes.values()):
+        raise UnusableData(
+            f"{data}: {len(samples)} images are too few to split into "
+            f"{', '.join(f'{n} {part}' for part, n in sizes.items())}"
+        )
+    log.info(
+        "%s, seed %d: split by group into %s",
+        data,
+        seed,
+        ", ".join(f"{n} {part} {class_counts(getattr(split, part))}" for part, n in sizes.items()),
+    )
+    return split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,10 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         log.error("stopped: %s", exc)
         return 1
-    print(table(report["arms"]))
-    print()
-    print("QWK gained per 100 decisions (last round):")
-    print(gains_table(report["gains"]))
+    for measured in report["runs"]:
+        print(f"seed {measured['seed']}:")
+        print(table(measured["arms"]))
+        print()
+        print("QWK gained per 100 decisions (last round):")
+        print(gains_table(measured["gains"]))
+        print()
+    print(differences_table(report["differences"]))
     print(f"{report['seconds'] / 60:.1f} min; written to {args.out}")
     return 0
 

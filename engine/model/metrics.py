@@ -213,7 +213,20 @@ def group_resamples(groups: list | np.ndarray, resamples: int = RESAMPLES, seed:
 def interval(statistic, samples: list[np.ndarray], level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of `statistic(indices)` over the resamples (NaN draws, such as an
     AUC of a draw without positives, left out)."""
-    values = np.array([statistic(indices) for indices in samples], np.float64)
+    return percentile_interval([statistic(indices) for indices in samples], level)
+
+
+def with_interval(figure: dict | None, form: str = ".3f") -> str:
+    """A figure of screening_summary or a difference: "0.812 [0.774, 0.845]"; "-" for none."""
+    if figure is None or not np.isfinite(figure["value"]):
+        return "-"
+    low, high = figure["interval"]
+    return f"{figure['value']:{form}} [{low:{form}}, {high:{form}}]"
+
+
+def percentile_interval(draws, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` of bootstrap draws, the NaN ones left out."""
+    values = np.asarray(draws, np.float64)
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return float("nan"), float("nan")

@@ -6,6 +6,7 @@ The probabilities are those of the model that was validated: the run's own, or w
 --refit that of its validation phase, whose temperature and operating point the run took.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ import numpy as np
 from engine.data.datasets import Sample, person_halves, read_probabilities
 from engine.model.metrics import (
     REFERABLE,
+    RESAMPLES,
     group_resamples,
-    interval,
+    percentile_interval,
     quadratic_weighted_kappa,
     referable_score,
     roc_auc,
@@ -75,34 +77,58 @@ def validation_roc(path: Path, threshold: float) -> tuple[np.ndarray, np.ndarray
     )
 
 
-def paired_difference(
-    first: tuple[list[Sample], np.ndarray], second: tuple[list[Sample], np.ndarray]
-) -> dict:
+Judged = tuple[list[Sample], np.ndarray]  # images, and one model's probabilities of them
+
+
+def paired_difference(first: Judged, second: Judged) -> dict:
     """QWK and referable AUC of the first run minus the second's on the validation images both
     were judged on, each with its paired 95 % interval by person, and whether the interval
     leaves out 0 (the difference is larger than the noise)."""
+    return repeated_difference([(first, second)])
+
+
+def _paired(first: Judged, second: Judged) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """Labels, the two models' probabilities and the groups of the images both judged."""
     theirs = {s.path: row for s, row in zip(*second, strict=True)}
     shared = [n for n, s in enumerate(first[0]) if s.path in theirs]
     samples = [first[0][n] for n in shared]
-    a = first[1][shared]
     b = np.array([theirs[s.path] for s in samples]).reshape(-1, 4)
-    labels = np.array([s.grade for s in samples])
-    statistics = {
-        "qwk": lambda i: (
-            quadratic_weighted_kappa(labels[i], a[i].argmax(1))
-            - quadratic_weighted_kappa(labels[i], b[i].argmax(1))
-        ),
-        "referable_auc": lambda i: (
-            roc_auc(labels[i] >= REFERABLE, referable_score(a[i]))
-            - roc_auc(labels[i] >= REFERABLE, referable_score(b[i]))
-        ),
-    }
-    draws = group_resamples([s.group for s in samples])
-    out: dict = {"images": len(samples)}
-    for name, statistic in statistics.items():
-        low, high = interval(statistic, draws)
+    return np.array([s.grade for s in samples]), first[1][shared], b, [s.group for s in samples]
+
+
+DIFFERENCES = {
+    "qwk": lambda y, a, b: (
+        quadratic_weighted_kappa(y, a.argmax(1)) - quadratic_weighted_kappa(y, b.argmax(1))
+    ),
+    "referable_auc": lambda y, a, b: (
+        roc_auc(y >= REFERABLE, referable_score(a)) - roc_auc(y >= REFERABLE, referable_score(b))
+    ),
+}
+
+
+def repeated_difference(pairs: Sequence[tuple[Judged, Judged]], resamples: int = RESAMPLES) -> dict:
+    """The first model minus the second in QWK and referable AUC, on the images both were
+    judged on, averaged over repeats (a pair of models for each: another seed or split), each
+    with its paired 95 % interval and whether that leaves out 0.
+
+    The interval draws at two levels, so that it holds the noise of training and of the
+    images alike: the repeats with replacement, then the people of each repeat drawn. With
+    one repeat it is the bootstrap by person."""
+    repeats = [_paired(first, second) for first, second in pairs]
+    draws = [group_resamples(groups, resamples, seed=k) for k, (*_, groups) in enumerate(repeats)]
+    picks = np.random.default_rng(0).integers(0, len(repeats), (resamples, len(repeats)))
+    out: dict = {"repeats": len(repeats), "images": sum(len(y) for y, *_ in repeats)}
+    for name, difference in DIFFERENCES.items():
+
+        def at(k: int, rows: np.ndarray | slice, difference=difference) -> float:
+            y, a, b, _ = repeats[k]
+            return difference(y[rows], a[rows], b[rows])
+
+        low, high = percentile_interval(
+            [np.mean([at(k, draws[k][n]) for k in picks[n]]) for n in range(resamples)]
+        )
         out[name] = {
-            "value": statistic(np.arange(len(samples))),
+            "value": float(np.mean([at(k, slice(None)) for k in range(len(repeats))])),
             "interval": [low, high],
             "beyond_noise": bool(low > 0 or high < 0),
         }
