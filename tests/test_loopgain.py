@@ -258,12 +258,14 @@ def test_repeats_measure_each_arm_on_new_splits_and_report_paired_differences_pe
             labels.write(f"train_images/{name}.png,{grade},{'ab'[n % 2]},{name}\n")
     out = tmp_path / "loopgain.json"
     argv = ["--data", str(aptos), "--epochs", "1", "--rounds", "1", "--threshold", "0", "--order"]
-    assert main([*argv, "--repeats", "2", "--seed", "3", "--train-args", TINY, "--out", str(out)]) == 0
+    argv += ["--no-oracle", "--repeats", "2", "--seed", "3", "--train-args", TINY, "--out", str(out)]
+    assert main(argv) == 0
     report = json.loads(out.read_text())
     first, second = report["runs"]
     assert (first["seed"], second["seed"]) == (3, 4)
     assert first["config"]["seed"] == 3 and second["config"]["seed"] == 4
     assert list(first["arms"]["curated"]) == ["all"]  # --order with no name: every candidate only
+    assert "oracle" not in first["arms"] and "oracle" not in second["arms"]
     tests = [set(run["split"]) for run in report["runs"]]
     assert tests[0] == {"labelled", "pool", "val", "test"} == tests[1]
 

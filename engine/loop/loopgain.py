@@ -24,7 +24,7 @@ same pretrained start, on the labelled share and every label given so far. The a
 - curated, one per --order: the same reviewer decides only the first --decisions candidates in
   that queue order, which measures what each order gets out of a limited budget;
 - pseudo: every candidate at or above the threshold taken as predicted, unreviewed;
-- oracle: every pool image with its true grade, in one training.
+- oracle: every pool image with its true grade, in one training (--no-oracle skips it).
 Every training is the engine's (`python -m engine.training.train` with --train-args), in --minutes or
 for --epochs.
 Every model is judged on the test split: QWK and referable-DR AUC. The rows go to --out after
@@ -364,12 +364,13 @@ def measure(lab: Lab, args: argparse.Namespace, report: dict, save: Callable[[],
         arms["pseudo"],
         save,
     )
-    oracle = lab.train("oracle", split.labelled + split.pool)
-    truth = []
-    for s in split.pool:
-        assert s.grade is not None  # the pool is labelled photographs, their grades hidden
-        truth.append(Label(s, s.grade, None))
-    arms["oracle"] = [lab.row("oracle", 1, oracle, truth, len(split.pool), len(split.pool))]
+    if args.oracle:
+        oracle = lab.train("oracle", split.labelled + split.pool)
+        truth = []
+        for s in split.pool:
+            assert s.grade is not None  # the pool is labelled photographs, their grades hidden
+            truth.append(Label(s, s.grade, None))
+        arms["oracle"] = [lab.row("oracle", 1, oracle, truth, len(split.pool), len(split.pool))]
     report["gains"] = gains(arms)
     save()
 
@@ -513,6 +514,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=REVIEW_THRESHOLD,
         help="confidence that makes a prediction a review candidate",
+    )
+    parser.add_argument(
+        "--oracle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train the oracle arm (a training per repeat; the differences do not use it)",
     )
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument(
