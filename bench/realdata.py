@@ -3,6 +3,7 @@ same split, from the same pretrained start, in the same budget of minutes for th
 
     .venv/bin/python -m bench.realdata [--minutes 20] [--seed 0] [--only defaults|reference]
                                        [--train-args "--img-size 384 ..."] [--screen]
+                                       [--seeds 5]
 
 ../shared/realdata (labels.csv: file, grade 0-4, dataset, group) is split by group, stratified
 by grade: 25 % test, then 20 % of the rest for validation (the split `engine.training.train
@@ -17,9 +18,15 @@ validation figures only; the test split is not read. Without it, every finished 
 read once on the test split. Every figure names its split, and comes with a 95 % bootstrap
 interval by person (1,000 resamples); differences between the two methods are paired (the
 same resamples). The tables are printed and written to bench/out/realdata.json.
+
+--seeds N measures how much the same training differs from itself: the defaults alone, N
+times on the one split of --seed, with training seeds --seed, --seed + 1, … (another head
+initialisation, image order and augmentation), and the mean, standard deviation and range
+of their QWK and referable AUC per split and dataset.
 """
 
 import argparse
+import functools
 import json
 import shlex
 import tempfile
@@ -150,6 +157,48 @@ def run_reference(train, val, test, datasets, minutes: float, config, seed: int)
     return out
 
 
+SPREAD = ("qwk", "referable_auc")
+
+
+def spread(results: dict) -> dict:
+    """Mean, standard deviation (n - 1) and range over the runs of each figure in SPREAD, per
+    split and dataset."""
+    out: dict = {}
+    for split in ("validation", "test"):
+        runs = [result[split] for result in results.values() if split in result]
+        if len(runs) > 1:
+            out[split] = {
+                source: {name: summary([r[source][name]["value"] for r in runs]) for name in SPREAD}
+                for source in SOURCES
+            }
+    return out
+
+
+def summary(values: list[float]) -> dict:
+    array = np.array(values, np.float64)
+    return {
+        "runs": len(array),
+        "mean": float(array.mean()),
+        "sd": float(array.std(ddof=1)),
+        "min": float(array.min()),
+        "max": float(array.max()),
+    }
+
+
+def spread_table(found: dict) -> str:
+    lines = [
+        "| split | dataset | runs | QWK: mean, SD (range) | referable AUC: mean, SD (range) |",
+        "|---" * 5 + "|",
+    ]
+    for split, by_source in found.items():
+        for source, figures in by_source.items():
+            cells = [
+                f"{f['mean']:.3f}, SD {f['sd']:.3f} ({f['min']:.3f}-{f['max']:.3f})" for f in figures.values()
+            ]
+            lines.append(f"| {split} | {source} | {figures['qwk']['runs']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def rows(results: dict) -> list[tuple[str, str, dict]]:
     """(method, split, figures per source) for every table row there is."""
     out = []
@@ -206,8 +255,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="validation figures of the defaults alone; the test split unread",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train the defaults alone this many times, with training seeds --seed, --seed + 1, …, "
+        "and report the spread of their figures (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="default: %(default)s")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be 1 or more, got {args.seeds}")
+    if args.seeds > 1 and args.only == "reference":
+        parser.error("--seeds trains the defaults alone")
     setup_logging()
 
     samples, datasets = load_realdata(args.data)
@@ -215,19 +275,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"split by group: {len(train)} train, {len(val)} validation, {len(test)} test images", flush=True)
     extra = shlex.split(args.train_args)
     config = make_config(parse_args(["--data-path", "realdata", *extra]))
+    seeds = range(args.seed, args.seed + args.seeds)
     runs = {
-        "defaults": lambda: run_defaults(
-            train, val, test, datasets, args.minutes, extra, args.seed, args.screen
-        ),
-        "reference": lambda: run_reference(train, val, test, datasets, args.minutes, config, args.seed),
+        f"defaults, seed {seed}" if args.seeds > 1 else "defaults": functools.partial(
+            run_defaults, train, val, test, datasets, args.minutes, extra, seed, args.screen
+        )
+        for seed in seeds
     }
-    wanted = ("defaults",) if args.screen else (args.only,) if args.only else tuple(runs)
+    if args.seeds == 1 and not args.screen:
+        runs["reference"] = functools.partial(
+            run_reference, train, val, test, datasets, args.minutes, config, args.seed
+        )
+    wanted = [name for name in runs if not args.only or name.startswith(args.only)]
     results: dict = {}
     paired = None
     for method in wanted:
         print(
             f"{method}, {args.minutes:g} min ({' '.join(extra) or 'as they are'}):"
-            if method == "defaults"
+            if method.startswith("defaults")
             else f"{method} loop, {args.minutes:g} min:",
             flush=True,
         )
@@ -253,9 +318,13 @@ def main(argv: list[str] | None = None) -> int:
                 "screen": args.screen,
                 **results,
                 "defaults_minus_reference": paired,
+                "spread": spread(results),
             },
         )
     print(markdown(results, paired))
+    if args.seeds > 1:
+        print()
+        print(spread_table(spread(results)))
     print(f"written to {args.out}")
     return 0
 

@@ -6,6 +6,9 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from bench.realdata import main
 from engine.data.datasets import folder_samples
 
@@ -68,3 +71,22 @@ def test_the_benchmark_reads_validation_for_screens_and_test_once_per_recipe(tin
     assert "sensitivity" not in report["reference"]["test_8_views"]["pooled"]  # no validation
     difference = report["defaults_minus_reference"]["pooled"]["qwk"]
     assert difference["interval"][0] <= difference["value"] <= difference["interval"][1]
+
+
+def test_seeds_train_the_defaults_again_on_one_split_and_report_their_spread(tiny_data, tmp_path, capsys):
+    data = labelled_folder(tiny_data, tmp_path / "labelled")
+    out = tmp_path / "seeds.json"
+    argv = ["--data", str(data), "--minutes", "0.02", "--screen", "--seeds", "2", "--seed", "1"]
+    assert main([*argv, "--train-args", f"{TINY} --epochs 1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    runs = [report["defaults, seed 1"], report["defaults, seed 2"]]
+    assert [run["config"]["seed"] for run in runs] == [1, 2] and report["split"]["seed"] == 1
+    assert "reference" not in report and "test" not in report["spread"]
+    # One split, two trainings that differ.
+    assert runs[0]["validation_images"] == runs[1]["validation_images"]
+    assert runs[0]["validation_probs"] != runs[1]["validation_probs"]
+    qwk = [run["validation"]["pooled"]["qwk"]["value"] for run in runs]
+    found = report["spread"]["validation"]["pooled"]["qwk"]
+    assert found["runs"] == 2 and found["mean"] == pytest.approx(np.mean(qwk))
+    assert found["sd"] == pytest.approx(np.std(qwk, ddof=1)) and found["min"] == min(qwk)
+    assert "| validation | eyepacs-2015-test | 2 |" in capsys.readouterr().out
