@@ -292,3 +292,15 @@ def test_repeats_measure_each_arm_on_new_splits_and_report_paired_differences_pe
     printed = capsys.readouterr().out
     assert "seed 3:" in printed and "seed 4:" in printed
     assert "| curated − unreviewed | b | 2 |" in printed
+
+
+def test_an_arm_without_candidates_keeps_the_baseline_and_differs_from_it_by_nothing(tmp_path, one_thread):
+    write_dataset(tmp_path / "data", seed=6, n_train=40, n_test=0, n_val=0, n_messidor=0, size=80, workers=1)
+    out = tmp_path / "loopgain.json"
+    argv = ["--data", str(tmp_path / "data" / "aptos"), "--epochs", "1", "--rounds", "1", "--order"]
+    assert main([*argv, "--threshold", "1", "--no-oracle", "--train-args", TINY, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (measured,) = report["runs"]
+    assert measured["arms"]["curated"]["all"][0]["pool_labels"] == 0
+    for compared in ("curated − baseline", "curated − unreviewed"):
+        assert report["differences"][compared]["pooled"]["qwk"]["value"] == 0

@@ -305,6 +305,7 @@ class Lab:
         some of it, the model retrains on the labelled share and every label so far. `first` holds
         the baseline's predictions of the whole pool, the same for every arm."""
         fitted, preds, decisions, row = baseline, first, 0, baseline_row
+        self.judged[name] = self.judged["baseline"]  # until the arm trains a model of its own
         given: list[Label] = []
         for round_ in range(1, rounds + 1):
             done = {label.sample.path for label in given}
