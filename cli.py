@@ -25,12 +25,24 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     "none", or the words of the option's help where it says it (a default worked out at run
     time, say)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._either_or: set[int] = set()
+
+    def add_usage(self, usage, actions, groups, prefix=None) -> None:
+        # An option of a required either-or group has no default: one of the group is given.
+        self._either_or = {
+            id(action) for group in groups if group.required for action in group._group_actions
+        }
+        super().add_usage(usage, actions, groups, prefix)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if (
             "default" in text
             or not action.option_strings
             or action.required
+            or id(action) in self._either_or
             or action.default is argparse.SUPPRESS
         ):
             return text
