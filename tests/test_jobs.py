@@ -11,7 +11,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from conftest import BOTH_BACKENDS, job_row, wait_for_job
+from conftest import BOTH_BACKENDS, TINY_TRAIN, job_row, wait_for_job
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from streamlit.testing.v1 import AppTest
@@ -107,23 +107,7 @@ def test_cancel_stops_training_between_batches(workspace, tiny_data):
         workspace,
         "train",
         "engine.training.train",
-        [
-            "--from-db",
-            "--epochs",
-            "200",
-            "--model",
-            "test_efficientnet",
-            "--img-size",
-            "64",
-            "--pretrained",
-            "false",
-            "--batch-size",
-            "4",
-            "--workers",
-            "1",
-            "--name",
-            "c",
-        ],
+        [*TINY_TRAIN, "--from-db", "--epochs", "200", "--batch-size", "4", "--workers", "1", "--name", "c"],
         user=LOCAL,
     )
     wait_for_job(workspace, job_id, lambda j: j.progress > 0)
