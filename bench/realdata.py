@@ -3,7 +3,7 @@ same split, from the same pretrained start, in the same budget of minutes for th
 
     .venv/bin/python -m bench.realdata [--minutes 20] [--seed 0] [--only defaults|reference]
                                        [--train-args "--img-size 384 ..."] [--screen]
-                                       [--seeds 5]
+                                       [--against bench/out/screen-448.json] [--seeds 5]
 
 ../shared/realdata (labels.csv: file, grade 0-4, dataset, group) is split by group, stratified
 by grade: 25 % test, then 20 % of the rest for validation (the split `engine.training.train
@@ -18,6 +18,10 @@ validation figures only; the test split is not read. Without it, every finished 
 read once on the test split. Every figure names its split, and comes with a 95 % bootstrap
 interval by person (1,000 resamples); differences between the two methods are paired (the
 same resamples). The tables are printed and written to bench/out/realdata.json.
+
+--against REPORT sets this recipe beside an earlier one on the same split: the paired
+difference of their validation figures (this run minus REPORT's defaults), per dataset, with
+its interval. Screens are chosen between this way.
 
 --seeds N measures how much the same training differs from itself: the defaults alone, N
 times on the one split of --seed, with training seeds --seed, --seed + 1, … (another head
@@ -142,6 +146,27 @@ def run_defaults(
     return out
 
 
+def earlier_validation(path: Path, val: list[Sample]) -> np.ndarray:
+    """The validation probabilities of REPORT's defaults, in the order of `val`; REPORT must come
+    from the same split."""
+    try:
+        earlier = json.loads(path.read_text())["defaults"]
+        by_path = dict(zip(earlier["validation_images"], earlier["validation_probs"], strict=True))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--against {path}: not a bench.realdata report of the defaults ({exc})") from None
+    if by_path.keys() != {s.path for s in val}:
+        raise SystemExit(
+            f"--against {path}: its validation images are not this split's (run with its --seed and --data)"
+        )
+    return np.array([by_path[s.path] for s in val])
+
+
+def in_order(result: dict, val: list[Sample]) -> np.ndarray:
+    """This run's validation probabilities in the order of `val`."""
+    by_path = dict(zip(result["validation_images"], result["validation_probs"], strict=True))
+    return np.array([by_path[s.path] for s in val])
+
+
 def run_reference(train, val, test, datasets, minutes: float, config, seed: int) -> dict:
     """The reference learns from training and validation images alike (it validates nothing),
     and is read on the test split at 1 and at 8 test-time views."""
@@ -226,16 +251,17 @@ def markdown(results: dict, paired: dict | None) -> str:
                 + f" | {row['ece']:.3f} |"
             )
     if paired:
-        lines += [
-            "",
-            "| test split, defaults - reference (8 views) | dataset | QWK [95 %] | referable AUC [95 %] |",
-            "|---|---|---|---|",
-        ]
-        for source in SOURCES:
-            lines.append(
-                f"| difference | {source} | {with_interval(paired[source]['qwk'], '+.3f')} | "
-                f"{with_interval(paired[source]['referable_auc'], '+.3f')} |"
-            )
+        lines += ["", difference_table("test split, defaults - reference (8 views)", paired)]
+    return "\n".join(lines)
+
+
+def difference_table(title: str, paired: dict) -> str:
+    lines = [f"| {title} | dataset | QWK [95 %] | referable AUC [95 %] |", "|---|---|---|---|"]
+    for source in SOURCES:
+        lines.append(
+            f"| difference | {source} | {with_interval(paired[source]['qwk'], '+.3f')} | "
+            f"{with_interval(paired[source]['referable_auc'], '+.3f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -262,17 +288,26 @@ def main(argv: list[str] | None = None) -> int:
         help="train the defaults alone this many times, with training seeds --seed, --seed + 1, …, "
         "and report the spread of their figures (default: %(default)s)",
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="an earlier report (--out) on the same split: the paired difference on validation, "
+        "this run's defaults minus its",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="default: %(default)s")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be 1 or more, got {args.seeds}")
     if args.seeds > 1 and args.only == "reference":
         parser.error("--seeds trains the defaults alone")
+    if args.against and (args.seeds > 1 or args.only == "reference"):
+        parser.error("--against compares one run of the defaults")
     setup_logging()
 
     samples, datasets = load_realdata(args.data)
     train, val, test = train_val_test_split(samples, args.seed)
     print(f"split by group: {len(train)} train, {len(val)} validation, {len(test)} test images", flush=True)
+    earlier = earlier_validation(args.against, val) if args.against else None
     extra = shlex.split(args.train_args)
     config = make_config(parse_args(["--data-path", "realdata", *extra]))
     seeds = range(args.seed, args.seed + args.seeds)
@@ -288,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     wanted = [name for name in runs if not args.only or name.startswith(args.only)]
     results: dict = {}
-    paired = None
+    paired = against = None
     for method in wanted:
         print(
             f"{method}, {args.minutes:g} min ({' '.join(extra) or 'as they are'}):"
@@ -304,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                 test,
                 datasets,
             )
+        if earlier is not None and "defaults" in results:
+            against = differences(in_order(results["defaults"], val), earlier, val, datasets)
         write(
             args.out,
             {
@@ -318,10 +355,16 @@ def main(argv: list[str] | None = None) -> int:
                 "screen": args.screen,
                 **results,
                 "defaults_minus_reference": paired,
+                "against": {"report": str(args.against), "validation_difference": against}
+                if args.against
+                else None,
                 "spread": spread(results),
             },
         )
     print(markdown(results, paired))
+    if against:
+        print()
+        print(difference_table(f"validation split, this run - {args.against}", against))
     if args.seeds > 1:
         print()
         print(spread_table(spread(results)))

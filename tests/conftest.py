@@ -28,6 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Exporting a network to ONNX takes seconds even for a tiny one: the tests that are not about
 # the CPU runtime run PyTorch, and those that are (test_onnx_network) say so.
 os.environ["DR_CPU_RUNTIME"] = "pytorch"
+# pytest runs one worker per core (-n auto in pyproject.toml): one thread each for PyTorch's
+# OpenMP, and for the processes the tests start, instead of every worker taking every core.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bench.postgres import Server, Unavailable  # noqa: E402
 from db.session import get_engine, migrate  # noqa: E402
@@ -35,6 +39,15 @@ from db.session import get_engine, migrate  # noqa: E402
 # A test marked with this runs on SQLite and on a real PostgreSQL server: its db_url and
 # workspace fixtures point at either.
 BOTH_BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+
+
+@pytest.fixture(autouse=True)
+def main_module_kept():
+    """AppTest installs its script as sys.modules["__main__"] and leaves it there; a process
+    spawned after the test (the tiles Prefetcher's) would run that script again as it starts."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 @pytest.fixture

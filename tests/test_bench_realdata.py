@@ -90,3 +90,26 @@ def test_seeds_train_the_defaults_again_on_one_split_and_report_their_spread(tin
     assert found["runs"] == 2 and found["mean"] == pytest.approx(np.mean(qwk))
     assert found["sd"] == pytest.approx(np.std(qwk, ddof=1)) and found["min"] == min(qwk)
     assert "| validation | eyepacs-2015-test | 2 |" in capsys.readouterr().out
+
+
+def test_a_screen_against_an_earlier_one_reports_their_paired_validation_difference(
+    tiny_data, tmp_path, capsys
+):
+    data = labelled_folder(tiny_data, tmp_path / "labelled")
+    argv = ["--data", str(data), "--minutes", "0.02", "--screen"]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    assert main([*argv, "--train-args", f"{TINY} --epochs 1", "--out", str(first)]) == 0
+    with pytest.raises(SystemExit, match="not this split's"):
+        main([*argv, "--seed", "1", "--against", str(first), "--out", str(tmp_path / "no.json")])
+    with pytest.raises(SystemExit, match="not a bench.realdata report of the defaults"):
+        main([*argv, "--against", str(data / "labels.csv"), "--out", str(tmp_path / "no.json")])
+    assert not (tmp_path / "no.json").exists()  # refused before any training
+
+    argv += ["--against", str(first), "--out", str(second)]
+    assert main([*argv, "--train-args", f"{TINY} --epochs 2"]) == 0
+    earlier, report = json.loads(first.read_text()), json.loads(second.read_text())
+    found = report["against"]["validation_difference"]
+    for source in ("pooled", "messidor-2", "eyepacs-2015-test"):
+        qwk = [r["defaults"]["validation"][source]["qwk"]["value"] for r in (report, earlier)]
+        assert found[source]["qwk"]["value"] == pytest.approx(qwk[0] - qwk[1])
+    assert f"| validation split, this run - {first} |" in capsys.readouterr().out

@@ -98,13 +98,22 @@ def epochs_recorded(workspace: Workspace, name: str) -> list[int]:
         return list(session.scalars(select(Epoch.epoch).where(Epoch.run_id == run_id)))
 
 
-def still_running(job_id: int) -> list[int]:
-    """Processes on this machine that belong to the job (torchrun and its workers)."""
+def still_running(workspace: Workspace, job_id: int) -> list[int]:
+    """Processes on this machine that belong to the job (torchrun and its workers); another
+    test's job of the same number has another workspace."""
+    mine = f"DR_WORKSPACE={workspace.root}".encode()
     return [
         int(p.name)
         for p in Path("/proc").iterdir()
-        if p.name.isdigit() and jobs._runs_here(int(p.name), job_id)
+        if p.name.isdigit() and jobs._runs_here(int(p.name), job_id) and mine in environ(p)
     ]
+
+
+def environ(process: Path) -> list[bytes]:
+    try:
+        return (process / "environ").read_bytes().split(b"\0")
+    except OSError:  # ended meanwhile
+        return []
 
 
 def test_two_processes_train_as_one_cancel_as_one_and_resume(tiny_data, tmp_path, monkeypatch):
@@ -134,7 +143,7 @@ def test_two_processes_train_as_one_cancel_as_one_and_resume(tiny_data, tmp_path
     log = jobs.log_tail(job.log_path, 200)
     assert job.status == "cancelled" and job.error is None, log
     jobs._children[(workspace.db_url, job_id)].wait(timeout=120)
-    assert still_running(job_id) == []  # every rank has stopped
+    assert still_running(workspace, job_id) == []  # every rank has stopped
     with session_scope(workspace.db_url) as session:
         assert session.scalar(select(Run.status).where(Run.name == "ddp")) == "cancelled"
         assert len(session.scalars(select(Job)).all()) == 1  # one job, whatever the processes
