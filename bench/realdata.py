@@ -151,14 +151,15 @@ def earlier_validation(path: Path, val: list[Sample]) -> np.ndarray:
     from the same split."""
     try:
         earlier = json.loads(path.read_text())["defaults"]
-        by_path = dict(zip(earlier["validation_images"], earlier["validation_probs"], strict=True))
+        same_split = set(earlier["validation_images"]) == {s.path for s in val}
+        probs = in_order(earlier, val) if same_split else None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"--against {path}: not a bench.realdata report of the defaults ({exc})") from None
-    if by_path.keys() != {s.path for s in val}:
+    if probs is None:
         raise SystemExit(
             f"--against {path}: its validation images are not this split's (run with its --seed and --data)"
         )
-    return np.array([by_path[s.path] for s in val])
+    return probs
 
 
 def in_order(result: dict, val: list[Sample]) -> np.ndarray:
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 test,
                 datasets,
             )
-        if earlier is not None and "defaults" in results:
+        if earlier is not None and method == "defaults":
             against = differences(in_order(results["defaults"], val), earlier, val, datasets)
         write(
             args.out,
