@@ -26,7 +26,13 @@ its interval. Screens are chosen between this way.
 --seeds N measures how much the same training differs from itself: the defaults alone, N
 times on the one split of --seed, with training seeds --seed, --seed + 1, … (another head
 initialisation, image order and augmentation), and the mean, standard deviation and range
-of their QWK and referable AUC per split and dataset.
+of their QWK and referable AUC per split and dataset. `--train-args "--epochs E"` fixes the
+defaults' epochs instead of fitting them into the minutes, so that a timing taken under
+another load cannot change the count from one run to the next.
+
+The photographs are decoded and cropped once, before any training and outside every budget
+(the reference decodes its own outside its budget too), into a cache beside --out that later
+runs reuse.
 """
 
 import argparse
@@ -44,6 +50,7 @@ from bench.common import REALDATA
 from bench.reference import reference_probs, train_reference
 from cli import HelpFormatter, setup_logging
 from engine.data.datasets import Sample, labels_csv_samples, read_probabilities, train_val_test_split
+from engine.data.preprocess import PreprocessCache, PreprocessConfig, fill_cache
 from engine.model.metrics import expected_calibration_error, screening_summary, with_interval
 from engine.model.networks import load_checkpoint
 from engine.model.predictor import predict
@@ -111,19 +118,17 @@ def test_probs(checkpoint: Path, test: list[Sample], cache: Path) -> np.ndarray:
 
 
 def run_defaults(
-    train, val, test, datasets, minutes: float, extra: list[str], seed: int, screen: bool
+    train, val, test, datasets, minutes: float, extra: list[str], seed: int, screen: bool, cache: Path
 ) -> dict:
     refit = ["--refit", "false"] if screen else []
-    config = make_config(
-        parse_args(
-            ["--data-path", "realdata", "--minutes", str(minutes), "--seed", str(seed), *refit, *extra]
-        )
-    )
+    options = ["--data-path", "realdata", "--seed", str(seed), *refit, *extra]
+    if parse_args(options).epochs is None:  # --epochs in --train-args replaces the budget
+        options += ["--minutes", str(minutes)]
+    config = make_config(parse_args(options))
     with tempfile.TemporaryDirectory() as tmp:
-        workspace = Workspace(Path(tmp))
-        paths = RunPaths.under(workspace, "defaults")
+        paths = RunPaths.under(Workspace(Path(tmp)), "defaults")
         started = time.perf_counter()
-        result = train_model(config, train, val, paths, workspace.cache, LogHooks())
+        result = train_model(config, train, val, paths, cache, LogHooks())
         seconds = time.perf_counter() - started
         print(f"  {config.epochs} epochs, {seconds / 60:.1f} min", flush=True)
         checked = paths.phase(VALIDATION) if config.refit else paths
@@ -141,7 +146,7 @@ def run_defaults(
             "validation_probs": val_probs.tolist(),
         }
         if not screen:
-            probs = test_probs(result.best_checkpoint, test, workspace.cache)
+            probs = test_probs(result.best_checkpoint, test, cache)
             out |= {"test": figures(probs, test, datasets, threshold), "test_probs": probs.tolist()}
     return out
 
@@ -272,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data", type=Path, default=REALDATA, help="default: %(default)s")
     parser.add_argument(
-        "--minutes", type=float, default=20.0, help="training budget of each model (default: %(default)s)"
+        "--minutes",
+        type=float,
+        default=20.0,
+        help="training budget of each model; the defaults' unless --train-args fixes --epochs "
+        "(default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="split and training seed (default: %(default)s)")
     parser.add_argument("--only", choices=("defaults", "reference"), help="one method alone")
@@ -310,11 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"split by group: {len(train)} train, {len(val)} validation, {len(test)} test images", flush=True)
     earlier = earlier_validation(args.against, val) if args.against else None
     extra = shlex.split(args.train_args)
-    config = make_config(parse_args(["--data-path", "realdata", *extra]))
+    options = parse_args(["--data-path", "realdata", *extra])
+    config = make_config(options)
+    cache = args.out.parent / "cache"
+    if args.only != "reference":
+        print("decoding the photographs once, outside every budget", flush=True)
+        prep = PreprocessConfig.from_dict(config.preprocess)
+        fill_cache([Path(s.path) for s in samples], prep, PreprocessCache(cache))
     seeds = range(args.seed, args.seed + args.seeds)
     runs = {
         f"defaults, seed {seed}" if args.seeds > 1 else "defaults": functools.partial(
-            run_defaults, train, val, test, datasets, args.minutes, extra, seed, args.screen
+            run_defaults, train, val, test, datasets, args.minutes, extra, seed, args.screen, cache
         )
         for seed in seeds
     }
@@ -322,12 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         runs["reference"] = functools.partial(
             run_reference, train, val, test, datasets, args.minutes, config, args.seed
         )
+    budget = f"{options.epochs} epochs" if options.epochs else f"{args.minutes:g} min"
     wanted = [name for name in runs if not args.only or name.startswith(args.only)]
     results: dict = {}
     paired = against = None
     for method in wanted:
         print(
-            f"{method}, {args.minutes:g} min ({' '.join(extra) or 'as they are'}):"
+            f"{method}, {budget} ({' '.join(extra) or 'as they are'}):"
             if method.startswith("defaults")
             else f"{method} loop, {args.minutes:g} min:",
             flush=True,

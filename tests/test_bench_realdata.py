@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bench.realdata import main
+from engine.data import preprocess
 from engine.data.datasets import folder_samples
 
 TINY = "--model test_efficientnet --pretrained false --img-size 64 --batch-size 8 --workers 0 --lr 0.05"
@@ -73,14 +74,23 @@ def test_the_benchmark_reads_validation_for_screens_and_test_once_per_recipe(tin
     assert difference["interval"][0] <= difference["value"] <= difference["interval"][1]
 
 
-def test_seeds_train_the_defaults_again_on_one_split_and_report_their_spread(tiny_data, tmp_path, capsys):
+def test_seeds_train_the_defaults_again_on_one_split_and_report_their_spread(
+    tiny_data, tmp_path, capsys, monkeypatch
+):
     data = labelled_folder(tiny_data, tmp_path / "labelled")
+    decoded, original = [], preprocess.preprocess_file
+    monkeypatch.setattr(
+        preprocess, "preprocess_file", lambda path, cfg: decoded.append(path) or original(path, cfg)
+    )
     out = tmp_path / "seeds.json"
-    argv = ["--data", str(data), "--minutes", "0.02", "--screen", "--seeds", "2", "--seed", "1"]
-    assert main([*argv, "--train-args", f"{TINY} --epochs 1", "--out", str(out)]) == 0
+    argv = ["--data", str(data), "--minutes", "0.001", "--screen", "--seeds", "2", "--seed", "1"]
+    assert main([*argv, "--train-args", f"{TINY} --epochs 2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     runs = [report["defaults, seed 1"], report["defaults, seed 2"]]
     assert [run["config"]["seed"] for run in runs] == [1, 2] and report["split"]["seed"] == 1
+    # The epochs given, not what fits into the minutes; every photograph decoded once in all.
+    assert [run["epochs"] for run in runs] == [2, 2]
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 40
     assert "reference" not in report and "test" not in report["spread"]
     # One split, two trainings that differ.
     assert runs[0]["validation_images"] == runs[1]["validation_images"]
