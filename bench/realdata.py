@@ -26,7 +26,9 @@ its interval. Screens are chosen between this way.
 --seeds N measures how much the same training differs from itself: the defaults alone, N
 times on the one split of --seed, with training seeds --seed, --seed + 1, … (another head
 initialisation, image order and augmentation), and the mean, standard deviation and range
-of their QWK and referable AUC per split and dataset. `--train-args "--epochs E"` fixes the
+of their QWK and referable AUC per split and dataset; and the same over every pair of runs
+with their probabilities averaged, which says how much a two-model ensemble would steady
+the figures. `--train-args "--epochs E"` fixes the
 defaults' epochs instead of fitting them into the minutes, so that a timing taken under
 another load cannot change the count from one run to the next.
 
@@ -41,6 +43,7 @@ import json
 import shlex
 import tempfile
 import time
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -191,18 +194,26 @@ def run_reference(train, val, test, datasets, minutes: float, config, seed: int)
 SPREAD = ("qwk", "referable_auc")
 
 
-def spread(results: dict) -> dict:
+def spread(results: dict, val: list[Sample], test: list[Sample], datasets: dict[str, str]) -> dict:
     """Mean, standard deviation (n - 1) and range over the runs of each figure in SPREAD, per
-    split and dataset."""
+    split and dataset; and the same over every pair of runs with their probabilities averaged
+    (two-model ensembles)."""
     out: dict = {}
-    for split in ("validation", "test"):
-        runs = [result[split] for result in results.values() if split in result]
+    for split, samples in (("validation", val), ("test", test)):
+        runs = [result for result in results.values() if split in result]
         if len(runs) > 1:
-            out[split] = {
-                source: {name: summary([r[source][name]["value"] for r in runs]) for name in SPREAD}
-                for source in SOURCES
-            }
+            probs = [in_order(r, val) if split == "validation" else np.array(r["test_probs"]) for r in runs]
+            pairs = [figures((a + b) / 2, samples, datasets, float("nan")) for a, b in combinations(probs, 2)]
+            out[split] = summaries([r[split] for r in runs])
+            out[f"{split}, two runs averaged"] = summaries(pairs)
     return out
+
+
+def summaries(runs: list[dict]) -> dict:
+    return {
+        source: {name: summary([r[source][name]["value"] for r in runs]) for name in SPREAD}
+        for source in SOURCES
+    }
 
 
 def summary(values: list[float]) -> dict:
@@ -218,7 +229,7 @@ def summary(values: list[float]) -> dict:
 
 def spread_table(found: dict) -> str:
     lines = [
-        "| split | dataset | runs | QWK: mean, SD (range) | referable AUC: mean, SD (range) |",
+        "| split | dataset | runs (pairs) | QWK: mean, SD (range) | referable AUC: mean, SD (range) |",
         "|---" * 5 + "|",
     ]
     for split, by_source in found.items():
@@ -358,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if earlier is not None and method == "defaults":
             against = differences(in_order(results["defaults"], val), earlier, val, datasets)
+        found = spread(results, val, test, datasets)
         write(
             args.out,
             {
@@ -375,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 "against": {"report": str(args.against), "validation_difference": against}
                 if args.against
                 else None,
-                "spread": spread(results),
+                "spread": found,
             },
         )
     print(markdown(results, paired))
@@ -384,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print(difference_table(f"validation split, this run - {args.against}", against))
     if args.seeds > 1:
         print()
-        print(spread_table(spread(results)))
+        print(spread_table(found))
     print(f"written to {args.out}")
     return 0
 

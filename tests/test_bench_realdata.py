@@ -11,7 +11,8 @@ import pytest
 
 from bench.realdata import main
 from engine.data import preprocess
-from engine.data.datasets import folder_samples
+from engine.data.datasets import folder_samples, labels_csv_samples
+from engine.model.metrics import quadratic_weighted_kappa
 
 TINY = "--model test_efficientnet --pretrained false --img-size 64 --batch-size 8 --workers 0 --lr 0.05"
 
@@ -99,7 +100,18 @@ def test_seeds_train_the_defaults_again_on_one_split_and_report_their_spread(
     found = report["spread"]["validation"]["pooled"]["qwk"]
     assert found["runs"] == 2 and found["mean"] == pytest.approx(np.mean(qwk))
     assert found["sd"] == pytest.approx(np.std(qwk, ddof=1)) and found["min"] == min(qwk)
-    assert "| validation | eyepacs-2015-test | 2 |" in capsys.readouterr().out
+    # The two runs' probabilities averaged: one pair, scored as one model.
+    samples, _ = labels_csv_samples(data)
+    grade = {s.path: s.grade for s in samples}
+    averaged = (np.array(runs[0]["validation_probs"]) + np.array(runs[1]["validation_probs"])) / 2
+    truth = [grade[path] for path in runs[0]["validation_images"]]
+    pair = report["spread"]["validation, two runs averaged"]["pooled"]["qwk"]
+    assert pair["runs"] == 1 and pair["mean"] == pytest.approx(
+        quadratic_weighted_kappa(truth, averaged.argmax(1))
+    )
+    printed = capsys.readouterr().out
+    assert "| validation | eyepacs-2015-test | 2 |" in printed
+    assert "| validation, two runs averaged | pooled | 1 |" in printed
 
 
 def test_a_screen_against_an_earlier_one_reports_their_paired_validation_difference(
