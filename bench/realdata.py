@@ -196,15 +196,16 @@ SPREAD = ("qwk", "referable_auc")
 
 def spread(results: dict, val: list[Sample], test: list[Sample], datasets: dict[str, str]) -> dict:
     """Mean, standard deviation (n - 1) and range over the runs of each figure in SPREAD, per
-    split and dataset; and the same over every pair of runs with their probabilities averaged
-    (two-model ensembles)."""
+    split and dataset; from three runs on, the same over every pair of runs with their
+    probabilities averaged (two-model ensembles)."""
     out: dict = {}
     for split, samples in (("validation", val), ("test", test)):
         runs = [result for result in results.values() if split in result]
         if len(runs) > 1:
+            out[split] = summaries([r[split] for r in runs])
+        if len(runs) > 2:  # two runs make one pair, which has no spread
             probs = [in_order(r, val) if split == "validation" else np.array(r["test_probs"]) for r in runs]
             pairs = [figures((a + b) / 2, samples, datasets, float("nan")) for a, b in combinations(probs, 2)]
-            out[split] = summaries([r[split] for r in runs])
             out[f"{split}, two runs averaged"] = summaries(pairs)
     return out
 

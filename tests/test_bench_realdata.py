@@ -4,6 +4,7 @@ intervals on every figure and paired differences."""
 
 import csv
 import json
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -84,34 +85,34 @@ def test_seeds_train_the_defaults_again_on_one_split_and_report_their_spread(
         preprocess, "preprocess_file", lambda path, cfg: decoded.append(path) or original(path, cfg)
     )
     out = tmp_path / "seeds.json"
-    argv = ["--data", str(data), "--minutes", "0.001", "--screen", "--seeds", "2", "--seed", "1"]
+    argv = ["--data", str(data), "--minutes", "0.001", "--screen", "--seeds", "3", "--seed", "1"]
     assert main([*argv, "--train-args", f"{TINY} --epochs 2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    runs = [report["defaults, seed 1"], report["defaults, seed 2"]]
-    assert [run["config"]["seed"] for run in runs] == [1, 2] and report["split"]["seed"] == 1
+    runs = [report[f"defaults, seed {seed}"] for seed in (1, 2, 3)]
+    assert [run["config"]["seed"] for run in runs] == [1, 2, 3] and report["split"]["seed"] == 1
     # The epochs given, not what fits into the minutes; every photograph decoded once in all.
-    assert [run["epochs"] for run in runs] == [2, 2]
+    assert [run["epochs"] for run in runs] == [2, 2, 2]
     assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 40
     assert "reference" not in report and "test" not in report["spread"]
-    # One split, two trainings that differ.
-    assert runs[0]["validation_images"] == runs[1]["validation_images"]
+    # One split, trainings that differ.
+    assert runs[0]["validation_images"] == runs[1]["validation_images"] == runs[2]["validation_images"]
     assert runs[0]["validation_probs"] != runs[1]["validation_probs"]
     qwk = [run["validation"]["pooled"]["qwk"]["value"] for run in runs]
     found = report["spread"]["validation"]["pooled"]["qwk"]
-    assert found["runs"] == 2 and found["mean"] == pytest.approx(np.mean(qwk))
+    assert found["runs"] == 3 and found["mean"] == pytest.approx(np.mean(qwk))
     assert found["sd"] == pytest.approx(np.std(qwk, ddof=1)) and found["min"] == min(qwk)
-    # The two runs' probabilities averaged: one pair, scored as one model.
+    # Every pair of runs with their probabilities averaged, each scored as one model.
     samples, _ = labels_csv_samples(data)
     grade = {s.path: s.grade for s in samples}
-    averaged = (np.array(runs[0]["validation_probs"]) + np.array(runs[1]["validation_probs"])) / 2
     truth = [grade[path] for path in runs[0]["validation_images"]]
-    pair = report["spread"]["validation, two runs averaged"]["pooled"]["qwk"]
-    assert pair["runs"] == 1 and pair["mean"] == pytest.approx(
-        quadratic_weighted_kappa(truth, averaged.argmax(1))
-    )
+    probs = [np.array(run["validation_probs"]) for run in runs]
+    averaged = [quadratic_weighted_kappa(truth, ((a + b) / 2).argmax(1)) for a, b in combinations(probs, 2)]
+    pairs = report["spread"]["validation, two runs averaged"]["pooled"]["qwk"]
+    assert pairs["runs"] == 3 and pairs["mean"] == pytest.approx(np.mean(averaged))
+    assert pairs["sd"] == pytest.approx(np.std(averaged, ddof=1))
     printed = capsys.readouterr().out
-    assert "| validation | eyepacs-2015-test | 2 |" in printed
-    assert "| validation, two runs averaged | pooled | 1 |" in printed
+    assert "| validation | eyepacs-2015-test | 3 |" in printed
+    assert "| validation, two runs averaged | pooled | 3 |" in printed
 
 
 def test_a_screen_against_an_earlier_one_reports_their_paired_validation_difference(
