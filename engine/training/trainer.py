@@ -473,7 +473,7 @@ class Trainer:
             fill_cache(mine, self.prep, PreprocessCache(self.cache_root), self.hooks.on_prepare)
 
         def epochs() -> int:
-            train_s, view_s = self._seconds_per_image()
+            train_s, view_s = self.seconds_per_image()
             epoch_s = len(self.train_samples) * train_s + len(self.val_samples) * view_s * self._monitor_views
             calibration_s = len(self.val_samples) * view_s * self.config.tta
             return epochs_for_budget(
@@ -489,7 +489,7 @@ class Trainer:
         kept model's calibration sees all of the views anyway."""
         return min(self.config.tta, 2)
 
-    def _seconds_per_image(self) -> tuple[float, float]:
+    def seconds_per_image(self) -> tuple[float, float]:
         """(training step, one validation view) per image on each rank: a few training steps,
         and a validation batch, are timed on a copy of the model."""
         size, magnitude, _ = stage_of(self.config, self.config.epochs - 1)
