@@ -28,9 +28,9 @@ times on the one split of --seed, with training seeds --seed, --seed + 1, … (a
 initialisation, image order and augmentation), and the mean, standard deviation and range
 of their QWK and referable AUC per split and dataset; and the same over every pair of runs
 with their probabilities averaged, which says how much a two-model ensemble would steady
-the figures. `--train-args "--epochs E"` fixes the
-defaults' epochs instead of fitting them into the minutes, so that a timing taken under
-another load cannot change the count from one run to the next.
+the figures. `--train-args "--epochs E"` fixes the defaults' epochs instead of fitting them
+into the minutes, so that a timing taken under another load cannot change the count from
+one run to the next.
 
 The photographs are decoded and cropped once, before any training and outside every budget
 (the reference decodes its own outside its budget too), into a cache beside --out that later
@@ -124,10 +124,10 @@ def run_defaults(
     train, val, test, datasets, minutes: float, extra: list[str], seed: int, screen: bool, cache: Path
 ) -> dict:
     refit = ["--refit", "false"] if screen else []
-    options = ["--data-path", "realdata", "--seed", str(seed), *refit, *extra]
-    if parse_args(options).epochs is None:  # --epochs in --train-args replaces the budget
-        options += ["--minutes", str(minutes)]
-    config = make_config(parse_args(options))
+    options = parse_args(["--data-path", "realdata", "--seed", str(seed), *refit, *extra])
+    if options.epochs is None:  # --epochs in --train-args replaces the budget
+        options.minutes = minutes
+    config = make_config(options)
     with tempfile.TemporaryDirectory() as tmp:
         paths = RunPaths.under(Workspace(Path(tmp)), "defaults")
         started = time.perf_counter()
@@ -204,7 +204,9 @@ def spread(results: dict, val: list[Sample], test: list[Sample], datasets: dict[
         if len(runs) > 1:
             out[split] = summaries([r[split] for r in runs])
         if len(runs) > 2:  # two runs make one pair, which has no spread
-            probs = [in_order(r, val) if split == "validation" else np.array(r["test_probs"]) for r in runs]
+            probs = [
+                in_order(r, samples) if split == "validation" else np.array(r["test_probs"]) for r in runs
+            ]
             pairs = [figures((a + b) / 2, samples, datasets, float("nan")) for a, b in combinations(probs, 2)]
             out[f"{split}, two runs averaged"] = summaries(pairs)
     return out
