@@ -424,6 +424,11 @@ def click(at: AppTest, key: str) -> AppTest:
     return at
 
 
+def card(at: AppTest, button: str) -> str:
+    """The key of a decision button of the card on screen: its keys name the image."""
+    return f"{button}_{at.session_state.current}"
+
+
 def on_screen(at: AppTest) -> str:
     return at.subheader[0].value
 
@@ -474,14 +479,14 @@ def test_reviewing_by_buttons(predicted):
     assert progress_text(at) == "0 of 6 candidates reviewed"
     assert len(at.get("plotly_chart")) == 1 and view_names(at) == ["photo", "red-free", "contrast", "input"]
     assert "pool" in page_text(at)  # the source's name
-    assert bound_keys(at) == {
-        "accept": "a",
-        "reject": "x",
-        "grade_0": "0",
-        "grade_1": "1",
-        "grade_2": "2",
-        "grade_3": "3",
-        "skip": "space",
+    assert bound_keys(at) == {  # a card's buttons name its image, so a press acts on that card alone
+        f"accept_{pool[5]}": "a",
+        f"reject_{pool[5]}": "x",
+        f"grade_0_{pool[5]}": "0",
+        f"grade_1_{pool[5]}": "1",
+        f"grade_2_{pool[5]}": "2",
+        f"grade_3_{pool[5]}": "3",
+        f"skip_{pool[5]}": "space",
         "evidence": "g",
         "undo": "backspace",
         "keys_help": "h",
@@ -490,17 +495,17 @@ def test_reviewing_by_buttons(predicted):
     click(at, "keys_help")
     assert "undo your last decision" in page_text(at)
 
-    click(at, "accept")
+    click(at, card(at, "accept"))
     assert reviews(db) == [(pool[5], "accept", 1, "local", run_id)]
     assert on_screen(at) == names[pool[4]]
-    click(at, "grade_2")
+    click(at, card(at, "grade_2"))
     assert reviews(db)[-1] == (pool[4], "relabel", 2, "local", run_id)
     click(at, "undo")
     assert reviews(db)[-1] == (pool[4], "undo", None, "local", run_id)
     assert on_screen(at) == names[pool[4]]  # back on screen to decide again
-    click(at, "skip")
+    click(at, card(at, "skip"))
     assert on_screen(at) == names[pool[3]]
-    click(at, "reject")
+    click(at, card(at, "reject"))
     assert reviews(db)[-1] == (pool[3], "reject", None, "local", run_id)
     assert on_screen(at) == names[pool[2]]  # the skipped pool 4 waits for the end
 
@@ -523,6 +528,28 @@ def test_reviewing_by_buttons(predicted):
     assert "reaches the confidence threshold 0.99" in page_text(at)
 
 
+def test_a_second_press_made_on_a_card_that_is_gone_decides_nothing(predicted):
+    """A browser that had not drawn the next card yet sends a second press with the widgets of
+    the card before: running the stale element again sends exactly that."""
+    workspace, run_id, pool = predicted
+    names = image_names(workspace.db_url)
+    at = sign_in(open_page("review"))
+    for button in ("reject", "grade_2", "skip"):
+        first = on_screen(at)
+        pressed = at.button(key=card(at, button))
+        pressed.click().run()
+        assert on_screen(at) != first
+        shown, decided = on_screen(at), reviews(workspace.db_url)
+        pressed.run()  # the same press again, from the card that has gone
+        assert not at.exception and "was decided by" not in page_text(at)
+        assert reviews(workspace.db_url) == decided and on_screen(at) == shown
+    assert [(image_id, decision) for image_id, decision, *_ in reviews(workspace.db_url)] == [
+        (pool[5], "reject"),
+        (pool[4], "relabel"),
+    ]
+    assert on_screen(at) == names[pool[2]]  # pool 3 was skipped, once
+
+
 def test_evidence_shows_grad_cam_and_the_flip_views_on_the_card(predicted):
     workspace, run_id, pool = predicted
     at = sign_in(open_page("review"))
@@ -536,7 +563,7 @@ def test_evidence_shows_grad_cam_and_the_flip_views_on_the_card(predicted):
     assert len(flips) == 1 and '"image"' in flips[0].proto.spec
     assert '"mirror image"' in flips[0].proto.spec
     assert len(list((workspace.cache / "saliency").rglob("*.npy"))) == 1
-    click(at, "skip")  # the next card keeps the evidence on
+    click(at, card(at, "skip"))  # the next card keeps the evidence on
     assert view_names(at)[-1] == "gradcam"
     assert len(list((workspace.cache / "saliency").rglob("*-0.npy"))) == 1  # pool 4's grade 0
     click(at, "evidence")
@@ -573,7 +600,7 @@ def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_imag
     at = sign_in(open_page("review"))
     assert on_screen(at) == names[pool[5]]
     decide(db, "ben", pool[5], run_id, "reject")  # in ben's browser, while local looks
-    click(at, "accept")
+    click(at, card(at, "accept"))
     assert literal(
         f"{names[pool[5]]} was decided by ben after it was shown here (now rejected)"
     ) in page_text(at)
@@ -584,7 +611,7 @@ def test_the_page_refuses_a_decision_someone_made_meanwhile_and_leaves_held_imag
     assert claim_next(db, "ben", QueueFilter(run_id)) is None  # local holds the last candidate
     age_claims(db, "local", CLAIM_TTL + timedelta(minutes=1))  # until the tab sleeps too long
     assert claim_next(db, "ben", QueueFilter(run_id)).image_id == pool[4]
-    click(at, "skip")
+    click(at, card(at, "skip"))
     assert "the remaining 1 candidate(s) with these filters are being reviewed by others" in page_text(at)
     assert names[pool[4]] not in [header.value for header in at.subheader]
 
@@ -594,7 +621,7 @@ def test_the_queue_finishes_and_the_export_writes_folders(predicted, tiny_data, 
     for image_id in pool[1:6]:
         decide(workspace.db_url, "ben", image_id, run_id, "accept")
     at = sign_in(open_page("review"))
-    click(at, "grade_3")
+    click(at, card(at, "grade_3"))
     assert "Queue finished" in page_text(at)
     assert len(at.get("download_button")) == 1
     click(at, "export_folders")
@@ -641,7 +668,7 @@ def test_a_decision_stores_the_seconds_its_card_was_on_screen_and_the_pace_shows
     at = sign_in(open_page("review"))
     assert "left at the team's pace" not in page_text(at)  # no timed decision yet
     time.sleep(0.5)  # looking at the card
-    click(at, "accept")
+    click(at, card(at, "accept"))
     with session_scope(workspace.db_url) as session:
         seconds = session.scalar(select(Review.seconds))
     assert 0.5 <= seconds < 60

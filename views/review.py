@@ -80,6 +80,15 @@ workspace = get_workspace()
 
 
 # Callbacks run before the rerun that follows a click, so the next image is claimed after.
+# A card's buttons have keys that name its image: a second press that reaches the server after
+# the next card was drawn belongs to a button that is gone, so Streamlit drops it, or, when the
+# run that drew the next card was cut short, calls it with the card it was made on, which
+# `_on_card` then refuses. With one key for every card it would decide the next image unseen.
+
+
+def _on_card(image_id: int) -> bool:
+    """Whether the image is the card on screen (not one already decided or skipped)."""
+    return st.session_state.get("current") == image_id
 
 
 def _on_screen(image_id: int) -> float | None:
@@ -89,6 +98,8 @@ def _on_screen(image_id: int) -> float | None:
 
 
 def _decide(candidate: Candidate, decision: str, grade: int | None = None) -> None:
+    if not _on_card(candidate.image_id):
+        return
     try:
         decide(
             workspace.db_url,
@@ -110,6 +121,8 @@ def _flip_evidence() -> None:
 
 
 def _skip(image_id: int) -> None:
+    if not _on_card(image_id):
+        return
     st.session_state.skipped = [i for i in st.session_state.skipped if i != image_id] + [image_id]
     st.session_state.current = None
 
@@ -345,7 +358,7 @@ def hold_ui(candidate: Candidate) -> None:
 def decision_buttons_ui(candidate: Candidate) -> None:
     st.button(
         f"Accept grade {candidate.grade}",
-        key="accept",
+        key=f"accept_{candidate.image_id}",
         type="primary",
         shortcut="a",
         on_click=_decide,
@@ -353,12 +366,17 @@ def decision_buttons_ui(candidate: Candidate) -> None:
         width="stretch",
     )
     st.button(
-        "Reject", key="reject", shortcut="x", on_click=_decide, args=(candidate, "reject"), width="stretch"
+        "Reject",
+        key=f"reject_{candidate.image_id}",
+        shortcut="x",
+        on_click=_decide,
+        args=(candidate, "reject"),
+        width="stretch",
     )
     for column, grade in zip(st.columns(2) + st.columns(2), GRADES, strict=True):
         column.button(
             f"Grade {grade}",
-            key=f"grade_{grade}",
+            key=f"grade_{grade}_{candidate.image_id}",
             shortcut=str(grade),
             on_click=_decide,
             args=(candidate, "relabel", grade),
@@ -367,7 +385,7 @@ def decision_buttons_ui(candidate: Candidate) -> None:
         )
     st.button(
         "Skip",
-        key="skip",
+        key=f"skip_{candidate.image_id}",
         shortcut="space",
         on_click=_skip,
         args=(candidate.image_id,),
