@@ -134,7 +134,7 @@ def run_defaults(
         result = train_model(config, train, val, paths, cache, LogHooks())
         seconds = time.perf_counter() - started
         print(f"  {config.epochs} epochs, {seconds / 60:.1f} min", flush=True)
-        checked = paths.phase(VALIDATION) if config.refit else paths
+        checked = paths.phase(VALIDATION) if config.refit and config.folds == 1 else paths
         val_samples, val_probs = read_probabilities(checked.validation)
         threshold = result.calibration["screening"]["threshold"]
         out = {

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import pandas as pd
-from sqlalchemy import select, update
+from sqlalchemy import String, case, cast, select, update
 from sqlalchemy.orm import Session, load_only
 
 from db.queries import labelled_images
@@ -112,12 +112,14 @@ def validation_size(db_url: str) -> int:
 
 def _best(epochs: Sequence[Epoch], config: dict | None) -> Epoch | None:
     """The epoch the trainer kept as best.pth: the last one, or (config select "best", and
-    runs from before that setting) the first of the highest val QWK."""
-    if not epochs:
+    runs from before that setting) the first of the highest val QWK. Of a run by folds, its
+    own record (fold 0: out of fold, once every model is trained)."""
+    own = [e for e in epochs if e.fold == 0]
+    if not own:
         return None
     if (config or {}).get("select", "best") == "last":
-        return epochs[-1]
-    return max(epochs, key=lambda e: e.qwk)
+        return own[-1]
+    return max(own, key=lambda e: e.qwk)
 
 
 def runs_frame(db_url: str) -> pd.DataFrame:
@@ -128,7 +130,7 @@ def runs_frame(db_url: str) -> pd.DataFrame:
         for epoch in session.scalars(
             select(Epoch)
             .order_by(Epoch.run_id, Epoch.epoch)
-            .options(load_only(Epoch.run_id, Epoch.epoch, Epoch.qwk, Epoch.val_acc))
+            .options(load_only(Epoch.run_id, Epoch.fold, Epoch.epoch, Epoch.qwk, Epoch.val_acc))
         ):
             scores.setdefault(epoch.run_id, []).append(epoch)
         rows = []
@@ -144,7 +146,7 @@ def runs_frame(db_url: str) -> pd.DataFrame:
                     run.status,
                     run.checkpoint,
                     run.created_at,
-                    len(scores.get(run.id, [])),
+                    len({e.epoch for e in scores.get(run.id, [])}),
                     best.qwk if best else run.best_qwk,
                     best.val_acc if best else None,
                     best.epoch if best else None,
@@ -170,12 +172,13 @@ def runs_frame(db_url: str) -> pd.DataFrame:
 
 
 def epochs_frame(db_url: str, run_ids: list[int]) -> pd.DataFrame:
-    """The per-epoch curves of the runs: lr, train/val loss and accuracy, val QWK."""
+    """The per-epoch curves of the runs: lr, train/val loss and accuracy, val QWK. Each model
+    of a run by folds is a curve of its own, "<run> · model <fold>"."""
     with read_scope(db_url) as session:
         rows = session.execute(
             select(
                 Epoch.run_id,
-                Run.name,
+                case((Epoch.fold == 0, Run.name), else_=Run.name + " · model " + cast(Epoch.fold, String)),
                 Epoch.epoch,
                 Epoch.lr,
                 Epoch.train_loss,
@@ -186,7 +189,7 @@ def epochs_frame(db_url: str, run_ids: list[int]) -> pd.DataFrame:
             )
             .join(Run)
             .where(Epoch.run_id.in_(run_ids))
-            .order_by(Epoch.run_id, Epoch.epoch)
+            .order_by(Epoch.run_id, Epoch.fold, Epoch.epoch)
         ).all()
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
@@ -196,7 +199,9 @@ def best_epoch(db_url: str, run_id: int) -> dict | None:
     matrix, and misclassified validation images ([path, true, predicted]); None if no epoch."""
     with read_scope(db_url) as session:
         best = _best(
-            session.scalars(select(Epoch).where(Epoch.run_id == run_id).order_by(Epoch.epoch)).all(),
+            session.scalars(
+                select(Epoch).where(Epoch.run_id == run_id, Epoch.fold == 0).order_by(Epoch.epoch)
+            ).all(),
             session.scalar(select(Run.config).where(Run.id == run_id)),
         )
         if best is None:

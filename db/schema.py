@@ -98,10 +98,13 @@ class Run(Base):
 
 class Epoch(Base):
     __tablename__ = "epochs"
-    __table_args__ = (UniqueConstraint("run_id", "epoch", name="uq_epochs_run_epoch"),)
+    __table_args__ = (UniqueConstraint("run_id", "fold", "epoch", name="uq_epochs_run_fold_epoch"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    # 0: the run's model; 1..K: the K models of a run trained by folds, whose own figures
+    # (out of fold, at its last epoch) are then fold 0's
+    fold: Mapped[int] = mapped_column(default=0, server_default="0")
     epoch: Mapped[int]
     lr: Mapped[float]
     train_loss: Mapped[float]

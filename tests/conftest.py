@@ -136,20 +136,23 @@ def workspace(tmp_path: Path, monkeypatch, request, backend: str):
     get_engine(url).dispose()
 
 
-def tiny_checkpoint(path: Path, image_size: int = 64, temperature: float = 1.0) -> Path:
+def tiny_checkpoint(path: Path, image_size: int = 64, temperature: float = 1.0, members: int = 1) -> Path:
     """A checkpoint of timm's tiny test_efficientnet (random weights, seed 0), with the meta
-    that training writes: its own preprocessing, normalisation and temperature."""
+    that training writes: its own preprocessing, normalisation and temperature; with
+    `members` > 1 an Ensemble of that many, as `--folds` writes."""
     import torch
 
     from engine.data.preprocess import PreprocessConfig
-    from engine.model.networks import create_model, model_mean_std, save_checkpoint
+    from engine.model.networks import Ensemble, create_model, model_mean_std, save_checkpoint
 
     torch.manual_seed(0)
     mean, std = model_mean_std("test_efficientnet")
+    nets = [create_model("test_efficientnet") for _ in range(members)]
     save_checkpoint(
         path,
-        create_model("test_efficientnet"),
+        nets[0] if members == 1 else Ensemble(nets),
         {
+            **({"members": members} if members > 1 else {}),
             "model_name": "test_efficientnet",
             "image_size": image_size,
             "run": path.stem,

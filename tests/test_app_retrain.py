@@ -16,7 +16,7 @@ from sqlalchemy import select
 from db.queries import curated_set
 from db.runs import active_run_id, best_epoch, epochs_frame, referable_threshold, runs_frame, validation_size
 from db.schema import Epoch, Image, Job, Review, Run, Source, utcnow
-from db.session import session_scope
+from db.session import read_scope, session_scope
 from db.users import LOCAL
 from engine.data.datasets import folder_samples, person_halves, write_probabilities
 from engine.data.sources import import_source
@@ -62,6 +62,7 @@ TINY = {
     "pretrained": False,
     "weights": "",
     "refit": True,
+    "folds": 1,
 }
 
 
@@ -396,6 +397,28 @@ def test_page_args_train_one_real_epoch(data):
     assert list(epochs_frame(data.db_url, [int(runs["id"][0])])["epoch"]) == [1]
 
 
+def test_a_run_by_folds_records_each_models_curve_and_its_own_out_of_fold_figures(data):
+    settings = {**TINY, "name": "folds", "folds": 2}
+    job_id = jobs.start_job(
+        data, "train", "engine.training.train", train_job_args(settings), params=settings, user=LOCAL
+    )
+    job = wait_until_stopped(data.db_url, job_id, timeout=180)
+    assert job.status == "done", jobs.log_tail(job.log_path)
+    runs = runs_frame(data.db_url)
+    run_id = int(runs["id"][0])
+    curves = epochs_frame(data.db_url, [run_id])
+    assert list(curves["run"]) == ["folds", "folds · model 1", "folds · model 2"]
+    own = best_epoch(data.db_url, run_id)  # the out-of-fold figures of every labelled image
+    with read_scope(data.db_url) as session:
+        run = session.scalar(select(Run).where(Run.id == run_id))
+    labelled = len(curated_set(data.db_url)) + validation_size(data.db_url)
+    assert sum(map(sum, own["confusion"])) == labelled and run.best_qwk == own["qwk"] == runs["best_qwk"][0]
+    assert runs["epochs_done"][0] == 1 and run.config["folds"] == 2
+    at = open_page("retrain")
+    assert not at.exception and "folds" in page_text(at)
+    assert len(curve_figure(curves, "Validation QWK").data) == 3  # the run's point, each model's curve
+
+
 # -- db/runs.py ---------------------------------------------------------------------------------
 
 
@@ -472,6 +495,7 @@ def test_train_job_args_are_what_the_training_cli_reads():
     assert config.pretrained == "/w/v2s.pth" and config.refit is True
     assert make_config(parse_args(train_job_args({**settings, "pretrained": False}))).pretrained is False
     assert make_config(parse_args(train_job_args({**settings, "refit": False}))).refit is False
+    assert make_config(parse_args(train_job_args({**settings, "folds": 3}))).folds == 3
     args = parse_args(train_job_args(TINY))
     assert args.from_db and args.name == "tiny"
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from conftest import BOTH_BACKENDS, ROOT, tiny_checkpoint, wait_for_job
 from sqlalchemy import func, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
 from db.queries import sources_frame
 from db.reviews import QueueFilter, claim_next, decide
-from db.schema import Base, Prediction, Review
+from db.schema import Base, Epoch, Prediction, Review
 from db.session import get_engine, migrate, read_scope, session_scope
 
 MIGRATE = """
@@ -78,6 +79,59 @@ def test_migration_0008_adds_the_seconds_of_each_decision(empty_db_url: str):
         assert session.execute(select(Review.reviewer, Review.grade, Review.seconds)).all() == [
             ("ana", 2, None)
         ]
+
+
+@BOTH_BACKENDS
+def test_migration_0010_keeps_earlier_epochs_as_their_runs_one_model(empty_db_url: str):
+    migrate(empty_db_url, "0009")
+    with session_scope(empty_db_url) as session:
+        session.execute(
+            text(
+                "INSERT INTO runs (name, model_name, img_size, status, config, temperature, "
+                "calibration, active, created_at) VALUES ('r', 'm', 64, 'done', '{}', 1, '{}', "
+                "false, '2026-01-01')"
+            )
+        )
+        session.execute(
+            text(
+                "INSERT INTO epochs (run_id, epoch, lr, train_loss, train_acc, val_loss, val_acc, qwk, "
+                "precision, recall, confusion, errors) VALUES (1, 1, 0.1, 1, 0.5, 1, 0.5, 0.3, "
+                "'[]', '[]', '[]', '[]')"
+            )
+        )
+    migrate(empty_db_url)
+    with session_scope(empty_db_url) as session:
+        assert session.execute(select(Epoch.run_id, Epoch.fold, Epoch.epoch)).all() == [(1, 0, 1)]
+        session.add(
+            Epoch(
+                run_id=1,
+                fold=1,
+                epoch=1,
+                lr=0.1,
+                train_loss=1,
+                train_acc=0.5,
+                val_loss=1,
+                val_acc=0.5,
+                qwk=0.2,
+            )
+        )
+    with (
+        pytest.raises(IntegrityError),
+        session_scope(empty_db_url) as session,
+    ):  # still one row per model and epoch
+        session.add(
+            Epoch(
+                run_id=1,
+                fold=1,
+                epoch=1,
+                lr=0.1,
+                train_loss=1,
+                train_acc=0.5,
+                val_loss=1,
+                val_acc=0.5,
+                qwk=0.2,
+            )
+        )
 
 
 def test_sqlite_connections_use_wal_and_wait_for_the_lock(db_url: str):

@@ -27,7 +27,7 @@ from engine.loop import export_model
 from engine.loop.export_model import ExportRefused, export_run, main
 from engine.model.infer import register_model
 from engine.model.networks import load_checkpoint
-from engine.model.predictor import dataset_for, model_views, predict, tta_logits
+from engine.model.predictor import dataset_for, model_views, predict, tta_logits, view_logits
 from engine.runtime.markdown import literal
 from engine.runtime.workspace import Workspace
 from engine.training.model_card import DataRow, RunUnusable, figure, model_card, run_facts, write_model_card
@@ -45,11 +45,11 @@ SECTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def workspace(tiny_data, tmp_path_factory) -> Workspace:
-    """A workspace with one run, "tiny", trained from the database as the app trains: one
-    epoch, a validation phase and a final model on every image, 8 test-time views."""
-    workspace = Workspace(tmp_path_factory.mktemp("export") / "ws")
+def trained_workspace(tiny_data: Path, folder: Path, name: str, *options: str) -> Workspace:
+    """A workspace with one run, `name`, trained from the database as the app trains: one
+    epoch, 8 test-time views, the defaults' validation phase and final model unless
+    `options` say otherwise."""
+    workspace = Workspace(folder / "ws")
     workspace.root.mkdir()
     migrate(workspace.db_url)
     import_source(workspace.db_url, "aptos", tiny_data / "aptos", "train")
@@ -64,8 +64,9 @@ def workspace(tiny_data, tmp_path_factory) -> Workspace:
             "--epochs",
             "1",
             "--name",
-            "tiny",
+            name,
             *TINY_TRAIN,
+            *options,
         ],
         cwd=ROOT,
         env=env,
@@ -75,6 +76,11 @@ def workspace(tiny_data, tmp_path_factory) -> Workspace:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return workspace
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_data, tmp_path_factory) -> Workspace:
+    return trained_workspace(tiny_data, tmp_path_factory.mktemp("export"), "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +116,9 @@ def preprocessed(meta: dict, samples: list[Sample]) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def app_predictions(workspace: Workspace, tiny: Run) -> np.ndarray:
+def app_predictions(workspace: Workspace, checkpoint: str | Path) -> np.ndarray:
     """What the app's inference stores for the validation images."""
-    model, meta = load_checkpoint(tiny.checkpoint)
+    model, meta = load_checkpoint(checkpoint)
     return predict(
         model,
         meta,
@@ -138,7 +144,7 @@ def test_onnx_gives_the_probabilities_and_grades_that_the_app_stores(workspace, 
             for batch in (images[:1], images[1:4], images[4:])
         ]
     )
-    want = app_predictions(workspace, tiny)
+    want = app_predictions(workspace, tiny.checkpoint)
     assert model_views(meta) == 8 and got.shape == want.shape == (len(samples), 4)
     assert np.abs(got - want).max() <= 1e-4
     assert (got.argmax(1) == want.argmax(1)).all()
@@ -165,7 +171,31 @@ def test_safetensors_holds_the_checkpoints_weights_and_model_json_rebuilds_the_m
     with torch.no_grad():
         logits = tta_logits(rebuilt.eval(), images, views["count"])
     probs = torch.softmax(logits / about["temperature"], -1).numpy()
-    assert np.abs(probs - app_predictions(workspace, tiny)).max() <= 1e-5
+    assert np.abs(probs - app_predictions(workspace, tiny.checkpoint)).max() <= 1e-5
+
+
+def test_a_run_by_folds_exports_every_model_and_model_json_says_how_to_average_them(tiny_data, tmp_path):
+    workspace = trained_workspace(tiny_data, tmp_path, "folds", "--folds", "2")
+    onnx = export_run(workspace.db_url, "folds", "onnx", tmp_path / "onnx")
+    assert onnx["check"]["passed"] and onnx["architecture"]["members"] == 2
+    about = export_run(workspace.db_url, "folds", "safetensors", tmp_path / "st")
+    weights = load_file(str(tmp_path / "st" / "model.safetensors"))
+    arch, views = about["architecture"], about["test_time_views"]
+    assert "members and views" in views["combine"] and "'members.<i>.'" in about["output"]["meaning"]
+    checkpoint = run_facts(workspace.db_url, "folds").checkpoint
+    _, meta = load_checkpoint(checkpoint)
+    images = preprocessed(meta, validation_samples(workspace))
+    view_probs = []
+    for i in range(arch["members"]):
+        member = timm.create_model(arch["timm_model"], num_classes=arch["num_classes"], **arch["model_args"])
+        prefix = f"members.{i}."
+        member.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+        with torch.no_grad():
+            view_probs += [torch.softmax(v, -1) for v in view_logits(member.eval(), images, views["count"])]
+    probs = torch.softmax(torch.log(torch.stack(view_probs).mean(0)) / about["temperature"], -1).numpy()
+    assert np.abs(probs - app_predictions(workspace, checkpoint)).max() <= 1e-5
+    card = (tmp_path / "st" / "MODEL_CARD.md").read_text()
+    assert "`--folds 2`" in card and "out of fold" in card and "refit" not in card
 
 
 def test_model_json_says_how_to_feed_the_model_and_read_its_output(workspace, tiny, onnx_export):

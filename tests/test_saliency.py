@@ -14,6 +14,7 @@ from engine.data.datasets import Sample
 from engine.data.images import ImageError
 from engine.data.synth import Lesions, draw_fundus, plan_scene, render, sample_lesions
 from engine.model import saliency
+from engine.model.networks import members_of
 from engine.model.predictor import predict
 from engine.model.saliency import Explainer, head_layer, heat_map, layer_gradcam
 
@@ -103,6 +104,16 @@ def test_grad_cam_points_at_a_synthetic_haemorrhage():
     assert not heat_map(no_evidence, image.shape[-2:]).any()
     with pytest.raises(ValueError, match="no head convolution"):  # what the app looks for
         head_layer(model)
+
+
+def test_an_ensembles_evidence_is_the_mean_of_its_members(photo, tmp_path):
+    explainer = Explainer(tiny_checkpoint(tmp_path / "k.pth", SIZE, members=2), tmp_path / "cache")
+    image = explainer._input(photo)[0]
+    cams = [layer_gradcam(member, head_layer(member), image, 3) for member in members_of(explainer.model)]
+    assert len(cams) == 2 and not np.allclose(cams[0], cams[1])
+    expected = heat_map(np.mean(cams, 0), (SIZE, SIZE))
+    assert np.allclose(explainer.saliency(photo, 3).heat, expected, atol=1e-5)
+    assert explainer.views(photo).shape == (2, 4)
 
 
 def test_flip_views_are_the_image_and_its_mirror_as_the_predictor_sees_them(explainer, photo):

@@ -54,6 +54,13 @@ from views.screening import difference_ui, screening_ui
 from views.viewer import grading_viewer
 
 ERRORS_PER_PAGE = 4
+# (refit, folds) -> what the choice does with the labelled images
+REACH_NAMES = {
+    (True, 1): "Validate, then train again on every image",
+    (True, 3): "Three models on folds by person, averaged",
+    (False, 1): "One model; the validation images only validate it",
+}
+REACH = list(REACH_NAMES)
 OPTIMIZERS, BALANCES = ["sgd", "adamw"], ["loss", "sqrt", "sampler", "none"]
 LOSSES, SELECTS = ["ce", "ordinal"], ["last", "best"]
 workspace = get_workspace()
@@ -177,14 +184,18 @@ def settings_form(defaults: dict) -> dict | None:
                 key="train_gpus",
                 help="The batch is shared among them.",
             )
-        refit = st.checkbox(
-            "Then train the model on every image, validation images too",
-            defaults["refit"],
-            key="train_refit",
-            help="The run is validated and calibrated on a model trained "
-            "without the validation images; a second training on all of them, "
-            "for the same epochs, is the run's model and takes that "
-            "calibration and operating point. About twice the time.",
+        refit, folds = st.radio(
+            "How the labelled images train and validate",
+            REACH,
+            REACH.index((defaults["refit"], defaults["folds"])),
+            format_func=REACH_NAMES.__getitem__,
+            key="train_reach",
+            help="Every image reaches the model either way but the last. Validate, then train "
+            "again: a model trained without the validation images validates and calibrates "
+            "the run, and a second training on all of them, for the same epochs, is the "
+            "run's model (about twice the time). Folds: three models, each trained on two "
+            "thirds of the images (split by person) and judged on the third it did not see; "
+            "the run's model averages them (a budget of minutes is the whole run's).",
         )
         pretrained = st.checkbox(
             "Start from pretrained weights", defaults["pretrained"], key="train_pretrained"
@@ -215,6 +226,7 @@ def settings_form(defaults: dict) -> dict | None:
         "augment": augment,
         "progressive": progressive,
         "refit": refit,
+        "folds": folds,
         "pretrained": pretrained,
         "weights": weights,
         "processes": processes,

@@ -110,6 +110,27 @@ def stratified_split(
     return train, val
 
 
+def person_folds(samples: Sequence[Sample], folds: int, seed: int = 0) -> list[int]:
+    """A fold (0 .. folds-1) per sample, reproducibly for a seed: each group (one person's
+    eyes) in one fold, and each grade spread evenly over the folds (a group counts under its
+    highest grade; a sample without a group is a group of its own)."""
+    groups: dict[str, list[int]] = {}
+    for n, sample in enumerate(samples):
+        groups.setdefault(sample.group if sample.group is not None else f"\0{n}", []).append(n)
+    rng = random.Random(seed)
+    fold_of = [0] * len(samples)
+    for grade in GRADES:
+        members = [g for g in groups.values() if max(samples[n].grade or 0 for n in g) == grade]
+        rng.shuffle(members)
+        filled = [0] * folds
+        for group in sorted(members, key=len, reverse=True):  # large groups first: even folds
+            fold = filled.index(min(filled))
+            filled[fold] += len(group)
+            for n in group:
+                fold_of[n] = fold
+    return fold_of
+
+
 def person_halves(samples: Sequence[Sample], seed: int) -> np.ndarray:
     """0/1 per sample: two halves, stratified by grade, that keep each person whole; for
     figures judged on one half with what was fitted on the other."""

@@ -172,6 +172,7 @@ def write_safetensors(model: nn.Module, path: Path) -> dict:
 def description(facts: RunFacts, fmt: str, check: dict | None, environment: dict) -> dict:
     """model.json: what a program outside the app needs to feed the model and read it."""
     meta, size, views = facts.meta, facts.meta["image_size"], facts.views
+    members = meta.get("members", 1)
     in_graph = fmt == "onnx"
     screening = facts.screening
     if in_graph:
@@ -181,6 +182,15 @@ def description(facts: RunFacts, fmt: str, check: dict | None, environment: dict
             "kind": "probabilities",
             "meaning": "calibrated class probabilities: the test-time views and the "
             "temperature are applied inside the graph",
+        }
+    elif members > 1:
+        output = {
+            "kind": "logits",
+            "shape": ["batch", len(meta["classes"])],
+            "meaning": f"{members} models, the weights of model i under 'members.<i>.': each "
+            "one's logits come from timm.create_model(architecture.timm_model, num_classes, "
+            "**model_args) with its weights; apply the test-time views and the temperature as "
+            "test_time_views says",
         }
     else:
         output = {
@@ -198,6 +208,7 @@ def description(facts: RunFacts, fmt: str, check: dict | None, environment: dict
             "timm_model": meta["model_name"],
             "model_args": meta.get("model_args", {}),
             "num_classes": len(meta["classes"]),
+            "members": members,
         },
         "classes": [
             {"index": i, "grade": grade, "name": GRADE_NAMES[grade].split(" · ", 1)[-1]}
@@ -226,8 +237,8 @@ def description(facts: RunFacts, fmt: str, check: dict | None, environment: dict
             "how": "8 views: x rotated by k quarter turns, torch.rot90(x, k, dims=(2, 3)) "
             "for k = 0-3, each followed by its mirror x.flip(3); 2 views: x and "
             "x.flip(3); the average does not depend on the order",
-            "combine": f"{views_text(views)}: p = softmax(log(mean over views of "
-            "softmax(logits)) / temperature)",
+            "combine": f"{views_text(views)}: p = softmax(log(mean over "
+            f"{'members and ' if members > 1 else ''}views of softmax(logits)) / temperature)",
         },
         "temperature": facts.temperature,
         "output": output,

@@ -42,6 +42,7 @@ def default_settings(device: torch.device | str) -> dict[str, Any]:
         "select": config.select,
         "augment": config.augment,
         "refit": config.refit,
+        "folds": config.folds,
         "progressive": config.progressive,
         "pretrained": True,
         "weights": "",
@@ -109,6 +110,8 @@ def train_job_args(settings: dict[str, Any]) -> list[str]:
         str(settings["progressive"]).lower(),
         "--refit",
         str(settings["refit"]).lower(),
+        "--folds",
+        str(settings["folds"]),
         "--pretrained",
         str(settings["pretrained"]).lower(),
     ]

@@ -7,6 +7,7 @@ path the caller gives, or from a cache that timm / Hugging Face hub already fill
 """
 
 import importlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -356,15 +357,43 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
         raise
 
 
+class Ensemble(nn.Module):
+    """Models of one architecture whose class probabilities are averaged: its logits are the
+    log of the mean probability, so softmax (and a temperature after it) apply as to one
+    model's. A checkpoint's meta says `members`; its state dict keys start `members.<i>.`."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([member(images).float() for member in self.members])
+        return torch.logsumexp(torch.log_softmax(logits, -1), 0) - math.log(len(self.members))
+
+
+def members_of(model: nn.Module) -> list[nn.Module]:
+    """The single models a model averages: an Ensemble's members, else the model itself."""
+    return list(model.members) if isinstance(model, Ensemble) else [model]
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """The model (on `device`, in eval mode) and meta that `save_checkpoint` wrote."""
+    """The model (on `device`, in eval mode) and meta that `save_checkpoint` wrote; an
+    Ensemble when the meta says `members`."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not {"state_dict", "meta"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a checkpoint written by save_checkpoint")
     meta = checkpoint["meta"]
-    model = create_model(
-        meta["model_name"], pretrained=False, num_classes=len(meta["classes"]), **meta.get("model_args", {})
-    )
+
+    def member() -> nn.Module:
+        return create_model(
+            meta["model_name"],
+            pretrained=False,
+            num_classes=len(meta["classes"]),
+            **meta.get("model_args", {}),
+        )
+
+    count = meta.get("members")
+    model = Ensemble([member() for _ in range(count)]) if count else member()
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), meta
 

@@ -28,7 +28,7 @@ from cli import HelpFormatter, setup_logging
 from engine.data.datasets import Sample
 from engine.data.images import ImageError
 from engine.data.preprocess import cache_digest, file_identity, save_whole
-from engine.model.networks import load_checkpoint
+from engine.model.networks import load_checkpoint, members_of
 from engine.model.predictor import dataset_for, view_probabilities
 from engine.runtime.workspace import Workspace
 
@@ -83,7 +83,8 @@ class Explainer:
 
     def __init__(self, checkpoint: Path, cache_root: Path) -> None:
         self.model, self.meta = load_checkpoint(checkpoint)
-        self.layer = head_layer(self.model)
+        # An Ensemble's evidence is the mean of its members' (one architecture, one resolution).
+        self.layers = [(member, head_layer(member)) for member in members_of(self.model)]
         self.cache_root = cache_root
         self.folder = cache_root / "saliency" / cache_digest(file_identity(checkpoint))
         self.lock = threading.Lock()
@@ -105,7 +106,7 @@ class Explainer:
             try:
                 cam = np.load(entry)
             except (OSError, ValueError):  # missing, or damaged by a crash: make it again
-                cam = layer_gradcam(self.model, self.layer, image, grade)
+                cam = np.mean([layer_gradcam(net, layer, image, grade) for net, layer in self.layers], 0)
                 save_whole(entry, cam)
             return Saliency(pixels, heat_map(cam, pixels.shape[:2]))
 

@@ -305,19 +305,26 @@ def _data(facts: RunFacts) -> str:
     if not facts.data:
         origin = f" (imported from {literal(facts.config['imported_from'])})" if facts.imported else ""
         return head + f"Not recorded: no samples.csv beside the checkpoint{origin}."
-    refit = facts.config.get("refit")
-    lines = [
-        head
-        + (
-            "The split by source, with images per grade. The validation images are "
-            "the yardstick below; "
+    refit, folds = facts.config.get("refit"), facts.config.get("folds", 1)
+    if folds > 1:
+        said = (
+            f"The images by source, with images per grade. The run's {folds} models learned "
+            f"from them by folds by person (`--folds {folds}`): each image trained {folds - 1} "
+            "of the models and was graded by the one that did not learn it, and those "
+            "out-of-fold grades are the validation figures below."
+        )
+    else:
+        said = (
+            "The split by source, with images per grade. The validation images are the yardstick below; "
             + (
                 "the run's final model then learned from the training and validation "
                 "images together (`--refit`), so no held-out figures exist for it."
                 if refit
                 else "the model did not learn from them."
             )
-        ),
+        )
+    lines = [
+        head + said,
         "",
         "| source | split | images | "
         + " | ".join(f"grade {g}" for g in GRADES)
@@ -335,7 +342,10 @@ def _data(facts: RunFacts) -> str:
         totals[row.split] += sum(row.grades)
     lines += [
         "",
-        f"In all: {totals['training']} training and {totals['validation']} validation "
+        f"In all: {totals['training']} images in {folds} folds. A person's images (patient ids, "
+        "or both eyes of an exam) are all in one fold."
+        if folds > 1
+        else f"In all: {totals['training']} training and {totals['validation']} validation "
         "images. People (patient ids, or both eyes of an exam) are never on both sides.",
     ]
     return "\n".join(lines)
@@ -346,8 +356,12 @@ def _metrics(facts: RunFacts) -> str:
     screening = facts.screening
     if not screening and not facts.best:
         return head + "None: the run was never validated in this app."
+    folds = facts.config.get("folds", 1)
     whose = (
-        "the validation phase's model (trained on the training split alone; the final "
+        f"each graded by the one of the run's {folds} models that did not learn it (out of "
+        "fold; the run's model averages all of them)"
+        if folds > 1
+        else "the validation phase's model (trained on the training split alone; the final "
         "model took its temperature and operating point)"
         if facts.config.get("refit")
         else "the run's model"
@@ -531,7 +545,13 @@ def _limits(facts: RunFacts) -> str:
         "The ONNX export is checked against PyTorch in float32 on a CPU (onnxruntime's CPU "
         "provider); other providers and half precision are not checked.",
     ]
-    if facts.config.get("refit"):
+    if facts.config.get("folds", 1) > 1:
+        limits.append(
+            "The temperature and operating point were fitted on the out-of-fold grades of the "
+            "single models; the run's model averages their probabilities, which are then a "
+            "little less extreme than one model's."
+        )
+    elif facts.config.get("refit"):
         limits.append(
             "The temperature and operating point were fitted on the validation "
             "phase's model and carried over to the final model, which learned more "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from engine.data.datasets import Sample
 from engine.runtime.distributed import rank
+from engine.training.folds import train_folds
 from engine.training.trainer import Hooks, RunPaths, TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,11 @@ def train_model(
     """The run's model: with config.refit, validated on `val` and then trained on `train` and
     `val`; else trained on `train` and validated on `val` (the validated model is the model).
     `resume` continues each phase from its last epoch (a finished validation phase only
-    calibrates again)."""
+    calibrates again). With config.folds > 1 the run is engine.training.folds' instead: on
+    `train` and `val` together, or on `train` alone when not refitted, scored then on `val`."""
+    if config.folds > 1:
+        samples, scored = (train + val, None) if config.refit else (train, val)
+        return train_folds(config, samples, paths, cache_root, hooks, resume, scored)
     if not config.refit:
         return fit(Trainer(config, train, val, paths, cache_root, hooks), resume)
     final = Trainer(config, train + val, [], paths, cache_root, hooks)

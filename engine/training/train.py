@@ -197,6 +197,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "is the run's model",
     )
     parser.add_argument(
+        "--folds",
+        type=int,
+        default=1,
+        help="K > 1: K models, each trained on all folds by person but one and calibrated on "
+        "the folds they did not see; the run's model averages their probabilities. A budget of "
+        "minutes is then the whole run's (--refit false: on the training split alone, "
+        "scored on validation)",
+    )
+    parser.add_argument(
         "--select",
         choices=("last", "best"),
         default="last",
@@ -271,6 +280,7 @@ REPEATED = (
     "progressive",
     "freeze_layers",
     "refit",
+    "folds",
     "drop_rate",
     "workers",
     "seed",
@@ -334,6 +344,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         freeze_stages=args.freeze_stages,
         bf16=args.bf16,
         refit=args.refit,
+        folds=args.folds,
         preprocess=PreprocessConfig(size=eval_size, enhance=args.enhance).to_dict(),
     )
 

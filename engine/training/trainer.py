@@ -105,6 +105,9 @@ class TrainConfig:
     # Train a second model on every image (validation included) once the first, trained on
     # the training split alone, has been validated and calibrated; the second is the model.
     refit: bool = False
+    # Instead: this many models, each trained on all folds by person but one and calibrated
+    # together on the folds they did not see; the run's model averages them (engine.training.folds).
+    folds: int = 1
     pretrained: str | bool = True  # True: offline ImageNet weights; a path; False: random
     drop_rate: float = 0.2
     workers: int = 1
@@ -195,8 +198,10 @@ class LogHooks(Hooks):
 
 def epoch_line(record: dict) -> str:
     """An epoch's record in one line; an epoch without validation has its training half."""
+    fold = record.get("fold")
+    model = "" if fold is None else "out of fold, " if fold == 0 else f"model {fold}, "
     line = (
-        f"epoch {record['epoch']}: lr {record['lr']:.2e} train loss "
+        f"{model}epoch {record['epoch']}: lr {record['lr']:.2e} train loss "
         f"{record['train_loss']:.4f} acc {record['train_acc']:.3f}"
     )
     if "qwk" not in record:
@@ -298,6 +303,9 @@ class Trainer:
         )
         self.history: list[dict] = []
         self.start_epoch = 0
+        # engine.training.folds: model `fold` of a run, calibrated with the others' held-out logits
+        self.calibrates = True
+        self.fold: int | None = None
         # Without validation samples: the epoch best.pth keeps (default the last), and the
         # calibration that another model's validation made for it.
         self.keep_epoch: int | None = None
@@ -543,7 +551,7 @@ class Trainer:
         finally:
             if writer is not None:
                 writer.close()
-        if not self.val_samples:
+        if not self.val_samples or not self.calibrates:
             return TrainResult(self.paths.best, float("nan"), self.history, self.calibration or {})
         return self._calibrate()
 
@@ -565,6 +573,8 @@ class Trainer:
                 confusion=val["confusion"],
                 errors=[list(e) for e in errors],
             )
+        if self.fold:
+            record["fold"] = self.fold
         self.history.append(record)
         return record
 
@@ -660,24 +670,39 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch, self.history = state["epoch"], state["history"]
 
+    def held_out_logits(self) -> tuple[torch.Tensor, torch.Tensor, list[Sample], dict]:
+        """The kept model (best.pth, loaded into this trainer) on the validation samples at its
+        test-time views, in the precision inference computes in (float32 on a CPU): logits,
+        labels and the samples read, and best.pth's meta."""
+        meta = from_rank_0(lambda: self._load(self.paths.best))  # evaluate shares the weights
+        self.amp = self.device.type == "cuda"
+        logits, labels, indices = self.evaluate(self.val_samples, self.config.tta)
+        return logits, labels, [self.val_samples[i] for i in indices], meta
+
     def _calibrate(self) -> TrainResult:
         """Fit a temperature on the validation logits of the best model, and choose the
         operating point on its calibrated probabilities; store both with it, and the
         probabilities beside it."""
-        meta = from_rank_0(lambda: self._load(self.paths.best))  # evaluate shares the weights
-        # In the precision that inference computes in: float32 on a CPU.
-        self.amp = self.device.type == "cuda"
-        logits, labels, indices = self.evaluate(self.val_samples, self.config.tta)
-        samples = [self.val_samples[i] for i in indices]
-        folds = person_halves(samples, self.config.seed)  # for the cross-fitted figures
-        summary = calibration_summary(logits, labels, folds)
-        probs = apply_temperature(logits, summary["temperature"]).numpy()
-        summary["screening"] = {
-            **validation_screening(probs, labels.numpy(), [s.group for s in samples], folds),
-            "seed": self.config.seed,
-        }
+        logits, labels, samples, meta = self.held_out_logits()
+        summary, probs = calibrate(logits, labels, samples, self.config.seed)
         meta.update(temperature=summary["temperature"], calibration=summary)
         if self.main:
             save_checkpoint(self.paths.best, self.model, meta)
             write_probabilities(self.paths.validation, samples, probs)
         return TrainResult(self.paths.best, self._selected()["qwk"], self.history, summary)
+
+
+def calibrate(
+    logits: torch.Tensor, labels: torch.Tensor, samples: list[Sample], seed: int
+) -> tuple[dict, np.ndarray]:
+    """The temperature fitted on held-out logits and the operating point chosen on the
+    calibrated probabilities, with their figures (cross-fitted over two halves by person);
+    and those probabilities."""
+    folds = person_halves(samples, seed)
+    summary = calibration_summary(logits, labels, folds)
+    probs = apply_temperature(logits, summary["temperature"]).numpy()
+    summary["screening"] = {
+        **validation_screening(probs, labels.numpy(), [s.group for s in samples], folds),
+        "seed": seed,
+    }
+    return summary, probs
