@@ -3,7 +3,8 @@ DR chosen on them (an admin may choose another target sensitivity), and whether 
 differ by more than the noise of the validation images.
 
 The probabilities are those of the model that was validated: the run's own, or with
---refit that of its validation phase, whose temperature and operating point the run took.
+--refit that of its validation phase, whose temperature and operating point the run took, or
+with --folds each image's from the one of the run's models that did not learn it.
 """
 
 from collections.abc import Sequence
