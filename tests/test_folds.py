@@ -9,6 +9,7 @@ from test_train import train_cli
 from engine.data.datasets import Sample, folder_samples, person_folds, read_manifest, read_probabilities
 from engine.model.networks import Ensemble, load_checkpoint, members_of
 from engine.model.predictor import predict
+from engine.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -105,3 +106,19 @@ def test_a_run_by_folds_resumes_each_model_where_it_stopped(tiny_data, tmp_path)
     ]
     model, meta = load_checkpoint(run / "best.pth")
     assert isinstance(model, Ensemble) and meta["epoch"] == 2 and meta["train_config"]["epochs"] == 2
+
+
+def test_a_budget_gives_each_model_the_epochs_one_model_on_every_image_would_train(
+    tiny_data, tmp_path, monkeypatch
+):
+    timed = []
+
+    def epochs_in_budget(trainer: Trainer, minutes: float) -> int:
+        timed.append((len(trainer.train_samples), len(trainer.val_samples), minutes))
+        return 2
+
+    monkeypatch.setattr(Trainer, "epochs_in_budget", epochs_in_budget)
+    data = ["--data-path", str(tiny_data / "validation"), "--folds", "2", "--name", "b"]
+    done = train_cli(tmp_path, *data, "--minutes", "7")
+    assert timed == [(len(folder_samples(tiny_data / "validation")), 0, 7.0)]  # timed once, as for a refit
+    assert [done.stderr.count(f"model {i}, epoch 2:") for i in (1, 2)] == [1, 1]

@@ -195,7 +195,7 @@ def settings_form(defaults: dict) -> dict | None:
             "the run, and a second training on all of them, for the same epochs, is the "
             "run's model (about twice the time). Folds: three models, each trained on two "
             "thirds of the images (split by person) and judged on the third it did not see; "
-            "the run's model averages them (a budget of minutes is the whole run's).",
+            "the run's model averages them (about the time of the first).",
         )
         pretrained = st.checkbox(
             "Start from pretrained weights", defaults["pretrained"], key="train_pretrained"

@@ -8,9 +8,11 @@ is steadier than one model (README, "How much the same training differs from its
 it is the model whose members made the predictions that calibrated it, where a refit takes
 the temperature and operating point of another model.
 
-Model i is the run's recipe with seed + i. A budget of minutes is the whole run's: each model
-gets a K-th of it. Model i lives in weights/<run>/fold-<i>/; best.pth and last.pth are the
-Ensemble.
+Model i is the run's recipe with seed + i. A budget of minutes fixes the epochs as for a refit
+(engine.training.refit): those that one model on every image trains in it; each of the K
+models trains them on (K-1)/K of the images, so a run takes about K-1 times the budget (a
+refit about 1.8 times). Model i lives in weights/<run>/fold-<i>/; best.pth and last.pth are
+the Ensemble.
 """
 
 import dataclasses
@@ -53,11 +55,16 @@ def train_folds(
         for i in range(k)
     ]
     if config.minutes and not resume:
-        config.epochs = Trainer(config, *parts[0], paths, cache_root, hooks).epochs_in_budget(
-            config.minutes / k
+        config.epochs = Trainer(config, samples, [], paths, cache_root, hooks).epochs_in_budget(
+            config.minutes
         )
         if rank() == 0:
-            log.info("%d epochs for each of %d models fit into %g minutes", config.epochs, k, config.minutes)
+            log.info(
+                "%d epochs on every image fit into %g minutes; each of the %d models trains them",
+                config.epochs,
+                config.minutes,
+                k,
+            )
     config.minutes = None
     if rank() == 0:  # what the run learned from, and how: for --resume and the model card
         paths.weights.mkdir(parents=True, exist_ok=True)

@@ -201,9 +201,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="K > 1: K models, each trained on all folds by person but one and calibrated on "
-        "the folds they did not see; the run's model averages their probabilities. A budget of "
-        "minutes is then the whole run's (--refit false: on the training split alone, "
-        "scored on validation)",
+        "the folds they did not see; the run's model averages their probabilities. Each trains "
+        "the epochs a budget of minutes gives one model on every image (about K-1 times the "
+        "time); --refit false: on the training split alone, scored on validation",
     )
     parser.add_argument(
         "--select",
