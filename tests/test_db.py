@@ -100,38 +100,13 @@ def test_migration_0010_keeps_earlier_epochs_as_their_runs_one_model(empty_db_ur
             )
         )
     migrate(empty_db_url)
+    model_1 = {"run_id": 1, "fold": 1, "epoch": 1, "lr": 0.1, "train_loss": 1, "train_acc": 0.5}
+    model_1 |= {"val_loss": 1, "val_acc": 0.5, "qwk": 0.2}
     with session_scope(empty_db_url) as session:
         assert session.execute(select(Epoch.run_id, Epoch.fold, Epoch.epoch)).all() == [(1, 0, 1)]
-        session.add(
-            Epoch(
-                run_id=1,
-                fold=1,
-                epoch=1,
-                lr=0.1,
-                train_loss=1,
-                train_acc=0.5,
-                val_loss=1,
-                val_acc=0.5,
-                qwk=0.2,
-            )
-        )
-    with (
-        pytest.raises(IntegrityError),
-        session_scope(empty_db_url) as session,
-    ):  # still one row per model and epoch
-        session.add(
-            Epoch(
-                run_id=1,
-                fold=1,
-                epoch=1,
-                lr=0.1,
-                train_loss=1,
-                train_acc=0.5,
-                val_loss=1,
-                val_acc=0.5,
-                qwk=0.2,
-            )
-        )
+        session.add(Epoch(**model_1))  # another model's first epoch
+    with pytest.raises(IntegrityError), session_scope(empty_db_url) as session:
+        session.add(Epoch(**model_1))  # still one row per model and epoch
 
 
 def test_sqlite_connections_use_wal_and_wait_for_the_lock(db_url: str):

@@ -69,19 +69,8 @@ def test_each_image_is_judged_by_the_model_that_did_not_learn_it_and_the_run_ave
 
 def test_folds_on_the_training_split_are_scored_on_validation(tiny_data, tmp_path):
     """--refit false: the models learn the training split, the Ensemble is scored on the rest."""
-    train_cli(
-        tmp_path,
-        "--data-path",
-        str(tiny_data / "validation"),
-        "--epochs",
-        "1",
-        "--folds",
-        "2",
-        "--refit",
-        "false",
-        "--name",
-        "screen",
-    )
+    screen = ["--folds", "2", "--refit", "false", "--name", "screen"]
+    train_cli(tmp_path, "--data-path", str(tiny_data / "validation"), "--epochs", "1", *screen)
     run = tmp_path / "weights" / "screen"
     learned = read_manifest(run / "fold-1" / "samples.csv")
     val_samples, stored = read_probabilities(run / "validation.csv")
