@@ -7,7 +7,6 @@ path the caller gives, or from a cache that timm / Hugging Face hub already fill
 """
 
 import importlib
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from engine.model.predictor import mean_probability_logits
 from engine.model.seed_weights import SeedLayoutError, is_seed_state_dict, seed_model_name, seed_to_timm
 
 NUM_CLASSES = 4
@@ -367,8 +367,7 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = torch.stack([member(images).float() for member in self.members])
-        return torch.logsumexp(torch.log_softmax(logits, -1), 0) - math.log(len(self.members))
+        return mean_probability_logits(torch.stack([member(images).float() for member in self.members], 1))
 
 
 def members_of(model: nn.Module) -> list[nn.Module]:
